@@ -1,0 +1,98 @@
+//! The full-model baseline: candle-transformers' monolithic `qwen2_moe::Model`, every weight
+//! resident in one process (the paper's baseline).
+//!
+//! candle-transformers' implementation does not read `mlp_only_layers` nor
+//! `qkv_bias: false`; [`Baseline::load`] refuses such checkpoints rather than compute
+//! something else.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::qwen2_moe;
+
+use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+
+/// A monolithic Qwen2-MoE with its own (single-sequence) KV cache.
+pub struct Baseline {
+    model: qwen2_moe::Model,
+    config: Config,
+    seq_len: usize,
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = dir.join(INDEX_FILE);
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Index { path: index.clone(), message: e.to_string() })?;
+        let mut files: Vec<_> = json["weight_map"]
+            .as_object()
+            .ok_or_else(|| ModelError::Index { path: index.clone(), message: "no `weight_map` object".into() })?
+            .values()
+            .filter_map(|v| v.as_str().map(|s| dir.join(s)))
+            .collect();
+        files.sort();
+        files.dedup();
+        Ok(files)
+    } else {
+        Ok(vec![dir.join(SINGLE_FILE)])
+    }
+}
+
+impl Baseline {
+    /// Loads the whole checkpoint in `dtype` through candle's mmap VarBuilder (dropped after
+    /// load so only the converted weights stay resident).
+    pub fn load(dir: &Path, dtype: DType) -> Result<Self> {
+        let config = Config::from_dir(dir)?;
+        if !config.mlp_only_layers.is_empty() {
+            return Err(ModelError::config("mlp_only_layers", "not supported by candle-transformers' qwen2_moe baseline"));
+        }
+        if !config.qkv_bias {
+            return Err(ModelError::config("qkv_bias", "false is not supported by candle-transformers' qwen2_moe baseline"));
+        }
+        let files = safetensors_files(dir)?;
+        // SAFETY: read-only checkpoint files, as in candle's own examples.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &Device::Cpu)? };
+        let model = qwen2_moe::Model::new(&config.to_candle_transformers(), vb)?;
+        Ok(Self { model, config, seq_len: 0 })
+    }
+
+    /// The checkpoint config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Feeds `tokens` (appended to the cached sequence); returns the logits of the last
+    /// token, `[vocab]` f32.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { token: t, vocab_size: self.config.vocab_size });
+        }
+        let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+        let logits = self.model.forward(&ids, self.seq_len)?;
+        self.seq_len += tokens.len();
+        Ok(logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Clears the KV cache for a new sequence.
+    pub fn reset(&mut self) {
+        self.model.clear_kv_cache();
+        self.seq_len = 0;
+    }
+
+    /// Greedy-decodes `max_new` tokens after `prompt` (resets the cache first).
+    pub fn greedy(&mut self, prompt: &[u32], max_new: usize) -> Result<Vec<u32>> {
+        self.reset();
+        let mut out = Vec::with_capacity(max_new);
+        let mut logits = self.forward(prompt)?;
+        for _ in 0..max_new {
+            let t = crate::qwen2_moe::argmax(&logits.to_vec1::<f32>()?);
+            out.push(t);
+            logits = self.forward(&[t])?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,45 @@
+//! Qwen2-MoE on candle, cut at the routed experts.
+//!
+//! One definition of the model math, used by the controller (the control plane) and by the
+//! expert workers (the routed experts):
+//!
+//! - [`config`]: `config.json` in hub and transformers-5 forms, validated in one place;
+//! - [`checkpoint`]: safetensors loading (single or sharded, memory-mapped), tensor by tensor;
+//! - [`qwen2_moe`]: the control plane (attention with per-sequence KV caches, router, shared
+//!   expert, dense layers, LM head) that stops at each MoE layer and hands the routed part to
+//!   an [`ExpertBackend`];
+//! - [`experts`]: the expert function: any subset of routed experts, SwiGLU over row batches;
+//! - [`backend`]: the in-process expert backend (all experts resident);
+//! - [`baseline`]: candle-transformers' monolithic `qwen2_moe` as the full-model reference;
+//! - [`generator`]: random-weight checkpoints in the exact hub layout.
+//!
+//! It does not know about NATS, tenants, tokenizers or sampling: those live in `proto`,
+//! `controller` and `expert-worker`.
+
+pub mod backend;
+pub mod baseline;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod experts;
+pub mod fixtures;
+pub mod generation;
+pub mod generator;
+pub mod qwen2_moe;
+
+pub use backend::InProcessBackend;
+pub use checkpoint::Checkpoint;
+pub use config::{Config, GenerationConfig};
+pub use error::{ModelError, Result};
+pub use experts::{ExpertId, ExpertSelection, ExpertSet, RowRoutes};
+pub use qwen2_moe::{ControlPlane, ExpertBackend, ForwardPass, KvCache, RoutedBatch, Step};
+
+/// Loads the control plane and all routed experts in-process (the local-split mode).
+pub fn load_local(dir: &std::path::Path, dtype: candle_core::DType) -> Result<(ControlPlane, InProcessBackend)> {
+    let mut ckpt = Checkpoint::open(dir, dtype)?;
+    let cp = ControlPlane::load(&mut ckpt)?;
+    let moe: Vec<usize> = cp.config().moe_layers().collect();
+    let sel = ExpertSelection::whole_layers(&moe, cp.config().num_experts);
+    let experts = ExpertSet::load(&mut ckpt, &sel)?;
+    Ok((cp, InProcessBackend::new(std::sync::Arc::new(experts))))
+}

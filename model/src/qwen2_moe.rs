@@ -1,0 +1,538 @@
+//! The Qwen2-MoE control plane: everything but the routed experts.
+//!
+//! Follows transformers' `modeling_qwen2_moe.py` (`Qwen2MoeForCausalLM`; v4.40 hub form and
+//! v5): embeddings, RMSNorm, RoPE (rotate-half), attention with q/k/v bias and GQA, the
+//! router (softmax → top-k → optional renormalisation), the shared expert with its sigmoid
+//! gate, dense MLP layers, the final norm and the LM head.
+//!
+//! **The MoE cut.** At a MoE layer the control plane stops and hands the routed part to
+//! whoever holds the experts: [`ControlPlane::advance`] returns a [`RoutedBatch`] (the
+//! layer's normed hidden states and each row's top-k experts with routing weights), and
+//! [`ControlPlane::complete_moe`] takes back the weighted routed output, adds the shared
+//! expert and the residual and goes on. A synchronous driver over an [`ExpertBackend`] is
+//! [`ControlPlane::forward`]; the controller drives the same steps asynchronously over NATS.
+//!
+//! Batches are ragged: sequences of different lengths and positions go through one pass.
+//! All token rows are stacked into `[n_tokens, hidden]` for every projection; attention runs
+//! per sequence against that sequence's [`KvCache`].
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::experts::{RowRoutes, SwiGlu};
+
+/// The per-sequence key/value cache: per layer, keys and values `[1, kv_heads, len, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for a model of `num_layers` decoder layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+
+    /// Tokens cached (as of the first layer).
+    pub fn seq_len(&self) -> usize {
+        self.layer_len(0)
+    }
+
+    fn layer_len(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Drops cached positions from `len` on, in every layer (undoes a failed step).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for l in self.layers.iter_mut() {
+            if let Some((k, v)) = l {
+                let cur = k.dim(2)?;
+                if len == 0 {
+                    *l = None;
+                } else if cur > len {
+                    *l = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes held by cached keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(ckpt: &mut Checkpoint, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: ckpt.load(&format!("{name}.weight"), &[size])?, eps: eps as f32 })
+    }
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
+    }
+}
+
+fn linear(ckpt: &mut Checkpoint, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let w = ckpt.load(&format!("{name}.weight"), &[out, inp])?;
+    let b = if bias { Some(ckpt.load(&format!("{name}.bias"), &[out])?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+/// RoPE tables `cos`, `sin`: `[max_position_embeddings, head_dim / 2]` with
+/// `inv_freq_i = θ^(-2i/d)` (transformers' default rope init).
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &Config, dtype: DType) -> Result<Self> {
+        let dim = cfg.head_dim;
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1f32 / cfg.rope_theta.powf(i as f64 / dim as f64) as f32)
+            .collect();
+        let n = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, n), &Device::Cpu)?;
+        let max = cfg.max_position_embeddings;
+        let t = Tensor::arange(0u32, max as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .reshape((max, 1))?;
+        let freqs = t.matmul(&inv_freq)?;
+        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    sliding_window: Option<usize>,
+}
+
+impl Attention {
+    fn load(ckpt: &mut Checkpoint, cfg: &Config, layer: usize) -> Result<Self> {
+        let p = format!("model.layers.{layer}.self_attn");
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q_proj: linear(ckpt, &format!("{p}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
+            k_proj: linear(ckpt, &format!("{p}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
+            v_proj: linear(ckpt, &format!("{p}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+            o_proj: linear(ckpt, &format!("{p}.o_proj"), h, nh * hd, false)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            sliding_window: cfg.sliding_window_for(layer),
+        })
+    }
+
+    /// `xs: [n, hidden]` (all sequences' new rows stacked) → `[n, hidden]`.
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        spans: &[Span],
+        caches: &mut [&mut KvCache],
+        rotary: &Rotary,
+    ) -> Result<Tensor> {
+        let q = self.q_proj.forward(xs)?;
+        let k = self.k_proj.forward(xs)?;
+        let v = self.v_proj.forward(xs)?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut outs = Vec::with_capacity(spans.len());
+        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
+            let len = span.len;
+            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(t.narrow(0, span.row, len)?
+                    .reshape((1, len, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let cos = rotary.cos.narrow(0, span.offset, len)?;
+            let sin = rotary.sin.narrow(0, span.offset, len)?;
+            let qi = candle_nn::rotary_emb::rope(&heads(&q, nh)?, &cos, &sin)?;
+            let ki = candle_nn::rotary_emb::rope(&heads(&k, nkv)?, &cos, &sin)?;
+            let vi = heads(&v, nkv)?;
+            let (k_all, v_all) = match cache.layers[layer].take() {
+                None => (ki, vi),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &ki], 2)?, Tensor::cat(&[&pv, &vi], 2)?),
+            };
+            cache.layers[layer] = Some((k_all.clone(), v_all.clone()));
+            let total = k_all.dim(2)?;
+            let groups = nh / nkv;
+            let k_all = candle_transformers::utils::repeat_kv(k_all, groups)?.contiguous()?;
+            let v_all = candle_transformers::utils::repeat_kv(v_all, groups)?.contiguous()?;
+            let scale = 1f64 / (hd as f64).sqrt();
+            let mut att = (qi.matmul(&k_all.t()?)? * scale)?;
+            if let Some(mask) = self.mask(span.offset, len, total, att.dtype())? {
+                att = att.broadcast_add(&mask)?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let o = att.matmul(&v_all)?.transpose(1, 2)?.reshape((len, nh * hd))?;
+            outs.push(o);
+        }
+        let o = Tensor::cat(&outs, 0)?;
+        Ok(self.o_proj.forward(&o)?)
+    }
+
+    /// Additive mask `[len, total]`: query `i` (position `offset + i`) sees key `j` iff
+    /// `j <= offset + i` and, with a sliding window `w`, `offset + i - j < w`.
+    fn mask(&self, offset: usize, len: usize, total: usize, dtype: DType) -> Result<Option<Tensor>> {
+        let window = self.sliding_window;
+        let needs = len > 1 || window.is_some_and(|w| total > w);
+        if !needs {
+            return Ok(None);
+        }
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|i| {
+                let pos = offset + i;
+                (0..total).map(move |j| {
+                    let hidden = j > pos || window.is_some_and(|w| pos - j.min(pos) >= w);
+                    if hidden { f32::NEG_INFINITY } else { 0.0 }
+                })
+            })
+            .collect();
+        Ok(Some(Tensor::from_vec(mask, (len, total), &Device::Cpu)?.to_dtype(dtype)?))
+    }
+}
+
+/// The control-plane half of a sparse MoE block: router and shared expert.
+struct MoeControl {
+    /// Router weight `[num_experts, hidden]`.
+    gate: Linear,
+    shared_expert: Option<SwiGlu>,
+    /// Shared-expert gate `[1, hidden]`.
+    shared_expert_gate: Option<Linear>,
+    top_k: usize,
+    norm_topk_prob: bool,
+}
+
+impl MoeControl {
+    fn load(ckpt: &mut Checkpoint, cfg: &Config, layer: usize) -> Result<Self> {
+        let p = format!("model.layers.{layer}.mlp");
+        let h = cfg.hidden_size;
+        let gate = linear(ckpt, &format!("{p}.gate"), cfg.num_experts, h, false)?;
+        let (shared_expert, shared_expert_gate) = if cfg.shared_expert_intermediate_size > 0 {
+            (
+                Some(SwiGlu::load(ckpt, &format!("{p}.shared_expert"), h, cfg.shared_expert_intermediate_size)?),
+                Some(linear(ckpt, &format!("{p}.shared_expert_gate"), 1, h, false)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self { gate, shared_expert, shared_expert_gate, top_k: cfg.num_experts_per_tok, norm_topk_prob: cfg.norm_topk_prob })
+    }
+
+    /// Router: softmax over all experts in f32, top-k, optional renormalisation
+    /// (transformers' `Qwen2MoeSparseMoeBlock.forward`). Returns per row the chosen
+    /// `(expert, weight)` in descending weight order.
+    fn route(&self, xs: &Tensor) -> Result<Vec<RowRoutes>> {
+        let logits = self.gate.forward(xs)?.to_dtype(DType::F32)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        Ok(probs
+            .into_iter()
+            .map(|p| {
+                let mut idx: Vec<usize> = (0..p.len()).collect();
+                // Stable sort by descending probability: ties go to the lower index, as torch.topk.
+                idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap_or(std::cmp::Ordering::Equal));
+                idx.truncate(self.top_k);
+                let sum: f32 = idx.iter().map(|&e| p[e]).sum();
+                idx.into_iter()
+                    .map(|e| (e, if self.norm_topk_prob { p[e] / sum } else { p[e] }))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// `sigmoid(shared_expert_gate(xs)) * shared_expert(xs)`, or zeros without a shared expert.
+    fn shared(&self, xs: &Tensor) -> Result<Tensor> {
+        match (&self.shared_expert, &self.shared_expert_gate) {
+            (Some(e), Some(g)) => {
+                let gate = candle_nn::ops::sigmoid(&g.forward(xs)?)?;
+                Ok(e.forward(xs)?.broadcast_mul(&gate)?)
+            }
+            _ => Ok(xs.zeros_like()?),
+        }
+    }
+}
+
+enum Ffn {
+    Dense(SwiGlu),
+    Moe(MoeControl),
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    ffn: Ffn,
+}
+
+/// Where one sequence's new rows sit in a pass: rows `row..row + len` at positions
+/// `offset..offset + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// First row of this sequence in the stacked `[n_tokens, hidden]`.
+    pub row: usize,
+    /// New tokens of this sequence in the pass.
+    pub len: usize,
+    /// Position of the first new token (tokens already cached).
+    pub offset: usize,
+}
+
+/// The routed part of one MoE layer for the experts to compute.
+#[derive(Debug, Clone)]
+pub struct RoutedBatch {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Normed hidden states `[n_tokens, hidden]` (the input of the experts).
+    pub hidden: Tensor,
+    /// Per row, the top-k `(expert, routing weight)`, descending weight.
+    pub routes: Vec<RowRoutes>,
+}
+
+/// Computes the routed experts of a MoE layer.
+pub trait ExpertBackend {
+    /// Returns `[n_tokens, hidden]`: row `i` is Σ w·expert_e(hidden[i]) over `routes[i]`.
+    fn routed(&mut self, batch: &RoutedBatch) -> Result<Tensor>;
+}
+
+/// One forward pass through the decoder stack, resumable at each MoE layer.
+#[derive(Debug)]
+pub struct ForwardPass {
+    spans: Vec<Span>,
+    hidden: Tensor,
+    layer: usize,
+    pending: Option<(Tensor, Tensor)>,
+}
+
+impl ForwardPass {
+    /// Spans of the sequences, in the order given to [`ControlPlane::start`].
+    pub fn spans(&self) -> &[Span] {
+        &self.spans
+    }
+
+    /// Rows of each sequence's last new token (where the next token is predicted).
+    pub fn last_rows(&self) -> Vec<usize> {
+        self.spans.iter().map(|s| s.row + s.len - 1).collect()
+    }
+
+    /// Tokens in the pass.
+    pub fn n_tokens(&self) -> usize {
+        self.spans.iter().map(|s| s.len).sum()
+    }
+}
+
+/// What [`ControlPlane::advance`] stopped at.
+#[derive(Debug)]
+pub enum Step {
+    /// A MoE layer needs its routed experts; answer with [`ControlPlane::complete_moe`].
+    Experts(RoutedBatch),
+    /// All layers done: final-normed hidden states `[n_tokens, hidden]`.
+    Done(Tensor),
+}
+
+/// The control plane of a Qwen2-MoE model (all weights but the routed experts).
+pub struct ControlPlane {
+    config: Config,
+    dtype: DType,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane").field("layers", &self.layers.len()).field("dtype", &self.dtype).finish()
+    }
+}
+
+impl ControlPlane {
+    /// Loads every tensor but the routed experts, then unmaps the checkpoint files.
+    pub fn load(ckpt: &mut Checkpoint) -> Result<Self> {
+        let cfg = ckpt.config().clone();
+        let dtype = ckpt.dtype();
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = ckpt.load("model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = Embedding::new(embed.clone(), h);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let ffn = if cfg.is_moe_layer(l) {
+                Ffn::Moe(MoeControl::load(ckpt, &cfg, l)?)
+            } else {
+                Ffn::Dense(SwiGlu::load(ckpt, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::load(ckpt, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps)?,
+                self_attn: Attention::load(ckpt, &cfg, l)?,
+                post_attention_layernorm: RmsNorm::load(ckpt, &format!("{p}.post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+                ffn,
+            });
+        }
+        let norm = RmsNorm::load(ckpt, "model.norm", h, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+            Linear::new(embed, None)
+        } else {
+            linear(ckpt, "lm_head", v, h, false)?
+        };
+        ckpt.release_files();
+        Ok(Self { rotary: Rotary::new(&cfg, dtype)?, config: cfg, dtype, embed_tokens, layers, norm, lm_head })
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    /// Starts a pass over the new `tokens` of each sequence, whose caches hold `offsets`
+    /// tokens already. Embeds all rows into `[n_tokens, hidden]`.
+    ///
+    /// Errors: an empty token list, a token id ≥ vocab, or a sequence past the context length.
+    pub fn start(&self, batch: &[(usize, &[u32])]) -> Result<ForwardPass> {
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut ids = Vec::new();
+        for &(offset, tokens) in batch {
+            if tokens.is_empty() {
+                return Err(ModelError::InvalidInput("a sequence with no new tokens".into()));
+            }
+            if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(ModelError::TokenOutOfRange { token: t, vocab_size: self.config.vocab_size });
+            }
+            let end = offset + tokens.len();
+            if end > self.config.max_position_embeddings {
+                return Err(ModelError::ContextOverflow { len: end, max: self.config.max_position_embeddings });
+            }
+            spans.push(Span { row: ids.len(), len: tokens.len(), offset });
+            ids.extend_from_slice(tokens);
+        }
+        if ids.is_empty() {
+            return Err(ModelError::InvalidInput("an empty batch".into()));
+        }
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?;
+        let hidden = self.embed_tokens.forward(&ids)?;
+        Ok(ForwardPass { spans, hidden, layer: 0, pending: None })
+    }
+
+    /// Runs layers until a MoE layer needs its routed experts or the stack is done.
+    /// `caches[i]` is the cache of the pass's `i`-th sequence.
+    pub fn advance(&self, pass: &mut ForwardPass, caches: &mut [&mut KvCache]) -> Result<Step> {
+        if pass.pending.is_some() {
+            return Err(ModelError::InvalidInput("advance called before complete_moe".into()));
+        }
+        if caches.len() != pass.spans.len() {
+            return Err(ModelError::InvalidInput(format!("{} caches for {} sequences", caches.len(), pass.spans.len())));
+        }
+        while pass.layer < self.layers.len() {
+            let l = pass.layer;
+            let layer = &self.layers[l];
+            let xs = layer.input_layernorm.forward(&pass.hidden)?;
+            let attn = layer.self_attn.forward(l, &xs, &pass.spans, caches, &self.rotary)?;
+            let residual = (&pass.hidden + attn)?;
+            let xs = layer.post_attention_layernorm.forward(&residual)?;
+            match &layer.ffn {
+                Ffn::Dense(mlp) => {
+                    pass.hidden = (residual + mlp.forward(&xs)?)?;
+                    pass.layer += 1;
+                }
+                Ffn::Moe(moe) => {
+                    let routes = moe.route(&xs)?;
+                    pass.pending = Some((residual, xs.clone()));
+                    return Ok(Step::Experts(RoutedBatch { layer: l, hidden: xs, routes }));
+                }
+            }
+        }
+        Ok(Step::Done(self.norm.forward(&pass.hidden)?))
+    }
+
+    /// Finishes the pending MoE layer with the routed output `[n_tokens, hidden]`:
+    /// `hidden = residual + (routed + sigmoid(g·x) · shared_expert(x))`.
+    pub fn complete_moe(&self, pass: &mut ForwardPass, routed: &Tensor) -> Result<()> {
+        let (residual, xs) = pass
+            .pending
+            .take()
+            .ok_or_else(|| ModelError::InvalidInput("complete_moe without a pending MoE layer".into()))?;
+        if routed.dims() != xs.dims() {
+            return Err(ModelError::InvalidInput(format!("routed output {:?}, expected {:?}", routed.dims(), xs.dims())));
+        }
+        let Ffn::Moe(moe) = &self.layers[pass.layer].ffn else {
+            return Err(ModelError::InvalidInput("pending layer is not MoE".into()));
+        };
+        let shared = moe.shared(&xs)?;
+        let routed = routed.to_dtype(self.dtype)?;
+        pass.hidden = (residual + (routed + shared)?)?;
+        pass.layer += 1;
+        Ok(())
+    }
+
+    /// LM head on final-normed rows `[n, hidden]` → logits `[n, vocab]` (f32).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// A whole pass with a synchronous expert backend; returns final-normed hidden states
+    /// `[n_tokens, hidden]` of all new rows (use [`ForwardPass::last_rows`] via `start` to pick).
+    pub fn forward(
+        &self,
+        batch: &[(usize, &[u32])],
+        caches: &mut [&mut KvCache],
+        backend: &mut dyn ExpertBackend,
+    ) -> Result<(ForwardPass, Tensor)> {
+        let mut pass = self.start(batch)?;
+        loop {
+            match self.advance(&mut pass, caches)? {
+                Step::Experts(b) => {
+                    let routed = backend.routed(&b)?;
+                    self.complete_moe(&mut pass, &routed)?;
+                }
+                Step::Done(h) => return Ok((pass, h)),
+            }
+        }
+    }
+}
+
+/// Index of the largest value in `row` (first on ties, as torch.argmax).
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The logits at the last row of each sequence in `pass`: `[n_seqs, vocab]` f32.
+pub fn last_logits(cp: &ControlPlane, pass: &ForwardPass, hidden: &Tensor) -> Result<Tensor> {
+    let rows: Vec<u32> = pass.last_rows().into_iter().map(|r| r as u32).collect();
+    let idx = Tensor::new(rows.as_slice(), hidden.device())?;
+    cp.logits(&hidden.index_select(&idx, 0)?)
+}

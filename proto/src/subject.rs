@@ -1,0 +1,218 @@
+//! The versioned subject scheme. Every subject and queue group name in faasmoe is built here;
+//! call sites never `format!` subjects themselves.
+//!
+//! | subject | who listens | payload |
+//! |---|---|---|
+//! | `faasmoe.v1.expert.<model>.<layer>.<expert>` | expert functions (queue group per function) | [`crate::expert`] msgpack |
+//! | `faasmoe.v1.generate.<tenant>` | controllers | [`crate::generate`] JSON or msgpack |
+//! | `faasmoe.v1.activate.<model>` | the broker | [`crate::activation`] JSON |
+//! | `faasmoe.v1.events.<model>` | anyone (published by the broker) | [`crate::events`] JSON |
+//! | `faasmoe.v1.admin.<verb>` | the broker | broker-defined JSON |
+//!
+//! Names (model, tenant, function id, admin verb) are single NATS tokens: non-empty, only
+//! `[A-Za-z0-9_-]`, so no dots, wildcards or whitespace can change a subject's meaning.
+//! A model id such as `Qwen1.5-MoE-A2.7B` must therefore be given a dot-free id
+//! (e.g. `qwen15-moe-a27b`).
+
+/// The protocol version carried by every versioned message and in every subject (`v1`).
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The prefix of every faasmoe subject; matches [`PROTOCOL_VERSION`].
+pub const PREFIX: &str = "faasmoe.v1";
+
+/// A name that cannot be used as a subject token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    /// The name is empty.
+    #[error("{kind} name is empty")]
+    Empty {
+        /// What the name is for ("model", "tenant", ...).
+        kind: &'static str,
+    },
+    /// The name contains a character outside `[A-Za-z0-9_-]`.
+    #[error("{kind} name {value:?} contains {bad:?}; only [A-Za-z0-9_-] are allowed")]
+    InvalidChar {
+        /// What the name is for ("model", "tenant", ...).
+        kind: &'static str,
+        /// The rejected name.
+        value: String,
+        /// The first offending character.
+        bad: char,
+    },
+}
+
+/// Checks that `s` is a safe subject token: non-empty and only `[A-Za-z0-9_-]`.
+/// `kind` names the role of the token in the error message ("model", "tenant", ...).
+pub fn validate_token(kind: &'static str, s: &str) -> Result<(), SubjectError> {
+    if s.is_empty() {
+        return Err(SubjectError::Empty { kind });
+    }
+    match s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        Some(bad) => Err(SubjectError::InvalidChar {
+            kind,
+            value: s.to_string(),
+            bad,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `faasmoe.v1.expert.<model>.<layer>.<expert>`: one routed expert of one MoE layer.
+pub fn expert(model: &str, layer: u32, expert: u32) -> Result<String, SubjectError> {
+    validate_token("model", model)?;
+    Ok(format!("{PREFIX}.expert.{model}.{layer}.{expert}"))
+}
+
+/// `faasmoe.v1.expert.<model>.>`: every expert subject of `model`.
+pub fn expert_wildcard(model: &str) -> Result<String, SubjectError> {
+    validate_token("model", model)?;
+    Ok(format!("{PREFIX}.expert.{model}.>"))
+}
+
+/// `faasmoe.v1.generate.<tenant>`: the client API of one tenant.
+pub fn generate(tenant: &str) -> Result<String, SubjectError> {
+    validate_token("tenant", tenant)?;
+    Ok(format!("{PREFIX}.generate.{tenant}"))
+}
+
+/// `faasmoe.v1.generate.*`: the client API of every tenant (what a shared controller serves).
+pub fn generate_wildcard() -> String {
+    format!("{PREFIX}.generate.*")
+}
+
+/// `faasmoe.v1.activate.<model>`: activation requests to the broker for `model`'s functions.
+pub fn activate(model: &str) -> Result<String, SubjectError> {
+    validate_token("model", model)?;
+    Ok(format!("{PREFIX}.activate.{model}"))
+}
+
+/// `faasmoe.v1.events.<model>`: function lifecycle events of `model`.
+pub fn events(model: &str) -> Result<String, SubjectError> {
+    validate_token("model", model)?;
+    Ok(format!("{PREFIX}.events.{model}"))
+}
+
+/// `faasmoe.v1.events.*`: lifecycle events of every model.
+pub fn events_wildcard() -> String {
+    format!("{PREFIX}.events.*")
+}
+
+/// `faasmoe.v1.admin.<verb>`: broker administration (tenants, functions).
+pub fn admin(verb: &str) -> Result<String, SubjectError> {
+    validate_token("admin verb", verb)?;
+    Ok(format!("{PREFIX}.admin.{verb}"))
+}
+
+/// The queue group that all instances of one function join (`faasmoe.v1.fn.<model>.<function_id>`),
+/// so that NATS delivers each expert request to exactly one instance.
+pub fn function_queue_group(model: &str, function_id: &str) -> Result<String, SubjectError> {
+    validate_token("model", model)?;
+    validate_token("function id", function_id)?;
+    Ok(format!("{PREFIX}.fn.{model}.{function_id}"))
+}
+
+/// Parses a canonical decimal number (digits only, no sign).
+fn parse_num(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Splits `subject` after `faasmoe.v1.<kind>.` and returns the remaining tokens.
+fn tokens_after<'a>(subject: &'a str, kind: &str) -> Option<Vec<&'a str>> {
+    let rest = subject
+        .strip_prefix(PREFIX)?
+        .strip_prefix('.')?
+        .strip_prefix(kind)?
+        .strip_prefix('.')?;
+    Some(rest.split('.').collect())
+}
+
+/// Inverse of [`expert`]: `(model, layer, expert)`, or `None` for any other subject.
+pub fn parse_expert(subject: &str) -> Option<(String, u32, u32)> {
+    match tokens_after(subject, "expert")?.as_slice() {
+        [model, layer, expert] if validate_token("model", model).is_ok() => {
+            Some((model.to_string(), parse_num(layer)?, parse_num(expert)?))
+        }
+        _ => None,
+    }
+}
+
+/// Inverse of [`generate`]: the tenant, or `None` for any other subject.
+pub fn parse_generate(subject: &str) -> Option<String> {
+    match tokens_after(subject, "generate")?.as_slice() {
+        [tenant] if validate_token("tenant", tenant).is_ok() => Some(tenant.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_matches_protocol_version() {
+        assert_eq!(PREFIX, format!("faasmoe.v{PROTOCOL_VERSION}"));
+    }
+
+    #[test]
+    fn subjects_have_the_documented_form_and_parse_back() {
+        let s = expert("qwen-moe_a", 3, 59).unwrap();
+        assert_eq!(s, "faasmoe.v1.expert.qwen-moe_a.3.59");
+        assert_eq!(parse_expert(&s), Some(("qwen-moe_a".into(), 3, 59)));
+        assert_eq!(expert_wildcard("m").unwrap(), "faasmoe.v1.expert.m.>");
+        let g = generate("acme").unwrap();
+        assert_eq!(g, "faasmoe.v1.generate.acme");
+        assert_eq!(parse_generate(&g), Some("acme".into()));
+        assert_eq!(generate_wildcard(), "faasmoe.v1.generate.*");
+        assert_eq!(activate("m").unwrap(), "faasmoe.v1.activate.m");
+        assert_eq!(events("m").unwrap(), "faasmoe.v1.events.m");
+        assert_eq!(events_wildcard(), "faasmoe.v1.events.*");
+        assert_eq!(admin("add_tenant").unwrap(), "faasmoe.v1.admin.add_tenant");
+        assert_eq!(
+            function_queue_group("m", "l3-g0").unwrap(),
+            "faasmoe.v1.fn.m.l3-g0"
+        );
+    }
+
+    #[test]
+    fn unsafe_names_are_rejected() {
+        for bad in ["a.b", "*", ">", "", "a b", "a\tb", "ü"] {
+            assert!(validate_token("model", bad).is_err(), "{bad:?} accepted");
+            assert!(expert(bad, 0, 0).is_err(), "{bad:?} accepted");
+            assert!(generate(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(
+            generate("").unwrap_err(),
+            SubjectError::Empty { kind: "tenant" }
+        );
+        assert!(function_queue_group("m", "a.b").is_err());
+    }
+
+    #[test]
+    fn parsers_reject_foreign_subjects() {
+        for s in [
+            "faasmoe.v2.expert.m.1.2",
+            "faasmoe.v1.expert.m.1",
+            "faasmoe.v1.expert.m.1.2.3",
+            "faasmoe.v1.expert.m.+1.2",
+            "faasmoe.v1.expert.m.x.2",
+            "faasmoe.v1.expert.*.1.2",
+            "faasmoe.v1.generate.m.1.2",
+        ] {
+            assert_eq!(parse_expert(s), None, "{s}");
+        }
+        for s in [
+            "faasmoe.v1.generate.*",
+            "faasmoe.v1.generate.a.b",
+            "faasmoe.v1.generate",
+            "faasmoe.v1.generatex.a",
+        ] {
+            assert_eq!(parse_generate(s), None, "{s}");
+        }
+    }
+}
