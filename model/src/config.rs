@@ -275,9 +275,6 @@ impl Config {
         if cfg.dense_layers().next().is_some() && cfg.intermediate_size == 0 {
             return Err(ModelError::config("intermediate_size", "missing or 0 with dense layers present"));
         }
-        if let Some(&t) = cfg.eos_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
-            return Err(ModelError::config("eos_token_id", format!("{t} >= vocab_size {vocab_size}")));
-        }
         cfg.eos_token_ids.dedup();
         Ok(cfg)
     }

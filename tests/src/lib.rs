@@ -1,1 +1,422 @@
-//! stub
+//! End-to-end test harness for faasmoe: runs a REAL `nats-server` and locates the
+//! workspace's binaries.
+//!
+//! Install the server once with `scripts/install-nats-server` (or `scripts/install-test-deps`);
+//! it lands in `<workspace>/.tools/bin/nats-server`. `$NATS_SERVER` overrides the path.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let server = faasmoe_e2e::NatsServer::start(); // JetStream on, no auth, free port
+//! let client = async_nats::connect(server.url()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! With the project's `nats.conf` (users and permissions):
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use faasmoe_e2e::{NatsServer, dev_users};
+//! let server = NatsServer::start_project_config();
+//! let controller = server.connect_as(dev_users::CONTROLLER).await?;
+//! # Ok(()) }
+//! ```
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a started server may take to accept TCP connections.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many times a start is retried when a picked port turns out to be taken.
+const PORT_ATTEMPTS: usize = 5;
+
+/// Environment variable that `nats.conf` reads its JetStream store directory from.
+/// [`NatsServer`] always sets it (to a fresh temp dir) for the server it spawns.
+pub const JS_DIR_ENV: &str = "FAASMOE_JS_DIR";
+
+/// The development users defined in the project's `nats.conf` (user, password).
+/// These passwords are public development defaults.
+pub mod dev_users {
+    /// Internal: the control plane. May use every subject.
+    pub const CONTROLLER: (&str, &str) = ("controller", "faasmoe-controller-dev");
+    /// Internal: expert function instances. May use every subject.
+    pub const WORKER: (&str, &str) = ("worker", "faasmoe-worker-dev");
+    /// Internal: the FaaS broker. May use every subject.
+    pub const BROKER: (&str, &str) = ("broker", "faasmoe-broker-dev");
+    /// Example tenant: publishes only to `faasmoe.v1.generate.demo`, subscribes only to
+    /// `_INBOX.>`.
+    pub const TENANT_DEMO: (&str, &str) = ("tenant-demo", "faasmoe-tenant-demo-dev");
+}
+
+/// The workspace root (the directory holding the root `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .expect("tests/ crate has a parent directory")
+        .to_path_buf()
+}
+
+/// The project's NATS configuration, `<workspace>/nats.conf`.
+pub fn nats_conf() -> PathBuf {
+    workspace_root().join("nats.conf")
+}
+
+/// Path of the `nats-server` binary to use:
+/// `$NATS_SERVER`, else `<workspace>/.tools/bin/nats-server`, else `nats-server` on `PATH`.
+///
+/// Panics, naming `scripts/install-nats-server`, when none is found.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_SERVER").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return p;
+        }
+        if let Some(found) = find_on_path(p.as_os_str()) {
+            return found;
+        }
+        panic!(
+            "$NATS_SERVER is set to {} but no such file exists; unset it or run \
+             `scripts/install-nats-server` from the workspace root ({})",
+            p.display(),
+            workspace_root().display()
+        );
+    }
+    let local = workspace_root()
+        .join(".tools")
+        .join("bin")
+        .join(format!("nats-server{}", std::env::consts::EXE_SUFFIX));
+    if local.is_file() {
+        return local;
+    }
+    if let Some(found) = find_on_path(OsStr::new("nats-server")) {
+        return found;
+    }
+    panic!(
+        "nats-server not found: not in $NATS_SERVER, not at {}, not on PATH. \
+         Install it with `scripts/install-nats-server` (run from the workspace root {})",
+        local.display(),
+        workspace_root().display()
+    );
+}
+
+fn find_on_path(name: &OsStr) -> Option<PathBuf> {
+    let name = Path::new(name);
+    if name.components().count() != 1 {
+        return None; // a path, not a bare command name
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).find_map(|dir| {
+        let mut candidate = dir.join(name);
+        if !std::env::consts::EXE_SUFFIX.is_empty() {
+            candidate.set_extension(std::env::consts::EXE_EXTENSION);
+        }
+        candidate.is_file().then_some(candidate)
+    })
+}
+
+/// Path of the workspace binary target `name`, in the same target directory and profile as
+/// the running test (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
+///
+/// Panics with a hint to build it (`cargo build --workspace --bins`) when it is missing:
+/// `cargo test` does not build binaries of other packages.
+pub fn cargo_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe
+        .parent()
+        .expect("test executable has a parent directory");
+    if dir.file_name() == Some(OsStr::new("deps")) {
+        dir = dir.parent().expect("deps/ has a parent directory");
+    }
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !bin.is_file() {
+        let profile = dir
+            .file_name()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let release = if profile == "release" {
+            " --release"
+        } else {
+            ""
+        };
+        panic!(
+            "binary `{name}` not found at {}: build it first with \
+             `cargo build --workspace --bins{release}` (or `cargo build --bin {name}{release}`)",
+            bin.display()
+        );
+    }
+    bin
+}
+
+/// A free TCP port on 127.0.0.1, found by binding port 0 and releasing it.
+/// Another process may take it before it is used: callers retry on collision.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+/// A running `nats-server` child process on loopback, killed (and reaped) on drop.
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    monitor_port: u16,
+    log_path: PathBuf,
+    store_dir: PathBuf,
+    // Last field: dropped after the process is gone.
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// A plain server: JetStream on (`-js`, store in a temp dir), no auth, free loopback port,
+    /// monitoring on another free port.
+    pub fn start() -> Self {
+        Self::spawn(None, &[])
+    }
+
+    /// A server with a configuration file plus extra command-line arguments. Port, address
+    /// and monitoring port are always given on the command line (`-a 127.0.0.1 -p <port>
+    /// -m <port>`), overriding the file. `$FAASMOE_JS_DIR` is set to a fresh temp dir for
+    /// configs that read their JetStream store dir from it (as `nats.conf` does).
+    pub fn start_with_config(path: impl AsRef<Path>, extra_args: &[&str]) -> Self {
+        let path = path.as_ref();
+        assert!(
+            path.is_file(),
+            "nats-server config {} does not exist",
+            path.display()
+        );
+        Self::spawn(Some(path), extra_args)
+    }
+
+    /// A server with the project's `nats.conf` (users `controller`, `worker`, `broker`,
+    /// `tenant-demo`; see [`dev_users`]).
+    pub fn start_project_config() -> Self {
+        Self::start_with_config(nats_conf(), &[])
+    }
+
+    fn spawn(config: Option<&Path>, extra_args: &[&str]) -> Self {
+        let bin = nats_server_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("faasmoe-nats-")
+            .tempdir()
+            .expect("create temp dir for nats-server");
+        let store_dir = dir.path().join("jetstream");
+        fs::create_dir_all(&store_dir).expect("create JetStream store dir");
+        let log_path = dir.path().join("nats-server.log");
+
+        let mut failures = Vec::new();
+        for attempt in 1..=PORT_ATTEMPTS {
+            let port = free_port();
+            let mut monitor_port = free_port();
+            while monitor_port == port {
+                monitor_port = free_port();
+            }
+
+            let mut args: Vec<OsString> = Vec::new();
+            if let Some(config) = config {
+                args.push("-c".into());
+                args.push(config.into());
+            } else {
+                args.push("-js".into());
+                args.push("-sd".into());
+                args.push(store_dir.clone().into());
+            }
+            for a in [
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-m",
+                &monitor_port.to_string(),
+            ] {
+                args.push(a.into());
+            }
+            args.extend(extra_args.iter().map(OsString::from));
+
+            let log = File::create(&log_path).expect("create nats-server log file");
+            let mut child = Command::new(&bin)
+                .args(&args)
+                .env(JS_DIR_ENV, &store_dir)
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log file handle"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("failed to spawn {}: {e}", bin.display()));
+
+            match wait_ready(&mut child, port, &log_path) {
+                Ok(()) => {
+                    return NatsServer {
+                        child,
+                        port,
+                        monitor_port,
+                        log_path,
+                        store_dir,
+                        dir,
+                    }
+                }
+                Err(why) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let tail = log_tail(&log_path, 40);
+                    failures.push(format!(
+                        "attempt {attempt} (port {port}, monitor port {monitor_port}): {why}"
+                    ));
+                    let collision = tail.contains("address already in use");
+                    if collision && attempt < PORT_ATTEMPTS {
+                        continue; // someone took a port between our probe and the bind
+                    }
+                    panic!(
+                        "nats-server ({}) failed to start: {}\nargs: {:?}\n\
+                         --- server log tail ---\n{}",
+                        bin.display(),
+                        failures.join("; "),
+                        args,
+                        tail
+                    );
+                }
+            }
+        }
+        unreachable!("the last attempt either returns or panics")
+    }
+
+    /// `nats://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port (on 127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:<monitor port>` (endpoints `/varz`, `/connz`, `/jsz`, `/healthz`, ...).
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
+    }
+
+    /// The monitoring port (on 127.0.0.1).
+    pub fn monitor_port(&self) -> u16 {
+        self.monitor_port
+    }
+
+    /// Process id of the server.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The file the server's stdout and stderr go to (inside the temp dir).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The last `lines` lines of the server's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log_path, lines)
+    }
+
+    /// The JetStream store directory (a temp dir, removed on drop).
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
+    /// The server's temp directory (store dir and log live here; removed on drop).
+    pub fn temp_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Connect without credentials.
+    pub async fn connect(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::connect(self.url()).await
+    }
+
+    /// Connect as `(user, password)`, e.g. one of [`dev_users`].
+    pub async fn connect_as(
+        &self,
+        (user, password): (&str, &str),
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+            .connect(self.url())
+            .await
+    }
+
+    /// Kill the server now and wait for it to exit (what drop does).
+    pub fn stop(mut self) {
+        self.kill_and_wait();
+    }
+
+    fn kill_and_wait(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill_and_wait();
+    }
+}
+
+impl std::fmt::Debug for NatsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsServer")
+            .field("url", &self.url())
+            .field("monitor_url", &self.monitor_url())
+            .field("pid", &self.pid())
+            .field("temp_dir", &self.dir.path())
+            .finish()
+    }
+}
+
+/// Wait until the child accepts TCP connections on `port` and has logged readiness.
+fn wait_ready(child: &mut Child, port: u16, log_path: &Path) -> Result<(), String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let mut accepted_at: Option<Instant> = None;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Err(format!("exited during startup with {status}"));
+        }
+        if accepted_at.is_none()
+            && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        {
+            accepted_at = Some(Instant::now());
+        }
+        if let Some(at) = accepted_at {
+            // Make sure it is OUR server listening: it logs "Server is ready" once its
+            // listeners are up. If logging was redirected elsewhere (-l / log_file), the line
+            // never comes: accept a server that accepted connections and stayed alive for 1 s.
+            if log_tail(log_path, usize::MAX).contains("Server is ready")
+                || at.elapsed() >= Duration::from_secs(1)
+            {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "did not accept connections on {addr} within {STARTUP_TIMEOUT:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        text = String::from_utf8_lossy(&buf).into_owned();
+    }
+    let all: Vec<&str> = text.lines().collect();
+    let from = all.len().saturating_sub(lines);
+    all[from..].join("\n")
+}

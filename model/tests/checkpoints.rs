@@ -1,0 +1,188 @@
+//! Checkpoint loading: generated hub-layout checkpoints, both config forms, and bad inputs
+//! that must give errors naming the problem.
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::DType;
+use faasmoe_model::baseline::Baseline;
+use faasmoe_model::experts::{ExpertId, ExpertSelection};
+use faasmoe_model::fixtures::fixture;
+use faasmoe_model::generation::greedy_batch;
+use faasmoe_model::generator::{preset, write_checkpoint};
+use faasmoe_model::{load_local, Checkpoint, Config, ControlPlane, ExpertSet, ModelError};
+
+fn tiny_geometry() -> faasmoe_model::generator::Geometry {
+    let mut g = preset("tiny").unwrap();
+    g.vocab_size = 512;
+    g.num_hidden_layers = 2;
+    g
+}
+
+fn write_tiny(dir: &Path, max_shard: u64) {
+    write_checkpoint(dir, &tiny_geometry(), 7, max_shard, |_, _| {}).unwrap();
+}
+
+#[test]
+fn generated_sharded_checkpoint_loads_and_matches_candle_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), 200_000);
+    let index = std::fs::read_to_string(tmp.path().join("model.safetensors.index.json")).unwrap();
+    assert!(index.contains("model-00001-of-"), "sharded with an index");
+    let cfg = Config::from_dir(tmp.path()).unwrap();
+    assert_eq!(cfg.rope_theta, 1_000_000.0);
+    let (cp, mut backend) = load_local(tmp.path(), DType::F32).unwrap();
+    let prompt: Vec<u32> = vec![1, 5, 9, 200, 7];
+    let split = greedy_batch(&cp, &mut backend, std::slice::from_ref(&prompt), 8).unwrap();
+    let mut base = Baseline::load(tmp.path(), DType::F32).unwrap();
+    assert_eq!(base.greedy(&prompt, 8).unwrap(), split[0]);
+}
+
+#[test]
+fn generator_is_deterministic_whatever_the_shard_size() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_tiny(a.path(), u64::MAX);
+    write_tiny(b.path(), 100_000);
+    let mut ca = Checkpoint::open(a.path(), DType::F32).unwrap();
+    let mut cb = Checkpoint::open(b.path(), DType::F32).unwrap();
+    let name = "model.layers.1.mlp.experts.3.up_proj.weight";
+    let ta = ca.load(name, &[32, 64]).unwrap();
+    let tb = cb.load(name, &[32, 64]).unwrap();
+    let d: f32 = (ta - tb).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert_eq!(d, 0.0);
+}
+
+#[test]
+fn config_reads_hub_and_transformers5_forms() {
+    if let Some(d) = fixture("qwen15-moe-tiny") {
+        let c = Config::from_dir(&d).unwrap();
+        assert_eq!((c.rope_theta, c.sliding_window, c.norm_topk_prob), (1e6, None, false));
+        assert_eq!(c.moe_layers().count(), 4);
+    }
+    if let Some(d) = fixture("qwen2-moe-gqa-mixed") {
+        let c = Config::from_dir(&d).unwrap();
+        assert_eq!((c.rope_theta, c.num_key_value_heads, c.norm_topk_prob), (10000.0, 2, true));
+        assert_eq!(c.moe_layers().collect::<Vec<_>>(), vec![0, 2]);
+        assert!(c.eos_token_ids.is_empty());
+    }
+}
+
+fn config_error(json: serde_json::Value) -> String {
+    Config::from_json(&json.to_string()).unwrap_err().to_string()
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let good = tiny_geometry().config_json();
+    let mut j = good.clone();
+    j["model_type"] = "mixtral".into();
+    assert!(config_error(j).contains("mixtral"));
+    let mut j = good.clone();
+    j["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    assert!(config_error(j).contains("LlamaForCausalLM"));
+    let mut j = good.clone();
+    j.as_object_mut().unwrap().remove("hidden_size");
+    assert!(config_error(j).contains("hidden_size"));
+    let mut j = good.clone();
+    j["num_key_value_heads"] = 3.into();
+    assert!(config_error(j).contains("num_key_value_heads"));
+    let mut j = good.clone();
+    j["num_experts_per_tok"] = 99.into();
+    assert!(config_error(j).contains("num_experts_per_tok"));
+    let mut j = good;
+    j["mlp_only_layers"] = serde_json::json!([9]);
+    assert!(config_error(j).contains("mlp_only_layers"));
+}
+
+#[test]
+fn truncated_safetensors_is_an_error_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), u64::MAX);
+    let f = tmp.path().join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    file.set_len(len / 2).unwrap();
+    let e = Checkpoint::open(tmp.path(), DType::F32).unwrap_err();
+    assert!(matches!(e, ModelError::Safetensors { .. }), "{e}");
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_an_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), 100_000);
+    let index_path = tmp.path().join("model.safetensors.index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["weight_map"].as_object_mut().unwrap().remove("model.layers.1.self_attn.k_proj.bias");
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let mut ckpt = Checkpoint::open(tmp.path(), DType::F32).unwrap();
+    let e = ControlPlane::load(&mut ckpt).unwrap_err();
+    assert!(e.to_string().contains("model.layers.1.self_attn.k_proj.bias"), "{e}");
+}
+
+#[test]
+fn wrong_shape_is_an_error_naming_tensor_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), u64::MAX);
+    // Claim a larger expert intermediate size than the tensors have.
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["moe_intermediate_size"] = 48.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let mut ckpt = Checkpoint::open(tmp.path(), DType::F32).unwrap();
+    let e = ExpertSet::load(&mut ckpt, &ExpertSelection::of_layer(0, [2])).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ModelError::WrongShape { .. }), "{msg}");
+    assert!(msg.contains("model.layers.0.mlp.experts.2.gate_proj.weight") && msg.contains("model.safetensors"), "{msg}");
+}
+
+#[test]
+fn unknown_expert_and_out_of_vocab_token_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), u64::MAX);
+    let mut ckpt = Checkpoint::open(tmp.path(), DType::F32).unwrap();
+    let e = ExpertSet::load(&mut ckpt, &ExpertSelection::of_layer(0, [16])).unwrap_err();
+    assert!(matches!(e, ModelError::UnknownExpert { layer: 0, expert: 16 }), "{e}");
+    let (cp, mut backend) = load_local(tmp.path(), DType::F32).unwrap();
+    let e = greedy_batch(&cp, &mut backend, &[vec![3, 512]], 1).unwrap_err();
+    assert!(matches!(e, ModelError::TokenOutOfRange { token: 512, vocab_size: 512 }), "{e}");
+    assert!(e.to_string().contains("512"));
+    let set = backend.experts();
+    let x = candle_core::Tensor::zeros((2, 64), DType::F32, &candle_core::Device::Cpu).unwrap();
+    let e = set.forward(ExpertId { layer: 0, expert: 99 }, &x).unwrap_err();
+    assert!(matches!(e, ModelError::UnknownExpert { .. }));
+}
+
+/// Resident memory of an expert function is proportional to the experts it holds, measured
+/// on the real Qwen1.5-MoE-A2.7B layer geometry (hidden 2048, 60 experts × 1408), one
+/// process per measurement.
+#[test]
+fn expert_function_memory_is_proportional_to_its_experts_on_the_a27b_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = preset("qwen1.5-moe-a2.7b").unwrap();
+    g.num_hidden_layers = 1;
+    g.vocab_size = 1024;
+    write_checkpoint(tmp.path(), &g, 1, u64::MAX, |_, _| {}).unwrap();
+    let rss = |experts: &str| -> (f64, f64) {
+        let out = Command::new(env!("CARGO_BIN_EXE_faasmoe-model"))
+            .args(["expert-rss", "--model"])
+            .arg(tmp.path())
+            .args(["--layer", "0", "--experts", experts])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (j["rss_after_bytes"].as_f64().unwrap(), j["weight_bytes"].as_f64().unwrap())
+    };
+    let (one, w1) = rss("0..1");
+    let (all, w60) = rss("0..60");
+    eprintln!("RSS 1 expert: {:.1} MB (weights {:.1} MB); 60 experts: {:.1} MB (weights {:.1} MB); checkpoint {:.1} MB",
+        one / 1e6, w1 / 1e6, all / 1e6, w60 / 1e6, g.total_bytes() as f64 / 1e6);
+    // f32 weights of one expert: 3 × 2048 × 1408 × 4 bytes = 34.6 MB
+    assert_eq!(w1, 3.0 * 2048.0 * 1408.0 * 4.0);
+    assert!(one < w1 + 40e6, "one expert's process holds {one} bytes");
+    // The 59 extra experts cost 59 experts' weights (±5%), nothing more.
+    let extra = all - one;
+    assert!((extra / (59.0 * w1) - 1.0).abs() < 0.05, "60 experts {all} vs 1 expert {one}");
+    assert!(all < w60 * 1.05 + 40e6, "60 experts hold {all} for {w60} of weights");
+}
