@@ -129,9 +129,14 @@ impl std::fmt::Debug for QwenTokenizer {
 fn read_file(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
-            TokenizerError::NotFound { path: path.to_path_buf() }
+            TokenizerError::NotFound {
+                path: path.to_path_buf(),
+            }
         } else {
-            TokenizerError::Io { path: path.to_path_buf(), source }
+            TokenizerError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
         }
     })
 }
@@ -158,7 +163,10 @@ impl QwenTokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        Ok(Self { inner, has_chat_template: false })
+        Ok(Self {
+            inner,
+            has_chat_template: false,
+        })
     }
 
     /// Loads the tokenizer of a Hugging Face checkpoint directory: `<dir>/tokenizer.json`,
@@ -225,12 +233,18 @@ impl QwenTokenizer {
             path: path.to_path_buf(),
             message: format!("converted tokenizer rejected: {e}"),
         })?;
-        Ok(Self { inner, has_chat_template: false })
+        Ok(Self {
+            inner,
+            has_chat_template: false,
+        })
     }
 
     /// Wraps an already built [`tokenizers::Tokenizer`] (assumed to be a Qwen tokenizer).
     pub fn from_tokenizer(inner: Tokenizer, has_chat_template: bool) -> Self {
-        Self { inner, has_chat_template }
+        Self {
+            inner,
+            has_chat_template,
+        }
     }
 
     /// Writes the tokenizer as a (pretty-printed) Hugging Face `tokenizer.json`, loadable
@@ -240,10 +254,12 @@ impl QwenTokenizer {
     /// [`TokenizerError::Save`] naming the path.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        self.inner.save(path, true).map_err(|e| TokenizerError::Save {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        self.inner
+            .save(path, true)
+            .map_err(|e| TokenizerError::Save {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })
     }
 
     /// Encodes `text` to token ids. Special tokens written in the text are recognised;
@@ -346,7 +362,13 @@ impl<'a> StreamDecoder<'a> {
     /// A new decoder with no ids yet. `skip_special_tokens` as in
     /// [`QwenTokenizer::decode_with`].
     pub fn new(tokenizer: &'a QwenTokenizer, skip_special_tokens: bool) -> Self {
-        Self { tokenizer, skip_special_tokens, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        Self {
+            tokenizer,
+            skip_special_tokens,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
     }
 
     /// Feeds one id; returns the newly completed text (`""` when the id's bytes are held
@@ -357,14 +379,17 @@ impl<'a> StreamDecoder<'a> {
     /// [`TokenizerError::Tokenizer`] if decoding fails.
     pub fn step(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix_text = self
+        let prefix_text = self.tokenizer.decode_with(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
+        let new_text = self
             .tokenizer
-            .decode_with(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
-        let new_text =
-            self.tokenizer.decode_with(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+            .decode_with(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
-            if let Some(delta) =
-                new_text.strip_prefix(prefix_text.as_str()).or_else(|| new_text.get(prefix_text.len()..))
+            if let Some(delta) = new_text
+                .strip_prefix(prefix_text.as_str())
+                .or_else(|| new_text.get(prefix_text.len()..))
             {
                 let delta = delta.to_string();
                 self.prefix_offset = self.read_offset;
@@ -385,16 +410,21 @@ impl<'a> StreamDecoder<'a> {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix_text = self
+        let prefix_text = self.tokenizer.decode_with(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
+        let new_text = self
             .tokenizer
-            .decode_with(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
-        let new_text =
-            self.tokenizer.decode_with(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+            .decode_with(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(match new_text.strip_prefix(prefix_text.as_str()) {
             Some(delta) => delta.to_string(),
-            None => new_text.get(prefix_text.len()..).unwrap_or_default().to_string(),
+            None => new_text
+                .get(prefix_text.len()..)
+                .unwrap_or_default()
+                .to_string(),
         })
     }
 
@@ -461,11 +491,15 @@ fn tiktoken_to_tokenizer_json(path: &Path, text: &str) -> Result<Value> {
         let (Some(tok), Some(rank), None) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad(lineno, "expected `base64 rank`".into()));
         };
-        let bytes = b64.decode(tok).map_err(|e| bad(lineno, format!("bad base64: {e}")))?;
+        let bytes = b64
+            .decode(tok)
+            .map_err(|e| bad(lineno, format!("bad base64: {e}")))?;
         if bytes.is_empty() {
             return Err(bad(lineno, "empty token".into()));
         }
-        let rank: u32 = rank.parse().map_err(|e| bad(lineno, format!("bad rank: {e}")))?;
+        let rank: u32 = rank
+            .parse()
+            .map_err(|e| bad(lineno, format!("bad rank: {e}")))?;
         if rank_of.insert(bytes.clone(), rank).is_some() {
             return Err(bad(lineno, "duplicate token".into()));
         }
@@ -488,7 +522,10 @@ fn tiktoken_to_tokenizer_json(path: &Path, text: &str) -> Result<Value> {
     if by_rank.len() != QWEN_BPE_VOCAB_SIZE as usize {
         return Err(bad(
             0,
-            format!("{} tokens, expected {QWEN_BPE_VOCAB_SIZE} (Qwen's ranks)", by_rank.len()),
+            format!(
+                "{} tokens, expected {QWEN_BPE_VOCAB_SIZE} (Qwen's ranks)",
+                by_rank.len()
+            ),
         ));
     }
 
@@ -510,7 +547,11 @@ fn tiktoken_to_tokenizer_json(path: &Path, text: &str) -> Result<Value> {
             })
             .collect();
         local.sort_unstable();
-        merges.extend(local.into_iter().map(|(_, _, i)| json!([to_str(&tok[..i]), to_str(&tok[i..])])));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(_, _, i)| json!([to_str(&tok[..i]), to_str(&tok[i..])])),
+        );
     }
 
     let special = |id: u32, content: String| {
@@ -524,7 +565,9 @@ fn tiktoken_to_tokenizer_json(path: &Path, text: &str) -> Result<Value> {
         special(IM_START_ID, "<|im_start|>".into()),
         special(IM_END_ID, "<|im_end|>".into()),
     ];
-    added.extend((0..QWEN_EXTRA_TOKENS).map(|i| special(IM_END_ID + 1 + i, format!("<|extra_{i}|>"))));
+    added.extend(
+        (0..QWEN_EXTRA_TOKENS).map(|i| special(IM_END_ID + 1 + i, format!("<|extra_{i}|>"))),
+    );
 
     // Mirrors the non-model parts of the Qwen1.5 checkpoints' tokenizer.json exactly.
     Ok(json!({

@@ -22,7 +22,10 @@ struct Golden {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn fixtures_dir() -> Option<PathBuf> {
@@ -60,7 +63,11 @@ fn fixture_tokenizer(dir: &Path) -> QwenTokenizer {
 fn nfc(tok: &QwenTokenizer, text: &str) -> String {
     use tokenizers::{NormalizedString, Normalizer};
     let mut s = NormalizedString::from(text);
-    tok.inner().get_normalizer().expect("Qwen tokenizer has a normalizer").normalize(&mut s).unwrap();
+    tok.inner()
+        .get_normalizer()
+        .expect("Qwen tokenizer has a normalizer")
+        .normalize(&mut s)
+        .unwrap();
     s.get().to_string()
 }
 
@@ -73,7 +80,9 @@ fn tiktoken_tokenizer() -> &'static QwenTokenizer {
         let path = root.join(".tools/qwen.tiktoken");
         if !path.is_file() {
             let script = root.join("scripts/fetch-qwen-tiktoken");
-            let out = Command::new(&script).output().expect("run scripts/fetch-qwen-tiktoken");
+            let out = Command::new(&script)
+                .output()
+                .expect("run scripts/fetch-qwen-tiktoken");
             assert!(
                 out.status.success(),
                 "{} failed: {}",
@@ -100,7 +109,10 @@ fn fixture_tokenizer_matches_golden_ids() {
         assert_eq!(back, nfc(&tok, &g.text), "decode(ids of {:?})", g.text);
     }
     // The NFC case really is normalised (decomposed é → precomposed).
-    assert_eq!(tok.decode(&tok.encode("e\u{301}").unwrap()).unwrap(), "\u{e9}");
+    assert_eq!(
+        tok.decode(&tok.encode("e\u{301}").unwrap()).unwrap(),
+        "\u{e9}"
+    );
 }
 
 /// (b) The tokenizer converted from qwen.tiktoken encodes every golden text to the golden
@@ -127,7 +139,8 @@ fn tiktoken_tokenizer_matches_golden_ids() {
         "BPE vocabulary differs from the fixture tokenizer.json"
     );
     let model_json = |t: &QwenTokenizer| -> serde_json::Value {
-        let v: serde_json::Value = serde_json::from_str(&t.inner().to_string(false).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&t.inner().to_string(false).unwrap()).unwrap();
         v["model"]["merges"].clone()
     };
     let (a, b) = (model_json(&fixture), model_json(tok));
@@ -146,7 +159,12 @@ fn tiktoken_tokenizer_save_roundtrip() {
     std::fs::remove_file(&out).ok();
     assert_eq!(loaded.vocab_size(), 151_851);
     for g in golden(&dir) {
-        assert_eq!(loaded.encode(&g.text).unwrap(), g.ids, "encode({:?})", g.text);
+        assert_eq!(
+            loaded.encode(&g.text).unwrap(),
+            g.ids,
+            "encode({:?})",
+            g.text
+        );
     }
 }
 
@@ -155,7 +173,10 @@ fn stream_all(dec: &mut StreamDecoder<'_>, ids: &[u32]) -> (String, Vec<String>)
     let mut chunks = Vec::new();
     for &id in ids {
         let piece = dec.step(id).unwrap();
-        assert!(!piece.contains('\u{FFFD}'), "emitted an incomplete character: {piece:?}");
+        assert!(
+            !piece.contains('\u{FFFD}'),
+            "emitted an incomplete character: {piece:?}"
+        );
         out.push_str(&piece);
         chunks.push(piece);
     }
@@ -170,10 +191,15 @@ fn stream_decoder_matches_decode() {
     let Some(dir) = fixtures_dir() else { return };
     let tok = fixture_tokenizer(&dir);
     let cases = golden(&dir);
-    let is_cjk_or_emoji =
-        |s: &str| s.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c) || c >= '\u{1F000}');
+    let is_cjk_or_emoji = |s: &str| {
+        s.chars()
+            .any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c) || c >= '\u{1F000}')
+    };
     let special = cases.iter().filter(|g| is_cjk_or_emoji(&g.text)).count();
-    assert!(special >= 2, "expected CJK and emoji golden texts, found {special}");
+    assert!(
+        special >= 2,
+        "expected CJK and emoji golden texts, found {special}"
+    );
     for g in &cases {
         let full = tok.decode(&g.ids).unwrap();
         let (streamed, _) = stream_all(&mut tok.stream_decoder(), &g.ids);
@@ -193,33 +219,40 @@ fn stream_decoder_matches_decode() {
             assert!(c.is_empty() || text.contains(c.as_str()));
         }
     }
-    let rocket = tok.encode("🚀").unwrap();
-    assert!(rocket.len() > 1, "🚀 is expected to span several tokens: {rocket:?}");
-    {
-        let mut dec = tok.stream_decoder();
-        assert_eq!(dec.step(rocket[0]).unwrap(), "", "partial emoji must be held back");
+    // Find a character that byte-level BPE splits over several tokens (🚀 is one token).
+    let (ch, split) = ["🦀", "🫠", "𓀀", "ꙮ", "𝕏"]
+        .iter()
+        .map(|c| (*c, tok.encode(c).unwrap()))
+        .find(|(_, ids)| ids.len() > 1)
+        .expect("some candidate character spans several tokens");
+    let mut dec = tok.stream_decoder();
+    for &id in &split[..split.len() - 1] {
+        assert_eq!(dec.step(id).unwrap(), "", "partial {ch} must be held back");
     }
+    assert_eq!(dec.step(*split.last().unwrap()).unwrap(), ch);
     // A stream cut inside a character flushes a replacement character.
     let mut dec = tok.stream_decoder();
-    let crab = tok.encode("🦀").unwrap();
-    assert!(crab.len() > 1, "🦀 is expected to span several tokens: {crab:?}");
-    {
-        assert_eq!(dec.step(crab[0]).unwrap(), "");
-        assert!(dec.finish().unwrap().contains('\u{FFFD}'));
-    }
+    assert_eq!(dec.step(split[0]).unwrap(), "");
+    assert!(dec.finish().unwrap().contains('\u{FFFD}'));
+    assert_eq!(dec.finish().unwrap(), "", "finish is idempotent");
 }
 
 /// (d) render_chat produces Qwen ChatML with the generation prompt, which tokenizes with
 /// the special tokens as single ids.
 #[test]
 fn render_chat_chatml() {
-    let msgs = [("system", "You are a helpful assistant."), ("user", "Hello!")];
+    let msgs = [
+        ("system", "You are a helpful assistant."),
+        ("user", "Hello!"),
+    ];
     let expected = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\
                     <|im_start|>user\nHello!<|im_end|>\n\
                     <|im_start|>assistant\n";
     assert_eq!(render_chat(&msgs), expected);
-    let owned: Vec<(String, String)> =
-        msgs.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect();
+    let owned: Vec<(String, String)> = msgs
+        .iter()
+        .map(|(r, c)| (r.to_string(), c.to_string()))
+        .collect();
     assert_eq!(render_chat(&owned), expected);
     assert_eq!(render_chat::<&str, &str>(&[]), "<|im_start|>assistant\n");
 
@@ -231,7 +264,10 @@ fn render_chat_chatml() {
         ("system", "You are a helpful assistant."),
         ("user", "用一句话解释什么是无服务器计算。"),
     ]);
-    let g = golden(&dir).into_iter().find(|g| g.text == rendered).expect("golden ChatML case");
+    let g = golden(&dir)
+        .into_iter()
+        .find(|g| g.text == rendered)
+        .expect("golden ChatML case");
     let ids = tok.encode(&rendered).unwrap();
     assert_eq!(ids, g.ids);
     assert_eq!(ids[0], IM_START_ID);

@@ -80,6 +80,39 @@ impl ExpertSelection {
         )
     }
 
+    /// Parses `LAYER:SPEC[;LAYER:SPEC...]` where SPEC is `all`, a range `a-b` (inclusive) or
+    /// a list `a,b,c`; `all` needs `num_experts`. Example: `0:0-3;2:all`.
+    pub fn parse(spec: &str, num_experts: usize) -> std::result::Result<Self, String> {
+        let mut ids = Vec::new();
+        for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let (layer, experts) = part
+                .split_once(':')
+                .ok_or_else(|| format!("`{part}`: expected LAYER:EXPERTS (e.g. 0:0-3)"))?;
+            let layer: usize = layer.trim().parse().map_err(|_| format!("`{part}`: bad layer `{layer}`"))?;
+            let bad = |x: &str| format!("`{part}`: bad expert `{x}`");
+            let experts = experts.trim();
+            let list: Vec<usize> = if experts == "all" {
+                (0..num_experts).collect()
+            } else if let Some((a, b)) = experts.split_once('-') {
+                let a: usize = a.trim().parse().map_err(|_| bad(a))?;
+                let b: usize = b.trim().parse().map_err(|_| bad(b))?;
+                if a > b {
+                    return Err(format!("`{part}`: empty range"));
+                }
+                (a..=b).collect()
+            } else {
+                experts.split(',').map(|x| x.trim().parse().map_err(|_| bad(x))).collect::<std::result::Result<_, _>>()?
+            };
+            ids.extend(list.into_iter().map(|expert| ExpertId { layer, expert }));
+        }
+        if ids.is_empty() {
+            return Err("no experts selected".into());
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(Self(ids))
+    }
+
     /// Experts `experts` of one layer.
     pub fn of_layer(layer: usize, experts: impl IntoIterator<Item = usize>) -> Self {
         Self(experts.into_iter().map(|expert| ExpertId { layer, expert }).collect())

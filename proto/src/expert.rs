@@ -294,8 +294,34 @@ fn decode_versioned<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T,
 
 /// Decodes an [`ExpertRequest`] (does not [`ExpertRequest::validate`] it).
 /// Errors: [`ErrorCode::Malformed`], [`ErrorCode::VersionMismatch`].
+///
+/// A dtype other than `f32`/`bf16` in `hidden.dtype` or `reply_dtype` is
+/// [`ErrorCode::UnsupportedDType`] rather than `Malformed`.
 pub fn decode_request(payload: &[u8]) -> Result<ExpertRequest, WireError> {
-    decode_versioned(payload)
+    decode_versioned(payload).map_err(|e| {
+        #[derive(Deserialize)]
+        struct Loose {
+            hidden: LooseTensor,
+            reply_dtype: String,
+        }
+        #[derive(Deserialize)]
+        struct LooseTensor {
+            dtype: String,
+        }
+        if e.code == ErrorCode::Malformed {
+            if let Ok(l) = rmp_serde::from_slice::<Loose>(payload) {
+                for d in [&l.hidden.dtype, &l.reply_dtype] {
+                    if d != "f32" && d != "bf16" {
+                        return WireError::new(
+                            ErrorCode::UnsupportedDType,
+                            format!("dtype `{d}` is not supported (f32, bf16)"),
+                        );
+                    }
+                }
+            }
+        }
+        e
+    })
 }
 
 /// Decodes an [`ExpertReply`]. Errors: [`ErrorCode::Malformed`], [`ErrorCode::VersionMismatch`].

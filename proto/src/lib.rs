@@ -17,6 +17,7 @@ pub mod activation;
 pub mod events;
 pub mod expert;
 pub mod generate;
+pub mod layout;
 pub mod subject;
 pub mod tensor;
 pub mod trace;

@@ -216,3 +216,25 @@ mod tests {
         }
     }
 }
+
+/// `faasmoe.v1.status.<model>.<function_id>`: the status endpoint of a function's instances
+/// (NATS micro service endpoint; each instance answers with its stats as JSON).
+pub fn status(model: &str, function_id: &str) -> Result<String, SubjectError> {
+    validate_token("model", model)?;
+    validate_token("function id", function_id)?;
+    Ok(format!("{PREFIX}.status.{model}.{function_id}"))
+}
+
+/// Turns any name (a checkpoint directory name such as `Qwen1.5-MoE-A2.7B`) into a valid
+/// subject token: lowercase, every character outside `[a-z0-9_-]` replaced by `-`
+/// (`qwen1-5-moe-a2-7b`); empty input gives `model`.
+pub fn sanitize_token(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' }
+        })
+        .collect();
+    if s.is_empty() { "model".into() } else { s }
+}

@@ -1,0 +1,303 @@
+//! The instance's life on NATS: load, subscribe in the queue group, batch, reply, drain, exit.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::DType;
+use faasmoe_model::{Checkpoint, ExpertSelection, ExpertSet};
+use faasmoe_proto::events::{EventKind, FunctionEvent};
+use faasmoe_proto::expert::{decode_request, encode, ExpertReply, ExpertRequest};
+use faasmoe_proto::layout::FunctionSpec;
+use faasmoe_proto::{subject, ErrorCode, WireError};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::function::Function;
+use crate::settings::Settings;
+use crate::stats::WorkerStats;
+
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// No request for the idle timeout (scale to zero).
+    Idle,
+    /// The shutdown future resolved (SIGTERM / SIGINT).
+    Shutdown,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+struct Pending {
+    msg: async_nats::Message,
+    req: ExpertRequest,
+    received: Instant,
+}
+
+/// Runs one instance until it is idle for the timeout or `shutdown` resolves; in both cases
+/// it first unsubscribes (drain), answers every request already delivered, then returns.
+pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<ExitReason> {
+    let started = Instant::now();
+    let model = settings.model_id();
+    subject::validate_token("model", &model).with_context(|| format!("model id `{model}`"))?;
+    let instance_id = settings.instance_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_string());
+
+    // Load only this function's experts.
+    let dir = settings.model_dir.clone();
+    let spec = settings.experts.clone();
+    let (experts, selection) = tokio::task::spawn_blocking(move || -> anyhow::Result<(ExpertSet, ExpertSelection)> {
+        let mut ckpt = Checkpoint::open(&dir, DType::F32)?;
+        let sel = ExpertSelection::parse(&spec, ckpt.config().num_experts).map_err(anyhow::Error::msg)?;
+        Ok((ExpertSet::load(&mut ckpt, &sel)?, sel))
+    })
+    .await??;
+    let function_id = match &settings.function_id {
+        Some(f) => f.clone(),
+        None => default_function_id(&selection),
+    };
+    subject::validate_token("function id", &function_id)?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    info!(%model, %function_id, %instance_id, experts = selection.0.len(), weight_mb = experts.weight_bytes() as f64 / 1e6, load_ms, "experts loaded");
+    let function = Arc::new(Function::new(experts, settings.max_request_bytes));
+
+    let mut opts = async_nats::ConnectOptions::new().name(format!("faasmoe-expert-worker {function_id} {instance_id}"));
+    if let (Some(u), Some(p)) = (&settings.nats_user, &settings.nats_password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    let client = opts.connect(settings.nats_url.as_str()).await.with_context(|| format!("connecting to {}", settings.nats_url))?;
+
+    let experts_named: Vec<String> = selection.0.iter().map(|id| format!("{}:{}", id.layer, id.expert)).collect();
+    let stats = Arc::new(Mutex::new(WorkerStats::new(function_id.clone(), instance_id.clone(), experts_named.clone())));
+
+    // Subscribe every expert subject in the function's queue group; one forwarder per
+    // subscription, which drains it on shutdown.
+    let queue = subject::function_queue_group(&model, &function_id)?;
+    let (tx, mut rx) = mpsc::channel::<async_nats::Message>(1024);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut forwarders = Vec::new();
+    for id in &selection.0 {
+        let subj = subject::expert(&model, id.layer as u32, id.expert as u32)?;
+        let mut sub = client.queue_subscribe(subj.clone(), queue.clone()).await?;
+        let tx = tx.clone();
+        let mut stop = stop_rx.clone();
+        forwarders.push(tokio::spawn(async move {
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    m = sub.next() => match m {
+                        Some(m) => { if tx.send(m).await.is_err() { break; } }
+                        None => break,
+                    },
+                    _ = stop.changed(), if !draining => {
+                        draining = true;
+                        if let Err(e) = sub.drain().await { warn!(%subj, error = %e, "drain failed"); break; }
+                    }
+                }
+            }
+        }));
+    }
+    drop(tx);
+
+    // NATS micro service: $SRV.PING / INFO / STATS discover this instance.
+    let stats_for_srv = stats.clone();
+    let metadata = [
+        ("model".to_string(), model.clone()),
+        ("function_id".to_string(), function_id.clone()),
+        ("instance_id".to_string(), instance_id.clone()),
+        ("experts".to_string(), experts_named.join(",")),
+    ]
+    .into_iter()
+    .collect();
+    use async_nats::service::ServiceExt;
+    let service = client
+        .service_builder()
+        .description(format!("faasmoe expert function {function_id} of {model}"))
+        .metadata(metadata)
+        .stats_handler(move |_endpoint, _stats| serde_json::to_value(stats_for_srv.lock().unwrap().snapshot()).unwrap_or_default())
+        .start("faasmoe-expert", env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the micro service: {e}"))?;
+    let mut status = service
+        .endpoint_builder()
+        .name("status")
+        .add(subject::status(&model, &function_id)?)
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the status endpoint: {e}"))?;
+    let stats_for_status = stats.clone();
+    let status_task = tokio::spawn(async move {
+        while let Some(req) = status.next().await {
+            let body = serde_json::to_vec(&stats_for_status.lock().unwrap().snapshot()).unwrap_or_default();
+            let _ = req.respond(Ok(body.into())).await;
+        }
+    });
+    client.flush().await?;
+
+    let events = subject::events(&model)?;
+    let event = |kind| FunctionEvent {
+        kind,
+        model: model.clone(),
+        function_id: function_id.clone(),
+        instance_id: instance_id.clone(),
+        pid: Some(std::process::id()),
+        at_unix_ms: unix_ms(),
+        cold_start_ms: Some(started.elapsed().as_secs_f64() * 1e3),
+        exit_status: None,
+    };
+    client.publish(events.clone(), event(EventKind::Ready).encode()).await?;
+    client.flush().await?;
+    info!(%queue, ready_ms = started.elapsed().as_secs_f64() * 1e3, "ready");
+    println!("READY {function_id} {instance_id}");
+
+    // Batching loop.
+    let idle = settings.idle_timeout();
+    let max_wait = Duration::from_micros(settings.batch_max_wait_us);
+    let mut idle_deadline = tokio::time::Instant::now() + idle.unwrap_or(Duration::from_secs(86400 * 365));
+    let mut reason = None;
+    tokio::pin!(shutdown);
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => break },
+            _ = tokio::time::sleep_until(idle_deadline), if idle.is_some() && reason.is_none() => {
+                info!(idle_ms = settings.idle_timeout_ms, "idle: scaling to zero");
+                reason = Some(ExitReason::Idle);
+                let _ = stop_tx.send(true);
+                continue;
+            }
+            _ = &mut shutdown, if reason.is_none() => {
+                info!("shutdown requested: draining");
+                reason = Some(ExitReason::Shutdown);
+                let _ = stop_tx.send(true);
+                continue;
+            }
+        };
+        let mut batch = Vec::new();
+        let mut rows = 0usize;
+        if let Some(p) = admit(&client, &function, &stats, first).await {
+            rows += p.req.routes.len();
+            batch.push(p);
+        }
+        let deadline = tokio::time::Instant::now() + max_wait;
+        while rows < settings.batch_max_tokens {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => if let Some(p) = admit(&client, &function, &stats, m).await { rows += p.req.routes.len(); batch.push(p); },
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !batch.is_empty() {
+            execute(&client, &function, &stats, batch).await;
+        }
+        if let Some(idle) = idle {
+            idle_deadline = tokio::time::Instant::now() + idle;
+        }
+    }
+    for f in forwarders {
+        let _ = f.await;
+    }
+    let _ = service.stop().await;
+    status_task.abort();
+    let reason = reason.unwrap_or(ExitReason::Shutdown);
+    let mut ev = event(EventKind::Stopped);
+    ev.cold_start_ms = None;
+    ev.exit_status = Some(0);
+    client.publish(events, ev.encode()).await?;
+    client.flush().await?;
+    let s = stats.lock().unwrap().snapshot();
+    info!(?reason, requests = s.requests, batches = s.batches, uptime_s = s.uptime_s, "exiting");
+    Ok(reason)
+}
+
+/// The default function id: [`FunctionSpec`]'s `l<layer>-e<a>-<b>` for a contiguous range of
+/// one layer, else a listing of layers and experts.
+pub fn default_function_id(sel: &ExpertSelection) -> String {
+    let layer = sel.0[0].layer;
+    let (a, b) = (sel.0[0].expert, sel.0[sel.0.len() - 1].expert);
+    if sel.0.iter().all(|id| id.layer == layer) && b - a + 1 == sel.0.len() {
+        FunctionSpec::new(layer as u32, a as u32, b as u32).id
+    } else {
+        let mut s = String::from("custom");
+        for id in &sel.0 {
+            s.push_str(&format!("-{}x{}", id.layer, id.expert));
+        }
+        s
+    }
+}
+
+async fn reply_error(client: &async_nats::Client, stats: &Mutex<WorkerStats>, msg: &async_nats::Message, id: uuid::Uuid, err: WireError) {
+    stats.lock().unwrap().error(err.code.as_str());
+    debug!(code = %err.code, message = %err.message, "error reply");
+    if let Some(reply) = &msg.reply {
+        let _ = client.publish(reply.clone(), encode(&ExpertReply::err(id, err))).await;
+    }
+}
+
+/// Decodes and checks one message; a bad one is answered with a typed error at once.
+async fn admit(client: &async_nats::Client, function: &Function, stats: &Mutex<WorkerStats>, msg: async_nats::Message) -> Option<Pending> {
+    stats.lock().unwrap().requests += 1;
+    if msg.payload.len() > function.max_request_bytes {
+        let e = WireError::new(ErrorCode::PayloadTooLarge, format!("{} bytes > limit {}", msg.payload.len(), function.max_request_bytes));
+        reply_error(client, stats, &msg, uuid::Uuid::nil(), e).await;
+        return None;
+    }
+    let req = match decode_request(&msg.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            reply_error(client, stats, &msg, uuid::Uuid::nil(), e).await;
+            return None;
+        }
+    };
+    if let Err(e) = function.check(&req) {
+        reply_error(client, stats, &msg, req.request_id, e).await;
+        return None;
+    }
+    if msg.reply.is_none() {
+        stats.lock().unwrap().error("no_reply_subject");
+        return None;
+    }
+    Some(Pending { msg, req, received: Instant::now() })
+}
+
+/// Computes one batch on a blocking thread and replies to every request.
+async fn execute(client: &async_nats::Client, function: &Arc<Function>, stats: &Mutex<WorkerStats>, batch: Vec<Pending>) {
+    let traceparent = batch.iter().find_map(|p| faasmoe_proto::trace::extract(p.msg.headers.as_ref()));
+    let tenants: Vec<String> = batch.iter().map(|p| p.req.tenant.clone()).collect();
+    let rows: usize = batch.iter().map(|p| p.req.routes.len()).sum();
+    let span = info_span!("expert.execute", requests = batch.len(), rows, traceparent = traceparent.as_deref().unwrap_or(""));
+    async {
+        let t0 = Instant::now();
+        let f = function.clone();
+        let reqs: Vec<ExpertRequest> = batch.iter().map(|p| p.req.clone()).collect();
+        let result = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&ExpertRequest> = reqs.iter().collect();
+            f.compute(&refs)
+        })
+        .await
+        .unwrap_or_else(|e| Err(WireError::new(ErrorCode::Internal, format!("compute panicked: {e}"))));
+        let busy_ms = t0.elapsed().as_secs_f64() * 1e3;
+        stats.lock().unwrap().batch(tenants.iter().map(String::as_str), batch.len(), rows, busy_ms);
+        match result {
+            Ok(outputs) => {
+                for (p, out) in batch.iter().zip(outputs) {
+                    let body = encode(&ExpertReply::ok(p.req.request_id, out));
+                    if let Err(e) = client.publish(p.msg.reply.clone().expect("checked"), body).await {
+                        warn!(error = %e, "reply failed");
+                    }
+                    debug!(request_id = %p.req.request_id, tenant = %p.req.tenant, wait_ms = p.received.elapsed().as_secs_f64() * 1e3, "replied");
+                }
+            }
+            Err(e) => {
+                warn!(code = %e.code, message = %e.message, "batch failed");
+                for p in &batch {
+                    reply_error(client, stats, &p.msg, p.req.request_id, e.clone()).await;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
