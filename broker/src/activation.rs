@@ -1,0 +1,587 @@
+//! Function activation: the broker's answer to *no responders*.
+//!
+//! A controller that finds no instance subscribed to an expert subject sends an
+//! [`ActivateRequest`] on `faasmoe.v1.activate.<model>`. The [`Activator`] then
+//!
+//! - replies `already_running` when a ready instance of the function exists and still has
+//!   its subscriptions (checked with a liveness probe, see [`ActivationConfig::probe_timeout`]);
+//! - otherwise starts ONE instance through its [`InstanceBackend`]: concurrent activations of
+//!   the same function join the start in progress and all get the same reply;
+//! - waits until the instance is ready (the worker's `READY` stdout line, or its `ready`
+//!   event on `faasmoe.v1.events.<model>`, whichever comes first) and replies with the
+//!   instance id and the cold start (spawn → ready);
+//! - never has more than [`ActivationConfig::max_instances_per_function`] instances of a
+//!   function alive (starting, ready or draining); at the cap it replies `unavailable`.
+//!
+//! Every instance is owned by a task that waits for its exit and records it (exit status),
+//! and lifecycle events (`started`, `ready`, `stopped`, `spawn_failed`) are published on the
+//! events subject. Nothing is restarted on its own: scale to zero is the workers' idle exit,
+//! which the broker only records; the next activation starts a new instance.
+//!
+//! Note that the worker publishes its own `ready` and `stopped` events on the same subject
+//! (with its process-start → subscribed time); the broker's `ready` carries spawn → ready and
+//! its `stopped` the OS exit status.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use faasmoe_proto::activation::{ActivateReply, ActivateRequest, ActivateResult};
+use faasmoe_proto::events::{EventKind, FunctionEvent};
+use faasmoe_proto::layout::{FunctionSpec, Layout};
+use faasmoe_proto::{subject, ErrorCode, WireError};
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::spawner::{Instance, InstanceBackend, InstanceExit};
+
+/// How many exited instances are remembered for [`Activator::exited`].
+const EXITED_HISTORY: usize = 1024;
+
+/// Policy of one model's activations.
+#[derive(Debug, Clone)]
+pub struct ActivationConfig {
+    /// Model id (subject token).
+    pub model_id: String,
+    /// The functions that may be activated.
+    pub layout: Layout,
+    /// Most instances alive per function (starting, ready or draining).
+    pub max_instances_per_function: u32,
+    /// Instances per function started by [`Activator::prewarm`].
+    pub min_instances: u32,
+    /// Spawn → ready limit; an instance not ready by then is killed and the activation fails
+    /// with `unavailable`.
+    pub ready_timeout: Duration,
+    /// Before answering `already_running`, the broker sends an empty request to the
+    /// function's first expert subject: a reply (the worker answers `malformed`) proves an
+    /// instance is subscribed; *no responders* means the ready instances are draining (idle
+    /// exit in progress), so they are marked draining and a new instance is started. The
+    /// probe resets the worker's idle timer. `None` disables the probe.
+    pub probe_timeout: Option<Duration>,
+}
+
+impl ActivationConfig {
+    /// Defaults: cap 1, no pre-warming, ready timeout 60 s, probe timeout 1 s.
+    pub fn new(model_id: impl Into<String>, layout: Layout) -> Self {
+        Self {
+            model_id: model_id.into(),
+            layout,
+            max_instances_per_function: 1,
+            min_instances: 0,
+            ready_timeout: Duration::from_secs(60),
+            probe_timeout: Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Spawned, not yet subscribed.
+    Starting,
+    /// Subscribed and serving.
+    Ready,
+    /// Alive but unsubscribed (idle exit or shutdown in progress).
+    Draining,
+    /// Ended.
+    Exited,
+}
+
+/// One instance as the broker sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceInfo {
+    /// The function.
+    pub function_id: String,
+    /// The instance.
+    pub instance_id: String,
+    /// OS process id, when the backend has one.
+    pub pid: Option<u32>,
+    /// Current state.
+    pub state: InstanceState,
+    /// Spawn time, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// Spawn → ready, ms (once ready).
+    pub cold_start_ms: Option<f64>,
+    /// How it ended (once exited).
+    pub exit: Option<InstanceExit>,
+}
+
+enum Control {
+    Terminate,
+    Kill,
+}
+
+struct Live {
+    info: InstanceInfo,
+    spawned_at: Instant,
+    state_tx: watch::Sender<InstanceState>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+type PendingStart = Shared<BoxFuture<'static, ActivateResult>>;
+
+#[derive(Default)]
+struct State {
+    live: HashMap<String, Live>,
+    exited: VecDeque<InstanceInfo>,
+    pending: HashMap<String, PendingStart>,
+    peak_alive: HashMap<String, usize>,
+}
+
+impl State {
+    fn alive(&self, function_id: &str) -> usize {
+        self.live.values().filter(|l| l.info.function_id == function_id).count()
+    }
+
+    fn ready(&self, function_id: &str) -> Vec<String> {
+        let mut r: Vec<&Live> =
+            self.live.values().filter(|l| l.info.function_id == function_id && l.info.state == InstanceState::Ready).collect();
+        r.sort_by_key(|l| l.spawned_at);
+        r.into_iter().map(|l| l.info.instance_id.clone()).collect()
+    }
+}
+
+struct Inner {
+    client: async_nats::Client,
+    cfg: ActivationConfig,
+    functions: HashMap<String, FunctionSpec>,
+    events_subject: String,
+    backend: Arc<dyn InstanceBackend>,
+    state: Mutex<State>,
+    spawns: AtomicU64,
+    shutting_down: AtomicBool,
+}
+
+/// The activation service of one model. Cheap to clone (a handle).
+#[derive(Clone)]
+pub struct Activator {
+    inner: Arc<Inner>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn unavailable(message: impl Into<String>) -> ActivateResult {
+    ActivateResult::Err(WireError::new(ErrorCode::Unavailable, message))
+}
+
+impl Activator {
+    /// Creates the activator without listening on NATS (see [`Activator::start`]).
+    pub fn new(client: async_nats::Client, cfg: ActivationConfig, backend: Arc<dyn InstanceBackend>) -> Result<Self, WireError> {
+        let events_subject =
+            subject::events(&cfg.model_id).map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let functions = cfg.layout.functions.iter().map(|f| (f.id.clone(), f.clone())).collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                cfg,
+                functions,
+                events_subject,
+                backend,
+                state: Mutex::new(State::default()),
+                spawns: AtomicU64::new(0),
+                shutting_down: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Creates the activator and serves `faasmoe.v1.activate.<model>` (one task per request)
+    /// and listens to the workers' events; returns once both subscriptions are registered
+    /// with the server.
+    pub async fn start(
+        client: async_nats::Client,
+        cfg: ActivationConfig,
+        backend: Arc<dyn InstanceBackend>,
+    ) -> anyhow::Result<Self> {
+        let this = Self::new(client.clone(), cfg, backend)?;
+        let mut requests = client.subscribe(subject::activate(&this.inner.cfg.model_id)?).await?;
+        let mut events = client.subscribe(this.inner.events_subject.clone()).await?;
+        client.flush().await?;
+        let me = this.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = requests.next().await {
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let result = match ActivateRequest::decode(&msg.payload) {
+                        Ok(req) => me.activate(&req).await,
+                        Err(e) => ActivateResult::Err(e),
+                    };
+                    if let Some(reply) = msg.reply {
+                        let body = ActivateReply { result }.encode();
+                        if let Err(e) = me.inner.client.publish(reply, body).await {
+                            warn!(error = %e, "activation reply failed");
+                        }
+                    }
+                });
+            }
+        });
+        let me = this.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = events.next().await {
+                let Ok(ev) = FunctionEvent::decode(&msg.payload) else { continue };
+                match ev.kind {
+                    EventKind::Ready => me.inner.mark_ready(&ev.instance_id),
+                    // The worker announces `stopped` after unsubscribing, before it exits.
+                    EventKind::Stopped => me.inner.mark_draining(&ev.instance_id),
+                    _ => {}
+                }
+            }
+        });
+        info!(model = %this.inner.cfg.model_id, functions = this.inner.functions.len(), "activation service listening");
+        Ok(this)
+    }
+
+    /// The policy.
+    pub fn config(&self) -> &ActivationConfig {
+        &self.inner.cfg
+    }
+
+    /// Handles one activation (what the NATS handler does).
+    pub async fn activate(&self, req: &ActivateRequest) -> ActivateResult {
+        if req.model != self.inner.cfg.model_id {
+            return ActivateResult::Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("this broker serves model `{}`, not `{}`", self.inner.cfg.model_id, req.model),
+            ));
+        }
+        debug!(function_id = %req.function_id, requested_by = %req.requested_by, "activate");
+        self.activate_function(&req.function_id, false).await
+    }
+
+    /// Starts an additional instance of `function_id` if it is below the cap (joining a
+    /// start already in progress), whether or not one is ready. Used for pre-warming and
+    /// by controllers that want more capacity.
+    pub async fn scale_up(&self, function_id: &str) -> ActivateResult {
+        self.activate_function(function_id, true).await
+    }
+
+    /// Starts [`ActivationConfig::min_instances`] instances of every function (one after
+    /// the other per function, functions in parallel) and returns every result.
+    pub async fn prewarm(&self) -> Vec<ActivateResult> {
+        let n = self.inner.cfg.min_instances;
+        if n == 0 {
+            return Vec::new();
+        }
+        let jobs = self.inner.cfg.layout.functions.iter().map(|f| {
+            let me = self.clone();
+            let id = f.id.clone();
+            async move {
+                let mut out = Vec::new();
+                for _ in 0..n {
+                    out.push(me.scale_up(&id).await);
+                }
+                out
+            }
+        });
+        futures::future::join_all(jobs).await.into_iter().flatten().collect()
+    }
+
+    async fn activate_function(&self, function_id: &str, want_new: bool) -> ActivateResult {
+        let inner = &self.inner;
+        if inner.shutting_down.load(Ordering::SeqCst) {
+            return unavailable("the broker is shutting down");
+        }
+        let Some(spec) = inner.functions.get(function_id).cloned() else {
+            return ActivateResult::Err(WireError::new(
+                ErrorCode::UnknownExpert,
+                format!("model `{}` has no function `{function_id}` at granularity {}", inner.cfg.model_id, inner.cfg.layout.granularity),
+            ));
+        };
+        // Fast path: a ready instance that is still subscribed.
+        if !want_new {
+            let (pending, ready) = {
+                let st = inner.state.lock().unwrap();
+                (st.pending.get(function_id).cloned(), st.ready(function_id))
+            };
+            if let Some(p) = pending {
+                return p.await;
+            }
+            if let Some(first) = ready.first() {
+                if inner.probe(&spec).await {
+                    return ActivateResult::Ok { instance_id: first.clone(), cold_start_ms: 0.0, already_running: true };
+                }
+                info!(function_id, instances = ?ready, "ready instances have no subscriptions: marking them draining");
+                for id in &ready {
+                    inner.mark_draining(id);
+                }
+            }
+        }
+        let pending = {
+            let mut st = inner.state.lock().unwrap();
+            if let Some(p) = st.pending.get(function_id) {
+                p.clone()
+            } else {
+                let alive = st.alive(function_id);
+                let cap = inner.cfg.max_instances_per_function as usize;
+                if alive >= cap {
+                    let ready = st.ready(function_id);
+                    drop(st);
+                    return match (want_new, ready.first()) {
+                        (false, Some(id)) => ActivateResult::Ok { instance_id: id.clone(), cold_start_ms: 0.0, already_running: true },
+                        _ => unavailable(format!(
+                            "function `{function_id}` is at its cap of {cap} instance(s) ({alive} alive); retry later"
+                        )),
+                    };
+                }
+                let me = inner.clone();
+                let job = tokio::spawn(async move { me.start_instance(spec).await });
+                let fut: BoxFuture<'static, ActivateResult> = async move {
+                    job.await.unwrap_or_else(|e| ActivateResult::Err(WireError::new(ErrorCode::Internal, format!("start task failed: {e}"))))
+                }
+                .boxed();
+                let shared = fut.shared();
+                st.pending.insert(function_id.to_string(), shared.clone());
+                shared
+            }
+        };
+        pending.await
+    }
+
+    /// Instances alive now (starting, ready, draining), oldest first.
+    pub fn instances(&self) -> Vec<InstanceInfo> {
+        let st = self.inner.state.lock().unwrap();
+        let mut v: Vec<(&Instant, InstanceInfo)> = st.live.values().map(|l| (&l.spawned_at, l.info.clone())).collect();
+        v.sort_by_key(|(t, _)| **t);
+        v.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Instances alive now of one function.
+    pub fn alive(&self, function_id: &str) -> usize {
+        self.inner.state.lock().unwrap().alive(function_id)
+    }
+
+    /// The most instances of `function_id` that were ever alive at once.
+    pub fn peak_alive(&self, function_id: &str) -> usize {
+        self.inner.state.lock().unwrap().peak_alive.get(function_id).copied().unwrap_or(0)
+    }
+
+    /// Recently exited instances (the last 1024), oldest first.
+    pub fn exited(&self) -> Vec<InstanceInfo> {
+        self.inner.state.lock().unwrap().exited.iter().cloned().collect()
+    }
+
+    /// How many instances were spawned since start.
+    pub fn spawn_count(&self) -> u64 {
+        self.inner.spawns.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new activations, asks every instance to stop (SIGTERM: drain), waits up to
+    /// `grace`, then kills what is left and waits for it to be reaped.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.signal_all(|| Control::Terminate);
+        let deadline = Instant::now() + grace;
+        while !self.inner.state.lock().unwrap().live.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.inner.signal_all(|| Control::Kill);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.inner.state.lock().unwrap().live.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Inner {
+    fn signal_all(&self, make: impl Fn() -> Control) {
+        for l in self.state.lock().unwrap().live.values() {
+            let _ = l.control.send(make());
+        }
+    }
+
+    /// Whether some instance is subscribed to the function's first expert subject.
+    async fn probe(&self, spec: &FunctionSpec) -> bool {
+        let Some(timeout) = self.cfg.probe_timeout else { return true };
+        let Ok(subj) = subject::expert(&self.cfg.model_id, spec.layer, spec.experts[0]) else { return true };
+        match tokio::time::timeout(timeout, self.client.request(subj, bytes::Bytes::new())).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => false,
+            // Timed out or another error: something is subscribed but slow; trust the record.
+            _ => true,
+        }
+    }
+
+    fn event(&self, kind: EventKind, info: &InstanceInfo) -> FunctionEvent {
+        FunctionEvent {
+            kind,
+            model: self.cfg.model_id.clone(),
+            function_id: info.function_id.clone(),
+            instance_id: info.instance_id.clone(),
+            pid: info.pid,
+            at_unix_ms: unix_ms(),
+            cold_start_ms: None,
+            exit_status: None,
+        }
+    }
+
+    async fn publish(&self, ev: FunctionEvent) {
+        if let Err(e) = self.client.publish(self.events_subject.clone(), ev.encode()).await {
+            warn!(error = %e, "publishing a function event failed");
+        }
+    }
+
+    /// Spawns one instance, waits until it is ready, exits or times out.
+    async fn start_instance(self: Arc<Self>, spec: FunctionSpec) -> ActivateResult {
+        let result = self.clone().start_instance_inner(&spec).await;
+        self.state.lock().unwrap().pending.remove(&spec.id);
+        result
+    }
+
+    async fn start_instance_inner(self: Arc<Self>, spec: &FunctionSpec) -> ActivateResult {
+        let instance_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let spawned_at = Instant::now();
+        let mut info = InstanceInfo {
+            function_id: spec.id.clone(),
+            instance_id: instance_id.clone(),
+            pid: None,
+            state: InstanceState::Starting,
+            started_unix_ms: unix_ms(),
+            cold_start_ms: None,
+            exit: None,
+        };
+        let mut instance: Box<dyn Instance> = match self.backend.spawn(spec, &instance_id) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(function_id = %spec.id, error = %e, "spawn failed");
+                self.publish(self.event(EventKind::SpawnFailed, &info)).await;
+                return unavailable(format!("function `{}`: spawn failed: {e}", spec.id));
+            }
+        };
+        info.pid = instance.pid();
+        let ready_signal = instance.take_ready_signal();
+        let (state_tx, mut state_rx) = watch::channel(InstanceState::Starting);
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        {
+            let mut st = self.state.lock().unwrap();
+            st.live.insert(
+                instance_id.clone(),
+                Live { info: info.clone(), spawned_at, state_tx, control: control_tx.clone() },
+            );
+            let alive = st.alive(&spec.id);
+            let peak = st.peak_alive.entry(spec.id.clone()).or_default();
+            *peak = (*peak).max(alive);
+        }
+        self.spawns.fetch_add(1, Ordering::SeqCst);
+        info!(function_id = %spec.id, %instance_id, pid = ?info.pid, "instance started");
+        self.publish(self.event(EventKind::Started, &info)).await;
+        tokio::spawn(self.clone().own_instance(instance_id.clone(), instance, control_rx));
+        if let Some(sig) = ready_signal {
+            let me = self.clone();
+            let id = instance_id.clone();
+            tokio::spawn(async move {
+                if sig.await.is_ok() {
+                    me.mark_ready(&id);
+                }
+            });
+        }
+        let waited = tokio::time::timeout(self.cfg.ready_timeout, state_rx.wait_for(|s| *s != InstanceState::Starting)).await;
+        let outcome = match waited {
+            Ok(Ok(s)) => *s,
+            Ok(Err(_)) => InstanceState::Exited, // sender dropped: record removed
+            Err(_) => {
+                warn!(function_id = %spec.id, %instance_id, timeout = ?self.cfg.ready_timeout, "not ready in time: killing");
+                let _ = control_tx.send(Control::Kill);
+                return unavailable(format!(
+                    "function `{}`: instance {instance_id} not ready within {:?}",
+                    spec.id, self.cfg.ready_timeout
+                ));
+            }
+        };
+        match outcome {
+            InstanceState::Ready | InstanceState::Draining => {
+                let cold = self.state.lock().unwrap().live.get(&instance_id).and_then(|l| l.info.cold_start_ms);
+                ActivateResult::Ok {
+                    instance_id,
+                    cold_start_ms: cold.unwrap_or_else(|| spawned_at.elapsed().as_secs_f64() * 1e3),
+                    already_running: false,
+                }
+            }
+            _ => {
+                let exit = self.state.lock().unwrap().exited.iter().rev().find(|i| i.instance_id == instance_id).and_then(|i| i.exit);
+                unavailable(format!("function `{}`: instance {instance_id} exited before it was ready ({exit:?})", spec.id))
+            }
+        }
+    }
+
+    /// Owns one instance until it exits; records the exit and publishes the event.
+    async fn own_instance(self: Arc<Self>, instance_id: String, mut instance: Box<dyn Instance>, mut control: mpsc::UnboundedReceiver<Control>) {
+        let exit = loop {
+            let signal = tokio::select! {
+                r = instance.wait() => break r,
+                c = control.recv() => c,
+            };
+            let r = match signal {
+                Some(Control::Terminate) => instance.terminate(),
+                Some(Control::Kill) => instance.kill(),
+                None => break instance.wait().await,
+            };
+            if let Err(e) = r {
+                warn!(%instance_id, error = %e, "signalling instance failed");
+            }
+        };
+        let exit = match exit {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(%instance_id, error = %e, "waiting for instance failed");
+                InstanceExit { code: None, signal: None }
+            }
+        };
+        let record = {
+            let mut st = self.state.lock().unwrap();
+            st.live.remove(&instance_id).map(|l| {
+                let mut info = l.info;
+                let was = info.state;
+                info.state = InstanceState::Exited;
+                info.exit = Some(exit);
+                st.exited.push_back(info.clone());
+                while st.exited.len() > EXITED_HISTORY {
+                    st.exited.pop_front();
+                }
+                let _ = l.state_tx.send(InstanceState::Exited);
+                (info, was)
+            })
+        };
+        let Some((info, was)) = record else { return };
+        info!(function_id = %info.function_id, %instance_id, ?exit, "instance exited");
+        let kind = if was == InstanceState::Starting { EventKind::SpawnFailed } else { EventKind::Stopped };
+        let mut ev = self.event(kind, &info);
+        ev.exit_status = exit.code;
+        self.publish(ev).await;
+    }
+
+    fn mark_ready(self: &Arc<Self>, instance_id: &str) {
+        let ev = {
+            let mut st = self.state.lock().unwrap();
+            let Some(l) = st.live.get_mut(instance_id) else { return };
+            if l.info.state != InstanceState::Starting {
+                return;
+            }
+            let cold = l.spawned_at.elapsed().as_secs_f64() * 1e3;
+            l.info.state = InstanceState::Ready;
+            l.info.cold_start_ms = Some(cold);
+            let _ = l.state_tx.send(InstanceState::Ready);
+            let mut ev = self.event(EventKind::Ready, &l.info);
+            ev.cold_start_ms = Some(cold);
+            ev
+        };
+        info!(function_id = %ev.function_id, %instance_id, cold_start_ms = ev.cold_start_ms, "instance ready");
+        let me = self.clone();
+        tokio::spawn(async move { me.publish(ev).await });
+    }
+
+    fn mark_draining(&self, instance_id: &str) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(l) = st.live.get_mut(instance_id) {
+            if l.info.state == InstanceState::Ready {
+                l.info.state = InstanceState::Draining;
+                let _ = l.state_tx.send(InstanceState::Draining);
+            }
+        }
+    }
+}

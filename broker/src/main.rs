@@ -1,0 +1,401 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use faasmoe_broker::{
+    ActivationConfig, Activator, Deployment, EmbeddedServer, LocalProcessBackend, Quota, ServerOptions, TenantStore, TenantStoreConfig,
+    TenantsConf,
+};
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "faasmoe-broker",
+    version,
+    about = "The faasmoe FaaS platform on NATS: activates expert functions on demand and administers tenants"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve activations of one model's expert functions (starts nats-server unless --nats-url is given).
+    Run(RunArgs),
+    /// Administer tenants and their quotas (JetStream KV bucket `faasmoe_tenants`).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+}
+
+#[derive(Debug, Args)]
+struct NatsArgs {
+    /// NATS server URL. For `run`: without it, an embedded nats-server is started.
+    #[arg(long, env = "NATS_URL")]
+    nats_url: Option<String>,
+    /// NATS user.
+    #[arg(long, env = "NATS_USER", default_value = "broker")]
+    nats_user: String,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+}
+
+impl NatsArgs {
+    async fn connect(&self, url: &str) -> anyhow::Result<async_nats::Client> {
+        let mut opts = async_nats::ConnectOptions::new().name("faasmoe-broker");
+        if let Some(p) = &self.nats_password {
+            opts = opts.user_and_password(self.nats_user.clone(), p.clone());
+        }
+        opts.connect(url).await.with_context(|| format!("connecting to {url}"))
+    }
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Deployment file (JSON, fields of `Deployment`); flags below override it.
+    #[arg(long)]
+    deployment: Option<PathBuf>,
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long, env = "FAASMOE_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    /// Model id used in subjects (default: the directory name, sanitised).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Experts per function.
+    #[arg(long)]
+    granularity: Option<u32>,
+    /// Workers exit after this many ms without a request (0: never).
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// Most instances alive per function.
+    #[arg(long = "max-instances")]
+    max_instances: Option<u32>,
+    /// Instances per function started at startup (pre-warming).
+    #[arg(long = "min-instances")]
+    min_instances: Option<u32>,
+    /// Spawn → ready limit per instance, ms.
+    #[arg(long)]
+    ready_timeout_ms: Option<u64>,
+    /// The faasmoe-expert-worker binary (default: next to this one, else PATH).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+    /// NATS URL given to workers (default: the broker's).
+    #[arg(long)]
+    worker_nats_url: Option<String>,
+    /// NATS user of the workers.
+    #[arg(long, default_value = "worker")]
+    worker_nats_user: String,
+    /// NATS password of the workers.
+    #[arg(long, env = "FAASMOE_WORKER_PASSWORD", hide_env_values = true)]
+    worker_nats_password: Option<String>,
+    /// Write each worker's log to <DIR>/<function>-<instance>.log (default: the broker's stderr).
+    #[arg(long)]
+    worker_log_dir: Option<PathBuf>,
+    /// Embedded server: configuration file (default ./nats.conf, else the workspace's).
+    #[arg(long)]
+    nats_config: Option<PathBuf>,
+    /// Embedded server: JetStream store directory (default: a temp dir, removed at exit).
+    #[arg(long, env = "FAASMOE_JS_DIR")]
+    js_dir: Option<PathBuf>,
+    /// Embedded server: listen address.
+    #[arg(long, default_value = "127.0.0.1")]
+    listen: String,
+    /// Embedded server: client port (default: the config's).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Embedded server: monitoring port (default: the config's).
+    #[arg(long)]
+    monitor_port: Option<u16>,
+    /// Replicas of the tenant KV bucket.
+    #[arg(long, default_value_t = 1)]
+    tenant_replicas: usize,
+}
+
+#[derive(Debug, Args)]
+struct StoreArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// KV bucket.
+    #[arg(long, default_value = faasmoe_broker::tenants::BUCKET)]
+    bucket: String,
+    /// Replicas when the bucket is created.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Keep NATS user entries in <DIR>/tenants.conf (added on create, removed on delete).
+    #[arg(long, env = "FAASMOE_TENANTS_CONF_DIR")]
+    conf_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl StoreArgs {
+    async fn open(&self) -> anyhow::Result<TenantStore> {
+        let url = self.nats.nats_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+        let client = self.nats.connect(&url).await?;
+        Ok(TenantStore::open(client, TenantStoreConfig { bucket: self.bucket.clone(), replicas: self.replicas, ..Default::default() }).await?)
+    }
+}
+
+/// A limit: a number, or `none` for unlimited.
+#[derive(Debug, Clone, Copy)]
+struct Limit(Option<u64>);
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    if s.eq_ignore_ascii_case("none") || s.eq_ignore_ascii_case("unlimited") {
+        Ok(Limit(None))
+    } else {
+        s.parse().map(|n| Limit(Some(n))).map_err(|e| format!("`{s}`: {e} (a number or `none`)"))
+    }
+}
+
+#[derive(Debug, Args)]
+struct QuotaArgs {
+    /// Requests in flight at once (number or `none`).
+    #[arg(long, value_parser = parse_limit)]
+    max_concurrent: Option<Limit>,
+    /// Tokens per minute (number or `none`).
+    #[arg(long, value_parser = parse_limit)]
+    tokens_per_minute: Option<Limit>,
+    /// Lifetime token budget (number or `none`).
+    #[arg(long, value_parser = parse_limit)]
+    total_tokens: Option<Limit>,
+}
+
+impl QuotaArgs {
+    fn apply(&self, mut q: Quota) -> Quota {
+        if let Some(Limit(v)) = self.max_concurrent {
+            q.max_concurrent = v.map(|v| v.min(u32::MAX as u64) as u32);
+        }
+        if let Some(Limit(v)) = self.tokens_per_minute {
+            q.tokens_per_minute = v;
+        }
+        if let Some(Limit(v)) = self.total_tokens {
+            q.total_tokens = v;
+        }
+        q
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Create a tenant; prints its NATS credentials and the nats.conf `users` entry once.
+    Create {
+        /// Tenant name ([A-Za-z0-9_-]).
+        name: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List tenants with quota and usage.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Change a tenant's quota (limits not given are kept).
+    Quota {
+        /// Tenant name.
+        name: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Show a tenant's usage.
+    Usage {
+        /// Tenant name.
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete a tenant.
+    Delete {
+        /// Tenant name.
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+fn limit(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
+    match cmd {
+        TenantCommand::Create { name, quota, store } => {
+            let s = store.open().await?;
+            let creds = s.create(&name, quota.apply(Quota::default())).await?;
+            if let Some(dir) = &store.conf_dir {
+                let conf = TenantsConf::in_dir(dir);
+                conf.upsert(&creds)?;
+                eprintln!("added to {} (reload the server: nats-server --signal reload)", conf.path().display());
+            }
+            if store.json {
+                println!("{}", serde_json::json!({"credentials": creds, "nats_user_entry": creds.nats_user_entry()}));
+            } else {
+                println!("tenant:   {}\nuser:     {}\npassword: {}\n\nnats.conf users entry:\n{}", creds.tenant, creds.user, creds.password, creds.nats_user_entry());
+            }
+        }
+        TenantCommand::List { store } => {
+            let all = store.open().await?.list().await?;
+            if store.json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!("{:<20} {:>8} {:>12} {:>14} {:>9} {:>14}", "TENANT", "MAX_CONC", "TOK/MIN", "TOTAL_BUDGET", "IN_FLIGHT", "TOTAL_USED");
+                for r in all {
+                    println!(
+                        "{:<20} {:>8} {:>12} {:>14} {:>9} {:>14}",
+                        r.name,
+                        limit(r.quota.max_concurrent.map(u64::from)),
+                        limit(r.quota.tokens_per_minute),
+                        limit(r.quota.total_tokens),
+                        r.usage.in_flight,
+                        r.usage.total_tokens
+                    );
+                }
+            }
+        }
+        TenantCommand::Quota { name, quota, store } => {
+            let s = store.open().await?;
+            let current = s.get(&name).await?.quota;
+            let r = s.set_quota(&name, quota.apply(current)).await?;
+            println!("{}", serde_json::to_string_pretty(&r.quota)?);
+        }
+        TenantCommand::Usage { name, store } => {
+            let u = store.open().await?.usage(&name).await?;
+            println!("{}", serde_json::to_string_pretty(&u)?);
+        }
+        TenantCommand::Delete { name, store } => {
+            store.open().await?.delete(&name).await?;
+            if let Some(dir) = &store.conf_dir {
+                TenantsConf::in_dir(dir).remove(&name)?;
+            }
+            eprintln!("deleted tenant {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut d = match &args.deployment {
+        Some(f) => Deployment::from_file(f)?,
+        None => Deployment::new(args.model_dir.clone().context("give --model-dir or --deployment")?),
+    };
+    if let Some(m) = &args.model_dir {
+        d.model_dir = m.clone();
+    }
+    macro_rules! set {
+        ($($field:ident <- $arg:expr),*) => { $( if let Some(v) = $arg.clone() { d.$field = v; } )* };
+    }
+    set!(granularity <- args.granularity, idle_timeout_ms <- args.idle_timeout_ms, max_instances_per_function <- args.max_instances,
+         min_instances <- args.min_instances, ready_timeout_ms <- args.ready_timeout_ms);
+    if args.model_id.is_some() {
+        d.model_id = args.model_id.clone();
+    }
+    if args.worker_bin.is_some() {
+        d.worker_bin = args.worker_bin.clone();
+    }
+    if args.worker_nats_url.is_some() {
+        d.nats_url = args.worker_nats_url.clone();
+    }
+    if d.worker_user.is_none() {
+        d.worker_user = Some(args.worker_nats_user.clone());
+    }
+    if args.worker_nats_password.is_some() {
+        d.worker_password = args.worker_nats_password.clone();
+    }
+    d.validate()?;
+    let layout = d.layout()?;
+    let model_id = d.model_id();
+
+    let server = match &args.nats.nats_url {
+        Some(_) => None,
+        None => {
+            let opts = ServerOptions {
+                config: args.nats_config.clone().unwrap_or_else(faasmoe_broker::server::default_config),
+                store_dir: args.js_dir.clone(),
+                addr: args.listen.clone(),
+                port: args.port,
+                monitor_port: args.monitor_port,
+                ..Default::default()
+            };
+            let s = tokio::task::spawn_blocking(move || EmbeddedServer::start(opts)).await??;
+            if args.nats.nats_password.is_none() {
+                bail!("the embedded server ({}) requires authentication: give --nats-password (the broker user's password)", s.url());
+            }
+            Some(s)
+        }
+    };
+    let url = args.nats.nats_url.clone().unwrap_or_else(|| server.as_ref().expect("embedded").url().to_string());
+    let client = args.nats.connect(&url).await?;
+    // Provision JetStream: the tenant bucket.
+    TenantStore::open(client.clone(), TenantStoreConfig { replicas: args.tenant_replicas, ..Default::default() }).await?;
+    if d.worker_password.is_none() {
+        tracing::warn!("no worker password (--worker-nats-password / FAASMOE_WORKER_PASSWORD): workers connect without credentials");
+    }
+    let backend = LocalProcessBackend {
+        worker_bin: d.worker_bin(),
+        nats_url: d.nats_url.clone().unwrap_or_else(|| url.clone()),
+        nats_user: d.worker_password.as_ref().and(d.worker_user.clone()),
+        nats_password: d.worker_password.clone(),
+        model_dir: d.model_dir.clone(),
+        model_id: model_id.clone(),
+        idle_timeout_ms: d.idle_timeout_ms,
+        log_dir: args.worker_log_dir.clone(),
+        env: Vec::new(),
+    };
+    info!(%model_id, functions = layout.functions.len(), granularity = layout.granularity, worker_bin = %backend.worker_bin.display(), "deployment");
+    let cfg = ActivationConfig {
+        max_instances_per_function: d.max_instances_per_function,
+        min_instances: d.min_instances,
+        ready_timeout: Duration::from_millis(d.ready_timeout_ms),
+        ..ActivationConfig::new(model_id, layout)
+    };
+    let activator = Activator::start(client.clone(), cfg, Arc::new(backend)).await?;
+    let warm = activator.clone();
+    tokio::spawn(async move {
+        let results = warm.prewarm().await;
+        if !results.is_empty() {
+            info!(instances = results.len(), "pre-warming done");
+        }
+    });
+    println!("READY faasmoe-broker {url}");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!("shutting down: stopping instances");
+    activator.shutdown(Duration::from_secs(10)).await;
+    let _ = client.flush().await;
+    drop(server);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Run(a) => run(a).await,
+        Command::Tenant(t) => tenant(t).await,
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! An embedded `nats-server`: started with the project's `nats.conf` when the broker is given
+//! no external `--nats-url`, stopped (killed and reaped) when the [`EmbeddedServer`] is dropped.
+//!
+//! The binary is found like the test harness finds it: `$NATS_SERVER`, else
+//! `<workspace>/.tools/bin/nats-server` (installed by `scripts/install-nats-server`), else
+//! `nats-server` on `PATH`. `nats.conf` reads its JetStream store directory from
+//! `$FAASMOE_JS_DIR`, which is always set for the child.
+
+use std::fs::File;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Environment variable `nats.conf` reads its JetStream store directory from.
+pub const JS_DIR_ENV: &str = "FAASMOE_JS_DIR";
+
+/// Why an embedded server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// No `nats-server` binary was found.
+    #[error("nats-server not found ($NATS_SERVER, {local}, PATH); install it with scripts/install-nats-server")]
+    NotFound {
+        /// The workspace-local path that was tried.
+        local: String,
+    },
+    /// The configuration file does not exist.
+    #[error("nats-server config {0} does not exist")]
+    NoConfig(PathBuf),
+    /// Spawning the process or preparing its directories failed.
+    #[error("starting nats-server: {0}")]
+    Io(#[from] std::io::Error),
+    /// The process exited or did not accept connections in time.
+    #[error("nats-server did not become ready: {why}\n--- log tail ---\n{log_tail}")]
+    NotReady {
+        /// What went wrong.
+        why: String,
+        /// The end of the server's log.
+        log_tail: String,
+    },
+}
+
+/// How to start the embedded server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Path of the `nats-server` binary (default: [`nats_server_bin`]).
+    pub bin: Option<PathBuf>,
+    /// The configuration file (default: [`default_config`]).
+    pub config: PathBuf,
+    /// JetStream store directory (`$FAASMOE_JS_DIR`); default: a temp dir removed on drop.
+    pub store_dir: Option<PathBuf>,
+    /// Listen address (`-a`), default `127.0.0.1`.
+    pub addr: String,
+    /// Client port (`-p`); `None` keeps the config's (4222 in `nats.conf`).
+    pub port: Option<u16>,
+    /// Monitoring port (`-m`); `None` keeps the config's.
+    pub monitor_port: Option<u16>,
+    /// Where the server's stdout/stderr go; default: `nats-server.log` in a temp dir.
+    pub log_file: Option<PathBuf>,
+    /// How long to wait for the server to accept connections.
+    pub startup_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            bin: None,
+            config: default_config(),
+            store_dir: None,
+            addr: "127.0.0.1".into(),
+            port: None,
+            monitor_port: None,
+            log_file: None,
+            startup_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The workspace root this crate was built in.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `./nats.conf` if it exists, else `<workspace>/nats.conf`.
+pub fn default_config() -> PathBuf {
+    let local = PathBuf::from("nats.conf");
+    if local.is_file() {
+        local
+    } else {
+        workspace_root().join("nats.conf")
+    }
+}
+
+/// The `nats-server` binary: `$NATS_SERVER`, `<workspace>/.tools/bin/nats-server`, `PATH`.
+pub fn nats_server_bin() -> Result<PathBuf, ServerError> {
+    if let Some(p) = std::env::var_os("NATS_SERVER").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        if let Some(found) = find_on_path(&p) {
+            return Ok(found);
+        }
+    }
+    let local = workspace_root().join(".tools").join("bin").join("nats-server");
+    if local.is_file() {
+        return Ok(local);
+    }
+    find_on_path(Path::new("nats-server")).ok_or(ServerError::NotFound { local: local.display().to_string() })
+}
+
+fn find_on_path(name: &Path) -> Option<PathBuf> {
+    if name.components().count() != 1 {
+        return None;
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|c| c.is_file())
+}
+
+/// A free TCP port on 127.0.0.1 (bind port 0 and release it; another process may take it).
+pub fn free_port() -> std::io::Result<u16> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr().map(|a| a.port())
+}
+
+/// A running `nats-server` child, killed and reaped on drop.
+pub struct EmbeddedServer {
+    child: Child,
+    url: String,
+    log_file: PathBuf,
+    store_dir: PathBuf,
+    // Dropped after the process is gone (field order).
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl EmbeddedServer {
+    /// Starts the server and waits until it accepts connections and logs `Server is ready`.
+    pub fn start(opts: ServerOptions) -> Result<Self, ServerError> {
+        let bin = match &opts.bin {
+            Some(b) => b.clone(),
+            None => nats_server_bin()?,
+        };
+        if !opts.config.is_file() {
+            return Err(ServerError::NoConfig(opts.config.clone()));
+        }
+        let temp = if opts.store_dir.is_none() || opts.log_file.is_none() {
+            Some(tempfile::Builder::new().prefix("faasmoe-broker-nats-").tempdir()?)
+        } else {
+            None
+        };
+        let store_dir = match &opts.store_dir {
+            Some(d) => d.clone(),
+            None => temp.as_ref().expect("temp dir").path().join("jetstream"),
+        };
+        std::fs::create_dir_all(&store_dir)?;
+        let log_file = match &opts.log_file {
+            Some(f) => f.clone(),
+            None => temp.as_ref().expect("temp dir").path().join("nats-server.log"),
+        };
+        let port = opts.port.unwrap_or(4222);
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c").arg(&opts.config).arg("-a").arg(&opts.addr);
+        if let Some(p) = opts.port {
+            cmd.arg("-p").arg(p.to_string());
+        }
+        if let Some(m) = opts.monitor_port {
+            cmd.arg("-m").arg(m.to_string());
+        }
+        let log = File::create(&log_file)?;
+        let child = cmd
+            .env(JS_DIR_ENV, &store_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let host = if opts.addr == "0.0.0.0" { "127.0.0.1".to_string() } else { opts.addr.clone() };
+        let mut server = Self { child, url: format!("nats://{host}:{port}"), log_file, store_dir, _temp: temp };
+        server.wait_ready(&host, port, opts.startup_timeout)?;
+        tracing::info!(url = %server.url, config = %opts.config.display(), store_dir = %server.store_dir.display(), "embedded nats-server ready");
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, host: &str, port: u16, timeout: Duration) -> Result<(), ServerError> {
+        let addr: SocketAddr = (host, port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| self.not_ready(format!("cannot resolve {host}")))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(self.not_ready(format!("exited during startup with {status}")));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() && self.log_tail(usize::MAX).contains("Server is ready") {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err(self.not_ready(format!("no connection on {addr} within {timeout:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn not_ready(&self, why: String) -> ServerError {
+        ServerError::NotReady { why, log_tail: self.log_tail(30) }
+    }
+
+    /// `nats://<addr>:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The JetStream store directory.
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
+    /// The server's log file.
+    pub fn log_file(&self) -> &Path {
+        &self.log_file
+    }
+
+    /// The last `lines` lines of the server's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut buf = Vec::new();
+        if let Ok(mut f) = File::open(&self.log_file) {
+            let _ = f.read_to_end(&mut buf);
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Stops the server now (what drop does).
+    pub fn stop(mut self) {
+        self.kill_and_wait();
+    }
+
+    fn kill_and_wait(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EmbeddedServer {
+    fn drop(&mut self) {
+        self.kill_and_wait();
+    }
+}
+
+impl std::fmt::Debug for EmbeddedServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedServer").field("url", &self.url).field("pid", &self.child.id()).field("store_dir", &self.store_dir).finish()
+    }
+}

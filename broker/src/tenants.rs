@@ -1,0 +1,561 @@
+//! Tenants and their quotas, in the JetStream KV bucket `faasmoe_tenants` (one JSON record
+//! per tenant, key = tenant name).
+//!
+//! [`TenantStore`] is used by the broker's CLI for administration and by controllers for
+//! admission: [`TenantStore::admit`] reserves `prompt + max_tokens` tokens and a concurrency
+//! slot, [`TenantStore::settle`] releases them and charges only what was processed. Both are
+//! compare-and-set updates on the key's revision (`kv.update(key, value, revision)`) retried
+//! on conflict, so any number of controllers on any number of connections can admit for
+//! the same tenant without lost updates.
+//!
+//! Tenant credentials: [`TenantStore::create`] generates a random password and returns it
+//! once, with the NATS `users` entry ([`TenantCredentials::nats_user_entry`]) that lets the
+//! tenant publish only to `faasmoe.v1.generate.<tenant>`. The password is NOT stored in the
+//! KV. [`TenantsConf`] keeps such entries in a `tenants.conf` file (one block per tenant,
+//! added on create, removed on delete) for the operator to splice into the server's
+//! configuration (nats-server cannot `include` inside the `users` array).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use faasmoe_proto::subject;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+/// The bucket name.
+pub const BUCKET: &str = "faasmoe_tenants";
+
+/// How often a compare-and-set update is retried before giving up.
+const CAS_ATTEMPTS: usize = 1000;
+
+/// A tenant's limits; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Requests in flight at once.
+    pub max_concurrent: Option<u32>,
+    /// Tokens (prompt + generated, reserved at admission) per one-minute window.
+    pub tokens_per_minute: Option<u64>,
+    /// Tokens over the tenant's lifetime.
+    pub total_tokens: Option<u64>,
+}
+
+/// A tenant's consumption.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Requests admitted and not yet settled.
+    pub in_flight: u32,
+    /// Tokens charged (settled) over the tenant's lifetime.
+    pub total_tokens: u64,
+    /// Start of the current rate window, seconds since the Unix epoch.
+    pub window_start_unix_s: u64,
+    /// Tokens counted in the current window (reservations, less refunds).
+    pub window_tokens: u64,
+    /// Tokens reserved by requests in flight (counted against `total_tokens` quota).
+    #[serde(default)]
+    pub reserved_tokens: u64,
+}
+
+/// The stored record of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    /// Tenant name (a subject token).
+    pub name: String,
+    /// Limits.
+    pub quota: Quota,
+    /// Consumption.
+    pub usage: Usage,
+    /// The tenant's NATS user.
+    #[serde(default)]
+    pub nats_user: String,
+    /// Creation time, seconds since the Unix epoch.
+    #[serde(default)]
+    pub created_unix_s: u64,
+}
+
+/// What [`TenantStore::create`] hands out, once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TenantCredentials {
+    /// Tenant name.
+    pub tenant: String,
+    /// NATS user (`tenant-<name>`).
+    pub user: String,
+    /// Random password (two v4 UUIDs, 244 random bits, hex).
+    pub password: String,
+}
+
+impl TenantCredentials {
+    /// The `users` entry for a `nats.conf`-style account: publish only to the tenant's
+    /// generate subject, subscribe only to `_INBOX.>`, may answer requests sent to it.
+    pub fn nats_user_entry(&self) -> String {
+        let generate = subject::generate(&self.tenant).expect("tenant names are validated");
+        format!(
+            "{{\n  user: \"{}\"\n  password: \"{}\"\n  permissions: {{\n    publish: {{ allow: [\"{generate}\"] }}\n    subscribe: {{ allow: [\"_INBOX.>\"] }}\n    allow_responses: true\n  }}\n}}",
+            self.user, self.password
+        )
+    }
+}
+
+/// The quota that refused an admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaKind {
+    /// `max_concurrent`.
+    Concurrency,
+    /// `tokens_per_minute`.
+    TokensPerMinute,
+    /// `total_tokens`.
+    TotalTokens,
+}
+
+impl std::fmt::Display for QuotaKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Concurrency => "concurrency",
+            Self::TokensPerMinute => "tokens_per_minute",
+            Self::TotalTokens => "total_tokens",
+        })
+    }
+}
+
+/// Why an admission (or settlement) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    /// No such tenant.
+    #[error("unknown tenant `{0}`")]
+    UnknownTenant(String),
+    /// A quota is exhausted (client code `quota_exceeded`).
+    #[error("{which} quota exceeded: {message}")]
+    QuotaExceeded {
+        /// Which quota.
+        which: QuotaKind,
+        /// Details for the client.
+        message: String,
+    },
+    /// The KV store failed (client code `unavailable`).
+    #[error("tenant store: {0}")]
+    Store(String),
+}
+
+impl QuotaError {
+    /// The wire error for the client API.
+    pub fn to_wire(&self) -> faasmoe_proto::WireError {
+        use faasmoe_proto::ErrorCode;
+        let code = match self {
+            Self::UnknownTenant(_) => ErrorCode::BadRequest,
+            Self::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
+            Self::Store(_) => ErrorCode::Unavailable,
+        };
+        faasmoe_proto::WireError::new(code, self.to_string())
+    }
+}
+
+/// Why an administrative operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    /// The name is not a valid subject token.
+    #[error("invalid tenant name: {0}")]
+    InvalidName(#[from] subject::SubjectError),
+    /// `create` of a tenant that exists.
+    #[error("tenant `{0}` already exists")]
+    AlreadyExists(String),
+    /// No such tenant.
+    #[error("unknown tenant `{0}`")]
+    UnknownTenant(String),
+    /// A stored record is not valid JSON.
+    #[error("tenant `{name}`: corrupt record: {message}")]
+    Corrupt {
+        /// Tenant.
+        name: String,
+        /// Parse error.
+        message: String,
+    },
+    /// The KV store failed.
+    #[error("tenant store: {0}")]
+    Store(String),
+    /// Writing `tenants.conf` failed.
+    #[error("tenants.conf: {0}")]
+    Conf(#[from] std::io::Error),
+}
+
+impl From<TenantError> for QuotaError {
+    fn from(e: TenantError) -> Self {
+        match e {
+            TenantError::UnknownTenant(n) => Self::UnknownTenant(n),
+            other => Self::Store(other.to_string()),
+        }
+    }
+}
+
+fn store_err(e: impl std::fmt::Display) -> TenantError {
+    TenantError::Store(e.to_string())
+}
+
+/// A granted admission; pass it to [`TenantStore::settle`] exactly once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[must_use = "an admission holds a concurrency slot and a token reservation until settled"]
+pub struct Admission {
+    /// Tenant.
+    pub tenant: String,
+    /// Tokens reserved (prompt + max_tokens).
+    pub reserved_tokens: u64,
+    /// The rate window the reservation was counted in.
+    pub window_start_unix_s: u64,
+    /// Admission id, for logs.
+    pub id: String,
+}
+
+/// Options of the tenant bucket.
+#[derive(Debug, Clone)]
+pub struct TenantStoreConfig {
+    /// Bucket name (default [`BUCKET`]).
+    pub bucket: String,
+    /// Replicas of the bucket's stream (default 1; 3 in a cluster).
+    pub replicas: usize,
+    /// Length of the rate window (default one minute).
+    pub window: Duration,
+}
+
+impl Default for TenantStoreConfig {
+    fn default() -> Self {
+        Self { bucket: BUCKET.into(), replicas: 1, window: Duration::from_secs(60) }
+    }
+}
+
+/// The tenant records in JetStream KV. Cheap to clone.
+#[derive(Clone)]
+pub struct TenantStore {
+    kv: kv::Store,
+    window_s: u64,
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl TenantStore {
+    /// Opens the bucket, creating it if it does not exist.
+    pub async fn open(client: async_nats::Client, cfg: TenantStoreConfig) -> Result<Self, TenantError> {
+        let js = async_nats::jetstream::new(client);
+        let kv = match js.get_key_value(cfg.bucket.clone()).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: cfg.bucket.clone(),
+                    description: "faasmoe tenants: quota and usage (JSON)".into(),
+                    history: 1,
+                    num_replicas: cfg.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(store_err)?,
+        };
+        Ok(Self { kv, window_s: cfg.window.as_secs().max(1) })
+    }
+
+    /// Opens the default bucket (`faasmoe_tenants`, 1 replica).
+    pub async fn open_default(client: async_nats::Client) -> Result<Self, TenantError> {
+        Self::open(client, TenantStoreConfig::default()).await
+    }
+
+    /// Creates a tenant with `quota` and fresh credentials.
+    pub async fn create(&self, name: &str, quota: Quota) -> Result<TenantCredentials, TenantError> {
+        subject::validate_token("tenant", name)?;
+        let creds = TenantCredentials {
+            tenant: name.to_string(),
+            user: format!("tenant-{name}"),
+            password: format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()),
+        };
+        let record = TenantRecord {
+            name: name.to_string(),
+            quota,
+            usage: Usage { window_start_unix_s: now_s(), ..Default::default() },
+            nats_user: creds.user.clone(),
+            created_unix_s: now_s(),
+        };
+        match self.kv.create(name, encode(&record)).await {
+            Ok(_) => Ok(creds),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(TenantError::AlreadyExists(name.into())),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    /// The record and its revision.
+    async fn entry(&self, name: &str) -> Result<(TenantRecord, u64), TenantError> {
+        subject::validate_token("tenant", name)?;
+        match self.kv.entry(name).await.map_err(store_err)? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let rec = serde_json::from_slice(&e.value)
+                    .map_err(|err| TenantError::Corrupt { name: name.into(), message: err.to_string() })?;
+                Ok((rec, e.revision))
+            }
+            _ => Err(TenantError::UnknownTenant(name.into())),
+        }
+    }
+
+    /// One tenant's record.
+    pub async fn get(&self, name: &str) -> Result<TenantRecord, TenantError> {
+        Ok(self.entry(name).await?.0)
+    }
+
+    /// Every tenant, by name.
+    pub async fn list(&self) -> Result<Vec<TenantRecord>, TenantError> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut stream = self.kv.keys().await.map_err(store_err)?;
+        while let Some(k) = stream.next().await {
+            keys.push(k.map_err(store_err)?);
+        }
+        keys.sort();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            match self.get(&k).await {
+                Ok(r) => out.push(r),
+                Err(TenantError::UnknownTenant(_)) => {} // deleted meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces a tenant's quota (usage is kept).
+    pub async fn set_quota(&self, name: &str, quota: Quota) -> Result<TenantRecord, TenantError> {
+        self.modify(name, |r| {
+            r.quota = quota;
+            Ok::<_, TenantError>(())
+        })
+        .await
+        .map(|(r, _)| r)
+    }
+
+    /// A tenant's usage.
+    pub async fn usage(&self, name: &str) -> Result<Usage, TenantError> {
+        Ok(self.get(name).await?.usage)
+    }
+
+    /// Deletes a tenant.
+    pub async fn delete(&self, name: &str) -> Result<(), TenantError> {
+        self.entry(name).await?;
+        self.kv.delete(name).await.map_err(store_err)
+    }
+
+    /// Applies `f` to the record with compare-and-set on its revision, retrying on conflict.
+    /// `f` may refuse with its own error (then nothing is written).
+    async fn modify<T, E>(&self, name: &str, mut f: impl FnMut(&mut TenantRecord) -> Result<T, E>) -> Result<(TenantRecord, T), E>
+    where
+        E: From<TenantError>,
+    {
+        for attempt in 0..CAS_ATTEMPTS {
+            let (mut rec, revision) = self.entry(name).await?;
+            let out = f(&mut rec)?;
+            match self.kv.update(name, encode(&rec), revision).await {
+                Ok(_) => return Ok((rec, out)),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    // Another writer won; back off a little (grows with contention).
+                    if attempt > 2 {
+                        tokio::time::sleep(Duration::from_micros(100 * (attempt as u64).min(50))).await;
+                    }
+                }
+                Err(e) => return Err(store_err(e).into()),
+            }
+        }
+        Err(TenantError::Store(format!("tenant `{name}`: gave up after {CAS_ATTEMPTS} conflicting updates")).into())
+    }
+
+    /// Admits one request of `prompt_tokens` that may generate up to `max_tokens`: checks
+    /// concurrency, the rate window and the total budget against the reservation
+    /// `prompt_tokens + max_tokens`, then counts it in flight and reserves the tokens.
+    pub async fn admit(&self, name: &str, prompt_tokens: u64, max_tokens: u64) -> Result<Admission, QuotaError> {
+        let reserve = prompt_tokens.saturating_add(max_tokens);
+        let window_s = self.window_s;
+        let (_, window_start) = self
+            .modify(name, |r| {
+                let now = now_s();
+                let u = &mut r.usage;
+                if now >= u.window_start_unix_s.saturating_add(window_s) || u.window_start_unix_s > now {
+                    u.window_start_unix_s = now - now % window_s;
+                    u.window_tokens = 0;
+                }
+                let q = r.quota;
+                if let Some(max) = q.max_concurrent {
+                    if u.in_flight >= max {
+                        return Err(QuotaError::QuotaExceeded {
+                            which: QuotaKind::Concurrency,
+                            message: format!("{} of {max} concurrent requests in flight", u.in_flight),
+                        });
+                    }
+                }
+                if let Some(tpm) = q.tokens_per_minute {
+                    if u.window_tokens.saturating_add(reserve) > tpm {
+                        return Err(QuotaError::QuotaExceeded {
+                            which: QuotaKind::TokensPerMinute,
+                            message: format!(
+                                "{} tokens used in this window, request needs {reserve}, limit {tpm} per {window_s} s",
+                                u.window_tokens
+                            ),
+                        });
+                    }
+                }
+                if let Some(total) = q.total_tokens {
+                    let committed = u.total_tokens.saturating_add(u.reserved_tokens);
+                    if committed.saturating_add(reserve) > total {
+                        return Err(QuotaError::QuotaExceeded {
+                            which: QuotaKind::TotalTokens,
+                            message: format!(
+                                "{} tokens used and {} reserved, request needs {reserve}, budget {total}",
+                                u.total_tokens, u.reserved_tokens
+                            ),
+                        });
+                    }
+                }
+                u.in_flight += 1;
+                u.reserved_tokens = u.reserved_tokens.saturating_add(reserve);
+                u.window_tokens = u.window_tokens.saturating_add(reserve);
+                Ok(u.window_start_unix_s)
+            })
+            .await?;
+        Ok(Admission {
+            tenant: name.to_string(),
+            reserved_tokens: reserve,
+            window_start_unix_s: window_start,
+            id: uuid::Uuid::new_v4().simple().to_string(),
+        })
+    }
+
+    /// Ends an admitted request: frees its concurrency slot and reservation and charges
+    /// `actual_tokens` (clamped to the reservation; a failed request passes what it got
+    /// processed). The unused part is refunded to the rate window it was counted in.
+    /// Returns the usage after the update.
+    pub async fn settle(&self, admission: Admission, actual_tokens: u64) -> Result<Usage, QuotaError> {
+        let charge = actual_tokens.min(admission.reserved_tokens);
+        let (rec, _) = self
+            .modify(&admission.tenant, |r| {
+                let u = &mut r.usage;
+                u.in_flight = u.in_flight.saturating_sub(1);
+                u.reserved_tokens = u.reserved_tokens.saturating_sub(admission.reserved_tokens);
+                u.total_tokens = u.total_tokens.saturating_add(charge);
+                if u.window_start_unix_s == admission.window_start_unix_s {
+                    u.window_tokens = u.window_tokens.saturating_sub(admission.reserved_tokens - charge);
+                }
+                Ok::<_, QuotaError>(())
+            })
+            .await?;
+        Ok(rec.usage)
+    }
+}
+
+fn encode(rec: &TenantRecord) -> bytes::Bytes {
+    bytes::Bytes::from(serde_json::to_vec(rec).expect("tenant records serialise"))
+}
+
+/// A `tenants.conf` file of NATS `users` entries, one marked block per tenant
+/// (`# BEGIN tenant <name>` … `# END tenant <name>`), kept in step with create/delete.
+///
+/// nats-server (2.x) cannot `include` a file inside an array, so this file is not included
+/// by `nats.conf` as is: an operator (or a deployment script) splices its entries into the
+/// account's `users: [...]` list and reloads the server (`nats-server --signal reload`).
+/// The project's development `nats.conf` has only its static `tenant-demo`.
+#[derive(Debug, Clone)]
+pub struct TenantsConf {
+    path: PathBuf,
+}
+
+impl TenantsConf {
+    /// `<dir>/tenants.conf`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self { path: dir.join("tenants.conf") }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn begin(tenant: &str) -> String {
+        format!("# BEGIN tenant {tenant}")
+    }
+    fn end(tenant: &str) -> String {
+        format!("# END tenant {tenant}")
+    }
+
+    fn read(&self) -> std::io::Result<String> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(s) => Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn without(text: &str, tenant: &str) -> String {
+        let (b, e) = (Self::begin(tenant), Self::end(tenant));
+        let mut out = String::new();
+        let mut skipping = false;
+        for line in text.lines() {
+            if line == b {
+                skipping = true;
+            } else if skipping && line == e {
+                skipping = false;
+            } else if !skipping {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    fn write(&self, text: &str) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = self.path.with_extension("conf.tmp");
+        std::fs::write(&tmp, text)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        }
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// Adds (or replaces) the tenant's entry.
+    pub fn upsert(&self, creds: &TenantCredentials) -> std::io::Result<()> {
+        let mut text = Self::without(&self.read()?, &creds.tenant);
+        text.push_str(&Self::begin(&creds.tenant));
+        text.push('\n');
+        text.push_str(&creds.nats_user_entry());
+        text.push('\n');
+        text.push_str(&Self::end(&creds.tenant));
+        text.push('\n');
+        self.write(&text)
+    }
+
+    /// Removes the tenant's entry (no error if absent).
+    pub fn remove(&self, tenant: &str) -> std::io::Result<()> {
+        let text = self.read()?;
+        let new = Self::without(&text, tenant);
+        if new != text {
+            self.write(&new)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenants_conf_blocks_are_added_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = TenantsConf::in_dir(dir.path());
+        let a = TenantCredentials { tenant: "a".into(), user: "tenant-a".into(), password: "pa".into() };
+        let b = TenantCredentials { tenant: "b".into(), user: "tenant-b".into(), password: "pb".into() };
+        conf.upsert(&a).unwrap();
+        conf.upsert(&b).unwrap();
+        conf.upsert(&TenantCredentials { password: "pa2".into(), ..a.clone() }).unwrap();
+        let text = std::fs::read_to_string(conf.path()).unwrap();
+        assert!(text.contains("pa2") && !text.contains("\"pa\"") && text.contains("faasmoe.v1.generate.b"));
+        conf.remove("a").unwrap();
+        let text = std::fs::read_to_string(conf.path()).unwrap();
+        assert!(!text.contains("tenant-a") && text.contains("tenant-b"));
+    }
+}

@@ -1,0 +1,304 @@
+//! The client API: a NATS request on `faasmoe.v1.generate.<tenant>`.
+//!
+//! Body JSON (`nats req` and any language work) or msgpack (header
+//! `Content-Type: application/msgpack`), see [`faasmoe_proto::generate`]. The reply is a
+//! [`GenerateResponse`], or with `stream: true` a [`StreamMessage`] per token chunk on the
+//! reply inbox and a final `done` message. Failures are typed replies
+//! (`{"error": {"code", "message"}}`), never a silent timeout.
+//!
+//! A streaming client that goes away stops its sequence: every chunk is sent as a NATS
+//! request to the client's inbox, and *no responders* means nobody listens any more.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use faasmoe_model::GenerationConfig;
+use faasmoe_proto::generate::{
+    decode_generate, encode_body, ClientError, ClientErrorCode, ErrorReply, FinishReason, GenerateRequest,
+    GenerateResponse, StreamChunk, StreamMessage, Timings, Usage, CONTENT_TYPE,
+};
+use faasmoe_proto::subject;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::dispatch::DispatchError;
+use crate::engine::{EngineHandle, Finish, SeqEvent, Submission};
+use crate::quota::QuotaGate;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::QwenTokenizer;
+
+/// Defaults and limits of the API.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Tenants served: `None` all (`faasmoe.v1.generate.*`, shared mode), else these only
+    /// (private mode).
+    pub tenants: Option<Vec<String>>,
+    /// Queue group shared by controllers serving the same tenants.
+    pub queue_group: String,
+    /// `max_tokens` when the request gives none.
+    pub default_max_tokens: u32,
+    /// Context length (prompt + generated), tokens.
+    pub max_context: usize,
+    /// Vocabulary size (input_ids check).
+    pub vocab_size: usize,
+    /// Sampling defaults (`generation_config.json`).
+    pub generation: GenerationConfig,
+}
+
+/// Everything a request handler needs.
+pub struct Api {
+    pub client: async_nats::Client,
+    pub engine: EngineHandle,
+    pub tokenizer: Option<Arc<QwenTokenizer>>,
+    pub quota: Arc<dyn QuotaGate>,
+    pub settings: ApiSettings,
+}
+
+fn err(code: ClientErrorCode, message: impl Into<String>) -> ClientError {
+    ClientError { code, message: message.into() }
+}
+
+impl Api {
+    /// Subscribes and serves until the subscription ends.
+    pub async fn serve(self: Arc<Self>) -> anyhow::Result<()> {
+        let subjects: Vec<String> = match &self.settings.tenants {
+            None => vec![subject::generate_wildcard()],
+            Some(ts) => ts.iter().map(|t| subject::generate(t)).collect::<Result<_, _>>()?,
+        };
+        let mut subs = Vec::new();
+        for s in &subjects {
+            subs.push(self.client.queue_subscribe(s.clone(), self.settings.queue_group.clone()).await?);
+        }
+        self.client.flush().await?;
+        info!(subjects = ?subjects, "serving generate requests");
+        let mut all = futures::stream::select_all(subs);
+        while let Some(msg) = all.next().await {
+            let api = self.clone();
+            tokio::spawn(async move { api.handle(msg).await });
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, msg: async_nats::Message) {
+        let Some(reply) = msg.reply.clone() else { return };
+        let content_type = msg.headers.as_ref().and_then(|h| h.get(CONTENT_TYPE)).map(|v| v.as_str().to_string());
+        let ct = content_type.as_deref();
+        let tenant = subject::parse_generate(&msg.subject).unwrap_or_default();
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let span = info_span!("generate.request", request_id = %id, %tenant);
+        async {
+            let submitted = Instant::now();
+            let req = match decode_generate(&msg.payload, ct) {
+                Ok(r) => r,
+                Err(e) => return self.reply_error(&reply, ct, e, false).await,
+            };
+            let stream = req.stream.unwrap_or(false);
+            if let Err(e) = self.generate(&id, &tenant, req, &reply, ct, submitted).await {
+                warn!(code = %e.code, message = %e.message, "request failed");
+                self.reply_error(&reply, ct, e, stream).await;
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn reply_error(&self, reply: &async_nats::Subject, ct: Option<&str>, e: ClientError, stream: bool) {
+        let body = if stream { encode_body(&StreamMessage::Error(e), ct) } else { encode_body(&ErrorReply { error: e }, ct) };
+        let _ = self.client.publish(reply.clone(), body).await;
+    }
+
+    fn prompt_ids(&self, req: &GenerateRequest) -> Result<Vec<u32>, ClientError> {
+        let tok = || self.tokenizer.as_ref().ok_or_else(|| ClientError::bad_request("this model has no tokenizer.json: send `input_ids`"));
+        let ids = if let Some(ids) = &req.input_ids {
+            if let Some(&t) = ids.iter().find(|&&t| t as usize >= self.settings.vocab_size) {
+                return Err(ClientError::bad_request(format!("input id {t} is outside the vocabulary of {}", self.settings.vocab_size)));
+            }
+            ids.clone()
+        } else if let Some(p) = &req.prompt {
+            tok()?.encode(p).map_err(|e| ClientError::bad_request(e.to_string()))?
+        } else if let Some(m) = &req.messages {
+            let t = tok()?;
+            let pairs: Vec<(&str, &str)> = m.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+            t.encode(&t.render_chat(&pairs)).map_err(|e| ClientError::bad_request(e.to_string()))?
+        } else {
+            return Err(ClientError::bad_request("one of `prompt`, `messages` or `input_ids` is required"));
+        };
+        if ids.is_empty() {
+            return Err(ClientError::bad_request("the prompt encodes to no tokens"));
+        }
+        if ids.len() + 1 > self.settings.max_context {
+            return Err(ClientError::bad_request(format!(
+                "the prompt has {} tokens; the context holds {}",
+                ids.len(),
+                self.settings.max_context
+            )));
+        }
+        Ok(ids)
+    }
+
+    async fn generate(
+        &self,
+        id: &str,
+        tenant: &str,
+        req: GenerateRequest,
+        reply: &async_nats::Subject,
+        ct: Option<&str>,
+        submitted: Instant,
+    ) -> Result<(), ClientError> {
+        let prompt = self.prompt_ids(&req)?;
+        let room = (self.settings.max_context - prompt.len()) as u32;
+        let max_tokens = req.max_tokens.unwrap_or(self.settings.default_max_tokens).min(room).max(1);
+        let g = &self.settings.generation;
+        let sampling_default = g.do_sample.unwrap_or(false);
+        let sampling = SamplingParams {
+            temperature: req.temperature.unwrap_or(if sampling_default { g.temperature.unwrap_or(1.0) } else { 0.0 }),
+            top_k: req.top_k.or(if sampling_default { g.top_k } else { None }).unwrap_or(0) as usize,
+            top_p: req.top_p.or(if sampling_default { g.top_p } else { None }).unwrap_or(1.0),
+        };
+        let ticket = self.quota.admit(tenant, prompt.len() as u32, max_tokens).await?;
+        let stream = req.stream.unwrap_or(false);
+        let stops = req.stop.clone().unwrap_or_default();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let ok = self.engine.submit(Submission {
+            id: id.to_string(),
+            tenant: tenant.to_string(),
+            prompt: prompt.clone(),
+            max_tokens: max_tokens as usize,
+            sampling,
+            seed: req.seed,
+            cancel: cancel.clone(),
+            events: tx,
+        });
+        if !ok {
+            self.quota.settle(ticket, 0).await;
+            return Err(err(ClientErrorCode::Unavailable, "the engine has stopped"));
+        }
+        let mut ids: Vec<u32> = Vec::new();
+        let mut text = String::new();
+        let mut sent_chars = 0usize;
+        let mut queue_ms = 0.0;
+        let mut ttft_ms = 0.0;
+        let mut finish = None;
+        let mut failure = None;
+        let mut chunk_index = 0u32;
+        let gone = Arc::new(AtomicBool::new(false));
+        let probe = if stream { self.watch_client(&cancel, &gone).await } else { None };
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                SeqEvent::Admitted => queue_ms = submitted.elapsed().as_secs_f64() * 1e3,
+                SeqEvent::Token(t) => {
+                    if ids.is_empty() {
+                        ttft_ms = submitted.elapsed().as_secs_f64() * 1e3;
+                    }
+                    if finish.is_some() {
+                        continue; // past a stop string, waiting for the cancel to land
+                    }
+                    ids.push(t);
+                    if let Some(tok) = &self.tokenizer {
+                        text = tok.decode_with(&ids, true).unwrap_or_default();
+                    }
+                    if let Some(pos) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+                        text.truncate(pos);
+                        finish = Some(FinishReason::Stop);
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                    if stream {
+                        // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) and any
+                        // tail that may still grow into a stop string.
+                        let stable = text.trim_end_matches('\u{FFFD}');
+                        let hold = if finish.is_some() { 0 } else { stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0) };
+                        let mut end = stable.len().saturating_sub(hold).max(sent_chars);
+                        while !stable.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        let delta = &stable[sent_chars.min(end)..end];
+                        let chunk = StreamMessage::Chunk(StreamChunk { id: id.to_string(), index: chunk_index, text: delta.to_string(), token_ids: vec![t] });
+                        sent_chars = end;
+                        chunk_index += 1;
+                        let body = encode_body(&chunk, ct);
+                        let sent = match &probe {
+                            Some((p, _)) => self.client.publish_with_reply(reply.clone(), p.clone(), body).await,
+                            None => self.client.publish(reply.clone(), body).await,
+                        };
+                        if sent.is_err() {
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                SeqEvent::Finished(f) => {
+                    if finish.is_none() {
+                        finish = Some(match f {
+                            Finish::Eos => FinishReason::Stop,
+                            Finish::Length => FinishReason::Length,
+                            Finish::Cancelled => FinishReason::Cancelled,
+                        });
+                    }
+                    break;
+                }
+                SeqEvent::Failed(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some((_, watcher)) = probe {
+            watcher.abort();
+        }
+        let processed = if failure.is_some() { ids.len() } else { prompt.len() + ids.len() };
+        self.quota.settle(ticket, processed as u32).await;
+        if let Some(e) = failure {
+            return Err(match e {
+                DispatchError::Unavailable(m) => err(ClientErrorCode::Unavailable, m),
+                DispatchError::Internal(m) => err(ClientErrorCode::Internal, m),
+            });
+        }
+        let total_ms = submitted.elapsed().as_secs_f64() * 1e3;
+        let response = GenerateResponse {
+            id: id.to_string(),
+            text: text.clone(),
+            token_ids: ids.clone(),
+            finish_reason: finish.unwrap_or(FinishReason::Cancelled),
+            usage: Usage { prompt_tokens: prompt.len() as u32, completion_tokens: ids.len() as u32 },
+            timings: Timings { queue_ms, ttft_ms, total_ms },
+        };
+        info!(prompt_tokens = prompt.len(), completion_tokens = ids.len(), ttft_ms, total_ms, "request done");
+        if gone.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let body = if stream {
+            if sent_chars < text.len() {
+                let tail = StreamMessage::Chunk(StreamChunk { id: id.to_string(), index: chunk_index, text: text[sent_chars..].to_string(), token_ids: vec![] });
+                let _ = self.client.publish(reply.clone(), encode_body(&tail, ct)).await;
+            }
+            encode_body(&StreamMessage::Done(response), ct)
+        } else {
+            encode_body(&response, ct)
+        };
+        let _ = self.client.publish(reply.clone(), body).await;
+        Ok(())
+    }
+
+    /// Watches the probe inbox that stream chunks name as their reply subject: the server
+    /// answers a chunk nobody receives with *no responders*, so the sequence is cancelled.
+    async fn watch_client(&self, cancel: &Arc<AtomicBool>, gone: &Arc<AtomicBool>) -> Option<(async_nats::Subject, tokio::task::JoinHandle<()>)> {
+        let inbox = self.client.new_inbox();
+        let mut sub = self.client.subscribe(inbox.clone()).await.ok()?;
+        let (cancel, gone) = (cancel.clone(), gone.clone());
+        let watcher = tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                    gone.store(true, Ordering::Relaxed);
+                    cancel.store(true, Ordering::Relaxed);
+                    break;
+                }
+                if cancel.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        });
+        Some((inbox.into(), watcher))
+    }
+}

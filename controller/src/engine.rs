@@ -1,0 +1,287 @@
+//! The engine: continuous batching across all tenants over one control plane.
+//!
+//! Every step runs one forward pass over the running sequences: newly admitted ones feed
+//! their whole prompt (prefill), the others their last token (decode) — prefill and decode in
+//! the same step, sequences of different lengths together. New requests join at step
+//! boundaries, admitted round-robin across tenants (one tenant's flood cannot starve another's
+//! single request), within limits on running sequences and tokens per step.
+//!
+//! With pipelining on and at least two sequences, the step is split into two micro-batches
+//! driven concurrently: while one micro-batch's expert requests are in flight, the other's
+//! attention runs (the ping-pong schedule of disaggregated MoE serving, MegaScale-Infer,
+//! arXiv:2504.02263).
+//!
+//! The engine knows token ids only; text, stop strings and the wire format are the API's.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use faasmoe_model::qwen2_moe::last_logits;
+use faasmoe_model::{ControlPlane, KvCache, Step};
+use tokio::sync::mpsc;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::dispatch::{Dispatch, DispatchContext, DispatchError};
+use crate::sampling::{Sampler, SamplingParams};
+
+/// Limits and switches of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Most sequences in one step.
+    pub max_batch_seqs: usize,
+    /// Most tokens (prefill + decode) in one step; a single prompt larger than this still
+    /// runs alone.
+    pub max_step_tokens: usize,
+    /// Split steps of ≥ 2 sequences into two pipelined micro-batches.
+    pub pipeline: bool,
+    /// Token ids that end a sequence.
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self { max_batch_seqs: 32, max_step_tokens: 4096, pipeline: true, eos_token_ids: vec![] }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// An EOS token.
+    Eos,
+    /// `max_tokens` or the context length reached.
+    Length,
+    /// Cancelled by the API (client gone, stop string).
+    Cancelled,
+}
+
+/// What the engine reports about one sequence.
+#[derive(Debug, Clone)]
+pub enum SeqEvent {
+    /// The sequence was admitted into the running batch.
+    Admitted,
+    /// A new token.
+    Token(u32),
+    /// The sequence ended; no more events follow.
+    Finished(Finish),
+    /// A step failed; no more events follow.
+    Failed(DispatchError),
+}
+
+/// A generation request for the engine.
+#[derive(Debug)]
+pub struct Submission {
+    /// Request id (logs).
+    pub id: String,
+    /// Tenant (fair admission, logs).
+    pub tenant: String,
+    /// Prompt token ids (non-empty, each < vocab).
+    pub prompt: Vec<u32>,
+    /// Most new tokens.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Sampling seed.
+    pub seed: Option<u64>,
+    /// Set by the API to stop the sequence at the next step.
+    pub cancel: Arc<AtomicBool>,
+    /// Where events go.
+    pub events: mpsc::UnboundedSender<SeqEvent>,
+}
+
+/// A handle to submit work to a running engine.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    tx: mpsc::UnboundedSender<Submission>,
+}
+
+impl EngineHandle {
+    /// Queues a submission; `false` when the engine has stopped.
+    pub fn submit(&self, s: Submission) -> bool {
+        self.tx.send(s).is_ok()
+    }
+}
+
+struct Seq {
+    sub: Submission,
+    cache: KvCache,
+    sampler: Sampler,
+    /// Tokens to feed at the next step.
+    feed: Vec<u32>,
+    generated: usize,
+    len: usize,
+}
+
+/// Starts the engine on a dedicated thread (its compute must not stall the NATS runtime).
+pub fn spawn(cp: Arc<ControlPlane>, dispatch: Arc<dyn Dispatch>, settings: EngineSettings) -> EngineHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("faasmoe-engine".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("engine runtime");
+            rt.block_on(run(cp, dispatch, settings, rx));
+        })
+        .expect("engine thread");
+    EngineHandle { tx }
+}
+
+async fn run(cp: Arc<ControlPlane>, dispatch: Arc<dyn Dispatch>, settings: EngineSettings, mut rx: mpsc::UnboundedReceiver<Submission>) {
+    let mut waiting: BTreeMap<String, VecDeque<Submission>> = BTreeMap::new();
+    let mut turn: VecDeque<String> = VecDeque::new();
+    let mut running: Vec<Seq> = Vec::new();
+    let mut step_no: u64 = 0;
+    let max_pos = cp.config().max_position_embeddings;
+    loop {
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv().await {
+                Some(s) => enqueue(&mut waiting, &mut turn, s),
+                None => return,
+            }
+        }
+        while let Ok(s) = rx.try_recv() {
+            enqueue(&mut waiting, &mut turn, s);
+        }
+        // Drop cancelled sequences.
+        running.retain(|s| {
+            let c = s.sub.cancel.load(Ordering::Relaxed);
+            if c {
+                let _ = s.sub.events.send(SeqEvent::Finished(Finish::Cancelled));
+            }
+            !c
+        });
+        // Admit round-robin across tenants.
+        let mut step_tokens: usize = running.len();
+        while running.len() < settings.max_batch_seqs {
+            let Some(tenant) = turn.pop_front() else { break };
+            let q = waiting.get_mut(&tenant).expect("tenant in turn has a queue");
+            let fits = q.front().map(|s| running.is_empty() || step_tokens + s.prompt.len() <= settings.max_step_tokens).unwrap_or(false);
+            if !fits {
+                turn.push_front(tenant);
+                break;
+            }
+            let sub = q.pop_front().expect("front exists");
+            if q.is_empty() {
+                waiting.remove(&tenant);
+            } else {
+                turn.push_back(tenant);
+            }
+            if sub.cancel.load(Ordering::Relaxed) {
+                let _ = sub.events.send(SeqEvent::Finished(Finish::Cancelled));
+                continue;
+            }
+            step_tokens += sub.prompt.len();
+            let _ = sub.events.send(SeqEvent::Admitted);
+            running.push(Seq {
+                cache: cp.new_cache(),
+                sampler: Sampler::new(sub.sampling.clone(), sub.seed),
+                feed: sub.prompt.clone(),
+                len: 0,
+                generated: 0,
+                sub,
+            });
+        }
+        if running.is_empty() {
+            continue;
+        }
+        step_no += 1;
+        let tenants: Vec<&str> = running.iter().map(|s| s.sub.tenant.as_str()).collect();
+        let span = info_span!("engine.step", step = step_no, seqs = running.len(), tokens = step_tokens, tenants = %tenants.join(","));
+        let results = step(&cp, dispatch.as_ref(), &mut running, settings.pipeline).instrument(span).await;
+        // Sample and report.
+        let mut keep = Vec::with_capacity(running.len());
+        for (seq, r) in running.drain(..).zip(results) {
+            let mut seq = seq;
+            match r {
+                Err(e) => {
+                    warn!(request_id = %seq.sub.id, tenant = %seq.sub.tenant, error = %e, "step failed");
+                    let _ = seq.sub.events.send(SeqEvent::Failed(e));
+                }
+                Ok(logits) => {
+                    seq.len += seq.feed.len();
+                    let t = seq.sampler.sample(&logits);
+                    seq.generated += 1;
+                    let _ = seq.sub.events.send(SeqEvent::Token(t));
+                    let finish = if settings.eos_token_ids.contains(&t) {
+                        Some(Finish::Eos)
+                    } else if seq.generated >= seq.sub.max_tokens || seq.len + 1 >= max_pos {
+                        Some(Finish::Length)
+                    } else {
+                        None
+                    };
+                    match finish {
+                        Some(f) => {
+                            debug!(request_id = %seq.sub.id, tokens = seq.generated, ?f, "sequence finished");
+                            let _ = seq.sub.events.send(SeqEvent::Finished(f));
+                        }
+                        None => {
+                            seq.feed = vec![t];
+                            keep.push(seq);
+                        }
+                    }
+                }
+            }
+        }
+        running = keep;
+    }
+}
+
+fn enqueue(waiting: &mut BTreeMap<String, VecDeque<Submission>>, turn: &mut VecDeque<String>, s: Submission) {
+    let q = waiting.entry(s.tenant.clone()).or_default();
+    if q.is_empty() {
+        turn.push_back(s.tenant.clone());
+    }
+    q.push_back(s);
+}
+
+type StepResult = Vec<Result<Vec<f32>, DispatchError>>;
+
+/// One step over all running sequences; per sequence the logits of its last fed token.
+async fn step(cp: &ControlPlane, dispatch: &dyn Dispatch, running: &mut [Seq], pipeline: bool) -> StepResult {
+    if pipeline && running.len() >= 2 {
+        let mid = running.len() / 2;
+        let (a, b) = running.split_at_mut(mid);
+        let (ra, rb) = futures::future::join(micro_batch(cp, dispatch, a), micro_batch(cp, dispatch, b)).await;
+        ra.into_iter().chain(rb).collect()
+    } else {
+        micro_batch(cp, dispatch, running).await
+    }
+}
+
+async fn micro_batch(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq]) -> StepResult {
+    let n = seqs.len();
+    match forward(cp, dispatch, seqs).await {
+        Ok(rows) => rows.into_iter().map(Ok).collect(),
+        Err(e) => vec![Err(e); n],
+    }
+}
+
+async fn forward(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq]) -> Result<Vec<Vec<f32>>, DispatchError> {
+    let internal = |e: faasmoe_model::ModelError| DispatchError::Internal(e.to_string());
+    let feeds: Vec<(usize, Vec<u32>)> = seqs.iter().map(|s| (s.len, s.feed.clone())).collect();
+    let batch: Vec<(usize, &[u32])> = feeds.iter().map(|(o, f)| (*o, f.as_slice())).collect();
+    let mut tenants: Vec<&str> = seqs.iter().map(|s| s.sub.tenant.as_str()).collect();
+    tenants.sort();
+    tenants.dedup();
+    let ctx = DispatchContext { tenants: tenants.join(","), traceparent: None };
+    let mut pass = cp.start(&batch).map_err(internal)?;
+    let t0 = Instant::now();
+    loop {
+        let step = {
+            let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut s.cache).collect();
+            cp.advance(&mut pass, &mut caches).map_err(internal)?
+        };
+        match step {
+            Step::Experts(b) => {
+                let out = dispatch.routed(&b, &ctx).await?;
+                cp.complete_moe(&mut pass, &out).map_err(internal)?;
+            }
+            Step::Done(h) => {
+                let logits = last_logits(cp, &pass, &h).map_err(internal)?;
+                debug!(seqs = seqs.len(), ms = t0.elapsed().as_secs_f64() * 1e3, "micro-batch done");
+                return logits.to_vec2::<f32>().map_err(|e| DispatchError::Internal(e.to_string()));
+            }
+        }
+    }
+}
