@@ -15,4 +15,5 @@ pub mod dispatch;
 pub mod engine;
 pub mod quota;
 pub mod sampling;
+pub mod service;
 pub mod tokenizer;

@@ -384,7 +384,32 @@ async fn outputs_over_nats_equal_in_process_experts_bit_for_bit() {
         let got = reply_output(&call(&client, expert_subject(0, e), encode(&req)).await, &req, h);
         assert_bits_equal(&got, &expected(&reference, &req), &format!("expert subject 0.{e}"));
     }
-    eprintln!("bit-exact replies checked: {checked:?} (+4 per-subject)");
+    // bf16 on the wire: bf16 hidden states are widened exactly, a bf16 reply is the f32
+    // output rounded to nearest even (what `WireTensor::from_f32` does).
+    for (hidden_dtype, reply_dtype) in [(WireDType::BF16, WireDType::F32), (WireDType::F32, WireDType::BF16), (WireDType::BF16, WireDType::BF16)] {
+        for combine in [false, true] {
+            let rows = rng.rows(6, h);
+            let mut req = request("acme", 0, h, &rows, rng.routes(6, &[0, 1, 2, 3], 4), combine);
+            req.hidden = WireTensor::from_f32(vec![6, h as u32], &rows, hidden_dtype).unwrap();
+            req.reply_dtype = reply_dtype;
+            let reply = decode_reply(&call(&client, subject_for(&req, 0), encode(&req)).await).unwrap();
+            let want = WireTensor::from_f32(vec![req.output_rows() as u32, h as u32], &expected(&reference, &req), reply_dtype).unwrap();
+            match reply.result {
+                ExpertResult::Ok { output } => assert!(output == want, "{hidden_dtype:?} in, {reply_dtype:?} out, combine={combine}: outputs differ"),
+                ExpertResult::Err(e) => panic!("{hidden_dtype:?} in, {reply_dtype:?} out: {e}"),
+            }
+        }
+    }
+    // Degenerate requests: no rows at all; rows routed to no expert of this function.
+    for (n, combine) in [(0usize, true), (0, false), (3, true), (3, false)] {
+        let rows = rng.rows(n, h);
+        let routes = vec![RowRoutes { experts: vec![], weights: vec![] }; n];
+        let req = request("acme", 0, h, &rows, routes, combine);
+        let got = reply_output(&call(&client, expert_subject(0, 0), encode(&req)).await, &req, h);
+        assert_bits_equal(&got, &expected(&reference, &req), &format!("{n} rows without experts, combine={combine}"));
+        assert!(got.iter().all(|&v| v == 0.0), "rows without experts give zeros");
+    }
+    eprintln!("bit-exact replies checked: {checked:?} (+4 per-subject, +6 bf16, +4 degenerate)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -596,6 +621,9 @@ async fn sigterm_drains_requests_in_flight_then_exits_zero() {
         client.publish_with_reply(subject_for(req, 0), format!("{inbox}.{i}"), encode(req)).await.unwrap();
     }
     client.flush().await.unwrap(); // the server has routed the whole burst to the worker
+    // Nothing answered yet: the burst sits in the worker's 300 ms batching window.
+    use futures::FutureExt;
+    assert!(replies.next().now_or_never().is_none(), "a reply came before SIGTERM");
     w.sigterm();
     let sent_at = Instant::now();
 
@@ -617,7 +645,7 @@ async fn sigterm_drains_requests_in_flight_then_exits_zero() {
         assert!(max <= 1e-5, "request {i}: max abs diff {max:e}");
     }
     let st = w.wait_exit(Duration::from_secs(10)).await;
-    eprintln!("SIGTERM: {} replies after the signal, exit {st:?} {:?} after it", got.len(), sent_at.elapsed());
+    eprintln!("SIGTERM: all {} requests were in flight, all answered after the signal; exit {st:?} {:?} after it", got.len(), sent_at.elapsed());
     assert!(st.success(), "exit status {st:?}; log:\n{}", w.log());
     let ev = wait_stopped(&mut ev_sub, &w.instance_id).await;
     assert_eq!(ev.exit_status, Some(0));

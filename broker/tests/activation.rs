@@ -1,0 +1,216 @@
+//! Function activation with a real nats-server (project `nats.conf`) and real
+//! `faasmoe-expert-worker` processes on a generated tiny checkpoint.
+//!
+//! Build the worker first: `cargo build -p faasmoe-expert-worker`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use faasmoe_broker::{ActivationConfig, Activator, Deployment, InstanceState, LocalProcessBackend};
+use faasmoe_e2e::{cargo_bin, dev_users, NatsServer};
+use faasmoe_proto::activation::{ActivateReply, ActivateRequest, ActivateResult};
+use faasmoe_proto::events::{EventKind, FunctionEvent};
+use faasmoe_proto::{subject, ErrorCode};
+use futures::StreamExt;
+
+const MODEL: &str = "tiny";
+
+fn checkpoint() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("tiny");
+    let g = faasmoe_model::generator::preset("tiny").unwrap();
+    faasmoe_model::generator::write_checkpoint(&model_dir, &g, 7, faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES, |_, _| {}).unwrap();
+    (dir, model_dir)
+}
+
+struct Setup {
+    server: NatsServer,
+    activator: Activator,
+    function_id: String,
+    layer: u32,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(max_instances: u32, idle_timeout_ms: u64, worker_bin: Option<PathBuf>) -> Setup {
+    let (dir, model_dir) = checkpoint();
+    let server = NatsServer::start_project_config();
+    let mut d = Deployment::new(&model_dir);
+    d.model_id = Some(MODEL.into());
+    d.granularity = 4;
+    let layout = d.layout().unwrap();
+    let f = layout.functions[0].clone();
+    let backend = LocalProcessBackend {
+        worker_bin: worker_bin.unwrap_or_else(|| cargo_bin("faasmoe-expert-worker")),
+        nats_url: server.url(),
+        nats_user: Some(dev_users::WORKER.0.into()),
+        nats_password: Some(dev_users::WORKER.1.into()),
+        model_dir,
+        model_id: MODEL.into(),
+        idle_timeout_ms,
+        log_dir: Some(dir.path().join("logs")),
+        env: vec![],
+    };
+    let cfg = ActivationConfig {
+        max_instances_per_function: max_instances,
+        ready_timeout: Duration::from_secs(30),
+        ..ActivationConfig::new(MODEL, layout)
+    };
+    let client = server.connect_as(dev_users::BROKER).await.unwrap();
+    let activator = Activator::start(client, cfg, Arc::new(backend)).await.unwrap();
+    Setup { server, activator, function_id: f.id, layer: f.layer, _dir: dir }
+}
+
+fn request(function_id: &str, layer: u32, by: usize) -> ActivateRequest {
+    ActivateRequest {
+        version: faasmoe_proto::PROTOCOL_VERSION,
+        model: MODEL.into(),
+        function_id: function_id.into(),
+        layer,
+        experts: vec![0],
+        requested_by: format!("test-{by}"),
+    }
+}
+
+async fn activate_over_nats(client: &async_nats::Client, req: &ActivateRequest) -> ActivateResult {
+    let msg = tokio::time::timeout(Duration::from_secs(40), client.request(subject::activate(MODEL).unwrap(), req.encode()))
+        .await
+        .expect("activation reply in time")
+        .expect("activation request");
+    ActivateReply::decode(&msg.payload).unwrap().result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_activations_start_one_instance_that_scales_to_zero() {
+    let s = setup(2, 1500, None).await;
+    let controller = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
+    let mut events = controller.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
+    controller.flush().await.unwrap();
+
+    let replies = futures::future::join_all((0..8).map(|i| {
+        let c = controller.clone();
+        let req = request(&s.function_id, s.layer, i);
+        async move { activate_over_nats(&c, &req).await }
+    }))
+    .await;
+    let mut ids = Vec::new();
+    for r in &replies {
+        match r {
+            ActivateResult::Ok { instance_id, cold_start_ms, already_running } => {
+                assert!(!already_running, "{r:?}");
+                assert!(*cold_start_ms > 0.0, "{r:?}");
+                ids.push(instance_id.clone());
+            }
+            ActivateResult::Err(e) => panic!("activation failed: {e:?}"),
+        }
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "all eight waiters get the same instance: {replies:?}");
+    let instance_id = ids.pop().unwrap();
+    assert_eq!(s.activator.spawn_count(), 1, "exactly one spawn");
+    assert_eq!(s.activator.peak_alive(&s.function_id), 1);
+    let live = s.activator.instances();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].state, InstanceState::Ready);
+
+    // A ready, subscribed instance: the next activation is answered without a spawn.
+    match activate_over_nats(&controller, &request(&s.function_id, s.layer, 9)).await {
+        ActivateResult::Ok { instance_id: id, already_running: true, cold_start_ms } => {
+            assert_eq!(id, instance_id);
+            assert_eq!(cold_start_ms, 0.0);
+        }
+        other => panic!("expected already_running, got {other:?}"),
+    }
+    assert_eq!(s.activator.spawn_count(), 1);
+
+    // Scale to zero: the worker exits after its idle timeout and the broker records it.
+    let mut started = 0;
+    let mut broker_stopped = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while broker_stopped.is_none() {
+        let msg = tokio::time::timeout_at(deadline, events.next()).await.expect("stopped event in time").unwrap();
+        let ev = FunctionEvent::decode(&msg.payload).unwrap();
+        assert_eq!(ev.instance_id, instance_id);
+        match ev.kind {
+            EventKind::Started => started += 1,
+            // The worker announces its own `stopped` (no pid check possible); the broker's comes
+            // once the process is reaped, when it has left the instance table.
+            EventKind::Stopped if s.activator.instances().is_empty() && s.activator.exited().len() == 1 => broker_stopped = Some(ev),
+            EventKind::SpawnFailed => panic!("spawn failed: {ev:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(started, 1, "one started event");
+    assert_eq!(broker_stopped.unwrap().exit_status, Some(0));
+    let exited = s.activator.exited();
+    assert_eq!(exited[0].instance_id, instance_id);
+    assert_eq!(exited[0].state, InstanceState::Exited);
+    assert!(exited[0].exit.unwrap().success(), "{:?}", exited[0].exit);
+    assert!(exited[0].cold_start_ms.unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activations_never_exceed_the_instance_cap() {
+    let s = setup(2, 60_000, None).await;
+    let a = &s.activator;
+    let first = match a.activate(&request(&s.function_id, s.layer, 0)).await {
+        ActivateResult::Ok { instance_id, .. } => instance_id,
+        other => panic!("{other:?}"),
+    };
+    // A second instance on request (busy function), up to the cap of 2 ...
+    let second = match a.scale_up(&s.function_id).await {
+        ActivateResult::Ok { instance_id, already_running: false, .. } => instance_id,
+        other => panic!("{other:?}"),
+    };
+    assert_ne!(first, second);
+    // ... and no further: concurrent demands for more all fail with `unavailable`.
+    let more = futures::future::join_all((0..4).map(|_| a.scale_up(&s.function_id))).await;
+    for r in &more {
+        match r {
+            ActivateResult::Err(e) => assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}"),
+            other => panic!("a third instance was started: {other:?}"),
+        }
+    }
+    // Plain activations at the cap are answered by a running instance.
+    assert!(matches!(a.activate(&request(&s.function_id, s.layer, 1)).await, ActivateResult::Ok { already_running: true, .. }));
+    assert_eq!(a.alive(&s.function_id), 2);
+    assert_eq!(a.peak_alive(&s.function_id), 2);
+    assert_eq!(a.spawn_count(), 2);
+
+    // Typed errors for what is not in the layout.
+    let mut bad = request("l99-e0-3", s.layer, 2);
+    assert!(matches!(a.activate(&bad).await, ActivateResult::Err(e) if e.code == ErrorCode::UnknownExpert));
+    bad = request(&s.function_id, s.layer, 3);
+    bad.model = "other".into();
+    assert!(matches!(a.activate(&bad).await, ActivateResult::Err(e) if e.code == ErrorCode::BadRequest));
+    let c = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
+    let reply = c.request(subject::activate(MODEL).unwrap(), "{".into()).await.unwrap();
+    assert!(matches!(ActivateReply::decode(&reply.payload).unwrap().result, ActivateResult::Err(e) if e.code == ErrorCode::Malformed));
+
+    // Shutdown drains both instances (SIGTERM → exit 0) and records them.
+    a.shutdown(Duration::from_secs(10)).await;
+    assert!(a.instances().is_empty());
+    let exited = a.exited();
+    assert_eq!(exited.len(), 2);
+    assert!(exited.iter().all(|i| i.exit.unwrap().success()), "{exited:?}");
+    assert!(matches!(a.activate(&request(&s.function_id, s.layer, 4)).await, ActivateResult::Err(e) if e.code == ErrorCode::Unavailable));
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_be_spawned_is_unavailable_with_a_spawn_failed_event() {
+    let s = setup(1, 1000, Some(PathBuf::from("/nonexistent/faasmoe-expert-worker"))).await;
+    let c = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
+    let mut events = c.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
+    c.flush().await.unwrap();
+    match activate_over_nats(&c, &request(&s.function_id, s.layer, 0)).await {
+        ActivateResult::Err(e) => {
+            assert_eq!(e.code, ErrorCode::Unavailable);
+            assert!(e.message.contains("spawn failed"), "{e:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let msg = tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap();
+    assert_eq!(FunctionEvent::decode(&msg.payload).unwrap().kind, EventKind::SpawnFailed);
+    assert_eq!(s.activator.spawn_count(), 0);
+    assert!(s.activator.instances().is_empty());
+}

@@ -1,0 +1,31 @@
+//! `faasmoe-controller`: the control plane service (no quotas; the `faasmoe` CLI wires the
+//! broker's JetStream quotas in).
+
+use std::sync::Arc;
+
+use clap::Parser;
+use faasmoe_controller::quota::Unlimited;
+use faasmoe_controller::service::{run, ControllerSettings};
+
+#[derive(Parser)]
+#[command(name = "faasmoe-controller", version, about = "faasmoe controller: attention, router, shared expert and LM head; routed experts over NATS")]
+struct Cli {
+    #[command(flatten)]
+    settings: ControllerSettings,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    tokio::select! {
+        r = run(cli.settings, Arc::new(Unlimited)) => match r {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => { tracing::error!("{e:#}"); std::process::ExitCode::FAILURE }
+        },
+        _ = tokio::signal::ctrl_c() => std::process::ExitCode::SUCCESS,
+    }
+}

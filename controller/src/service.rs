@@ -1,0 +1,162 @@
+//! Assembling a controller: settings, model loading, engine, dispatch, API.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use candle_core::DType;
+use faasmoe_model::{Checkpoint, ControlPlane, GenerationConfig};
+use faasmoe_proto::layout::Layout;
+use faasmoe_proto::tensor::WireDType;
+use tracing::info;
+
+use crate::api::{Api, ApiSettings};
+use crate::dispatch::{Dispatch, LocalDispatch, NatsDispatch, NatsDispatchSettings};
+use crate::engine::{self, EngineSettings};
+use crate::quota::QuotaGate;
+use crate::tokenizer::QwenTokenizer;
+
+/// Controller settings (flags, each also from the environment).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerSettings {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// NATS user.
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, env = "FAASMOE_MODEL_DIR")]
+    pub model_dir: PathBuf,
+    /// Model id in subjects (default: the directory name, sanitised).
+    #[arg(long, env = "FAASMOE_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// Experts per function (1 … num_experts); must match the deployed functions.
+    #[arg(long, env = "FAASMOE_GRANULARITY", default_value_t = 4)]
+    pub granularity: u32,
+    /// Serve only these tenants (private mode); default: every tenant (shared mode).
+    #[arg(long, value_delimiter = ',')]
+    pub tenants: Option<Vec<String>>,
+    /// Compute the experts in-process instead of over NATS (local-split mode).
+    #[arg(long)]
+    pub local_experts: bool,
+    /// Per expert request timeout, ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+    /// Retries of an expert request after a timeout or instance error.
+    #[arg(long, default_value_t = 2)]
+    pub max_retries: u32,
+    /// How long to wait for the broker to activate a function, ms.
+    #[arg(long, default_value_t = 60_000)]
+    pub activation_timeout_ms: u64,
+    /// Wire dtype of hidden states: f32 (exact) or bf16 (half the bytes).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub wire_dtype: String,
+    /// Most sequences per engine step.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch_seqs: usize,
+    /// Most tokens per engine step.
+    #[arg(long, default_value_t = 4096)]
+    pub max_step_tokens: usize,
+    /// Do not split steps into two pipelined micro-batches.
+    #[arg(long)]
+    pub no_pipeline: bool,
+    /// `max_tokens` when a request gives none.
+    #[arg(long, default_value_t = 256)]
+    pub default_max_tokens: u32,
+    /// Queue group of controllers (several controllers share the load).
+    #[arg(long, default_value = "faasmoe-controllers")]
+    pub queue_group: String,
+}
+
+impl ControllerSettings {
+    /// The model id for subjects.
+    pub fn model_id(&self) -> String {
+        self.model_id.clone().unwrap_or_else(|| {
+            let dir = self.model_dir.canonicalize().unwrap_or(self.model_dir.clone());
+            faasmoe_proto::subject::sanitize_token(&dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default())
+        })
+    }
+}
+
+/// Connects to NATS with the settings' credentials.
+pub async fn connect(url: &str, user: Option<&str>, password: Option<&str>, name: &str) -> anyhow::Result<async_nats::Client> {
+    let mut opts = async_nats::ConnectOptions::new().name(name);
+    if let (Some(u), Some(p)) = (user, password) {
+        opts = opts.user_and_password(u.into(), p.into());
+    }
+    opts.connect(url).await.with_context(|| format!("connecting to NATS at {url}"))
+}
+
+/// Loads the control plane and serves generate requests until the connection ends.
+pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> anyhow::Result<()> {
+    let model_id = settings.model_id();
+    let dir = settings.model_dir.clone();
+    let local = settings.local_experts;
+    let t0 = std::time::Instant::now();
+    let (cp, local_backend) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        if local {
+            let (cp, b) = faasmoe_model::load_local(&dir, DType::F32)?;
+            Ok((cp, Some(b)))
+        } else {
+            let mut ckpt = Checkpoint::open(&dir, DType::F32)?;
+            Ok((ControlPlane::load(&mut ckpt)?, None))
+        }
+    })
+    .await??;
+    let cfg = cp.config().clone();
+    info!(model = %model_id, layers = cfg.num_hidden_layers, experts = cfg.num_experts, load_ms = t0.elapsed().as_secs_f64() * 1e3, local_experts = local, "control plane loaded");
+    let generation = GenerationConfig::from_dir(&settings.model_dir)?;
+    let eos = faasmoe_model::config::eos_token_ids(&cfg, &generation);
+    let tokenizer = if settings.model_dir.join("tokenizer.json").exists() {
+        Some(Arc::new(QwenTokenizer::from_checkpoint_dir(&settings.model_dir)?))
+    } else {
+        tracing::warn!("no tokenizer.json: only `input_ids` requests will work");
+        None
+    };
+    let client = connect(&settings.nats_url, settings.nats_user.as_deref(), settings.nats_password.as_deref(), "faasmoe-controller").await?;
+    let controller_id = format!("controller-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let dispatch: Arc<dyn Dispatch> = match local_backend {
+        Some(b) => Arc::new(LocalDispatch(b)),
+        None => {
+            let moe: Vec<u32> = cfg.moe_layers().map(|l| l as u32).collect();
+            NatsDispatch::new(
+                client.clone(),
+                NatsDispatchSettings {
+                    model_id: model_id.clone(),
+                    layout: Layout::new(&moe, cfg.num_experts as u32, settings.granularity),
+                    request_timeout: Duration::from_millis(settings.request_timeout_ms),
+                    max_retries: settings.max_retries,
+                    activation_timeout: Duration::from_millis(settings.activation_timeout_ms),
+                    wire_dtype: if settings.wire_dtype == "bf16" { WireDType::BF16 } else { WireDType::F32 },
+                    controller_id,
+                },
+                cfg.hidden_size,
+            )
+        }
+    };
+    let engine = engine::spawn(
+        Arc::new(cp),
+        dispatch,
+        EngineSettings { max_batch_seqs: settings.max_batch_seqs, max_step_tokens: settings.max_step_tokens, pipeline: !settings.no_pipeline, eos_token_ids: eos },
+    );
+    let api = Arc::new(Api {
+        client,
+        engine,
+        tokenizer,
+        quota,
+        settings: ApiSettings {
+            tenants: settings.tenants.clone(),
+            queue_group: settings.queue_group.clone(),
+            default_max_tokens: settings.default_max_tokens,
+            max_context: cfg.max_position_embeddings,
+            vocab_size: cfg.vocab_size,
+            generation,
+        },
+    });
+    api.serve().await
+}
