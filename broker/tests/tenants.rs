@@ -1,4 +1,5 @@
 //! Tenant records and atomic admission against a real nats-server with JetStream.
+
 use faasmoe_broker::{Quota, QuotaError, QuotaKind, TenantError, TenantStore};
 use faasmoe_e2e::{dev_users, NatsServer};
 

@@ -171,6 +171,7 @@ impl Api {
             seed: req.seed,
             cancel: cancel.clone(),
             events: tx,
+            traceparent: faasmoe_telemetry::current_traceparent(),
         });
         if !ok {
             self.quota.settle(ticket, 0).await;

@@ -249,6 +249,9 @@ impl Dispatch for NatsDispatch {
                         r.weights.push(w);
                     }
                 }
+                // Expert requests are children of this layer's dispatch span.
+                let traceparent = faasmoe_telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());
+                let traceparent = traceparent.as_deref();
                 let calls = groups.into_iter().map(|(fidx, (rows, routes))| {
                     let mut buf = Vec::with_capacity(rows.len() * h);
                     for &r in &rows {
@@ -268,7 +271,7 @@ impl Dispatch for NatsDispatch {
                             reply_dtype: self.settings.wire_dtype,
                             combine: true,
                         };
-                        let out = self.call(fidx, req, ctx.traceparent.as_deref()).await?;
+                        let out = self.call(fidx, req, traceparent).await?;
                         Ok::<_, DispatchError>((rows, out))
                     }
                 });

@@ -89,6 +89,8 @@ pub struct Submission {
     pub cancel: Arc<AtomicBool>,
     /// Where events go.
     pub events: mpsc::UnboundedSender<SeqEvent>,
+    /// W3C `traceparent` of the request's span: engine steps are its children.
+    pub traceparent: Option<String>,
 }
 
 /// A handle to submit work to a running engine.
@@ -258,14 +260,22 @@ async fn micro_batch(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq
 }
 
 async fn forward(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq]) -> Result<Vec<Vec<f32>>, DispatchError> {
-    let internal = |e: faasmoe_model::ModelError| DispatchError::Internal(e.to_string());
     let feeds: Vec<(usize, Vec<u32>)> = seqs.iter().map(|s| (s.len, s.feed.clone())).collect();
     let batch: Vec<(usize, &[u32])> = feeds.iter().map(|(o, f)| (*o, f.as_slice())).collect();
     let mut tenants: Vec<&str> = seqs.iter().map(|s| s.sub.tenant.as_str()).collect();
     tenants.sort();
     tenants.dedup();
     let ctx = DispatchContext { tenants: tenants.join(","), traceparent: None };
-    let mut pass = cp.start(&batch).map_err(internal)?;
+    let span = tracing::info_span!("engine.micro_batch", seqs = seqs.len());
+    if let Some(tp) = seqs.iter().find_map(|s| s.sub.traceparent.as_deref()) {
+        faasmoe_telemetry::set_parent(&span, tp);
+    }
+    forward_in(cp, dispatch, seqs, &batch, &ctx).instrument(span).await
+}
+
+async fn forward_in(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq], batch: &[(usize, &[u32])], ctx: &DispatchContext) -> Result<Vec<Vec<f32>>, DispatchError> {
+    let internal = |e: faasmoe_model::ModelError| DispatchError::Internal(e.to_string());
+    let mut pass = cp.start(batch).map_err(internal)?;
     let t0 = Instant::now();
     loop {
         let step = {
@@ -274,7 +284,7 @@ async fn forward(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq]) -
         };
         match step {
             Step::Experts(b) => {
-                let out = dispatch.routed(&b, &ctx).await?;
+                let out = dispatch.routed(&b, ctx).await?;
                 cp.complete_moe(&mut pass, &out).map_err(internal)?;
             }
             Step::Done(h) => {

@@ -267,7 +267,10 @@ async fn execute(client: &async_nats::Client, function: &Arc<Function>, stats: &
     let traceparent = batch.iter().find_map(|p| faasmoe_proto::trace::extract(p.msg.headers.as_ref()));
     let tenants: Vec<String> = batch.iter().map(|p| p.req.tenant.clone()).collect();
     let rows: usize = batch.iter().map(|p| p.req.routes.len()).sum();
-    let span = info_span!("expert.execute", requests = batch.len(), rows, traceparent = traceparent.as_deref().unwrap_or(""));
+    let span = info_span!("expert.execute", requests = batch.len(), rows);
+    if let Some(tp) = &traceparent {
+        faasmoe_telemetry::set_parent(&span, tp);
+    }
     async {
         let t0 = Instant::now();
         let f = function.clone();

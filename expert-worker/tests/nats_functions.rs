@@ -184,6 +184,14 @@ fn assert_bits_equal(got: &[f32], want: &[f32], what: &str) {
     }
 }
 
+/// Equal within 1e-5: for requests that may have been batched with others (a different
+/// number of rows per matmul may round differently).
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let max = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max <= 1e-5, "{what}: max abs diff {max:e}");
+}
+
 /// The error code of an error reply (panics on an OK reply).
 fn reply_error_code(payload: &[u8]) -> (ErrorCode, Uuid, String) {
     let reply = decode_reply(payload).expect("error reply decodes");
@@ -211,8 +219,15 @@ impl Worker {
     /// Spawns the worker with `--nats-url`, `--model-dir`, `--model-id tiny` and `args`,
     /// and waits (bounded) for its `READY <function_id> <instance_id>` line.
     async fn start(nats_url: &str, model_dir: &Path, args: &[&str]) -> Worker {
+        let mut w = Worker::spawn(nats_url, model_dir, args);
+        w.ready().await;
+        w
+    }
+
+    /// Spawns the worker without waiting for it.
+    fn spawn(nats_url: &str, model_dir: &Path, args: &[&str]) -> Worker {
         let log = tempfile::Builder::new().prefix("faasmoe-worker-").suffix(".log").tempfile().unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_faasmoe-expert-worker"))
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_faasmoe-expert-worker"))
             .arg("--nats-url")
             .arg(nats_url)
             .arg("--model-dir")
@@ -227,7 +242,12 @@ impl Worker {
             .spawn()
             .expect("spawn faasmoe-expert-worker");
         let pid = child.id().expect("pid");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Worker { child, pid, function_id: String::new(), instance_id: String::new(), log }
+    }
+
+    /// Waits (bounded) for the READY line; sets the function and instance ids.
+    async fn ready(&mut self) {
+        let mut lines = BufReader::new(self.child.stdout.take().expect("stdout not yet read")).lines();
         let ready = tokio::time::timeout(READY_TIMEOUT, async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 if let Some(rest) = line.strip_prefix("READY ") {
@@ -237,18 +257,26 @@ impl Worker {
             None
         })
         .await;
-        let tail = || std::fs::read_to_string(log.path()).unwrap_or_default();
         let rest = match ready {
             Ok(Some(rest)) => rest,
-            Ok(None) => panic!("worker {args:?} exited before READY; log:\n{}", tail()),
-            Err(_) => panic!("worker {args:?} not READY within {READY_TIMEOUT:?}; log:\n{}", tail()),
+            Ok(None) => panic!("worker exited before READY; log:\n{}", self.log()),
+            Err(_) => panic!("worker not READY within {READY_TIMEOUT:?}; log:\n{}", self.log()),
         };
         // Keep draining stdout so the worker never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let mut parts = rest.split_whitespace();
-        let function_id = parts.next().expect("function id").to_string();
-        let instance_id = parts.next().expect("instance id").to_string();
-        Worker { child, pid, function_id, instance_id, log }
+        self.function_id = parts.next().expect("function id").to_string();
+        self.instance_id = parts.next().expect("instance id").to_string();
+    }
+
+    /// Whether the process has a handler installed for SIGTERM (SigCgt in /proc).
+    fn catches_sigterm(&self) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
     }
 
     fn log(&self) -> String {
@@ -650,6 +678,118 @@ async fn sigterm_drains_requests_in_flight_then_exits_zero() {
     let ev = wait_stopped(&mut ev_sub, &w.instance_id).await;
     assert_eq!(ev.exit_status, Some(0));
     assert!(w.log().contains("shutdown requested"), "the worker saw SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_cold_start_still_exits_cleanly() {
+    // A checkpoint dir whose config.json is a FIFO: the worker blocks loading it until the
+    // test writes the config, so SIGTERM arrives deterministically during the cold start.
+    let (src, _tmp) = tiny_checkpoint();
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "config.json" {
+            std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let fifo = dir.path().join("config.json");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success(), "mkfifo");
+    let config = std::fs::read(src.join("config.json")).unwrap();
+
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let mut ev_sub = events(&client).await;
+    let mut w = Worker::spawn(&server.url(), dir.path(), &["--experts", "0:0-3", "--idle-timeout-ms", "0"]);
+    let t0 = Instant::now();
+    while !w.catches_sigterm() {
+        if let Some(st) = w.child.try_wait().unwrap() {
+            panic!("worker exited during the cold start: {st:?}; log:\n{}", w.log());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no SIGTERM handler installed while the worker loads its experts: a SIGTERM now would kill \
+             it without draining, a stopped event or exit status 0; log:\n{}",
+            w.log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    w.sigterm();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Some(st) = w.child.try_wait().unwrap() {
+        panic!("SIGTERM during the cold start killed the worker: {st:?}; log:\n{}", w.log());
+    }
+    // Let the load finish: the worker completes its start, then honours the SIGTERM.
+    tokio::task::spawn_blocking(move || std::fs::write(&fifo, config)).await.unwrap().unwrap();
+    let st = w.wait_exit(Duration::from_secs(10)).await;
+    assert!(st.success(), "exit status {st:?}; log:\n{}", w.log());
+    assert!(w.log().contains("shutdown requested"), "the worker saw SIGTERM; log:\n{}", w.log());
+    // It announced itself and its end.
+    let mut kinds = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), ev_sub.next()).await {
+        let ev = FunctionEvent::decode(&m.payload).unwrap();
+        kinds.push(ev.kind);
+        if ev.kind == EventKind::Stopped {
+            assert_eq!(ev.exit_status, Some(0));
+            break;
+        }
+    }
+    assert_eq!(kinds.last(), Some(&EventKind::Stopped), "events: {kinds:?}");
+}
+
+/// Requests that race the drain (sent continuously while the worker unsubscribes) must be
+/// answered, or refused at once with no responders once the function is gone; none may be
+/// lost, i.e. time out.
+///
+/// Ignored: it fails with async-nats 0.51, whose `Subscriber::drain` removes the subscription
+/// on the connection handler's next poll after writing UNSUB instead of after the server's
+/// PONG, so a message the server routed before it processed the UNSUB is dropped when it
+/// arrives in between (the requester times out). Run with `--ignored` to check a fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "async-nats 0.51 Subscriber::drain drops messages in flight (no PONG fence)"]
+async fn requests_racing_a_drain_are_answered_or_refused_never_lost() {
+    let (dir, _tmp) = tiny_checkpoint();
+    let server = NatsServer::start();
+    let reference = reference_experts(&dir, "0:0-3");
+    let h = reference.hidden_size();
+    let w = Worker::start(&server.url(), &dir, &["--experts", "0:0-3", "--idle-timeout-ms", "0", "--batch-max-wait-us", "0"]).await;
+    let client = async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(2))).connect(server.url()).await.unwrap();
+    let stop_at = Instant::now() + Duration::from_secs(8);
+    let loops: Vec<_> = (0..4u64)
+        .map(|k| {
+            let client = client.clone();
+            let reference = reference.clone();
+            tokio::spawn(async move {
+                let mut rng = Rng(1000 + k);
+                let (mut ok, mut refused, mut lost) = (0u32, 0u32, 0u32);
+                while Instant::now() < stop_at {
+                    let rows = rng.rows(2, h);
+                    let req = request("acme", 0, h, &rows, rng.routes(2, &[0, 1, 2, 3], 4), true);
+                    match client.request(subject_for(&req, 0), encode(&req)).await {
+                        Ok(m) => {
+                            // Concurrent requests share batches: equal within float tolerance.
+                            assert_close(&reply_output(&m.payload, &req, h), &expected(&reference, &req), "racing request");
+                            ok += 1;
+                        }
+                        Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                            refused += 1;
+                            break;
+                        }
+                        Err(_) => lost += 1,
+                    }
+                }
+                (ok, refused, lost)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.sigterm();
+    let mut totals = (0, 0, 0);
+    for l in loops {
+        let (ok, refused, lost) = l.await.unwrap();
+        totals = (totals.0 + ok, totals.1 + refused, totals.2 + lost);
+    }
+    eprintln!("racing a drain: {} answered, {} refused (no responders), {} lost (timed out)", totals.0, totals.1, totals.2);
+    assert_eq!(totals.2, 0, "requests lost in the drain");
 }
 
 /// Mirrors [`ExpertRequest`] with free-form dtype strings (to send dtypes the proto types

@@ -16,10 +16,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = faasmoe_telemetry::init("faasmoe-controller");
     let cli = Cli::parse();
     tokio::select! {
         r = run(cli.settings, Arc::new(Unlimited)) => match r {
