@@ -17,12 +17,14 @@
 
 pub mod activation;
 pub mod deployment;
+pub mod runtime;
 pub mod server;
 pub mod spawner;
 pub mod tenants;
 
 pub use activation::{ActivationConfig, Activator, InstanceInfo, InstanceState};
 pub use deployment::Deployment;
+pub use runtime::{render_config, reload, RuntimeConfig, RuntimeError, RuntimeState, ServerControl, TenantAdmin, TENANTS_MARKER};
 pub use server::{EmbeddedServer, ServerOptions};
 pub use spawner::{Instance, InstanceBackend, InstanceExit, LocalProcessBackend, SpawnError};
 pub use tenants::{Admission, Quota, QuotaError, QuotaKind, TenantCredentials, TenantError, TenantRecord, TenantStore, TenantStoreConfig, TenantsConf, Usage};

@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use faasmoe_broker::{
-    ActivationConfig, Activator, Deployment, EmbeddedServer, LocalProcessBackend, Quota, ServerOptions, TenantStore, TenantStoreConfig,
-    TenantsConf,
+    ActivationConfig, Activator, Deployment, EmbeddedServer, LocalProcessBackend, Quota, RuntimeConfig, ServerOptions, TenantAdmin,
+    TenantStore, TenantStoreConfig, TenantsConf,
 };
 use tracing::info;
 
@@ -99,6 +99,11 @@ struct RunArgs {
     /// Embedded server: configuration file (default ./nats.conf, else the workspace's).
     #[arg(long)]
     nats_config: Option<PathBuf>,
+    /// Embedded server: runtime directory (rendered config with the tenant users, tenants.conf,
+    /// server.json); give it to `tenant create/delete --conf-dir` so that they reload this
+    /// server. Default: a temp dir, removed at exit.
+    #[arg(long, env = "FAASMOE_RUNTIME_DIR")]
+    runtime_dir: Option<PathBuf>,
     /// Embedded server: JetStream store directory (default: a temp dir, removed at exit).
     #[arg(long, env = "FAASMOE_JS_DIR")]
     js_dir: Option<PathBuf>,
@@ -127,6 +132,9 @@ struct StoreArgs {
     #[arg(long, default_value_t = 1)]
     replicas: usize,
     /// Keep NATS user entries in <DIR>/tenants.conf (added on create, removed on delete).
+    /// When DIR is the runtime dir of a broker's embedded server (`run --runtime-dir`, it has
+    /// a server.json), the server's configuration is re-rendered and reloaded too, so the
+    /// credentials work at once.
     #[arg(long, env = "FAASMOE_TENANTS_CONF_DIR")]
     conf_dir: Option<PathBuf>,
     /// Print JSON.
@@ -135,6 +143,17 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
+    /// Tenant administration that reloads the server, when `--conf-dir` is a runtime dir.
+    fn admin(&self, store: &TenantStore) -> anyhow::Result<Option<TenantAdmin>> {
+        match &self.conf_dir {
+            Some(dir) if dir.join(faasmoe_broker::runtime::STATE_FILE).is_file() => {
+                let (runtime, control) = RuntimeConfig::from_state_dir(dir)?;
+                Ok(Some(TenantAdmin::new(store.clone(), runtime, control)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     async fn open(&self) -> anyhow::Result<TenantStore> {
         let url = self.nats.nats_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".into());
         let client = self.nats.connect(&url).await?;
@@ -231,12 +250,22 @@ async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
     match cmd {
         TenantCommand::Create { name, quota, store } => {
             let s = store.open().await?;
-            let creds = s.create(&name, quota.apply(Quota::default())).await?;
-            if let Some(dir) = &store.conf_dir {
-                let conf = TenantsConf::in_dir(dir);
-                conf.upsert(&creds)?;
-                eprintln!("added to {} (reload the server: nats-server --signal reload)", conf.path().display());
-            }
+            let creds = match store.admin(&s)? {
+                Some(admin) => {
+                    let creds = admin.create(&name, quota.apply(Quota::default())).await?;
+                    eprintln!("added to {} and reloaded the server", admin.runtime().path().display());
+                    creds
+                }
+                None => {
+                    let creds = s.create(&name, quota.apply(Quota::default())).await?;
+                    if let Some(dir) = &store.conf_dir {
+                        let conf = TenantsConf::in_dir(dir);
+                        conf.upsert(&creds)?;
+                        eprintln!("added to {} (render it into the server's users and reload the server)", conf.path().display());
+                    }
+                    creds
+                }
+            };
             if store.json {
                 println!("{}", serde_json::json!({"credentials": creds, "nats_user_entry": creds.nats_user_entry()}));
             } else {
@@ -273,9 +302,15 @@ async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&u)?);
         }
         TenantCommand::Delete { name, store } => {
-            store.open().await?.delete(&name).await?;
-            if let Some(dir) = &store.conf_dir {
-                TenantsConf::in_dir(dir).remove(&name)?;
+            let s = store.open().await?;
+            match store.admin(&s)? {
+                Some(admin) => admin.delete(&name).await?,
+                None => {
+                    s.delete(&name).await?;
+                    if let Some(dir) = &store.conf_dir {
+                        TenantsConf::in_dir(dir).remove(&name)?;
+                    }
+                }
             }
             eprintln!("deleted tenant {name}");
         }
@@ -320,6 +355,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => {
             let opts = ServerOptions {
                 config: args.nats_config.clone().unwrap_or_else(faasmoe_broker::server::default_config),
+                runtime_dir: args.runtime_dir.clone(),
                 store_dir: args.js_dir.clone(),
                 addr: args.listen.clone(),
                 port: args.port,

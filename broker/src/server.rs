@@ -5,6 +5,11 @@
 //! `<workspace>/.tools/bin/nats-server` (installed by `scripts/install-nats-server`), else
 //! `nats-server` on `PATH`. `nats.conf` reads its JetStream store directory from
 //! `$FAASMOE_JS_DIR`, which is always set for the child.
+//!
+//! The server does not run from the given configuration file itself but from its rendered
+//! copy in a runtime directory, with the tenant users of `<runtime dir>/tenants.conf`
+//! inserted at the `# @faasmoe-tenants` marker (see [`crate::runtime`]); [`EmbeddedServer::tenant_admin`]
+//! gives the administration that adds/removes tenant users and reloads the server.
 
 use std::fs::File;
 use std::io::Read;
@@ -12,6 +17,9 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::runtime::{RuntimeConfig, RuntimeError, RuntimeState, ServerControl, TenantAdmin, DEFAULT_RELOAD_TIMEOUT};
+use crate::tenants::TenantStore;
 
 /// Environment variable `nats.conf` reads its JetStream store directory from.
 pub const JS_DIR_ENV: &str = "FAASMOE_JS_DIR";
@@ -31,6 +39,9 @@ pub enum ServerError {
     /// Spawning the process or preparing its directories failed.
     #[error("starting nats-server: {0}")]
     Io(#[from] std::io::Error),
+    /// Rendering the runtime configuration failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
     /// The process exited or did not accept connections in time.
     #[error("nats-server did not become ready: {why}\n--- log tail ---\n{log_tail}")]
     NotReady {
@@ -46,8 +57,13 @@ pub enum ServerError {
 pub struct ServerOptions {
     /// Path of the `nats-server` binary (default: [`nats_server_bin`]).
     pub bin: Option<PathBuf>,
-    /// The configuration file (default: [`default_config`]).
+    /// The base configuration file (default: [`default_config`]); the server runs from its
+    /// rendered copy in `runtime_dir`.
     pub config: PathBuf,
+    /// Runtime directory: `tenants.conf`, the rendered `nats.conf`, `server.json`
+    /// (see [`crate::runtime`]); default: a temp dir removed on drop. Give a persistent one
+    /// to keep tenant users across restarts and to administer tenants from another process.
+    pub runtime_dir: Option<PathBuf>,
     /// JetStream store directory (`$FAASMOE_JS_DIR`); default: a temp dir removed on drop.
     pub store_dir: Option<PathBuf>,
     /// Listen address (`-a`), default `127.0.0.1`.
@@ -67,6 +83,7 @@ impl Default for ServerOptions {
         Self {
             bin: None,
             config: default_config(),
+            runtime_dir: None,
             store_dir: None,
             addr: "127.0.0.1".into(),
             port: None,
@@ -128,6 +145,7 @@ pub struct EmbeddedServer {
     url: String,
     log_file: PathBuf,
     store_dir: PathBuf,
+    runtime: RuntimeConfig,
     // Dropped after the process is gone (field order).
     _temp: Option<tempfile::TempDir>,
 }
@@ -142,7 +160,7 @@ impl EmbeddedServer {
         if !opts.config.is_file() {
             return Err(ServerError::NoConfig(opts.config.clone()));
         }
-        let temp = if opts.store_dir.is_none() || opts.log_file.is_none() {
+        let temp = if opts.store_dir.is_none() || opts.log_file.is_none() || opts.runtime_dir.is_none() {
             Some(tempfile::Builder::new().prefix("faasmoe-broker-nats-").tempdir()?)
         } else {
             None
@@ -156,9 +174,15 @@ impl EmbeddedServer {
             Some(f) => f.clone(),
             None => temp.as_ref().expect("temp dir").path().join("nats-server.log"),
         };
+        let runtime_dir = match &opts.runtime_dir {
+            Some(d) => d.clone(),
+            None => temp.as_ref().expect("temp dir").path().join("runtime"),
+        };
+        let runtime = RuntimeConfig::new(&opts.config, &runtime_dir);
+        let rendered = runtime.render()?;
         let port = opts.port.unwrap_or(4222);
         let mut cmd = Command::new(&bin);
-        cmd.arg("-c").arg(&opts.config).arg("-a").arg(&opts.addr);
+        cmd.arg("-c").arg(&rendered).arg("-a").arg(&opts.addr);
         if let Some(p) = opts.port {
             cmd.arg("-p").arg(p.to_string());
         }
@@ -173,8 +197,15 @@ impl EmbeddedServer {
             .stderr(log)
             .spawn()?;
         let host = if opts.addr == "0.0.0.0" { "127.0.0.1".to_string() } else { opts.addr.clone() };
-        let mut server = Self { child, url: format!("nats://{host}:{port}"), log_file, store_dir, _temp: temp };
+        let mut server = Self { child, url: format!("nats://{host}:{port}"), log_file, store_dir, runtime, _temp: temp };
         server.wait_ready(&host, port, opts.startup_timeout)?;
+        server.runtime.write_state(&RuntimeState {
+            pid: server.pid(),
+            base_config: std::path::absolute(&opts.config).unwrap_or(opts.config.clone()),
+            config: rendered,
+            log_file: Some(server.log_file.clone()),
+            url: server.url.clone(),
+        })?;
         tracing::info!(url = %server.url, config = %opts.config.display(), store_dir = %server.store_dir.display(), "embedded nats-server ready");
         Ok(server)
     }
@@ -213,6 +244,21 @@ impl EmbeddedServer {
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The runtime configuration the server was started from.
+    pub fn runtime_config(&self) -> &RuntimeConfig {
+        &self.runtime
+    }
+
+    /// Reloading this server (waits for the confirmation in its log).
+    pub fn control(&self) -> ServerControl {
+        ServerControl { pid: self.pid(), log_file: Some(self.log_file.clone()), reload_timeout: DEFAULT_RELOAD_TIMEOUT }
+    }
+
+    /// Tenant administration whose credentials work on this server (see [`TenantAdmin`]).
+    pub fn tenant_admin(&self, store: TenantStore) -> TenantAdmin {
+        TenantAdmin::new(store, self.runtime.clone(), self.control())
     }
 
     /// The JetStream store directory.

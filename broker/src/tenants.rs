@@ -12,8 +12,10 @@
 //! once, with the NATS `users` entry ([`TenantCredentials::nats_user_entry`]) that lets the
 //! tenant publish only to `faasmoe.v1.generate.<tenant>`. The password is NOT stored in the
 //! KV. [`TenantsConf`] keeps such entries in a `tenants.conf` file (one block per tenant,
-//! added on create, removed on delete) for the operator to splice into the server's
-//! configuration (nats-server cannot `include` inside the `users` array).
+//! added on create, removed on delete); [`crate::runtime`] renders them into the server's
+//! runtime configuration at the `# @faasmoe-tenants` marker and reloads the server
+//! (nats-server cannot `include` inside the `users` array), and
+//! [`crate::runtime::TenantAdmin`] does all of it on create/delete.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -173,6 +175,9 @@ pub enum TenantError {
     /// The KV store failed.
     #[error("tenant store: {0}")]
     Store(String),
+    /// The server did not take the new users (render or reload failed).
+    #[error("nats-server: {0}")]
+    Server(String),
     /// Writing `tenants.conf` failed.
     #[error("tenants.conf: {0}")]
     Conf(#[from] std::io::Error),
@@ -204,6 +209,15 @@ pub struct Admission {
     /// Admission id, for logs.
     pub id: String,
 }
+
+// Controllers call admit/settle per request from spawned tasks and keep the admission in a
+// type-erased ticket: both must stay Send + Sync + 'static (and the store cheap to clone).
+const _: () = {
+    fn assert_send_sync_static<T: Send + Sync + 'static>() {}
+    let _ = assert_send_sync_static::<Admission>;
+    let _ = assert_send_sync_static::<TenantStore>;
+    let _ = assert_send_sync_static::<QuotaError>;
+};
 
 /// Options of the tenant bucket.
 #[derive(Debug, Clone)]
@@ -451,9 +465,9 @@ fn encode(rec: &TenantRecord) -> bytes::Bytes {
 /// (`# BEGIN tenant <name>` … `# END tenant <name>`), kept in step with create/delete.
 ///
 /// nats-server (2.x) cannot `include` a file inside an array, so this file is not included
-/// by `nats.conf` as is: an operator (or a deployment script) splices its entries into the
-/// account's `users: [...]` list and reloads the server (`nats-server --signal reload`).
-/// The project's development `nats.conf` has only its static `tenant-demo`.
+/// by `nats.conf`: [`crate::runtime::RuntimeConfig`] inserts its entries at the marker line
+/// of the account's `users: [...]` list into a rendered copy the server runs from, and
+/// [`crate::runtime::ServerControl::reload`] makes the server take them.
 #[derive(Debug, Clone)]
 pub struct TenantsConf {
     path: PathBuf,

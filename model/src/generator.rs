@@ -9,7 +9,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -279,4 +279,60 @@ pub fn write_checkpoint(
     let p = dir.join("generation_config.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&gen).expect("json")).map_err(io(&p))?;
     Ok(Written { files: names, bytes: total, tensors: tensors.len() })
+}
+
+/// Arguments of `init` (also used by the `faasmoe model init` command).
+#[derive(Debug, Clone, clap::Args)]
+pub struct InitArgs {
+    /// Output directory (created if absent).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Geometry preset: qwen1.5-moe-a2.7b (real sizes), demo (4× narrower), tiny.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Keep only this many decoder layers (the full qwen1.5-moe-a2.7b does not fit 24 GiB).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Override the vocabulary size.
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Largest shard in bytes (Hugging Face's default 2 GB).
+    #[arg(long, default_value_t = DEFAULT_MAX_SHARD_BYTES)]
+    pub max_shard_bytes: u64,
+    /// Copy this tokenizer.json into the checkpoint.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+
+/// Runs `init`: writes the checkpoint with a progress bar on stderr; returns the geometry.
+pub fn init(a: &InitArgs) -> anyhow::Result<Geometry> {
+    let Some(mut g) = preset(&a.preset) else {
+        anyhow::bail!("unknown preset `{}` (known: {})", a.preset, PRESETS.join(", "));
+    };
+    if let Some(l) = a.layers {
+        g.num_hidden_layers = l;
+    }
+    if let Some(v) = a.vocab_size {
+        g.vocab_size = v;
+    }
+    let total = g.total_bytes();
+    eprintln!(
+        "writing {} ({} layers, hidden {}, {} experts × {}, {:.2} GB bf16) to {}",
+        a.preset, g.num_hidden_layers, g.hidden_size, g.num_experts, g.moe_intermediate_size,
+        total as f64 / 1e9, a.out.display()
+    );
+    let bar = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")?,
+    );
+    let w = write_checkpoint(&a.out, &g, a.seed, a.max_shard_bytes, |d, _| bar.set_position(d))?;
+    bar.finish_and_clear();
+    if let Some(t) = &a.tokenizer {
+        std::fs::copy(t, a.out.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("copying {}: {e}", t.display()))?;
+    }
+    eprintln!("wrote {} tensors in {} file(s): {}", w.tensors, w.files.len(), w.files.join(", "));
+    Ok(g)
 }

@@ -1,0 +1,283 @@
+//! `faasmoe demo`: the main job end to end — a multi-tenant workload replayed from the Azure
+//! traces against the real stack (nats-server, broker, controller, expert functions started
+//! on demand), with progress while it runs and a report measured during the run.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use faasmoe_broker::Quota;
+use faasmoe_controller::tokenizer::QwenTokenizer;
+use faasmoe_proto::events::{EventKind, FunctionEvent};
+use faasmoe_proto::generate::{GenerateResponse, CONTENT_TYPE, JSON};
+use futures::StreamExt;
+
+use crate::monitor::{mb, Monitor, Role};
+use crate::stack::{Stack, StackArgs};
+use crate::workload::{self, Scale, TraceRow};
+
+/// Settings of the demo.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Checkpoint directory; default: demo-data/qwen15-moe-demo, generated if absent
+    /// (Qwen1.5-MoE-A2.7B structure shrunk 4× in width, random weights, real tokenizer).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Qwen's BPE ranks used to build tokenizer.json for the generated checkpoint.
+    #[arg(long, default_value = ".tools/qwen.tiktoken")]
+    pub tiktoken: PathBuf,
+    /// Requests per tenant.
+    #[arg(long, default_value_t = 6)]
+    pub requests: usize,
+    /// Prompt tokens of the trace are divided by this.
+    #[arg(long, default_value_t = 16.0)]
+    pub prompt_div: f64,
+    /// Output tokens of the trace are divided by this.
+    #[arg(long, default_value_t = 8.0)]
+    pub output_div: f64,
+    /// Inter-arrival times of the trace are multiplied by this.
+    #[arg(long, default_value_t = 1.0)]
+    pub time_mul: f64,
+    /// Experts per function.
+    #[arg(long, default_value_t = 20)]
+    pub granularity: u32,
+    /// Workers exit after this many ms idle.
+    #[arg(long, default_value_t = 8_000)]
+    pub idle_timeout_ms: u64,
+    /// Logs of the stack.
+    #[arg(long, default_value = "demo-data/logs")]
+    pub log_dir: PathBuf,
+}
+
+struct TenantPlan {
+    name: &'static str,
+    shape: &'static str,
+    quota: Quota,
+    rows: Vec<TraceRow>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Outcome {
+    ok: Option<GenerateResponse>,
+    error: Option<String>,
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[i]
+}
+
+/// Ensures the demo checkpoint exists; returns its directory.
+fn ensure_model(a: &DemoArgs) -> anyhow::Result<PathBuf> {
+    if let Some(m) = &a.model {
+        return Ok(m.clone());
+    }
+    let dir = PathBuf::from("demo-data/qwen15-moe-demo");
+    if dir.join("config.json").exists() && dir.join("tokenizer.json").exists() {
+        return Ok(dir);
+    }
+    let g = faasmoe_model::generator::preset("demo").expect("demo preset");
+    let real = faasmoe_model::generator::preset("qwen1.5-moe-a2.7b").expect("preset");
+    println!(
+        "creating the demo checkpoint: Qwen1.5-MoE-A2.7B structure ({} layers, {} experts top-{}, shared expert, vocab {}) shrunk {}× in width (hidden {} vs {}, expert {} vs {})",
+        g.num_hidden_layers, g.num_experts, g.num_experts_per_tok, g.vocab_size,
+        real.hidden_size / g.hidden_size, g.hidden_size, real.hidden_size, g.moe_intermediate_size, real.moe_intermediate_size
+    );
+    let tok = QwenTokenizer::from_tiktoken(&a.tiktoken)
+        .with_context(|| format!("building tokenizer.json from {} (run scripts/fetch-qwen-tiktoken)", a.tiktoken.display()))?;
+    faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs {
+        out: dir.clone(),
+        preset: "demo".into(),
+        layers: None,
+        vocab_size: None,
+        seed: 0,
+        max_shard_bytes: faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        tokenizer: None,
+    })?;
+    tok.save(dir.join("tokenizer.json"))?;
+    Ok(dir)
+}
+
+/// Runs the demo.
+pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
+    let t_all = Instant::now();
+    let model = ensure_model(&a)?;
+    let tokenizer = QwenTokenizer::from_checkpoint_dir(&model)?;
+    let scale = Scale { prompt_div: a.prompt_div, output_div: a.output_div, time_mul: a.time_mul, prompt_range: (8, 128), output_range: (4, 24) };
+    let n = a.requests;
+    let plans = vec![
+        TenantPlan { name: "chat", shape: "conversation trace", quota: Quota { max_concurrent: Some(8), tokens_per_minute: None, total_tokens: None }, rows: workload::load(workload::CONV_TRACE, 0, n, &scale)? },
+        TenantPlan { name: "code", shape: "code-completion trace", quota: Quota { max_concurrent: Some(8), tokens_per_minute: None, total_tokens: None }, rows: workload::load(workload::CODE_TRACE, 0, n, &scale)? },
+        TenantPlan { name: "trial", shape: "conversation trace, 200-token budget", quota: Quota { max_concurrent: Some(2), tokens_per_minute: None, total_tokens: Some(200) }, rows: workload::load(workload::CONV_TRACE, 100, n, &scale)? },
+    ];
+    println!("workload: {} tenants × {n} requests from the Azure LLM traces (Splitwise, ISCA 2024, CC-BY 4.0); scale: prompt tokens ÷{}, output tokens ÷{}, time ×{}", plans.len(), a.prompt_div, a.output_div, a.time_mul);
+
+    let stack_args = StackArgs { model: model.clone(), granularity: a.granularity, idle_timeout_ms: a.idle_timeout_ms, max_instances: 2, port: None, nats_config: None, log_dir: a.log_dir.clone() };
+    println!("starting the stack (nats-server, broker, controller; expert functions start on demand, granularity {})…", a.granularity);
+    let stack = Stack::start(&stack_args).await?;
+    let internal = stack.connect_internal().await?;
+
+    // Resource monitor.
+    let monitor = Arc::new(Mutex::new(Monitor::new(
+        vec![
+            (Role::Nats, stack.server.pid() as i32),
+            (Role::Broker, stack.broker.id().unwrap_or(0) as i32),
+            (Role::Controller, stack.controller.id().unwrap_or(0) as i32),
+        ],
+        vec![stack.broker.id().unwrap_or(0) as i32],
+    )));
+    let m2 = monitor.clone();
+    let sampler = tokio::spawn(async move {
+        loop {
+            m2.lock().unwrap().sample();
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+    });
+    // Cold starts from the function events.
+    let cold: Arc<Mutex<BTreeMap<String, f64>>> = Default::default();
+    let mut events = internal.subscribe(faasmoe_proto::subject::events(&stack.model_id)?).await?;
+    let c2 = cold.clone();
+    let ev_task = tokio::spawn(async move {
+        while let Some(m) = events.next().await {
+            if let Ok(e) = FunctionEvent::decode(&m.payload) {
+                if e.kind == EventKind::Ready {
+                    if let Some(ms) = e.cold_start_ms {
+                        let mut c = c2.lock().unwrap();
+                        let v = c.entry(e.instance_id).or_insert(0.0);
+                        *v = v.max(ms);
+                    }
+                }
+            }
+        }
+    });
+
+    // Tenants with their own credentials and quotas.
+    let admin = crate::tenant_admin(&stack).await?;
+    let corpus = tokenizer.encode(workload::CORPUS)?;
+    let results: Arc<Mutex<BTreeMap<&'static str, Vec<Outcome>>>> = Default::default();
+    let mut tasks = Vec::new();
+    let start = tokio::time::Instant::now();
+    for (ti, plan) in plans.iter().enumerate() {
+        let creds = admin.create(plan.name, plan.quota.clone()).await?;
+        let client = faasmoe_controller::service::connect(stack.server.url(), Some(&creds.user), Some(&creds.password), plan.name).await?;
+        let subject = faasmoe_proto::subject::generate(plan.name)?;
+        for (i, row) in plan.rows.iter().copied().enumerate() {
+            let prompt = workload::prompt_text(&corpus, (ti * 97 + i * 31) % corpus.len(), row.context_tokens as usize, |ids| tokenizer.decode(ids).unwrap_or_default());
+            let body = serde_json::json!({"prompt": prompt, "max_tokens": row.generated_tokens, "temperature": 0.7, "top_p": 0.9, "seed": i});
+            let (client, subject, results, name) = (client.clone(), subject.clone(), results.clone(), plan.name);
+            tasks.push(tokio::spawn(async move {
+                workload::sleep_until(start, row.at_s).await;
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(CONTENT_TYPE, JSON);
+                let r = tokio::time::timeout(
+                    Duration::from_secs(600),
+                    client.send_request(subject, async_nats::Request::new().headers(headers).payload(body.to_string().into()).timeout(Some(Duration::from_secs(600)))),
+                )
+                .await;
+                let outcome = match r {
+                    Ok(Ok(m)) => match serde_json::from_slice::<GenerateResponse>(&m.payload) {
+                        Ok(resp) => Outcome { ok: Some(resp), error: None },
+                        Err(_) => {
+                            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                            Outcome { ok: None, error: Some(v["error"]["code"].as_str().unwrap_or("invalid_reply").to_string()) }
+                        }
+                    },
+                    Ok(Err(e)) => Outcome { ok: None, error: Some(format!("nats: {}", e.kind())) },
+                    Err(_) => Outcome { ok: None, error: Some("client_timeout".into()) },
+                };
+                results.lock().unwrap().entry(name).or_default().push(outcome);
+            }));
+        }
+    }
+    // Progress.
+    let total_requests = tasks.len();
+    let r2 = results.clone();
+    let progress = tokio::spawn(async move {
+        let t0 = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let r = r2.lock().unwrap();
+            let done: usize = r.values().map(Vec::len).sum();
+            let toks: u32 = r.values().flatten().filter_map(|o| o.ok.as_ref()).map(|x| x.usage.completion_tokens).sum();
+            let per: Vec<String> = r.iter().map(|(k, v)| format!("{k} {}", v.len())).collect();
+            println!("  [{:5.1}s] {done}/{total_requests} requests done ({}), {:.1} output tokens/s", t0.elapsed().as_secs_f64(), per.join(", "), toks as f64 / t0.elapsed().as_secs_f64());
+        }
+    });
+    for t in tasks {
+        t.await?;
+    }
+    progress.abort();
+    let workload_s = start.elapsed().as_secs_f64();
+    println!("workload finished in {workload_s:.1}s; waiting {:.0}s for idle functions to scale to zero…", a.idle_timeout_ms as f64 / 1e3 + 4.0);
+    let t_wait = Instant::now();
+    while t_wait.elapsed() < Duration::from_millis(a.idle_timeout_ms + 4000) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    sampler.abort();
+    ev_task.abort();
+    monitor.lock().unwrap().sample();
+
+    // Report.
+    let results = results.lock().unwrap().clone();
+    println!("\n## Tenants (measured in this run)\n");
+    println!("| tenant | shape | requests | ok | prompt tok | completion tok | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for plan in &plans {
+        let v = results.get(plan.name).cloned().unwrap_or_default();
+        let oks: Vec<&GenerateResponse> = v.iter().filter_map(|o| o.ok.as_ref()).collect();
+        let ttft: Vec<f64> = oks.iter().map(|r| r.timings.ttft_ms).collect();
+        let tpot: Vec<f64> = oks.iter().filter(|r| r.usage.completion_tokens > 1).map(|r| (r.timings.total_ms - r.timings.ttft_ms) / (r.usage.completion_tokens - 1) as f64).collect();
+        let mut errs: BTreeMap<String, usize> = BTreeMap::new();
+        for o in &v {
+            if let Some(e) = &o.error {
+                *errs.entry(e.clone()).or_default() += 1;
+            }
+        }
+        let errs = if errs.is_empty() { "-".to_string() } else { errs.iter().map(|(k, n)| format!("{k}: {n}")).collect::<Vec<_>>().join(", ") };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+            plan.name, plan.shape, v.len(), oks.len(),
+            oks.iter().map(|r| r.usage.prompt_tokens).sum::<u32>(), oks.iter().map(|r| r.usage.completion_tokens).sum::<u32>(),
+            percentile(&ttft, 50.0), percentile(&ttft, 99.0), percentile(&tpot, 50.0), percentile(&tpot, 99.0), errs
+        );
+    }
+    let cold: Vec<f64> = cold.lock().unwrap().values().copied().collect();
+    println!("\n## Functions\n");
+    println!("cold starts: {} (spawn → ready p50 {:.0} ms, p99 {:.0} ms)", cold.len(), percentile(&cold, 50.0), percentile(&cold, 99.0));
+    println!("\n## Resources over time (from /proc; CPU in % of one core)\n");
+    println!("| t s | instances | controller RSS MB | controller CPU % | workers RSS MB | workers PSS MB | workers CPU % | nats RSS MB | nats CPU % | broker RSS MB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let m = monitor.lock().unwrap();
+    let step = (m.samples.len() / 16).max(1);
+    for (i, s) in m.samples.iter().enumerate() {
+        if i % step != 0 && i + 1 != m.samples.len() {
+            continue;
+        }
+        let g = |r: Role| s.roles.get(&r).copied().unwrap_or_default();
+        let (c, w, nats, b) = (g(Role::Controller), g(Role::Worker), g(Role::Nats), g(Role::Broker));
+        println!(
+            "| {:.0} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {:.0} | {} |",
+            s.t_s, w.processes, mb(c.rss_bytes), c.cpu_percent, mb(w.rss_bytes), mb(w.pss_bytes), w.cpu_percent, mb(nats.rss_bytes), nats.cpu_percent, mb(b.rss_bytes)
+        );
+    }
+    let peak_workers = m.samples.iter().map(|s| s.roles.get(&Role::Worker).map(|w| w.processes).unwrap_or(0)).max().unwrap_or(0);
+    let last_workers = m.samples.last().and_then(|s| s.roles.get(&Role::Worker)).map(|w| w.processes).unwrap_or(0);
+    println!("\nfunction instances: peak {peak_workers}, at the end {last_workers} (idle timeout {} ms){}", a.idle_timeout_ms, if last_workers == 0 { ": scaled to zero" } else { "" });
+    drop(m);
+    println!("\nusage in the quota store:");
+    for plan in &plans {
+        if let Ok(u) = admin.store().usage(plan.name).await {
+            println!("  {}: {} tokens charged, {} in flight", plan.name, u.total_tokens, u.in_flight);
+        }
+    }
+    stack.stop().await;
+    println!("\ndemo done in {:.0}s; logs in {}", t_all.elapsed().as_secs_f64(), a.log_dir.display());
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! `faasmoe`: run the stack, send generate requests, administer tenants, make checkpoints,
+//! run the demo.
+
+mod demo;
+mod monitor;
+mod quota;
+mod stack;
+mod workload;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use faasmoe_broker::{TenantAdmin, TenantStore};
+use faasmoe_controller::quota::{QuotaGate, Unlimited};
+use faasmoe_controller::service::ControllerSettings;
+use faasmoe_proto::generate::{StreamMessage, CONTENT_TYPE, JSON};
+use futures::StreamExt;
+
+#[derive(Parser)]
+#[command(
+    name = "faasmoe",
+    version,
+    about = "Serve Mixture-of-Experts models with the routed experts as scale-to-zero functions over NATS",
+    long_about = "faasmoe splits a Qwen2-MoE model: a controller keeps attention, router, shared expert and LM head; \
+                  the routed experts run as stateless functions (expert worker processes) that a broker starts on demand \
+                  and that exit when idle. Tenants call the controller with a NATS request."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the stack (nats-server, broker, controller) and stay up until Ctrl-C.
+    Up(stack::StackArgs),
+    /// Run a controller (the control plane service) against a running NATS server.
+    Controller {
+        #[command(flatten)]
+        settings: ControllerSettings,
+        /// Admit every request (no JetStream quotas).
+        #[arg(long)]
+        no_quota: bool,
+    },
+    /// Send a generate request as a tenant and stream the answer to the terminal.
+    Generate(GenerateArgs),
+    /// Administer tenants and quotas (runs `faasmoe-broker tenant …`; see its --help).
+    #[command(disable_help_flag = true)]
+    Tenant {
+        /// Arguments of `faasmoe-broker tenant` (create, list, quota, usage, delete).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Checkpoint tools.
+    #[command(subcommand)]
+    Model(ModelCmd),
+    /// Run the main job: a multi-tenant workload from real traces against the whole stack,
+    /// with a per-tenant and resource report.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Write a random-weight checkpoint in the exact Hugging Face hub layout.
+    Init {
+        #[command(flatten)]
+        args: faasmoe_model::generator::InitArgs,
+        /// Build tokenizer.json from Qwen's BPE ranks (`qwen.tiktoken`, see scripts/fetch-qwen-tiktoken).
+        #[arg(long)]
+        tiktoken: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Tenant name (the request goes to faasmoe.v1.generate.<tenant>).
+    #[arg(long)]
+    tenant: String,
+    /// NATS user (default: tenant-<tenant>).
+    #[arg(long, env = "NATS_USER")]
+    user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// The prompt.
+    prompt: String,
+}
+
+async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let user = a.user.clone().unwrap_or_else(|| format!("tenant-{}", a.tenant));
+    let client = faasmoe_controller::service::connect(&a.nats_url, Some(&user), a.password.as_deref(), "faasmoe-generate").await?;
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await?;
+    let body = serde_json::json!({"prompt": a.prompt, "max_tokens": a.max_tokens, "temperature": a.temperature, "stream": true});
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(CONTENT_TYPE, JSON);
+    client.publish_with_reply_and_headers(faasmoe_proto::subject::generate(&a.tenant)?, inbox, headers, body.to_string().into()).await?;
+    use std::io::Write;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(300), sub.next()).await.context("no answer within 300 s")?.context("subscription closed")?;
+        if msg.payload.is_empty() {
+            anyhow::bail!("no controller answered (no responders)");
+        }
+        let m: serde_json::Value = serde_json::from_slice(&msg.payload)?;
+        if m.get("error").is_some() {
+            anyhow::bail!("{}: {}", m["error"]["code"], m["error"]["message"]);
+        }
+        match serde_json::from_value::<StreamMessage>(m)? {
+            StreamMessage::Chunk(c) => {
+                print!("{}", c.text);
+                std::io::stdout().flush()?;
+            }
+            StreamMessage::Done(d) => {
+                println!();
+                eprintln!("[{:?}; {} prompt + {} completion tokens; TTFT {:.0} ms, total {:.0} ms]", d.finish_reason, d.usage.prompt_tokens, d.usage.completion_tokens, d.timings.ttft_ms, d.timings.total_ms);
+                return Ok(());
+            }
+            StreamMessage::Error(e) => anyhow::bail!("{}: {}", e.code, e.message),
+        }
+    }
+}
+
+/// Tenant administration for a stack started by this process (credentials take effect at once).
+pub(crate) async fn tenant_admin(stack: &stack::Stack) -> anyhow::Result<TenantAdmin> {
+    let client = faasmoe_controller::service::connect(stack.server.url(), Some("broker"), Some(stack::dev_passwords::BROKER), "faasmoe-admin").await?;
+    let store = TenantStore::open_default(client).await?;
+    Ok(stack.server.tenant_admin(store))
+}
+
+async fn main_inner(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Up(a) => {
+            let stack = stack::Stack::start(&a).await?;
+            println!("faasmoe is up: NATS at {} (model id {}). Create a tenant with `faasmoe tenant create …`, then `faasmoe generate --tenant …`. Ctrl-C stops.", stack.server.url(), stack.model_id);
+            tokio::signal::ctrl_c().await?;
+            stack.stop().await;
+            Ok(())
+        }
+        Cmd::Controller { settings, no_quota } => {
+            let quota: Arc<dyn QuotaGate> = if no_quota {
+                Arc::new(Unlimited)
+            } else {
+                let client = faasmoe_controller::service::connect(&settings.nats_url, settings.nats_user.as_deref(), settings.nats_password.as_deref(), "faasmoe-controller-quota").await?;
+                Arc::new(quota::JetStreamQuota(TenantStore::open_default(client).await?))
+            };
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = faasmoe_controller::service::run(settings, quota) => r,
+                _ = term.recv() => Ok(()),
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        }
+        Cmd::Generate(a) => generate(a).await,
+        Cmd::Tenant { args } => {
+            let exe = std::env::current_exe()?.with_file_name("faasmoe-broker");
+            let status = tokio::process::Command::new(&exe).arg("tenant").args(&args).status().await.with_context(|| format!("running {}", exe.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::Model(ModelCmd::Init { args, tiktoken }) => {
+            faasmoe_model::generator::init(&args)?;
+            if let Some(t) = tiktoken {
+                let tok = faasmoe_controller::tokenizer::QwenTokenizer::from_tiktoken(&t)?;
+                tok.save(args.out.join("tokenizer.json"))?;
+                eprintln!("wrote tokenizer.json from {}", t.display());
+            }
+            Ok(())
+        }
+        Cmd::Demo(a) => demo::run(a).await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let _telemetry = faasmoe_telemetry::init("faasmoe");
+    match main_inner(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

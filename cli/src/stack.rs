@@ -1,0 +1,164 @@
+//! Starting the whole stack: nats-server with `nats.conf`, the broker, a controller.
+//! Expert functions start on demand (the broker spawns them).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use faasmoe_broker::{EmbeddedServer, ServerOptions};
+use tokio::process::{Child, Command};
+use tracing::info;
+
+/// Development passwords of `nats.conf`'s internal users (publicly known; loopback only).
+pub mod dev_passwords {
+    /// `controller`.
+    pub const CONTROLLER: &str = "faasmoe-controller-dev";
+    /// `worker`.
+    pub const WORKER: &str = "faasmoe-worker-dev";
+    /// `broker`.
+    pub const BROKER: &str = "faasmoe-broker-dev";
+}
+
+/// How to start the stack.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StackArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Experts per function.
+    #[arg(long, default_value_t = 20)]
+    pub granularity: u32,
+    /// Workers exit after this many ms without a request.
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_timeout_ms: u64,
+    /// Most instances per function.
+    #[arg(long, default_value_t = 2)]
+    pub max_instances: u32,
+    /// NATS client port (default: a free one).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// nats-server configuration.
+    #[arg(long)]
+    pub nats_config: Option<PathBuf>,
+    /// Where logs of the broker, controller and workers go.
+    #[arg(long, default_value = "demo-data/logs")]
+    pub log_dir: PathBuf,
+}
+
+/// The running stack; stops everything when dropped.
+pub struct Stack {
+    /// nats-server.
+    pub server: EmbeddedServer,
+    /// The broker process.
+    pub broker: Child,
+    /// The controller process.
+    pub controller: Child,
+    /// Model id in subjects.
+    pub model_id: String,
+}
+
+fn sibling(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let p = exe.with_file_name(name);
+    if p.exists() { p } else { PathBuf::from(name) }
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let p = dir.join(name);
+    std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
+}
+
+impl Stack {
+    /// Starts nats-server, the broker and a controller with JetStream quotas, and waits until
+    /// both answer.
+    pub async fn start(a: &StackArgs) -> anyhow::Result<Self> {
+        let model_id = faasmoe_proto::subject::sanitize_token(
+            &a.model.canonicalize().with_context(|| format!("model directory {}", a.model.display()))?.file_name().unwrap_or_default().to_string_lossy(),
+        );
+        let port = match a.port {
+            Some(p) => p,
+            None => faasmoe_broker::server::free_port()?,
+        };
+        let opts = ServerOptions {
+            config: a.nats_config.clone().unwrap_or_else(faasmoe_broker::server::default_config),
+            runtime_dir: Some(a.log_dir.join("nats-runtime")),
+            port: Some(port),
+            monitor_port: Some(faasmoe_broker::server::free_port()?),
+            log_file: Some(a.log_dir.join("nats-server.log")),
+            ..Default::default()
+        };
+        std::fs::create_dir_all(&a.log_dir)?;
+        let server = EmbeddedServer::start(opts).context("starting nats-server (run scripts/install-nats-server?)")?;
+        let url = server.url().to_string();
+        info!(%url, "nats-server ready");
+
+        let broker = Command::new(sibling("faasmoe-broker"))
+            .args(["run", "--nats-url", &url, "--nats-user", "broker", "--nats-password", dev_passwords::BROKER])
+            .arg("--model-dir").arg(&a.model)
+            .args(["--model-id", &model_id, "--granularity", &a.granularity.to_string()])
+            .args(["--idle-timeout-ms", &a.idle_timeout_ms.to_string(), "--max-instances", &a.max_instances.to_string()])
+            .args(["--worker-nats-user", "worker", "--worker-nats-password", dev_passwords::WORKER])
+            .arg("--worker-bin").arg(sibling("faasmoe-expert-worker"))
+            .arg("--worker-log-dir").arg(a.log_dir.join("workers"))
+            .stdout(Stdio::null())
+            .stderr(log_file(&a.log_dir, "broker.log")?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting faasmoe-broker")?;
+        let controller = Command::new(std::env::current_exe()?)
+            .args(["controller", "--nats-url", &url, "--nats-user", "controller", "--nats-password", dev_passwords::CONTROLLER])
+            .arg("--model-dir").arg(&a.model)
+            .args(["--model-id", &model_id, "--granularity", &a.granularity.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log_file(&a.log_dir, "controller.log")?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the controller")?;
+        let stack = Self { server, broker, controller, model_id };
+        stack.wait_ready(Duration::from_secs(120)).await?;
+        Ok(stack)
+    }
+
+    /// An internal connection (user `controller`).
+    pub async fn connect_internal(&self) -> anyhow::Result<async_nats::Client> {
+        faasmoe_controller::service::connect(self.server.url(), Some("controller"), Some(dev_passwords::CONTROLLER), "faasmoe-cli").await
+    }
+
+    async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
+        let client = self.connect_internal().await?;
+        let t0 = Instant::now();
+        let probe_gen = faasmoe_proto::subject::generate("faasmoe-probe")?;
+        let probe_act = faasmoe_proto::subject::activate(&self.model_id)?;
+        let mut up = (false, false);
+        while t0.elapsed() < limit {
+            if !up.0 {
+                // An empty body is a bad request: any reply means the controller serves.
+                up.0 = tokio::time::timeout(Duration::from_secs(2), client.request(probe_gen.clone(), "".into())).await.map(|r| r.is_ok()).unwrap_or(false);
+            }
+            if !up.1 {
+                up.1 = tokio::time::timeout(Duration::from_secs(2), client.request(probe_act.clone(), "{}".into())).await.map(|r| r.is_ok()).unwrap_or(false);
+            }
+            if up == (true, true) {
+                info!(secs = t0.elapsed().as_secs_f64(), "controller and broker ready");
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bail!("the stack did not come up within {limit:?} (controller ready: {}, broker ready: {}); see the logs", up.0, up.1)
+    }
+
+    /// Stops the controller and the broker (which stops its workers) with SIGTERM, then the server.
+    pub async fn stop(mut self) {
+        for child in [&mut self.controller, &mut self.broker] {
+            if let Some(pid) = child.id() {
+                let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+            }
+            if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+        self.server.stop();
+    }
+}

@@ -1,0 +1,580 @@
+//! The controller end to end: a real `nats-server`, real `faasmoe-expert-worker` processes
+//! (one per function of the layout), the controller in-process, clients speaking the JSON
+//! API on `faasmoe.v1.generate.<tenant>`.
+//!
+//! Needs `scripts/install-nats-server` (or `scripts/install-test-deps`) and the worker binary
+//! (`cargo build -p faasmoe-expert-worker`). Fixtures: `$FAASMOE_FIXTURES`, else
+//! `../shared/fixtures`; when absent, each test prints a loud SKIPPED and passes.
+//! `FAASMOE_TEST_WORKER_LOGS=1` shows the workers' logs.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use clap::Parser;
+use faasmoe_controller::quota::{QuotaGate, QuotaTicket, Unlimited};
+use faasmoe_controller::service::{self, ControllerSettings};
+use faasmoe_e2e::{cargo_bin, workspace_root, NatsServer};
+use faasmoe_model::fixtures::fixture;
+use faasmoe_proto::generate::ClientError;
+use faasmoe_proto::layout::{FunctionSpec, Layout};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const TINY: &str = "qwen15-moe-tiny";
+const GQA: &str = "qwen2-moe-gqa-mixed";
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------
+
+/// A fixture checkpoint with what the tests need to know about it.
+struct Model {
+    dir: PathBuf,
+    moe_layers: Vec<u32>,
+    num_experts: u32,
+    golden: HashMap<String, Tensor>,
+}
+
+impl Model {
+    /// `None` (with a loud skip) when the fixtures are absent.
+    fn load(name: &str) -> Option<Self> {
+        let Some(dir) = fixture(name) else {
+            eprintln!("!!! SKIPPED: fixture {name} not found");
+            return None;
+        };
+        let cfg: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let layers = cfg["num_hidden_layers"].as_u64().unwrap() as u32;
+        let step = cfg["decoder_sparse_step"].as_u64().unwrap_or(1).max(1) as u32;
+        let dense: Vec<u32> =
+            cfg["mlp_only_layers"].as_array().map(|a| a.iter().map(|v| v.as_u64().unwrap() as u32).collect()).unwrap_or_default();
+        let moe_layers = (0..layers).filter(|l| !dense.contains(l) && (l + 1) % step == 0).collect();
+        let num_experts = cfg["num_experts"].as_u64().unwrap() as u32;
+        let golden = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+        Some(Self { dir, moe_layers, num_experts, golden })
+    }
+
+    fn ids(&self, key: &str) -> Vec<u32> {
+        self.golden[key].flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+    }
+
+    fn prompt(&self, i: usize) -> Vec<u32> {
+        self.ids(&format!("prompt.{i}.input_ids"))
+    }
+
+    fn greedy(&self, i: usize) -> Vec<u32> {
+        self.ids(&format!("prompt.{i}.greedy_ids"))
+    }
+
+    fn layout(&self, granularity: u32) -> Layout {
+        Layout::new(&self.moe_layers, self.num_experts, granularity)
+    }
+}
+
+fn greedy_body(ids: &[u32]) -> Value {
+    json!({"input_ids": ids, "max_tokens": 24, "temperature": 0})
+}
+
+// ---------------------------------------------------------------------------------------
+// Worker processes
+// ---------------------------------------------------------------------------------------
+
+/// Running worker processes, killed (and reaped) on drop.
+#[derive(Default)]
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Workers {
+    /// Starts one worker per function, all at once, and waits for every `READY` line.
+    fn start(url: &str, dir: &Path, model_id: &str, functions: &[FunctionSpec]) -> Self {
+        let bin = cargo_bin("faasmoe-expert-worker");
+        let show_logs = std::env::var_os("FAASMOE_TEST_WORKER_LOGS").is_some();
+        let mut workers = Workers::default();
+        let (tx, rx) = std::sync::mpsc::channel::<(String, String)>();
+        for f in functions {
+            let mut child = Command::new(&bin)
+                .args(["--nats-url", url, "--model-id", model_id, "--idle-timeout-ms", "0"])
+                .arg("--model-dir")
+                .arg(dir)
+                .args(["--experts", &f.experts_spec(), "--function-id", &f.id])
+                .env_remove("NATS_USER")
+                .env_remove("NATS_PASSWORD")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(if show_logs { Stdio::inherit() } else { Stdio::null() })
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+            let stdout = child.stdout.take().expect("piped stdout");
+            workers.0.push(child);
+            let (tx, id) = (tx.clone(), f.id.clone());
+            std::thread::spawn(move || {
+                // Reads to EOF, so the worker never writes into a closed pipe.
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line.starts_with("READY ") {
+                        let _ = tx.send((id.clone(), line));
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut ready = std::collections::BTreeSet::new();
+        while ready.len() < functions.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((id, line)) => {
+                    assert_eq!(line.split_whitespace().nth(1), Some(id.as_str()), "READY line of {id}: {line}");
+                    ready.insert(id);
+                }
+                Err(e) => {
+                    let exited: Vec<String> =
+                        workers.0.iter_mut().filter_map(|c| c.try_wait().ok().flatten().map(|s| format!("pid {}: {s}", c.id()))).collect();
+                    panic!("{} of {} workers ready ({e}); exited: {exited:?}", ready.len(), functions.len());
+                }
+            }
+        }
+        workers
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Controller in-process
+// ---------------------------------------------------------------------------------------
+
+#[derive(Parser)]
+struct ControllerCli {
+    #[command(flatten)]
+    settings: ControllerSettings,
+}
+
+/// A controller task, aborted on drop.
+struct Controller(tokio::task::JoinHandle<anyhow::Result<()>>);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A NATS server, the workers of a layout and a controller, torn down on drop (controller
+/// first, then workers, then the server).
+struct Deployment {
+    controller: Controller,
+    _workers: Workers,
+    client: async_nats::Client,
+    model_id: String,
+    server: NatsServer,
+}
+
+impl Deployment {
+    /// Starts a server, a worker for each function of `functions`, and a controller with
+    /// `flags` (added to `--nats-url --model-dir --model-id`), and waits until the
+    /// controller answers on `faasmoe.v1.generate.<probe_tenant>`.
+    async fn start(model: &Model, functions: &[FunctionSpec], flags: &[&str], quota: Arc<dyn QuotaGate>, probe_tenant: &str) -> Self {
+        let server = NatsServer::start();
+        let model_id = "m".to_string();
+        let workers = tokio::task::block_in_place(|| Workers::start(&server.url(), &model.dir, &model_id, functions));
+        let url = server.url();
+        let dir = model.dir.to_string_lossy().into_owned();
+        let mut args = vec!["controller", "--nats-url", &url, "--model-dir", &dir, "--model-id", &model_id];
+        args.extend_from_slice(flags);
+        let settings = ControllerCli::try_parse_from(args).unwrap_or_else(|e| panic!("controller flags: {e}")).settings;
+        let controller = Controller(tokio::spawn(service::run(settings, quota)));
+        let client = server.connect().await.expect("connect to nats-server");
+        let d = Deployment { controller, _workers: workers, client, model_id, server };
+        d.wait_serving(probe_tenant).await;
+        d
+    }
+
+    /// A controller over workers for every function of `g`.
+    async fn with_workers(model: &Model, g: u32, extra: &[&str]) -> Self {
+        let gs = g.to_string();
+        let mut flags = vec!["--granularity", gs.as_str()];
+        flags.extend_from_slice(extra);
+        Self::start(model, &model.layout(g).functions, &flags, Arc::new(Unlimited), "probe").await
+    }
+
+    /// Polls with an empty JSON object (answered `bad_request`) until the controller serves.
+    async fn wait_serving(&self, tenant: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if self.controller.0.is_finished() {
+                panic!("the controller stopped before serving (see its error above)");
+            }
+            let req = async_nats::Request::new().payload("{}".into()).timeout(Some(Duration::from_secs(2)));
+            if let Ok(m) = self.client.send_request(format!("faasmoe.v1.generate.{tenant}"), req).await {
+                let v: Value = serde_json::from_slice(&m.payload).expect("JSON reply");
+                assert_eq!(v["error"]["code"], "bad_request", "probe reply {v}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "the controller did not serve within 120 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a raw body and parses the JSON reply.
+    async fn request_raw(&self, tenant: &str, body: Vec<u8>) -> Value {
+        let req = async_nats::Request::new().payload(body.into()).timeout(Some(REQUEST_TIMEOUT));
+        let m = self.client.send_request(format!("faasmoe.v1.generate.{tenant}"), req).await.expect("generate reply");
+        serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {:?}", m.payload))
+    }
+
+    async fn request(&self, tenant: &str, body: &Value) -> Value {
+        self.request_raw(tenant, serde_json::to_vec(body).unwrap()).await
+    }
+
+    /// The generated ids of a successful reply (panics with the reply otherwise).
+    async fn generate_ids(&self, tenant: &str, body: &Value) -> Vec<u32> {
+        let v = self.request(tenant, body).await;
+        token_ids(&v)
+    }
+
+    /// The error code of a failed reply (panics on success).
+    async fn error_code(&self, tenant: &str, body: Vec<u8>) -> String {
+        let v = self.request_raw(tenant, body).await;
+        let code = v["error"]["code"].as_str().unwrap_or_else(|| panic!("expected an error reply, got {v}"));
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "error without a message: {v}");
+        eprintln!("{tenant}: {}", v["error"]);
+        code.to_string()
+    }
+
+    /// Sum of the `requests` counters of every worker (their status endpoints).
+    async fn expert_requests(&self, functions: &[FunctionSpec]) -> u64 {
+        let mut total = 0;
+        for f in functions {
+            let subject = format!("faasmoe.v1.status.{}.{}", self.model_id, f.id);
+            let m = self.client.request(subject, "".into()).await.expect("worker status");
+            let v: Value = serde_json::from_slice(&m.payload).expect("status JSON");
+            total += v["requests"].as_u64().unwrap_or_else(|| panic!("status without requests: {v}"));
+        }
+        total
+    }
+}
+
+fn token_ids(v: &Value) -> Vec<u32> {
+    let ids = v["token_ids"].as_array().unwrap_or_else(|| panic!("expected a response, got {v}"));
+    ids.iter().map(|t| t.as_u64().unwrap() as u32).collect()
+}
+
+/// One streamed request: the chunks and the final message.
+struct Streamed {
+    chunks: Vec<Value>,
+    last: Value,
+}
+
+/// Streams `body` (with `stream: true`) through a subscription on a fresh inbox.
+async fn stream(client: &async_nats::Client, tenant: &str, body: &Value) -> Streamed {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.unwrap();
+    client.publish_with_reply(format!("faasmoe.v1.generate.{tenant}"), inbox, serde_json::to_vec(body).unwrap().into()).await.unwrap();
+    client.flush().await.unwrap();
+    let mut chunks = Vec::new();
+    loop {
+        let m = tokio::time::timeout(REQUEST_TIMEOUT, sub.next()).await.expect("stream message in time").expect("subscription open");
+        let v: Value = serde_json::from_slice(&m.payload).expect("JSON stream message");
+        match v["type"].as_str() {
+            Some("chunk") => chunks.push(v),
+            Some("done") | Some("error") => return Streamed { chunks, last: v },
+            _ => panic!("unexpected stream message {v}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Parity
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_tokens_match_transformers_through_remote_experts_at_granularity_1_4_and_whole_layer() {
+    for name in [GQA, TINY] {
+        let Some(model) = Model::load(name) else { return };
+        for g in [1, 4, model.num_experts] {
+            let t0 = Instant::now();
+            let d = Deployment::with_workers(&model, g, &[]).await;
+            for i in 0..4 {
+                let got = d.generate_ids("t1", &greedy_body(&model.prompt(i))).await;
+                assert_eq!(got, model.greedy(i), "{name} g={g} prompt {i}");
+            }
+            eprintln!("{name} g={g}: {} workers, 4 prompts match in {:.1?}", model.layout(g).functions.len(), t0.elapsed());
+        }
+        // The same ids with the experts in-process (local-split mode).
+        let d = Deployment::start(&model, &[], &["--local-experts"], Arc::new(Unlimited), "probe").await;
+        for i in 0..4 {
+            assert_eq!(d.generate_ids("t1", &greedy_body(&model.prompt(i))).await, model.greedy(i), "{name} local prompt {i}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tenants
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_tenants_submitting_concurrently_get_what_each_gets_alone() {
+    let Some(model) = Model::load(TINY) else { return };
+    let d = Arc::new(Deployment::with_workers(&model, 4, &[]).await);
+    // Extra requests of different lengths, greedy and seeded sampling: alone first.
+    let extras = [
+        json!({"prompt": "The quick brown fox", "max_tokens": 5, "temperature": 0}),
+        json!({"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 12, "temperature": 0}),
+        json!({"prompt": "Once upon a time", "max_tokens": 9, "temperature": 0.8, "top_p": 0.9, "seed": 7}),
+    ];
+    let mut alone = Vec::new();
+    for e in &extras {
+        alone.push(d.generate_ids("t1", e).await);
+    }
+    for (e, ids) in extras.iter().zip(&alone) {
+        assert!(!ids.is_empty() && ids.len() <= e["max_tokens"].as_u64().unwrap() as usize, "{e}: {ids:?}");
+    }
+    // Every tenant submits everything at once.
+    let mut bodies: Vec<(Value, Vec<u32>)> = (0..4).map(|i| (greedy_body(&model.prompt(i)), model.greedy(i))).collect();
+    bodies.extend(extras.iter().cloned().zip(alone.iter().cloned()));
+    let mut tasks = Vec::new();
+    for t in 1..=4 {
+        for (k, (body, want)) in bodies.iter().enumerate() {
+            // Each tenant starts at a different request, so the batch mixes them.
+            let (d, body, want) = (d.clone(), body.clone(), want.clone());
+            let tenant = format!("t{t}");
+            tasks.push(tokio::spawn(async move {
+                let got = d.generate_ids(&tenant, &body).await;
+                assert_eq!(got, want, "tenant {tenant} request {k}: {body}");
+            }));
+        }
+        bodies.rotate_left(1);
+    }
+    let t0 = Instant::now();
+    for t in futures::future::join_all(tasks).await {
+        t.expect("request task");
+    }
+    eprintln!("{} concurrent requests of 4 tenants done in {:.1?}", 4 * bodies.len(), t0.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------
+// Error codes
+// ---------------------------------------------------------------------------------------
+
+/// A controller over the tokenizer-less GQA fixture (requests rejected before any expert is
+/// called need no workers).
+async fn gqa_without_workers() -> Option<(Model, Deployment)> {
+    let model = Model::load(GQA)?;
+    let d = Deployment::start(&model, &[], &["--granularity", "4"], Arc::new(Unlimited), "probe").await;
+    Some((model, d))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_prompt_is_bad_request() {
+    let Some((_m, d)) = gqa_without_workers().await else { return };
+    assert_eq!(d.error_code("t1", br#"{"prompt": "", "max_tokens": 4}"#.to_vec()).await, "bad_request");
+    assert_eq!(d.error_code("t1", br#"{"input_ids": [], "max_tokens": 4}"#.to_vec()).await, "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_field_is_bad_request() {
+    let Some((_m, d)) = gqa_without_workers().await else { return };
+    assert_eq!(d.error_code("t1", br#"{"input_ids": [1, 2], "max_tokens": 4, "temprature": 0}"#.to_vec()).await, "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_of_wrong_type_is_bad_request() {
+    let Some((_m, d)) = gqa_without_workers().await else { return };
+    assert_eq!(d.error_code("t1", br#"{"input_ids": [1, 2], "max_tokens": "four"}"#.to_vec()).await, "bad_request");
+    assert_eq!(d.error_code("t1", br#"{"input_ids": "1 2"}"#.to_vec()).await, "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_body_is_bad_request() {
+    let Some((_m, d)) = gqa_without_workers().await else { return };
+    assert_eq!(d.error_code("t1", b"{\"prompt\": \"\xff\xfe\"}".to_vec()).await, "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_longer_than_the_context_is_bad_request() {
+    let Some((_m, d)) = gqa_without_workers().await else { return };
+    // max_position_embeddings of the GQA fixture is 512.
+    let ids: Vec<u32> = (0..600).map(|i| i % 1000).collect();
+    let body = serde_json::to_vec(&json!({"input_ids": ids, "max_tokens": 4})).unwrap();
+    assert_eq!(d.error_code("t1", body).await, "bad_request");
+    let ids: Vec<u32> = vec![1; 512];
+    let body = serde_json::to_vec(&json!({"input_ids": ids, "max_tokens": 4})).unwrap();
+    assert_eq!(d.error_code("t1", body).await, "bad_request", "512 prompt tokens leave no room in a context of 512");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_text_on_a_model_without_tokenizer_is_bad_request() {
+    let Some((_m, d)) = gqa_without_workers().await else { return };
+    assert_eq!(d.error_code("t1", br#"{"prompt": "Hello", "max_tokens": 4}"#.to_vec()).await, "bad_request");
+    let chat = br#"{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}"#.to_vec();
+    assert_eq!(d.error_code("t1", chat).await, "bad_request");
+}
+
+/// Admits every tenant but one.
+struct RejectOne(&'static str);
+
+impl QuotaGate for RejectOne {
+    fn admit<'a>(&'a self, tenant: &'a str, _p: u32, _m: u32) -> BoxFuture<'a, Result<QuotaTicket, ClientError>> {
+        Box::pin(async move {
+            if tenant == self.0 {
+                Err(ClientError { code: faasmoe_proto::generate::ClientErrorCode::QuotaExceeded, message: format!("tenant {tenant} is over its quota") })
+            } else {
+                Ok(QuotaTicket(Box::new(())))
+            }
+        })
+    }
+    fn settle(&self, _ticket: QuotaTicket, _tokens: u32) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_rejected_by_the_quota_gate_gets_quota_exceeded() {
+    let Some(model) = Model::load(GQA) else { return };
+    let layout = model.layout(model.num_experts);
+    let d = Deployment::start(&model, &layout.functions, &["--granularity", "8"], Arc::new(RejectOne("broke")), "probe").await;
+    let body = serde_json::to_vec(&greedy_body(&model.prompt(0))).unwrap();
+    assert_eq!(d.error_code("broke", body).await, "quota_exceeded");
+    // Another tenant is served meanwhile.
+    assert_eq!(d.generate_ids("rich", &greedy_body(&model.prompt(0))).await, model.greedy(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_without_worker_and_without_broker_is_unavailable_within_seconds() {
+    let Some(model) = Model::load(GQA) else { return };
+    let layout = model.layout(4);
+    // The function holding the expert that the router picks first for prompt 0's first token
+    // in the second MoE layer: certainly called.
+    let routes = &model.golden["prompt.0.router_topk"];
+    let expert = routes.get(1).unwrap().get(0).unwrap().to_vec1::<i64>().unwrap()[0] as u32;
+    let layer = model.moe_layers[1];
+    let missing = layout.function_of(layer, expert).unwrap();
+    let mut functions = layout.functions.clone();
+    let gone = functions.remove(missing);
+    let d = Deployment::start(&model, &functions, &["--granularity", "4", "--activation-timeout-ms", "2000"], Arc::new(Unlimited), "probe").await;
+    let t0 = Instant::now();
+    let body = serde_json::to_vec(&greedy_body(&model.prompt(0))).unwrap();
+    assert_eq!(d.error_code("t1", body).await, "unavailable", "{} has no worker", gone.id);
+    assert!(t0.elapsed() < Duration::from_secs(5), "unavailable took {:?}", t0.elapsed());
+    // Also when something holds the activation subject but never answers: bounded by the
+    // activation timeout.
+    let _silent = d.client.subscribe(format!("faasmoe.v1.activate.{}", d.model_id)).await.unwrap();
+    d.client.flush().await.unwrap();
+    let t0 = Instant::now();
+    let body = serde_json::to_vec(&greedy_body(&model.prompt(0))).unwrap();
+    assert_eq!(d.error_code("t1", body).await, "unavailable");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(6), "unavailable after a silent broker took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_of_another_granularity_give_internal() {
+    let Some(model) = Model::load(GQA) else { return };
+    // Workers hold pairs of experts; the controller packs quads, so the first worker of each
+    // quad gets experts it does not hold (unknown_expert).
+    let d = Deployment::start(&model, &model.layout(2).functions, &["--granularity", "4"], Arc::new(Unlimited), "probe").await;
+    let body = serde_json::to_vec(&greedy_body(&model.prompt(0))).unwrap();
+    assert_eq!(d.error_code("t1", body).await, "internal");
+}
+
+// ---------------------------------------------------------------------------------------
+// Streaming
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_chunks_concatenate_to_the_final_text() {
+    let Some(model) = Model::load(TINY) else { return };
+    let d = Deployment::with_workers(&model, 4, &[]).await;
+    let body = json!({"prompt": "Hello, my name is", "max_tokens": 16, "temperature": 0, "stream": true});
+    let s = stream(&d.client, "t1", &body).await;
+    assert_eq!(s.last["type"], "done", "{}", s.last);
+    let text: String = s.chunks.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let ids: Vec<u32> = s.chunks.iter().flat_map(|c| token_ids(c)).collect();
+    assert_eq!(text, s.last["text"].as_str().unwrap());
+    assert_eq!(ids, token_ids(&s.last));
+    assert_eq!(ids.len(), 16);
+    for (k, c) in s.chunks.iter().enumerate() {
+        assert_eq!(c["index"], k as u64, "chunk order");
+        assert_eq!(c["id"], s.last["id"]);
+    }
+    // The same tokens as without streaming.
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    assert_eq!(d.generate_ids("t1", &plain).await, ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_streams_a_json_generate_request() {
+    let Some(model) = Model::load(TINY) else { return };
+    let root = workspace_root();
+    let py_path = root.join(".tools/py");
+    let has_nats = |p: &Path| {
+        Command::new("python3").args(["-c", "import nats"]).env("PYTHONPATH", p).status().map(|s| s.success()).unwrap_or(false)
+    };
+    if !has_nats(&py_path) {
+        let st = Command::new(root.join("scripts/install-test-deps")).status().expect("run scripts/install-test-deps");
+        assert!(st.success() && has_nats(&py_path), "nats-py could not be installed into {}", py_path.display());
+    }
+    let d = Deployment::with_workers(&model, 4, &[]).await;
+    let url = d.server.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(root.join("controller/tests/python_client.py"))
+            .args([url.as_str(), "py-tenant"])
+            .env("PYTHONPATH", py_path)
+            .output()
+            .expect("run python3")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python client failed ({}):\n{stdout}\n{stderr}", out.status);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("chunk ")).count(), 8, "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("done: ")), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_disconnects_stops_its_stream() {
+    let Some(model) = Model::load(TINY) else { return };
+    let g = 4;
+    let functions = model.layout(g).functions;
+    let d = Deployment::with_workers(&model, g, &[]).await;
+    let before = d.expert_requests(&functions).await;
+    let inbox = d.client.new_inbox();
+    let mut sub = d.client.subscribe(inbox.clone()).await.unwrap();
+    let body = json!({"input_ids": model.prompt(0), "max_tokens": 400, "temperature": 0, "stream": true});
+    d.client.publish_with_reply("faasmoe.v1.generate.t1", inbox, serde_json::to_vec(&body).unwrap().into()).await.unwrap();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(REQUEST_TIMEOUT, sub.next()).await.expect("chunk in time").expect("open");
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["type"], "chunk", "{v}");
+    }
+    sub.unsubscribe().await.unwrap();
+    drop(sub);
+    d.client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a = d.expert_requests(&functions).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = d.expert_requests(&functions).await;
+    assert_eq!(a, b, "expert requests still growing after the client left");
+    eprintln!("{} expert requests for the abandoned stream", a - before);
+    // Each token costs at least one request per MoE layer: far fewer than 400 tokens' worth.
+    let per_token = model.moe_layers.len() as u64;
+    assert!(a - before < 100 * per_token, "{} expert requests: the stream was not stopped early", a - before);
+    // The controller still serves.
+    assert_eq!(d.generate_ids("t2", &greedy_body(&model.prompt(1))).await, model.greedy(1));
+}
