@@ -48,7 +48,7 @@ impl Drop for TelemetryGuard {
 }
 
 fn filter() -> EnvFilter {
-    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"))
 }
 
 /// Installs logging, plus OTLP trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
