@@ -24,6 +24,8 @@ async fn echo_responder(
     prefix: &'static str,
 ) -> Result<()> {
     let mut sub = client.subscribe(subject.to_string()).await?;
+    // The server has the subscription once a round trip on this connection completes.
+    client.flush().await?;
     let c = client.clone();
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
