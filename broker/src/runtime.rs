@@ -384,7 +384,7 @@ mod tests {
     fn project_nats_conf_has_the_marker_inside_the_users_array() {
         let text = std::fs::read_to_string(crate::server::workspace_root().join("nats.conf")).unwrap();
         let users = text.find("users: [").expect("users array");
-        let marker = text.find(TENANTS_MARKER).expect("marker");
+        let marker = text.find(&format!("\n      {TENANTS_MARKER}\n")).expect("marker line");
         let close = users + text[users..].find("\n    ]").expect("end of users array");
         assert!(users < marker && marker < close);
     }

@@ -192,6 +192,12 @@ impl From<TenantError> for QuotaError {
     }
 }
 
+/// JetStream errors that go away on their own (server starting, meta leader election).
+fn is_transient(e: &str) -> bool {
+    let e = e.to_lowercase();
+    e.contains("no responders") || e.contains("temporarily unavailable") || e.contains("timed out") || (e.contains("insufficient resources") && e.contains("peers"))
+}
+
 fn store_err(e: impl std::fmt::Display) -> TenantError {
     TenantError::Store(e.to_string())
 }
@@ -249,20 +255,35 @@ fn now_s() -> u64 {
 
 impl TenantStore {
     /// Opens the bucket, creating it if it does not exist.
+    ///
+    /// Right after a server starts (or while a cluster elects its JetStream meta leader) the
+    /// JetStream API answers *no responders* or *temporarily unavailable* for a moment: such
+    /// errors are retried for up to 10 s.
     pub async fn open(client: async_nats::Client, cfg: TenantStoreConfig) -> Result<Self, TenantError> {
         let js = async_nats::jetstream::new(client);
-        let kv = match js.get_key_value(cfg.bucket.clone()).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: cfg.bucket.clone(),
-                    description: "faasmoe tenants: quota and usage (JSON)".into(),
-                    history: 1,
-                    num_replicas: cfg.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(store_err)?,
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let kv = loop {
+            let attempt = match js.get_key_value(cfg.bucket.clone()).await {
+                Ok(kv) => Ok(kv),
+                Err(_) => js
+                    .create_key_value(kv::Config {
+                        bucket: cfg.bucket.clone(),
+                        description: "faasmoe tenants: quota and usage (JSON)".into(),
+                        history: 1,
+                        num_replicas: cfg.replicas,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match attempt {
+                Ok(kv) => break kv,
+                Err(e) if std::time::Instant::now() < deadline && is_transient(&e) => {
+                    tracing::debug!(error = %e, "JetStream not ready yet, retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(TenantError::Store(e)),
+            }
         };
         Ok(Self { kv, window_s: cfg.window.as_secs().max(1) })
     }

@@ -75,7 +75,7 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 }
 
 /// Ensures the demo checkpoint exists; returns its directory.
-fn ensure_model(a: &DemoArgs) -> anyhow::Result<PathBuf> {
+pub(crate) fn ensure_model(a: &DemoArgs) -> anyhow::Result<PathBuf> {
     if let Some(m) = &a.model {
         return Ok(m.clone());
     }

@@ -139,6 +139,20 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
             )
         }
     };
+    // Dispatch counters on request (`faasmoe.v1.admin.controller_stats`, every controller
+    // answers; used by `faasmoe bench`).
+    {
+        use futures::StreamExt;
+        let (c, d, tenants) = (client.clone(), dispatch.clone(), settings.tenants.clone());
+        let mut sub = c.subscribe(faasmoe_proto::subject::admin("controller_stats")?).await?;
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let Some(reply) = m.reply else { continue };
+                let body = serde_json::json!({"tenants": tenants, "local_experts": local, "dispatch": d.stats()});
+                let _ = c.publish(reply, body.to_string().into()).await;
+            }
+        });
+    }
     let engine = engine::spawn(
         Arc::new(cp),
         dispatch,
