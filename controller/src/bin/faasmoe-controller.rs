@@ -18,7 +18,9 @@ struct Cli {
 async fn main() -> std::process::ExitCode {
     let _telemetry = faasmoe_telemetry::init("faasmoe-controller");
     let cli = Cli::parse();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
+        _ = term.recv() => std::process::ExitCode::SUCCESS,
         r = run(cli.settings, Arc::new(Unlimited)) => match r {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => { tracing::error!("{e:#}"); std::process::ExitCode::FAILURE }
