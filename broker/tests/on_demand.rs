@@ -1,0 +1,256 @@
+//! On-demand activation under load: generate requests arrive while no expert worker runs;
+//! the broker (in-process, real `faasmoe-expert-worker` processes) spawns every function the
+//! requests need exactly once, within the per-function cap, and everything scales back to
+//! zero after the idle timeout. The generated ids equal those of a `--local-experts`
+//! controller (experts in-process) on the same checkpoint.
+//!
+//! Build the worker first: `cargo build -p faasmoe-expert-worker`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use faasmoe_broker::{ActivationConfig, Activator, Deployment, InstanceState, LocalProcessBackend};
+use faasmoe_controller::quota::Unlimited;
+use faasmoe_controller::service::{self, ControllerSettings};
+use faasmoe_e2e::{cargo_bin, NatsServer};
+use faasmoe_proto::events::{EventKind, FunctionEvent};
+use faasmoe_proto::subject;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const MODEL: &str = "tiny";
+const GRANULARITY: u32 = 4;
+const IDLE_TIMEOUT_MS: u64 = 2_000;
+const MAX_TOKENS: usize = 6;
+
+#[derive(Parser)]
+struct ControllerCli {
+    #[command(flatten)]
+    settings: ControllerSettings,
+}
+
+/// A controller task, aborted on drop.
+struct Controller(tokio::task::JoinHandle<anyhow::Result<()>>);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts an in-process controller (flags as the binary takes them) and waits until it
+/// answers on `faasmoe.v1.generate.probe` (an empty object is answered `bad_request`, which
+/// activates nothing).
+async fn start_controller(server: &NatsServer, model_dir: &Path, extra: &[&str]) -> (Controller, async_nats::Client) {
+    let url = server.url();
+    let dir = model_dir.to_string_lossy().into_owned();
+    let g = GRANULARITY.to_string();
+    let mut args = vec!["controller", "--nats-url", &url, "--model-dir", &dir, "--model-id", MODEL, "--granularity", &g];
+    args.extend_from_slice(extra);
+    let settings = ControllerCli::try_parse_from(args).unwrap_or_else(|e| panic!("controller flags: {e}")).settings;
+    let controller = Controller(tokio::spawn(service::run(settings, Arc::new(Unlimited))));
+    let client = server.connect().await.expect("connect to nats-server");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(!controller.0.is_finished(), "the controller stopped before serving");
+        let req = async_nats::Request::new().payload("{}".into()).timeout(Some(Duration::from_secs(2)));
+        if let Ok(m) = client.send_request("faasmoe.v1.generate.probe", req).await {
+            let v: Value = serde_json::from_slice(&m.payload).expect("JSON reply");
+            assert_eq!(v["error"]["code"], "bad_request", "probe reply {v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the controller did not serve within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (controller, client)
+}
+
+async fn generate(client: &async_nats::Client, tenant: &str, prompt: &[u32]) -> Vec<u32> {
+    let body = json!({"input_ids": prompt, "max_tokens": MAX_TOKENS, "temperature": 0});
+    let req = async_nats::Request::new().payload(serde_json::to_vec(&body).unwrap().into()).timeout(Some(Duration::from_secs(60)));
+    let m = client.send_request(format!("faasmoe.v1.generate.{tenant}"), req).await.expect("generate reply");
+    let v: Value = serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {:?}", m.payload));
+    let ids = v["token_ids"].as_array().unwrap_or_else(|| panic!("expected a response, got {v}"));
+    ids.iter().map(|t| t.as_u64().unwrap() as u32).collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exactly_once() {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let t_total = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir: PathBuf = dir.path().join(MODEL);
+    let g = faasmoe_model::generator::preset("tiny").unwrap();
+    faasmoe_model::generator::write_checkpoint(&model_dir, &g, 7, faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES, |_, _| {}).unwrap();
+
+    // The broker: cap 1 per function, workers exit after 2 s idle.
+    let server = NatsServer::start();
+    let mut d = Deployment::new(&model_dir);
+    d.model_id = Some(MODEL.into());
+    d.granularity = GRANULARITY;
+    let layout = d.layout().unwrap();
+    let all_functions: BTreeSet<String> = layout.functions.iter().map(|f| f.id.clone()).collect();
+    assert_eq!(all_functions.len(), g.num_hidden_layers * (g.num_experts / GRANULARITY as usize), "{all_functions:?}");
+    let backend = LocalProcessBackend {
+        worker_bin: cargo_bin("faasmoe-expert-worker"),
+        nats_url: server.url(),
+        nats_user: None,
+        nats_password: None,
+        model_dir: model_dir.clone(),
+        model_id: MODEL.into(),
+        idle_timeout_ms: IDLE_TIMEOUT_MS,
+        log_dir: Some(dir.path().join("worker-logs")),
+        env: vec![],
+    };
+    let cfg = ActivationConfig { max_instances_per_function: 1, ready_timeout: Duration::from_secs(30), ..ActivationConfig::new(MODEL, layout) };
+    let broker_client = server.connect().await.unwrap();
+    let activator = Activator::start(broker_client, cfg, Arc::new(backend)).await.unwrap();
+
+    // Watch the lifecycle events from before the first request.
+    let watcher = server.connect().await.unwrap();
+    let mut events = watcher.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
+    watcher.flush().await.unwrap();
+    let (collected_tx, mut collected_rx) = tokio::sync::mpsc::unbounded_channel::<FunctionEvent>();
+    let event_task = tokio::spawn(async move {
+        while let Some(msg) = events.next().await {
+            if let Ok(ev) = FunctionEvent::decode(&msg.payload) {
+                if collected_tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+
+    let (_controller, client) = start_controller(&server, &model_dir, &[]).await;
+    assert_eq!(activator.spawn_count(), 0, "a worker was spawned before any generate request");
+    assert!(activator.instances().is_empty(), "{:?}", activator.instances());
+
+    // Eight concurrent requests, different prompts, two tenants.
+    let prompts: Vec<Vec<u32>> = (0..8u32).map(|i| (0..(3 + i)).map(|j| 11 + 97 * i + 31 * j).collect()).collect();
+    let t0 = Instant::now();
+    let got: Vec<Vec<u32>> = futures::future::join_all(prompts.iter().enumerate().map(|(i, p)| {
+        let c = client.clone();
+        async move { generate(&c, &format!("t{}", i % 2), p).await }
+    }))
+    .await;
+    let serve_ms = t0.elapsed().as_secs_f64() * 1e3;
+    for (i, ids) in got.iter().enumerate() {
+        assert_eq!(ids.len(), MAX_TOKENS, "prompt {i}: {ids:?}");
+    }
+    let spawns = activator.spawn_count();
+    let alive_after = activator.instances();
+    eprintln!("8 concurrent requests done in {serve_ms:.0} ms; {spawns} spawns, {} instances alive", alive_after.len());
+
+    // Reference ids: a `--local-experts` controller on its own server (while the workers idle).
+    let ref_server = NatsServer::start();
+    let (ref_controller, ref_client) = start_controller(&ref_server, &model_dir, &["--local-experts"]).await;
+    let want: Vec<Vec<u32>> = futures::future::join_all(prompts.iter().map(|p| {
+        let c = ref_client.clone();
+        async move { generate(&c, "ref", p).await }
+    }))
+    .await;
+    drop(ref_controller);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "prompt {i}: remote experts vs local experts");
+    }
+
+    // Scale to zero: every instance exits after its idle timeout and is reaped.
+    let deadline = Instant::now() + Duration::from_millis(IDLE_TIMEOUT_MS) + Duration::from_secs(10);
+    while !(activator.instances().is_empty() && activator.exited().len() as u64 >= activator.spawn_count()) {
+        assert!(Instant::now() < deadline, "not scaled to zero: alive {:?}", activator.instances());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let idle_done_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // Let the last `stopped` events arrive, then stop watching.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    watcher.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    event_task.abort();
+    let mut evs = Vec::new();
+    while let Ok(ev) = collected_rx.try_recv() {
+        evs.push(ev);
+    }
+
+    // Spawns: one `started` per spawn, at most one per function.
+    assert_eq!(activator.spawn_count(), spawns, "spawned again after the requests completed");
+    let mut started: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for ev in evs.iter().filter(|e| e.kind == EventKind::Started) {
+        started.entry(ev.function_id.clone()).or_default().push(ev.instance_id.clone());
+    }
+    let twice: Vec<_> = started.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(twice.is_empty(), "functions spawned more than once: {twice:?}");
+    assert_eq!(started.values().map(Vec::len).sum::<usize>() as u64, spawns, "started events vs spawn_count");
+    assert!(evs.iter().all(|e| e.kind != EventKind::SpawnFailed), "spawn failures: {evs:?}");
+    let instance_fn: BTreeMap<String, String> = started.iter().flat_map(|(f, v)| v.iter().map(move |i| (i.clone(), f.clone()))).collect();
+
+    // Ready: every spawned function became ready; the broker's `ready` carries its own cold start.
+    let exited = activator.exited();
+    assert_eq!(exited.len() as u64, spawns, "{exited:?}");
+    let ready_fns: BTreeSet<String> = evs.iter().filter(|e| e.kind == EventKind::Ready).map(|e| e.function_id.clone()).collect();
+    let started_fns: BTreeSet<String> = started.keys().cloned().collect();
+    assert_eq!(ready_fns, started_fns, "functions in ready events vs started events");
+    assert!(ready_fns.is_subset(&all_functions));
+    let mut cold = Vec::new();
+    for rec in &exited {
+        let broker_cold = rec.cold_start_ms.unwrap_or_else(|| panic!("never ready: {rec:?}"));
+        // Both the worker (from its own start) and the broker (from the spawn) announce
+        // `ready`; the broker's is the one with the broker's record.
+        let ev = evs
+            .iter()
+            .find(|e| e.kind == EventKind::Ready && e.instance_id == rec.instance_id && e.cold_start_ms.is_some_and(|c| (c - broker_cold).abs() < 1e-3))
+            .unwrap_or_else(|| panic!("no broker ready event for {rec:?}"));
+        let c = ev.cold_start_ms.unwrap();
+        assert!(c > 0.0, "{ev:?}");
+        cold.push(c);
+    }
+    cold.sort_by(|a, b| a.partial_cmp(b).unwrap());
+
+    // Caps held.
+    for f in &all_functions {
+        assert!(activator.peak_alive(f) <= 1, "{f}: peak {}", activator.peak_alive(f));
+    }
+    assert!(started_fns.iter().all(|f| activator.peak_alive(f) == 1));
+
+    // Scaled to zero: every instance exited 0, `stopped` published for each.
+    for rec in &exited {
+        assert_eq!(rec.state, InstanceState::Exited);
+        assert!(rec.exit.is_some_and(|e| e.success()), "{rec:?}");
+        assert_eq!(instance_fn.get(&rec.instance_id), Some(&rec.function_id), "{rec:?}");
+        let stopped: Vec<_> = evs.iter().filter(|e| e.kind == EventKind::Stopped && e.instance_id == rec.instance_id).collect();
+        // The worker's own `stopped` (before exiting) and the broker's (after reaping).
+        assert!(!stopped.is_empty() && stopped.iter().all(|e| e.exit_status == Some(0)), "{rec:?}: {stopped:?}");
+        assert_eq!(stopped.len(), 2, "{rec:?}: {stopped:?}");
+    }
+    assert!(activator.instances().is_empty());
+
+    eprintln!(
+        "functions: {} in layout, {} needed/spawned ({} spawn_count), peak alive per function 1; \
+         cold start ms p50 {:.0} max {:.0} min {:.0}; 8 requests {serve_ms:.0} ms; scaled to zero {:.0} ms after the first request; \
+         events: {} ({} stopped); total {:.1?}",
+        all_functions.len(),
+        started_fns.len(),
+        spawns,
+        percentile(&cold, 0.5),
+        cold[cold.len() - 1],
+        cold[0],
+        idle_done_ms,
+        evs.len(),
+        evs.iter().filter(|e| e.kind == EventKind::Stopped).count(),
+        t_total.elapsed()
+    );
+    let unused: Vec<_> = all_functions.difference(&started_fns).collect();
+    eprintln!("never needed: {unused:?}");
+    for (i, ids) in got.iter().enumerate() {
+        eprintln!("prompt {i} ({} tokens) → {ids:?}", prompts[i].len());
+    }
+    drop(activator);
+    drop(server);
+}
