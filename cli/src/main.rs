@@ -1,6 +1,7 @@
 //! `faasmoe`: run the stack, send generate requests, administer tenants, make checkpoints,
 //! run the demo.
 
+mod bench;
 mod demo;
 mod monitor;
 mod quota;
@@ -60,6 +61,12 @@ enum Cmd {
     /// Run the main job: a multi-tenant workload from real traces against the whole stack,
     /// with a per-tenant and resource report.
     Demo(demo::DemoArgs),
+    /// Benchmark every deployment mode (baseline, shared-baseline, faasmoe-shared,
+    /// faasmoe-private, local-split) on the same workload; writes results/bench-<time>/.
+    Bench(bench::BenchArgs),
+    /// Serve tenants with candle-transformers' monolithic model (the bench's baseline).
+    #[command(hide = true)]
+    ServeBaseline(bench::ServeBaselineArgs),
 }
 
 #[derive(Subcommand)]
@@ -143,7 +150,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Up(a) => {
             let stack = stack::Stack::start(&a).await?;
-            println!("faasmoe is up: NATS at {} (model id {}). Create a tenant with `faasmoe tenant create …`, then `faasmoe generate --tenant …`. Ctrl-C stops.", stack.server.url(), stack.model_id);
+            let url = stack.server.url();
+            println!("faasmoe is up: NATS at {url}, model id {}. Ctrl-C stops.", stack.model_id);
+            println!("create a tenant:  faasmoe tenant create alice --total-tokens 100000 --nats-url {url} --nats-password {} --conf-dir {}", stack::dev_passwords::BROKER, a.log_dir.join("nats-runtime").display());
+            println!("then ask it:      faasmoe generate --nats-url {url} --tenant alice --password <printed password> \"Hello\"");
             tokio::signal::ctrl_c().await?;
             stack.stop().await;
             Ok(())
@@ -178,6 +188,8 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Bench(a) => bench::run(a).await,
+        Cmd::ServeBaseline(a) => bench::serve_baseline(a).await,
     }
 }
 

@@ -1,0 +1,64 @@
+//! `faasmoe bench` end to end on the tiny fixture: every mode runs for real (2 tenants, so
+//! shared-baseline and faasmoe-private are their own deployments), and runs.csv has numbers
+//! for each. Needs nats-server and the sibling binaries:
+//! `cargo build -p faasmoe-broker -p faasmoe-expert-worker`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const MODES: [&str; 5] = ["baseline", "shared-baseline", "faasmoe-shared", "faasmoe-private", "local-split"];
+
+#[test]
+fn bench_runs_every_mode_on_the_tiny_fixture() {
+    let Some(tiny) = faasmoe_model::fixtures::fixture("qwen15-moe-tiny") else {
+        eprintln!("!!! SKIPPED bench test: fixture qwen15-moe-tiny not found");
+        return;
+    };
+    if let Err(e) = faasmoe_broker::server::nats_server_bin() {
+        eprintln!("!!! SKIPPED bench test: no nats-server ({e}); run scripts/install-nats-server");
+        return;
+    }
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_faasmoe"));
+    for sib in ["faasmoe-broker", "faasmoe-expert-worker"] {
+        assert!(exe.with_file_name(sib).exists(), "{sib} is missing next to {}: cargo build -p faasmoe-broker -p faasmoe-expert-worker", exe.display());
+    }
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(&exe)
+        .args(["bench", "--model"])
+        .arg(&tiny)
+        .arg("--expert-model")
+        .arg(&tiny)
+        .args(["--tenants", "2", "--granularities", "16", "--requests", "1", "--max-prompt", "8", "--max-output", "4", "--time-mul", "0.01"])
+        .args(["--cold-start-repeats", "2", "--tail-s", "0", "--sample-ms", "200", "--out"])
+        .arg(out.path())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    let mut rdr = csv::Reader::from_path(out.path().join("runs.csv")).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap_or_else(|| panic!("no column {name}"));
+    let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
+    for mode in MODES {
+        let r = rows.iter().find(|r| &r[col("mode")] == mode).unwrap_or_else(|| panic!("no row for {mode}\n{stdout}"));
+        assert_eq!(&r[col("skipped")], "", "{mode} skipped\n{stdout}");
+        assert_eq!(&r[col("errors")], "0", "{mode} had errors\n{stdout}");
+        for c in ["completion_tokens", "pss_mean_mb", "rss_peak_mb", "cpu_percent", "ttft_p50_ms", "tpot_p50_ms", "tok_per_s", "mem_ratio_vs_baseline"] {
+            let v: f64 = r[col(c)].parse().unwrap_or_else(|_| panic!("{mode}: {c} = {:?} is not a number\n{stdout}", &r[col(c)]));
+            assert!(v > 0.0, "{mode}: {c} = {v}");
+        }
+        if mode.starts_with("faasmoe") {
+            let inv: f64 = r[col("invocations_per_token")].parse().unwrap();
+            assert!(inv > 0.0, "{mode}: no function invocations");
+        }
+    }
+    let experts = std::fs::read_to_string(out.path().join("experts.csv")).unwrap();
+    assert!(experts.lines().count() >= 3, "{experts}");
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(report.contains("| faasmoe-private |"), "{report}");
+    for png in ["memory_over_time.png", "latency_cdf.png", "granularity.png"] {
+        assert!(out.path().join(png).exists(), "{png} missing; {stdout}");
+    }
+}
