@@ -45,8 +45,10 @@ pub struct Settings {
     /// Batching window: most token rows in one computation.
     #[arg(long, env = "FAASMOE_BATCH_MAX_TOKENS", default_value_t = 1024)]
     pub batch_max_tokens: usize,
-    /// Batching window: longest wait for more requests after the first, µs.
-    #[arg(long, env = "FAASMOE_BATCH_MAX_WAIT_US", default_value_t = 500)]
+    /// Batching window: longest wait for more requests after the first, µs. 0 (the
+    /// default) waits for nothing: a batch is whatever has arrived by the time the previous
+    /// computation ends, so batches grow with load and an idle function adds no delay.
+    #[arg(long, env = "FAASMOE_BATCH_MAX_WAIT_US", default_value_t = 0)]
     pub batch_max_wait_us: u64,
     /// Largest request body accepted, bytes.
     #[arg(long, env = "FAASMOE_MAX_REQUEST_BYTES", default_value_t = 8 << 20)]

@@ -181,6 +181,19 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         }
         let deadline = tokio::time::Instant::now() + max_wait;
         while rows < settings.batch_max_tokens {
+            if max_wait.is_zero() {
+                // Greedy: take what has already arrived, wait for nothing.
+                match rx.try_recv() {
+                    Ok(m) => {
+                        if let Some(p) = admit(&client, &function, &stats, m).await {
+                            rows += p.req.routes.len();
+                            batch.push(p);
+                        }
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+            }
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(m) => if let Some(p) = admit(&client, &function, &stats, m).await { rows += p.req.routes.len(); batch.push(p); },
