@@ -981,10 +981,25 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             _ => 0,
         };
         let avail = mem_available();
-        let need = procs as f64 * est_baseline;
+        let mut need = procs as f64 * est_baseline;
+        // faasmoe modes: every function of every MoE layer may be activated (random routing
+        // touches them all): f32 expert weights plus a worker's fixed cost (≈16 MB measured
+        // for one function of the A2.7B layer geometry; an estimate used only to skip).
+        let mut fn_procs = 0usize;
+        if let (Some(g), Ok(cfg)) = (spec.granularity, faasmoe_model::Config::from_dir(&model)) {
+            let g = (g as usize).clamp(1, cfg.num_experts.max(1));
+            let per_layer = cfg.num_experts.div_ceil(g);
+            fn_procs = cfg.moe_layers().count() * per_layer;
+            let expert_bytes = 3.0 * cfg.hidden_size as f64 * cfg.moe_intermediate_size as f64 * 4.0;
+            need += fn_procs as f64 * (16e6 + g as f64 * expert_bytes);
+        }
         let empty = RunResult { spec: spec.clone(), skipped: None, load_s: f64::NAN, wall_s: f64::NAN, requests: vec![], samples: vec![], idle: None, cpu_s: f64::NAN, dispatch: Dispatch::default(), varz: Varz::default(), cold_starts: vec![], spawned: 0 };
-        if procs > 0 && need > avail as f64 * 0.9 {
-            let why = format!("needs ≈{:.1} GB ({procs} × f32 copy of the {:.2} GB checkpoint) but MemAvailable is {:.1} GB", need / 1e9, ckpt_bytes as f64 / 1e9, avail as f64 / 1e9);
+        if (procs > 0 || fn_procs > 0) && need > avail as f64 * 0.9 {
+            let why = if procs > 0 {
+                format!("needs ≈{:.1} GB ({procs} × f32 copy of the {:.2} GB checkpoint) but MemAvailable is {:.1} GB", need / 1e9, ckpt_bytes as f64 / 1e9, avail as f64 / 1e9)
+            } else {
+                format!("up to {fn_procs} function instances would need ≈{:.1} GB (estimate) but MemAvailable is {:.1} GB", need / 1e9, avail as f64 / 1e9)
+            };
             println!("[{}/{}] {}: SKIPPED: {why}", i + 1, specs.len(), spec.key());
             results.push(RunResult { skipped: Some(why), ..empty });
             continue;
