@@ -39,7 +39,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use procfs::Current as _;
 use tokio::process::{Child, Command};
 
-use crate::stack::dev_passwords;
+use crate::stack::{dev_passwords, log_file, model_id_of, sibling};
 use crate::workload::{self, Scale};
 
 /// Settings of the benchmark.
@@ -303,24 +303,6 @@ struct Deployment {
     broker: Option<Child>,
     serving: Vec<Child>,
     model_id: String,
-}
-
-fn sibling(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let p = exe.with_file_name(name);
-    if p.exists() { p } else { PathBuf::from(name) }
-}
-
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(dir)?;
-    let p = dir.join(name);
-    std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
-}
-
-fn model_id_of(model: &Path) -> anyhow::Result<String> {
-    Ok(faasmoe_proto::subject::sanitize_token(
-        &model.canonicalize().with_context(|| format!("model directory {}", model.display()))?.file_name().unwrap_or_default().to_string_lossy(),
-    ))
 }
 
 fn start_server(log_dir: &Path) -> anyhow::Result<(EmbeddedServer, u16)> {

@@ -58,25 +58,33 @@ pub struct Stack {
     pub model_id: String,
 }
 
-fn sibling(name: &str) -> PathBuf {
+/// A binary next to this one (target/<profile>/), else the name for a PATH lookup.
+pub(crate) fn sibling(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     let p = exe.with_file_name(name);
     if p.exists() { p } else { PathBuf::from(name) }
 }
 
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+/// Creates `<dir>/<name>` (and `dir`) for a child process's log.
+pub(crate) fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
     let p = dir.join(name);
     std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
+}
+
+/// The model id in subjects: the checkpoint directory's name, sanitised (as the worker and
+/// broker derive it).
+pub(crate) fn model_id_of(model: &Path) -> anyhow::Result<String> {
+    Ok(faasmoe_proto::subject::sanitize_token(
+        &model.canonicalize().with_context(|| format!("model directory {}", model.display()))?.file_name().unwrap_or_default().to_string_lossy(),
+    ))
 }
 
 impl Stack {
     /// Starts nats-server, the broker and a controller with JetStream quotas, and waits until
     /// both answer.
     pub async fn start(a: &StackArgs) -> anyhow::Result<Self> {
-        let model_id = faasmoe_proto::subject::sanitize_token(
-            &a.model.canonicalize().with_context(|| format!("model directory {}", a.model.display()))?.file_name().unwrap_or_default().to_string_lossy(),
-        );
+        let model_id = model_id_of(&a.model)?;
         let port = match a.port {
             Some(p) => p,
             None => faasmoe_broker::server::free_port()?,
