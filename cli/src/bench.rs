@@ -39,6 +39,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use procfs::Current as _;
 use tokio::process::{Child, Command};
 
+use crate::monitor::{self, percentile};
 use crate::stack::{dev_passwords, log_file, model_id_of, sibling};
 use crate::workload::{self, Scale};
 
@@ -250,27 +251,18 @@ impl Sampler {
         }
         let mut ticks = BTreeMap::new();
         for (role, pid) in self.procs() {
-            let Ok(p) = procfs::process::Process::new(pid) else { continue };
-            let Ok(stat) = p.stat() else { continue };
-            if stat.state == 'Z' {
-                continue;
-            }
+            let Some(r) = monitor::read_process(pid) else { continue };
             let e = roles.entry(role).or_default();
             e.processes += 1;
-            e.rss += stat.rss * page_size();
-            if let Ok(r) = p.smaps_rollup() {
-                if let Some(m) = r.memory_map_rollup.0.first() {
-                    e.pss += m.extension.map.get("Pss").copied().unwrap_or(0);
-                }
-            }
-            let t = stat.utime + stat.stime;
+            e.rss += r.rss_bytes;
+            e.pss += r.pss_bytes;
             if let Some((prev_t, prev)) = &self.last {
                 let dt = now.duration_since(*prev_t).as_secs_f64();
                 if let (Some(p0), true) = (prev.get(&pid), dt > 0.0) {
-                    e.cpu_percent += t.saturating_sub(*p0) as f64 / procfs::ticks_per_second() as f64 / dt * 100.0;
+                    e.cpu_percent += monitor::cpu_percent(*p0, r.cpu_ticks, dt);
                 }
             }
-            ticks.insert(pid, t);
+            ticks.insert(pid, r.cpu_ticks);
         }
         self.last = Some((now, ticks));
         self.samples.push(Sample { t_s: now.duration_since(self.start).as_secs_f64(), roles });
@@ -519,16 +511,6 @@ async fn dispatch_stats(client: &async_nats::Client, expected: usize) -> anyhow:
         d.activations += s["activations"].as_u64().unwrap_or(0);
     }
     Ok(d)
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
-    s[i]
 }
 
 /// What one run measured.

@@ -14,7 +14,7 @@ use faasmoe_proto::events::{EventKind, FunctionEvent};
 use faasmoe_proto::generate::{GenerateResponse, CONTENT_TYPE, JSON};
 use futures::StreamExt;
 
-use crate::monitor::{mb, Monitor, Role};
+use crate::monitor::{mb, percentile, Monitor, Role};
 use crate::stack::{Stack, StackArgs};
 use crate::workload::{self, Scale, TraceRow};
 
@@ -62,16 +62,6 @@ struct TenantPlan {
 struct Outcome {
     ok: Option<GenerateResponse>,
     error: Option<String>,
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
-    s[i]
 }
 
 /// Ensures the demo checkpoint exists; returns its directory.

@@ -85,29 +85,62 @@ impl Monitor {
         }
         let mut ticks = BTreeMap::new();
         for (role, pid) in procs {
-            let Ok(p) = procfs::process::Process::new(pid) else { continue };
-            let Ok(stat) = p.stat() else { continue };
-            if stat.state == 'Z' {
-                continue;
-            }
+            let Some(r) = read_process(pid) else { continue };
             let e = roles.entry(role).or_default();
             e.processes += 1;
-            e.rss_bytes += stat.rss * procfs::page_size();
-            if let Ok(r) = p.smaps_rollup() {
-                if let Some(m) = r.memory_map_rollup.0.first() {
-                    e.pss_bytes += m.extension.map.get("Pss").copied().unwrap_or(0);
-                }
-            }
-            let t = stat.utime + stat.stime;
+            e.rss_bytes += r.rss_bytes;
+            e.pss_bytes += r.pss_bytes;
             if let (Some(prev), true) = (self.ticks.get(&pid), dt > 0.0) {
-                e.cpu_percent += (t.saturating_sub(*prev)) as f64 / tps() / dt * 100.0;
+                e.cpu_percent += cpu_percent(*prev, r.cpu_ticks, dt);
             }
-            ticks.insert(pid, t);
+            ticks.insert(pid, r.cpu_ticks);
         }
         self.ticks = ticks;
         self.samples.push(Sample { t_s: now.duration_since(self.start).as_secs_f64(), roles });
         self.samples.last().expect("pushed")
     }
+}
+
+/// One process's memory and CPU counters, from /proc.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcReading {
+    /// Resident set, bytes.
+    pub rss_bytes: u64,
+    /// Proportional set size, bytes (0 where smaps_rollup is unreadable).
+    pub pss_bytes: u64,
+    /// utime + stime, clock ticks.
+    pub cpu_ticks: u64,
+}
+
+/// Reads `pid`'s counters; `None` for a gone or zombie process.
+pub fn read_process(pid: i32) -> Option<ProcReading> {
+    let p = procfs::process::Process::new(pid).ok()?;
+    let stat = p.stat().ok()?;
+    if stat.state == 'Z' {
+        return None;
+    }
+    let pss_bytes = p
+        .smaps_rollup()
+        .ok()
+        .and_then(|r| r.memory_map_rollup.0.first().and_then(|m| m.extension.map.get("Pss").copied()))
+        .unwrap_or(0);
+    Some(ProcReading { rss_bytes: stat.rss * procfs::page_size(), pss_bytes, cpu_ticks: stat.utime + stat.stime })
+}
+
+/// CPU % of one core used between two tick readings `dt_s` seconds apart.
+pub fn cpu_percent(ticks_before: u64, ticks_now: u64, dt_s: f64) -> f64 {
+    ticks_now.saturating_sub(ticks_before) as f64 / tps() / dt_s * 100.0
+}
+
+/// The `p`-th percentile (nearest rank) of the finite values of `v`; NaN when there are none.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[i]
 }
 
 /// Bytes as MB with one decimal.
