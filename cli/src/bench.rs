@@ -814,6 +814,7 @@ fn ensure_expert_model(a: &BenchArgs) -> anyhow::Result<PathBuf> {
         vocab_size: Some(1024),
         seed: 0,
         max_shard_bytes: faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        zeros: false,
         tokenizer: None,
     })?;
     Ok(dir)

@@ -89,6 +89,7 @@ pub(crate) fn ensure_model(a: &DemoArgs) -> anyhow::Result<PathBuf> {
         vocab_size: None,
         seed: 0,
         max_shard_bytes: faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        zeros: false,
         tokenizer: None,
     })?;
     tok.save(dir.join("tokenizer.json"))?;

@@ -6,9 +6,14 @@
 //! Weights are uniform with the standard deviation of transformers' `initializer_range`
 //! (0.02); norms are 1. Files are streamed to disk tensor by tensor, so memory stays flat
 //! whatever the checkpoint size.
+//!
+//! [`Fill::Zeros`] leaves every randomly initialised tensor zero and skips over it instead of
+//! writing it (a file hole): the checkpoint has the real layout and sizes but occupies almost
+//! no disk where the filesystem supports sparse files (ext4, xfs, btrfs, tmpfs, overlayfs).
+//! Its outputs are meaningless; it exists for memory and throughput measurements.
 
 use std::hash::{Hash, Hasher};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use half::bf16;
@@ -181,13 +186,39 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io { path: path.to_path_buf(), source }
 }
 
+/// What the weight tensors of a generated checkpoint hold (norms are always 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fill {
+    /// Seeded uniform values with transformers' `initializer_range` standard deviation.
+    #[default]
+    Random,
+    /// Zeros, left as file holes: the files have their full size but take almost no disk.
+    Zeros,
+}
+
 /// Writes a random-weight checkpoint of `geometry` into `dir` (created if absent): the
 /// safetensors shards (bf16, each at most `max_shard_bytes` of data unless one tensor is
 /// larger), the index when sharded, `config.json` and `generation_config.json`.
 /// `progress(bytes_done, bytes_total)` is called as data is written.
+///
+/// Errors: [`ModelError::Io`] naming the file that could not be written.
 pub fn write_checkpoint(
     dir: &Path,
     geometry: &Geometry,
+    seed: u64,
+    max_shard_bytes: u64,
+    progress: impl FnMut(u64, u64),
+) -> Result<Written> {
+    write_checkpoint_filled(dir, geometry, Fill::Random, seed, max_shard_bytes, progress)
+}
+
+/// [`write_checkpoint`] with the weights given by `fill`; with [`Fill::Zeros`] the weight
+/// tensors are skipped over (file holes), so a checkpoint of the real Qwen1.5-MoE-A2.7B layer
+/// geometry costs kilobytes of disk instead of gigabytes.
+pub fn write_checkpoint_filled(
+    dir: &Path,
+    geometry: &Geometry,
+    fill: Fill,
     seed: u64,
     max_shard_bytes: u64,
     mut progress: impl FnMut(u64, u64),
@@ -239,6 +270,12 @@ pub fn write_checkpoint(
         for &i in shard {
             let (name, shape, init) = &tensors[i];
             let count: usize = shape.iter().product();
+            if init.is_some() && fill == Fill::Zeros {
+                w.seek(SeekFrom::Current(2 * count as i64)).map_err(io(&path))?;
+                done += 2 * count as u64;
+                progress(done, total);
+                continue;
+            }
             buf.clear();
             buf.reserve(2 * count);
             match init {
@@ -263,6 +300,9 @@ pub fn write_checkpoint(
             progress(done, total);
         }
         w.flush().map_err(io(&path))?;
+        // A trailing hole needs the length set explicitly.
+        let f = w.into_inner().map_err(|e| io(&path)(e.into_error()))?;
+        f.set_len(8 + hbytes.len() as u64 + off as u64).map_err(io(&path))?;
     }
     if n > 1 {
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
@@ -302,6 +342,10 @@ pub struct InitArgs {
     /// Largest shard in bytes (Hugging Face's default 2 GB).
     #[arg(long, default_value_t = DEFAULT_MAX_SHARD_BYTES)]
     pub max_shard_bytes: u64,
+    /// Leave the weights zero as file holes: full-size files that take almost no disk. For
+    /// memory and throughput experiments only; the model's outputs are meaningless.
+    #[arg(long)]
+    pub zeros: bool,
     /// Copy this tokenizer.json into the checkpoint.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -328,7 +372,8 @@ pub fn init(a: &InitArgs) -> anyhow::Result<Geometry> {
     let bar = indicatif::ProgressBar::new(total).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")?,
     );
-    let w = write_checkpoint(&a.out, &g, a.seed, a.max_shard_bytes, |d, _| bar.set_position(d))?;
+    let fill = if a.zeros { Fill::Zeros } else { Fill::Random };
+    let w = write_checkpoint_filled(&a.out, &g, fill, a.seed, a.max_shard_bytes, |d, _| bar.set_position(d))?;
     bar.finish_and_clear();
     if let Some(t) = &a.tokenizer {
         std::fs::copy(t, a.out.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("copying {}: {e}", t.display()))?;
