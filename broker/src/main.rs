@@ -8,6 +8,7 @@ use faasmoe_broker::{
     ActivationConfig, Activator, Deployment, EmbeddedServer, LocalProcessBackend, Quota, RuntimeConfig, ServerOptions, TenantAdmin,
     TenantStore, TenantStoreConfig, TenantsConf,
 };
+use faasmoe_proto::connection::{self, NatsArgs};
 use tracing::info;
 
 #[derive(Debug, Parser)]
@@ -30,8 +31,10 @@ enum Command {
     Tenant(TenantCommand),
 }
 
+/// The broker's NATS flags: unlike the other processes' ([`NatsArgs`]), no URL means "start
+/// an embedded server" for `run`, and the user defaults to `broker`.
 #[derive(Debug, Args)]
-struct NatsArgs {
+struct BrokerNatsArgs {
     /// NATS server URL. For `run`: without it, an embedded nats-server is started.
     #[arg(long, env = "NATS_URL")]
     nats_url: Option<String>,
@@ -43,20 +46,18 @@ struct NatsArgs {
     nats_password: Option<String>,
 }
 
-impl NatsArgs {
+impl BrokerNatsArgs {
+    /// Connects to `url` as the broker user when a password is given, else anonymously.
     async fn connect(&self, url: &str) -> anyhow::Result<async_nats::Client> {
-        let mut opts = async_nats::ConnectOptions::new().name("faasmoe-broker");
-        if let Some(p) = &self.nats_password {
-            opts = opts.user_and_password(self.nats_user.clone(), p.clone());
-        }
-        opts.connect(url).await.with_context(|| format!("connecting to {url}"))
+        let user = self.nats_password.as_ref().map(|_| self.nats_user.as_str());
+        Ok(connection::connect(url, user, self.nats_password.as_deref(), "faasmoe-broker").await?)
     }
 }
 
 #[derive(Debug, Args)]
 struct RunArgs {
     #[command(flatten)]
-    nats: NatsArgs,
+    nats: BrokerNatsArgs,
     /// Deployment file (JSON, fields of `Deployment`); flags below override it.
     #[arg(long)]
     deployment: Option<PathBuf>,
@@ -124,7 +125,7 @@ struct RunArgs {
 #[derive(Debug, Args)]
 struct StoreArgs {
     #[command(flatten)]
-    nats: NatsArgs,
+    nats: BrokerNatsArgs,
     /// KV bucket.
     #[arg(long, default_value = faasmoe_broker::tenants::BUCKET)]
     bucket: String,
@@ -155,7 +156,7 @@ impl StoreArgs {
     }
 
     async fn open(&self) -> anyhow::Result<TenantStore> {
-        let url = self.nats.nats_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+        let url = self.nats.nats_url.clone().unwrap_or_else(|| connection::DEFAULT_NATS_URL.into());
         let client = self.nats.connect(&url).await?;
         Ok(TenantStore::open(client, TenantStoreConfig { bucket: self.bucket.clone(), replicas: self.replicas, ..Default::default() }).await?)
     }
@@ -378,9 +379,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let backend = LocalProcessBackend {
         worker_bin: d.worker_bin(),
-        nats_url: d.nats_url.clone().unwrap_or_else(|| url.clone()),
-        nats_user: d.worker_password.as_ref().and(d.worker_user.clone()),
-        nats_password: d.worker_password.clone(),
+        nats: NatsArgs { url: d.nats_url.clone().unwrap_or_else(|| url.clone()), user: d.worker_password.as_ref().and(d.worker_user.clone()), password: d.worker_password.clone() },
         model_dir: d.model_dir.clone(),
         model_id: model_id.clone(),
         idle_timeout_ms: d.idle_timeout_ms,

@@ -2,6 +2,7 @@
 //! (Kubernetes, Nomad) plug in; [`LocalProcessBackend`] runs `faasmoe-expert-worker` as a
 //! child process of the broker.
 
+use faasmoe_proto::connection::NatsArgs;
 use std::path::PathBuf;
 use std::process::Stdio;
 
@@ -86,12 +87,9 @@ pub trait InstanceBackend: Send + Sync {
 pub struct LocalProcessBackend {
     /// The worker binary.
     pub worker_bin: PathBuf,
-    /// NATS URL for the worker.
-    pub nats_url: String,
-    /// NATS user for the worker.
-    pub nats_user: Option<String>,
-    /// NATS password for the worker (passed in the environment, not on the command line).
-    pub nats_password: Option<String>,
+    /// Where the worker connects and as whom (the password goes in the worker's
+    /// environment, not on its command line).
+    pub nats: NatsArgs,
     /// Checkpoint directory.
     pub model_dir: PathBuf,
     /// Model id for subjects.
@@ -109,7 +107,7 @@ impl InstanceBackend for LocalProcessBackend {
     fn spawn(&self, function: &FunctionSpec, instance_id: &str) -> Result<Box<dyn Instance>, SpawnError> {
         let mut cmd = tokio::process::Command::new(&self.worker_bin);
         cmd.arg("--nats-url")
-            .arg(&self.nats_url)
+            .arg(&self.nats.url)
             .arg("--model-dir")
             .arg(&self.model_dir)
             .arg("--model-id")
@@ -122,10 +120,10 @@ impl InstanceBackend for LocalProcessBackend {
             .arg(instance_id)
             .arg("--idle-timeout-ms")
             .arg(self.idle_timeout_ms.to_string());
-        if let Some(u) = &self.nats_user {
+        if let Some(u) = &self.nats.user {
             cmd.arg("--nats-user").arg(u);
         }
-        if let Some(p) = &self.nats_password {
+        if let Some(p) = &self.nats.password {
             cmd.env("NATS_PASSWORD", p);
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));

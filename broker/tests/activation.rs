@@ -3,6 +3,7 @@
 //!
 //! Build the worker first: `cargo build -p faasmoe-expert-worker`.
 
+use faasmoe_proto::connection::NatsArgs;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,9 +43,7 @@ async fn setup(max_instances: u32, idle_timeout_ms: u64, worker_bin: Option<Path
     let f = layout.functions[0].clone();
     let backend = LocalProcessBackend {
         worker_bin: worker_bin.unwrap_or_else(|| cargo_bin("faasmoe-expert-worker")),
-        nats_url: server.url(),
-        nats_user: Some(dev_users::WORKER.0.into()),
-        nats_password: Some(dev_users::WORKER.1.into()),
+        nats: NatsArgs::with_user(server.url(), dev_users::WORKER.0, dev_users::WORKER.1),
         model_dir,
         model_id: MODEL.into(),
         idle_timeout_ms,

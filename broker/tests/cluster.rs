@@ -4,6 +4,7 @@
 //!
 //! Build the worker first: `cargo build -p faasmoe-expert-worker`.
 
+use faasmoe_proto::connection::NatsArgs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -141,9 +142,7 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
     let layers = layout.functions.len();
     let backend = LocalProcessBackend {
         worker_bin: cargo_bin("faasmoe-expert-worker"),
-        nats_url: c.url(),
-        nats_user: None,
-        nats_password: None,
+        nats: NatsArgs::anonymous(c.url()),
         model_dir: model_dir.clone(),
         model_id: MODEL.into(),
         idle_timeout_ms: 0,
@@ -155,9 +154,7 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
 
     // The controller on node A, admitting against the replicated bucket.
     let settings = ControllerSettings {
-        nats_url: a.url(),
-        nats_user: None,
-        nats_password: None,
+        nats: NatsArgs::anonymous(a.url()),
         model_dir: model_dir.clone(),
         model_id: Some(MODEL.into()),
         granularity: experts,

@@ -6,6 +6,7 @@
 //!
 //! Build the worker first: `cargo build -p faasmoe-expert-worker`.
 
+use faasmoe_proto::connection::NatsArgs;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -101,9 +102,7 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
     assert_eq!(all_functions.len(), g.num_hidden_layers * (g.num_experts / GRANULARITY as usize), "{all_functions:?}");
     let backend = LocalProcessBackend {
         worker_bin: cargo_bin("faasmoe-expert-worker"),
-        nats_url: server.url(),
-        nats_user: None,
-        nats_password: None,
+        nats: NatsArgs::anonymous(server.url()),
         model_dir: model_dir.clone(),
         model_id: MODEL.into(),
         idle_timeout_ms: IDLE_TIMEOUT_MS,

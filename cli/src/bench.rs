@@ -394,7 +394,7 @@ impl Deployment {
     }
 
     async fn connect(&self) -> anyhow::Result<async_nats::Client> {
-        faasmoe_controller::service::connect(self.server.url(), Some("controller"), Some(dev_passwords::CONTROLLER), "faasmoe-bench").await
+        Ok(faasmoe_proto::connection::connect(self.server.url(), Some("controller"), Some(dev_passwords::CONTROLLER), "faasmoe-bench").await?)
     }
 
     async fn wait_ready(&self, tenants: &[String], limit: Duration) -> anyhow::Result<()> {

@@ -157,7 +157,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let start = tokio::time::Instant::now();
     for (ti, plan) in plans.iter().enumerate() {
         let creds = admin.create(plan.name, plan.quota.clone()).await?;
-        let client = faasmoe_controller::service::connect(stack.server.url(), Some(&creds.user), Some(&creds.password), plan.name).await?;
+        let client = faasmoe_proto::connection::connect(stack.server.url(), Some(&creds.user), Some(&creds.password), plan.name).await?;
         let subject = faasmoe_proto::subject::generate(plan.name)?;
         for (i, row) in plan.rows.iter().copied().enumerate() {
             let prompt = workload::prompt_text(&corpus, (ti * 97 + i * 31) % corpus.len(), row.context_tokens as usize, |ids| tokenizer.decode(ids).unwrap_or_default());

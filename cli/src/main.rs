@@ -107,7 +107,7 @@ struct GenerateArgs {
 
 async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let user = a.user.clone().unwrap_or_else(|| format!("tenant-{}", a.tenant));
-    let client = faasmoe_controller::service::connect(&a.nats_url, Some(&user), a.password.as_deref(), "faasmoe-generate").await?;
+    let client = faasmoe_proto::connection::connect(&a.nats_url, Some(&user), a.password.as_deref(), "faasmoe-generate").await?;
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await?;
     let body = serde_json::json!({"prompt": a.prompt, "max_tokens": a.max_tokens, "temperature": a.temperature, "stream": true});
@@ -141,7 +141,7 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 
 /// Tenant administration for a stack started by this process (credentials take effect at once).
 pub(crate) async fn tenant_admin(stack: &stack::Stack) -> anyhow::Result<TenantAdmin> {
-    let client = faasmoe_controller::service::connect(stack.server.url(), Some("broker"), Some(stack::dev_passwords::BROKER), "faasmoe-admin").await?;
+    let client = faasmoe_proto::connection::connect(stack.server.url(), Some("broker"), Some(stack::dev_passwords::BROKER), "faasmoe-admin").await?;
     let store = TenantStore::open_default(client).await?;
     Ok(stack.server.tenant_admin(store))
 }
@@ -162,7 +162,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let quota: Arc<dyn QuotaGate> = if no_quota {
                 Arc::new(Unlimited)
             } else {
-                let client = faasmoe_controller::service::connect(&settings.nats_url, settings.nats_user.as_deref(), settings.nats_password.as_deref(), "faasmoe-controller-quota").await?;
+                let client = settings.nats.connect("faasmoe-controller-quota").await?;
                 Arc::new(quota::JetStreamQuota(TenantStore::open_default(client).await?))
             };
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

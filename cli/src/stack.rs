@@ -131,7 +131,7 @@ impl Stack {
 
     /// An internal connection (user `controller`).
     pub async fn connect_internal(&self) -> anyhow::Result<async_nats::Client> {
-        faasmoe_controller::service::connect(self.server.url(), Some("controller"), Some(dev_passwords::CONTROLLER), "faasmoe-cli").await
+        Ok(faasmoe_proto::connection::connect(self.server.url(), Some("controller"), Some(dev_passwords::CONTROLLER), "faasmoe-cli").await?)
     }
 
     async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use candle_core::DType;
 use faasmoe_model::{Checkpoint, ControlPlane, GenerationConfig};
+use faasmoe_proto::connection::NatsArgs;
 use faasmoe_proto::layout::Layout;
 use faasmoe_proto::tensor::WireDType;
 use tracing::info;
@@ -20,15 +20,9 @@ use crate::tokenizer::QwenTokenizer;
 /// Controller settings (flags, each also from the environment).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControllerSettings {
-    /// NATS server URL(s), comma separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// NATS user.
-    #[arg(long, env = "NATS_USER")]
-    pub nats_user: Option<String>,
-    /// NATS password.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
+    /// Where NATS is and as whom to connect.
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// Checkpoint directory (config.json, safetensors, tokenizer.json).
     #[arg(long, env = "FAASMOE_MODEL_DIR")]
     pub model_dir: PathBuf,
@@ -83,15 +77,6 @@ impl ControllerSettings {
     }
 }
 
-/// Connects to NATS with the settings' credentials.
-pub async fn connect(url: &str, user: Option<&str>, password: Option<&str>, name: &str) -> anyhow::Result<async_nats::Client> {
-    let mut opts = async_nats::ConnectOptions::new().name(name);
-    if let (Some(u), Some(p)) = (user, password) {
-        opts = opts.user_and_password(u.into(), p.into());
-    }
-    opts.connect(url).await.with_context(|| format!("connecting to NATS at {url}"))
-}
-
 /// Loads the control plane and serves generate requests until the connection ends.
 pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> anyhow::Result<()> {
     let model_id = settings.model_id();
@@ -118,7 +103,7 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
         tracing::warn!("no tokenizer.json: only `input_ids` requests will work");
         None
     };
-    let client = connect(&settings.nats_url, settings.nats_user.as_deref(), settings.nats_password.as_deref(), "faasmoe-controller").await?;
+    let client = settings.nats.connect("faasmoe-controller").await?;
     let controller_id = format!("controller-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let dispatch: Arc<dyn Dispatch> = match local_backend {
         Some(b) => Arc::new(LocalDispatch(b)),

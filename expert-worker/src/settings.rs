@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use faasmoe_proto::connection::NatsArgs;
+
 /// One function instance: which experts, where NATS is, how to batch, when to exit.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -15,15 +17,9 @@ use std::time::Duration;
                   (scale to zero). Announces itself as the NATS micro service `faasmoe-expert`."
 )]
 pub struct Settings {
-    /// NATS server URL(s), comma separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// NATS user.
-    #[arg(long, env = "NATS_USER")]
-    pub nats_user: Option<String>,
-    /// NATS password.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
+    /// Where NATS is and as whom to connect.
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// Checkpoint directory (config.json + safetensors).
     #[arg(long, env = "FAASMOE_MODEL_DIR")]
     pub model_dir: PathBuf,

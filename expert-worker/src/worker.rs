@@ -63,11 +63,7 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     info!(%model, %function_id, %instance_id, experts = selection.0.len(), weight_mb = experts.weight_bytes() as f64 / 1e6, load_ms, "experts loaded");
     let function = Arc::new(Function::new(experts, settings.max_request_bytes));
 
-    let mut opts = async_nats::ConnectOptions::new().name(format!("faasmoe-expert-worker {function_id} {instance_id}"));
-    if let (Some(u), Some(p)) = (&settings.nats_user, &settings.nats_password) {
-        opts = opts.user_and_password(u.clone(), p.clone());
-    }
-    let client = opts.connect(settings.nats_url.as_str()).await.with_context(|| format!("connecting to {}", settings.nats_url))?;
+    let client = settings.nats.connect(&format!("faasmoe-expert-worker {function_id} {instance_id}")).await?;
 
     let experts_named: Vec<String> = selection.0.iter().map(|id| format!("{}:{}", id.layer, id.expert)).collect();
     let stats = Arc::new(Mutex::new(WorkerStats::new(function_id.clone(), instance_id.clone(), experts_named.clone())));

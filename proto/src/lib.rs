@@ -6,14 +6,17 @@
 //! shape: [`tensor`], [`expert`]), the client API bodies (JSON or msgpack: [`generate`]),
 //! function activation and lifecycle events ([`activation`], [`events`]), typed error codes
 //! and their mapping to the four client-facing codes, and W3C trace-context headers
-//! ([`trace`]). It deliberately does no tensor math (no candle; [`tensor::WireTensor`] only
-//! converts to and from `f32` slices), opens no connections, and knows nothing of scheduling,
+//! ([`trace`]), and how a process reaches NATS and as whom ([`connection`]: the shared
+//! `--nats-*` flags and the one connect call). It deliberately does no tensor math (no
+//! candle; [`tensor::WireTensor`] only converts to and from `f32` slices), holds no
+//! connections or subscriptions, and knows nothing of scheduling,
 //! batching or process management: those live in the controller, the expert worker and the
 //! broker, which all depend on this crate and never the other way round.
 
 #![warn(missing_docs)]
 
 pub mod activation;
+pub mod connection;
 pub mod events;
 pub mod expert;
 pub mod generate;

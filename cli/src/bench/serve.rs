@@ -21,15 +21,9 @@ pub struct ServeBaselineArgs {
     /// Tenants served (comma separated).
     #[arg(long, value_delimiter = ',', required = true)]
     pub tenants: Vec<String>,
-    /// NATS server URL.
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// NATS user.
-    #[arg(long)]
-    pub nats_user: Option<String>,
-    /// NATS password.
-    #[arg(long)]
-    pub nats_password: Option<String>,
+    /// Where NATS is and as whom to connect.
+    #[command(flatten)]
+    pub nats: faasmoe_proto::connection::NatsArgs,
 }
 
 struct Job {
@@ -58,7 +52,7 @@ pub async fn run(a: ServeBaselineArgs) -> anyhow::Result<()> {
         let generation = faasmoe_model::GenerationConfig::from_dir(&a.model)?;
         faasmoe_model::config::eos_token_ids(&cfg, &generation)
     };
-    let client = faasmoe_controller::service::connect(&a.nats_url, a.nats_user.as_deref(), a.nats_password.as_deref(), "faasmoe-baseline").await?;
+    let client = a.nats.connect("faasmoe-baseline").await?;
     let mut subs = Vec::new();
     for t in &a.tenants {
         subs.push(client.subscribe(faasmoe_proto::subject::generate(t)?).await?);

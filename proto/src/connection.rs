@@ -1,0 +1,116 @@
+//! How a faasmoe process reaches NATS and as whom: the `--nats-url`, `--nats-user` and
+//! `--nats-password` flags (also read from `NATS_URL`, `NATS_USER`, `NATS_PASSWORD`, the
+//! variables of the `nats` CLI) and the one connect call every faasmoe process makes.
+//!
+//! The subjects a user may publish to are granted by the server per user (see `nats.conf`),
+//! so the credentials are part of the contract: the controller connects as `controller`,
+//! workers as `worker`, the broker as `broker`, tenants as themselves.
+
+/// The server a process connects to when no URL is given (nats-server's default port).
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// NATS connection flags, flattened into a process's settings
+/// (`#[command(flatten)] nats: NatsArgs`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma separated.
+    #[arg(long = "nats-url", env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
+    pub url: String,
+    /// NATS user (with --nats-password).
+    #[arg(long = "nats-user", env = "NATS_USER")]
+    pub user: Option<String>,
+    /// NATS password (with --nats-user).
+    #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+}
+
+impl NatsArgs {
+    /// Server `url` without credentials.
+    pub fn anonymous(url: impl Into<String>) -> Self {
+        NatsArgs { url: url.into(), user: None, password: None }
+    }
+
+    /// Server `url` as `user` with `password`.
+    pub fn with_user(url: impl Into<String>, user: impl Into<String>, password: impl Into<String>) -> Self {
+        NatsArgs { url: url.into(), user: Some(user.into()), password: Some(password.into()) }
+    }
+
+    /// Connects, naming the connection `name` (shown by the server's `/connz` and logs).
+    ///
+    /// Errors: [`ConnectionError`] with the URL, for an unreachable server, refused
+    /// credentials, or a user given without a password (or the other way round).
+    pub async fn connect(&self, name: &str) -> Result<async_nats::Client, ConnectionError> {
+        connect(&self.url, self.user.as_deref(), self.password.as_deref(), name).await
+    }
+}
+
+/// A failed connection to NATS, with the URL it was for.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The server could not be reached or refused the connection (credentials included).
+    #[error("connecting to NATS at {url}: {source}")]
+    Connect {
+        /// The URL(s) given.
+        url: String,
+        /// What async-nats reported.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// Only one of user and password was given.
+    #[error("connecting to NATS at {url}: a user needs a password and a password a user (got only the {given})")]
+    HalfCredentials {
+        /// The URL(s) given.
+        url: String,
+        /// `"user"` or `"password"`.
+        given: &'static str,
+    },
+}
+
+/// Connects to `url` (comma separated for several servers) as `user`/`password` when both
+/// are given, anonymously when neither is, naming the connection `name`.
+///
+/// Errors: see [`NatsArgs::connect`].
+pub async fn connect(
+    url: &str,
+    user: Option<&str>,
+    password: Option<&str>,
+    name: &str,
+) -> Result<async_nats::Client, ConnectionError> {
+    let mut opts = async_nats::ConnectOptions::new().name(name);
+    match (user, password) {
+        (Some(u), Some(p)) => opts = opts.user_and_password(u.into(), p.into()),
+        (None, None) => {}
+        (Some(_), None) => return Err(ConnectionError::HalfCredentials { url: url.into(), given: "user" }),
+        (None, Some(_)) => return Err(ConnectionError::HalfCredentials { url: url.into(), given: "password" }),
+    }
+    opts.connect(url).await.map_err(|source| ConnectionError::Connect { url: url.into(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        nats: NatsArgs,
+    }
+
+    #[test]
+    fn flags_parse_with_the_documented_names_and_default() {
+        let c = Cli::try_parse_from(["x"]).unwrap();
+        if std::env::var_os("NATS_URL").is_none() {
+            assert_eq!(c.nats.url, DEFAULT_NATS_URL);
+        }
+        let c = Cli::try_parse_from(["x", "--nats-url", "nats://h:1", "--nats-user", "u", "--nats-password", "p"]).unwrap();
+        assert_eq!(c.nats, NatsArgs::with_user("nats://h:1", "u", "p"));
+    }
+
+    #[tokio::test]
+    async fn half_credentials_are_refused_before_connecting() {
+        let e = connect("nats://127.0.0.1:1", Some("u"), None, "t").await.unwrap_err();
+        assert!(matches!(e, ConnectionError::HalfCredentials { given: "user", .. }), "{e}");
+        assert!(e.to_string().contains("nats://127.0.0.1:1"));
+    }
+}
