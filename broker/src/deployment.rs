@@ -134,20 +134,12 @@ impl Deployment {
         subject::validate_token("model", &self.model_id()).map_err(|e| DeploymentError::Invalid(e.to_string()))
     }
 
-    /// The model id for subjects: `model_id`, else the checkpoint directory's name sanitised
-    /// exactly as the worker derives it.
+    /// The model id for subjects: `model_id`, else [`subject::model_id_for_dir`] (as the
+    /// controller and the workers derive it).
     pub fn model_id(&self) -> String {
         match &self.model_id {
             Some(m) => m.clone(),
-            None => subject::sanitize_token(
-                &self
-                    .model_dir
-                    .canonicalize()
-                    .unwrap_or_else(|_| self.model_dir.clone())
-                    .file_name()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            ),
+            None => subject::model_id_for_dir(&self.model_dir),
         }
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use faasmoe_broker::server::free_port;
 use faasmoe_broker::{EmbeddedServer, Quota, ServerOptions, TenantAdmin, TenantCredentials, TenantStore};
-use faasmoe_e2e::dev_users;
+use faasmoe_e2e::{dev_users, echo_responder};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -42,21 +42,6 @@ async fn connect_tenant(server: &EmbeddedServer, creds: &TenantCredentials) -> R
     Ok((client, rx))
 }
 
-/// An internal user answering requests on `subject` with `prefix + payload`.
-async fn responder(client: &async_nats::Client, subject: &str, prefix: &'static str) {
-    let mut sub = client.subscribe(subject.to_string()).await.unwrap();
-    client.flush().await.unwrap();
-    let c = client.clone();
-    tokio::spawn(async move {
-        while let Some(msg) = sub.next().await {
-            if let Some(reply) = msg.reply {
-                let mut body = prefix.as_bytes().to_vec();
-                body.extend_from_slice(&msg.payload);
-                let _ = c.publish(reply, body.into()).await;
-            }
-        }
-    });
-}
 
 /// Waits for the server's `Permissions Violation for <kind> to "<subject>"` (async-nats
 /// 0.51 surfaces the server's `-ERR` as `Event::ServerError(ServerError::Other(..))` to the
@@ -94,8 +79,8 @@ async fn tenant_credentials_are_refused_everything_but_their_generate_subject() 
     // Internal users: a responder on both tenants' generate subjects, and a spy on every
     // subject alice must not reach (nothing she publishes there may arrive).
     let controller = connect_as(&server, dev_users::CONTROLLER).await;
-    responder(&controller, "faasmoe.v1.generate.alice", "gen-alice:").await;
-    responder(&controller, "faasmoe.v1.generate.bob", "gen-bob:").await;
+    echo_responder(&controller, "faasmoe.v1.generate.alice", "gen-alice:").await.unwrap();
+    echo_responder(&controller, "faasmoe.v1.generate.bob", "gen-bob:").await.unwrap();
     let spy = connect_as(&server, dev_users::BROKER).await;
     let mut spied = spy.subscribe("faasmoe.v1.>").await.unwrap();
     spy.flush().await.unwrap();
@@ -140,7 +125,7 @@ async fn tenant_credentials_are_refused_everything_but_their_generate_subject() 
     let (bob_client, _bob_events) = connect_tenant(&server, &bob).await.unwrap();
     let r = tokio::time::timeout(T, bob_client.request("faasmoe.v1.generate.bob", "hi".into())).await.unwrap().unwrap();
     assert_eq!(&r.payload[..], b"gen-bob:hi");
-    responder(&controller, "faasmoe.v1.generate.demo", "gen-demo:").await;
+    echo_responder(&controller, "faasmoe.v1.generate.demo", "gen-demo:").await.unwrap();
     let demo = connect_as(&server, dev_users::TENANT_DEMO).await;
     let r = tokio::time::timeout(T, demo.request("faasmoe.v1.generate.demo", "x".into())).await.unwrap().unwrap();
     assert_eq!(&r.payload[..], b"gen-demo:x");

@@ -75,9 +75,8 @@ pub(crate) fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> 
 /// The model id in subjects: the checkpoint directory's name, sanitised (as the worker and
 /// broker derive it).
 pub(crate) fn model_id_of(model: &Path) -> anyhow::Result<String> {
-    Ok(faasmoe_proto::subject::sanitize_token(
-        &model.canonicalize().with_context(|| format!("model directory {}", model.display()))?.file_name().unwrap_or_default().to_string_lossy(),
-    ))
+    model.canonicalize().with_context(|| format!("model directory {}", model.display()))?;
+    Ok(faasmoe_proto::subject::model_id_for_dir(model))
 }
 
 impl Stack {

@@ -68,12 +68,9 @@ pub struct ControllerSettings {
 }
 
 impl ControllerSettings {
-    /// The model id for subjects.
+    /// The model id for subjects: `--model-id`, else [`faasmoe_proto::subject::model_id_for_dir`].
     pub fn model_id(&self) -> String {
-        self.model_id.clone().unwrap_or_else(|| {
-            let dir = self.model_dir.canonicalize().unwrap_or(self.model_dir.clone());
-            faasmoe_proto::subject::sanitize_token(&dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default())
-        })
+        self.model_id.clone().unwrap_or_else(|| faasmoe_proto::subject::model_id_for_dir(&self.model_dir))
     }
 }
 

@@ -57,13 +57,8 @@ impl Settings {
         (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))
     }
 
-    /// The model id for subjects.
+    /// The model id for subjects: `--model-id`, else [`faasmoe_proto::subject::model_id_for_dir`].
     pub fn model_id(&self) -> String {
-        match &self.model_id {
-            Some(m) => m.clone(),
-            None => faasmoe_proto::subject::sanitize_token(
-                &self.model_dir.canonicalize().unwrap_or(self.model_dir.clone()).file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-            ),
-        }
+        self.model_id.clone().unwrap_or_else(|| faasmoe_proto::subject::model_id_for_dir(&self.model_dir))
     }
 }

@@ -180,6 +180,17 @@ mod tests {
     }
 
     #[test]
+    fn model_id_for_dir_is_the_sanitised_directory_name() {
+        let tmp = std::env::temp_dir().join(format!("Qwen1.5-MoE-A2.7B-{}", std::process::id()));
+        std::fs::create_dir_all(tmp.join("sub")).unwrap();
+        let want = format!("qwen1-5-moe-a2-7b-{}", std::process::id());
+        assert_eq!(model_id_for_dir(&tmp), want);
+        assert_eq!(model_id_for_dir(&tmp.join("sub/..")), want, "resolved before naming");
+        assert_eq!(model_id_for_dir(std::path::Path::new("/no/such/Dir.X")), "dir-x");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
     fn unsafe_names_are_rejected() {
         for bad in ["a.b", "*", ">", "", "a b", "a\tb", "ü"] {
             assert!(validate_token("model", bad).is_err(), "{bad:?} accepted");
@@ -223,6 +234,15 @@ pub fn status(model: &str, function_id: &str) -> Result<String, SubjectError> {
     validate_token("model", model)?;
     validate_token("function id", function_id)?;
     Ok(format!("{PREFIX}.status.{model}.{function_id}"))
+}
+
+/// The model id a checkpoint directory gets in subjects when none is given: its name (after
+/// resolving `.` and symlinks) through [`sanitize_token`], e.g.
+/// `/models/Qwen1.5-MoE-A2.7B` → `qwen1-5-moe-a2-7b`. The controller, the workers and the
+/// broker all derive it here, so they agree without configuration.
+pub fn model_id_for_dir(dir: &std::path::Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    sanitize_token(&dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default())
 }
 
 /// Turns any name (a checkpoint directory name such as `Qwen1.5-MoE-A2.7B`) into a valid

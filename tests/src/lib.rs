@@ -420,3 +420,26 @@ fn log_tail(path: &Path, lines: usize) -> String {
     let from = all.len().saturating_sub(lines);
     all[from..].join("\n")
 }
+
+/// Serves `subject` on `client` with a responder that replies `prefix + payload` to every
+/// request, until the connection closes. Returns once the server has the subscription
+/// (a flushed round trip), so a request sent next is answered.
+///
+/// Errors: the subscribe or flush failed (connection lost, or the user may not subscribe
+/// to `subject`).
+pub async fn echo_responder(client: &async_nats::Client, subject: &str, prefix: &'static str) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut sub = client.subscribe(subject.to_string()).await?;
+    client.flush().await?;
+    let c = client.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Some(reply) = msg.reply {
+                let mut body = prefix.as_bytes().to_vec();
+                body.extend_from_slice(&msg.payload);
+                let _ = c.publish(reply, body.into()).await;
+            }
+        }
+    });
+    Ok(())
+}

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use async_nats::jetstream::{self, kv};
-use faasmoe_e2e::{cargo_bin, dev_users, nats_server_bin, workspace_root, NatsServer};
-use futures::StreamExt;
+use faasmoe_e2e::{cargo_bin, dev_users, echo_responder, nats_server_bin, workspace_root, NatsServer};
 use tokio::time::timeout;
 
 const T: Duration = Duration::from_secs(10);
@@ -15,29 +14,6 @@ const T: Duration = Duration::from_secs(10);
 /// Linux (CI): a killed and reaped process has no /proc entry.
 fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Serve `subject` with a responder that replies `prefix + payload`.
-async fn echo_responder(
-    client: &async_nats::Client,
-    subject: &str,
-    prefix: &'static str,
-) -> Result<()> {
-    let mut sub = client.subscribe(subject.to_string()).await?;
-    // The server has the subscription once a round trip on this connection completes.
-    client.flush().await?;
-    let c = client.clone();
-    tokio::spawn(async move {
-        while let Some(msg) = sub.next().await {
-            if let Some(reply) = msg.reply {
-                let mut body = prefix.as_bytes().to_vec();
-                body.extend_from_slice(&msg.payload);
-                let _ = c.publish(reply, body.into()).await;
-            }
-        }
-    });
-    client.flush().await?;
-    Ok(())
 }
 
 #[test]
