@@ -284,7 +284,17 @@ async fn forward_in(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq]
         };
         match step {
             Step::Experts(b) => {
-                let out = dispatch.routed(&b, ctx).await?;
+                // The first poll sends the expert requests; the shared expert then runs here
+                // while the functions compute (a dispatch that finishes in that poll, such as
+                // the in-process one, leaves the shared expert to complete_moe).
+                let mut routed = dispatch.routed(&b, ctx);
+                let out = match futures::poll!(&mut routed) {
+                    std::task::Poll::Ready(out) => out?,
+                    std::task::Poll::Pending => {
+                        cp.shared_expert(&mut pass).map_err(internal)?;
+                        routed.await?
+                    }
+                };
                 cp.complete_moe(&mut pass, &out).map_err(internal)?;
             }
             Step::Done(h) => {

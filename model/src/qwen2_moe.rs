@@ -324,7 +324,18 @@ pub struct ForwardPass {
     spans: Vec<Span>,
     hidden: Tensor,
     layer: usize,
-    pending: Option<(Tensor, Tensor)>,
+    pending: Option<PendingMoe>,
+}
+
+/// A MoE layer waiting for its routed output.
+#[derive(Debug)]
+struct PendingMoe {
+    /// Hidden states before the layer's MLP (the residual stream), `[n_tokens, hidden]`.
+    residual: Tensor,
+    /// Post-attention-normed hidden states, the experts' input, `[n_tokens, hidden]`.
+    xs: Tensor,
+    /// The gated shared-expert output once [`ControlPlane::shared_expert`] computed it.
+    shared: Option<Tensor>,
 }
 
 impl ForwardPass {
@@ -465,7 +476,7 @@ impl ControlPlane {
                 }
                 Ffn::Moe(moe) => {
                     let routes = moe.route(&xs)?;
-                    pass.pending = Some((residual, xs.clone()));
+                    pass.pending = Some(PendingMoe { residual, xs: xs.clone(), shared: None });
                     return Ok(Step::Experts(RoutedBatch { layer: l, hidden: xs, routes }));
                 }
             }
@@ -473,10 +484,32 @@ impl ControlPlane {
         Ok(Step::Done(self.norm.forward(&pass.hidden)?))
     }
 
+    /// Computes the pending MoE layer's gated shared expert, `sigmoid(g·x) · shared_expert(x)`
+    /// `[n_tokens, hidden]`, ahead of [`ControlPlane::complete_moe`]: a caller whose routed
+    /// experts are remote calls it after sending the routed batch, so the shared expert runs
+    /// while the experts do. Optional (`complete_moe` computes it otherwise) and idempotent.
+    ///
+    /// Errors: no pending MoE layer.
+    pub fn shared_expert(&self, pass: &mut ForwardPass) -> Result<()> {
+        let layer = pass.layer;
+        let pending = pass
+            .pending
+            .as_mut()
+            .ok_or_else(|| ModelError::InvalidInput("shared_expert without a pending MoE layer".into()))?;
+        if pending.shared.is_none() {
+            let Ffn::Moe(moe) = &self.layers[layer].ffn else {
+                return Err(ModelError::InvalidInput("pending layer is not MoE".into()));
+            };
+            pending.shared = Some(moe.shared(&pending.xs)?);
+        }
+        Ok(())
+    }
+
     /// Finishes the pending MoE layer with the routed output `[n_tokens, hidden]`:
-    /// `hidden = residual + (routed + sigmoid(g·x) · shared_expert(x))`.
+    /// `hidden = residual + (routed + sigmoid(g·x) · shared_expert(x))`, the order of
+    /// HF `Qwen2MoeSparseMoeBlock.forward` (routed sum plus gated shared expert).
     pub fn complete_moe(&self, pass: &mut ForwardPass, routed: &Tensor) -> Result<()> {
-        let (residual, xs) = pass
+        let PendingMoe { residual, xs, shared } = pass
             .pending
             .take()
             .ok_or_else(|| ModelError::InvalidInput("complete_moe without a pending MoE layer".into()))?;
@@ -486,7 +519,10 @@ impl ControlPlane {
         let Ffn::Moe(moe) = &self.layers[pass.layer].ffn else {
             return Err(ModelError::InvalidInput("pending layer is not MoE".into()));
         };
-        let shared = moe.shared(&xs)?;
+        let shared = match shared {
+            Some(s) => s,
+            None => moe.shared(&xs)?,
+        };
         let routed = routed.to_dtype(self.dtype)?;
         pass.hidden = (residual + (routed + shared)?)?;
         pass.layer += 1;

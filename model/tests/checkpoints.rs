@@ -38,6 +38,44 @@ fn generated_sharded_checkpoint_loads_and_matches_candle_transformers() {
     assert_eq!(base.greedy(&prompt, 8).unwrap(), split[0]);
 }
 
+/// Computing the shared expert ahead (while remote experts work) gives bit-identical hidden
+/// states to computing it in `complete_moe`.
+#[test]
+fn shared_expert_ahead_of_complete_moe_changes_nothing() {
+    use faasmoe_model::{ExpertBackend, Step};
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), u64::MAX);
+    let (cp, mut backend) = load_local(tmp.path(), DType::F32).unwrap();
+    let prompt: Vec<u32> = vec![1, 5, 9, 200, 7];
+    let batch = [(0usize, prompt.as_slice())];
+    let run = |backend: &mut faasmoe_model::InProcessBackend, ahead: bool| -> Vec<f32> {
+        let mut cache = cp.new_cache();
+        let mut pass = cp.start(&batch).unwrap();
+        let mut moe_layers = 0;
+        loop {
+            match cp.advance(&mut pass, &mut [&mut cache]).unwrap() {
+                Step::Experts(b) => {
+                    if ahead {
+                        cp.shared_expert(&mut pass).unwrap();
+                        cp.shared_expert(&mut pass).unwrap(); // idempotent
+                    }
+                    let out = backend.routed(&b).unwrap();
+                    cp.complete_moe(&mut pass, &out).unwrap();
+                    moe_layers += 1;
+                }
+                Step::Done(h) => {
+                    assert_eq!(moe_layers, 2);
+                    return h.flatten_all().unwrap().to_vec1().unwrap();
+                }
+            }
+        }
+    };
+    assert_eq!(run(&mut backend, true), run(&mut backend, false));
+    // Without a pending MoE layer it is an error, not a panic.
+    let mut pass = cp.start(&batch).unwrap();
+    assert!(matches!(cp.shared_expert(&mut pass), Err(ModelError::InvalidInput(_))));
+}
+
 #[test]
 fn generator_is_deterministic_whatever_the_shard_size() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

@@ -422,15 +422,16 @@ fn log_tail(path: &Path, lines: usize) -> String {
 }
 
 /// Serves `subject` on `client` with a responder that replies `prefix + payload` to every
-/// request, until the connection closes. Returns once the server has the subscription
-/// (a flushed round trip), so a request sent next is answered.
+/// request, until the connection closes. Returns once the server has the subscription, so
+/// a request sent next from any connection is answered: it sends one request to `subject`
+/// on `client` itself and waits for the echo (the server handles one connection's messages
+/// in order; `flush` alone only writes the socket).
 ///
-/// Errors: the subscribe or flush failed (connection lost, or the user may not subscribe
-/// to `subject`).
+/// Errors: the subscribe failed, or the fence request got no echo within 10 s (connection
+/// lost, or the user may not subscribe or publish to `subject`).
 pub async fn echo_responder(client: &async_nats::Client, subject: &str, prefix: &'static str) -> anyhow::Result<()> {
     use futures::StreamExt;
     let mut sub = client.subscribe(subject.to_string()).await?;
-    client.flush().await?;
     let c = client.clone();
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
@@ -441,5 +442,11 @@ pub async fn echo_responder(client: &async_nats::Client, subject: &str, prefix: 
             }
         }
     });
-    Ok(())
+    let fence = tokio::time::timeout(Duration::from_secs(10), client.request(subject.to_string(), "".into())).await;
+    match fence {
+        Ok(Ok(m)) if m.payload == prefix.as_bytes() => Ok(()),
+        Ok(Ok(m)) => anyhow::bail!("echo responder on {subject}: the fence request got {:?}, not {prefix:?}", m.payload),
+        Ok(Err(e)) => anyhow::bail!("echo responder on {subject}: fence request: {e}"),
+        Err(_) => anyhow::bail!("echo responder on {subject}: no echo to the fence request within 10 s"),
+    }
 }
