@@ -48,7 +48,7 @@ impl NatsArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
     /// The server could not be reached or refused the connection (credentials included).
-    #[error("connecting to NATS at {url}: {source}")]
+    #[error("connecting to NATS at {url}")]
     Connect {
         /// The URL(s) given.
         url: String,
