@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use faasmoe_broker::{ActivationConfig, Activator, Admission, Deployment, LocalProcessBackend, Quota, TenantStore, TenantStoreConfig};
 use faasmoe_controller::quota::{QuotaGate, QuotaTicket};
-use faasmoe_controller::service::ControllerSettings;
+use faasmoe_controller::service::{ControllerSettings, ControllerTask};
 use faasmoe_e2e::{cargo_bin, free_port, NatsServer};
 use faasmoe_proto::generate::{ClientError, ClientErrorCode};
 use futures::future::BoxFuture;
@@ -170,7 +170,7 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
         default_max_tokens: 16,
         queue_group: "faasmoe-controllers".into(),
     };
-    let controller = tokio::spawn(faasmoe_controller::service::run(settings, Arc::new(KvQuota(store_a.clone()))));
+    let controller = ControllerTask::spawn(settings, Arc::new(KvQuota(store_a.clone())));
 
     // The client on node C (retried while the controller loads and its interest propagates).
     let body = r#"{"input_ids":[1,2,3],"max_tokens":4,"temperature":0}"#;
@@ -200,8 +200,7 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
     assert_eq!(charged.total_tokens, 32);
 
     // Stop everything: controller, workers (through the broker), servers.
-    controller.abort();
-    let _ = controller.await;
+    drop(controller);
     activator.shutdown(Duration::from_secs(10)).await;
     assert!(activator.instances().is_empty(), "still alive: {:?}", activator.instances());
     assert_eq!(activator.exited().len(), layers, "{:?}", activator.exited());

@@ -6,16 +6,16 @@
 //!
 //! Build the worker first: `cargo build -p faasmoe-expert-worker`.
 
+use faasmoe_proto::connection::wait_answering;
 use faasmoe_proto::connection::NatsArgs;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use faasmoe_broker::{ActivationConfig, Activator, Deployment, InstanceState, LocalProcessBackend};
 use faasmoe_controller::quota::Unlimited;
-use faasmoe_controller::service::{self, ControllerSettings};
+use faasmoe_controller::service::{ControllerSettings, ControllerTask};
 use faasmoe_e2e::{cargo_bin, NatsServer};
 use faasmoe_proto::events::{EventKind, FunctionEvent};
 use faasmoe_proto::subject;
@@ -27,45 +27,24 @@ const GRANULARITY: u32 = 4;
 const IDLE_TIMEOUT_MS: u64 = 2_000;
 const MAX_TOKENS: usize = 6;
 
-#[derive(Parser)]
-struct ControllerCli {
-    #[command(flatten)]
-    settings: ControllerSettings,
-}
-
-/// A controller task, aborted on drop.
-struct Controller(tokio::task::JoinHandle<anyhow::Result<()>>);
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Starts an in-process controller (flags as the binary takes them) and waits until it
 /// answers on `faasmoe.v1.generate.probe` (an empty object is answered `bad_request`, which
 /// activates nothing).
-async fn start_controller(server: &NatsServer, model_dir: &Path, extra: &[&str]) -> (Controller, async_nats::Client) {
+async fn start_controller(server: &NatsServer, model_dir: &Path, extra: &[&str]) -> (ControllerTask, async_nats::Client) {
     let url = server.url();
     let dir = model_dir.to_string_lossy().into_owned();
     let g = GRANULARITY.to_string();
-    let mut args = vec!["controller", "--nats-url", &url, "--model-dir", &dir, "--model-id", MODEL, "--granularity", &g];
+    let mut args = vec!["--nats-url", &url, "--model-dir", &dir, "--model-id", MODEL, "--granularity", &g];
     args.extend_from_slice(extra);
-    let settings = ControllerCli::try_parse_from(args).unwrap_or_else(|e| panic!("controller flags: {e}")).settings;
-    let controller = Controller(tokio::spawn(service::run(settings, Arc::new(Unlimited))));
+    let settings = ControllerSettings::from_flags(args).unwrap_or_else(|e| panic!("controller flags: {e}"));
+    let controller = ControllerTask::spawn(settings, Arc::new(Unlimited));
     let client = server.connect().await.expect("connect to nats-server");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(!controller.0.is_finished(), "the controller stopped before serving");
-        let req = async_nats::Request::new().payload("{}".into()).timeout(Some(Duration::from_secs(2)));
-        if let Ok(m) = client.send_request("faasmoe.v1.generate.probe", req).await {
-            let v: Value = serde_json::from_slice(&m.payload).expect("JSON reply");
-            assert_eq!(v["error"]["code"], "bad_request", "probe reply {v}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the controller did not serve within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // `{}` is a bad request: answered without admitting or activating anything.
+    let probe = [("faasmoe.v1.generate.probe".to_string(), &b"{}"[..])];
+    let silent = wait_answering(&client, &probe, Duration::from_millis(50), Duration::from_secs(30)).await;
+    assert!(!controller.is_finished(), "the controller stopped before serving");
+    assert!(silent.is_empty(), "the controller did not serve within 30 s");
     (controller, client)
 }
 

@@ -398,6 +398,7 @@ impl Deployment {
     }
 
     async fn wait_ready(&self, tenants: &[String], limit: Duration) -> anyhow::Result<()> {
+        use faasmoe_proto::connection::answers;
         let client = self.connect().await?;
         let t0 = Instant::now();
         let mut pending: Vec<String> = tenants.iter().map(|t| faasmoe_proto::subject::generate(t)).collect::<Result<_, _>>()?;
@@ -407,14 +408,13 @@ impl Deployment {
             let mut still = Vec::new();
             for s in pending {
                 // An empty body is a bad request: any reply means the tenant is served.
-                let ok = tokio::time::timeout(Duration::from_secs(2), client.request(s.clone(), "".into())).await.map(|r| r.is_ok()).unwrap_or(false);
-                if !ok {
+                if !answers(&client, s.clone(), b"", Duration::from_secs(2)).await {
                     still.push(s);
                 }
             }
             pending = still;
             if !broker_up {
-                broker_up = tokio::time::timeout(Duration::from_secs(2), client.request(act.clone(), "{}".into())).await.map(|r| r.is_ok()).unwrap_or(false);
+                broker_up = answers(&client, act.clone(), b"{}", Duration::from_secs(2)).await;
             }
             if pending.is_empty() && broker_up {
                 return Ok(());

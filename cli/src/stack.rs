@@ -136,24 +136,17 @@ impl Stack {
     async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
         let client = self.connect_internal().await?;
         let t0 = Instant::now();
-        let probe_gen = faasmoe_proto::subject::generate("faasmoe-probe")?;
-        let probe_act = faasmoe_proto::subject::activate(&self.model_id)?;
-        let mut up = (false, false);
-        while t0.elapsed() < limit {
-            if !up.0 {
-                // An empty body is a bad request: any reply means the controller serves.
-                up.0 = tokio::time::timeout(Duration::from_secs(2), client.request(probe_gen.clone(), "".into())).await.map(|r| r.is_ok()).unwrap_or(false);
-            }
-            if !up.1 {
-                up.1 = tokio::time::timeout(Duration::from_secs(2), client.request(probe_act.clone(), "{}".into())).await.map(|r| r.is_ok()).unwrap_or(false);
-            }
-            if up == (true, true) {
-                info!(secs = t0.elapsed().as_secs_f64(), "controller and broker ready");
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        // Bodies each server refuses as malformed: any reply means it serves.
+        let probes = [
+            (faasmoe_proto::subject::generate("faasmoe-probe")?, &b""[..]),
+            (faasmoe_proto::subject::activate(&self.model_id)?, &b"{}"[..]),
+        ];
+        let silent = faasmoe_proto::connection::wait_answering(&client, &probes, Duration::from_millis(200), limit).await;
+        if !silent.is_empty() {
+            bail!("the stack did not come up within {limit:?} (not answering: {}); see the logs", silent.join(", "));
         }
-        bail!("the stack did not come up within {limit:?} (controller ready: {}, broker ready: {}); see the logs", up.0, up.1)
+        info!(secs = t0.elapsed().as_secs_f64(), "controller and broker ready");
+        Ok(())
     }
 
     /// Stops the controller and the broker (which stops its workers) with SIGTERM, then the server.

@@ -74,6 +74,50 @@ impl ControllerSettings {
     }
 }
 
+impl ControllerSettings {
+    /// Settings from command-line flags as `faasmoe-controller` takes them (without the
+    /// program name), e.g. `["--model-dir", "m", "--granularity", "4"]`; environment
+    /// variables fill what the flags leave out.
+    ///
+    /// Errors: clap's, for unknown flags, bad values or a missing `--model-dir`.
+    pub fn from_flags<I, T>(flags: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            settings: ControllerSettings,
+        }
+        let args = std::iter::once(std::ffi::OsString::from("faasmoe-controller")).chain(flags.into_iter().map(Into::into));
+        Ok(<Flags as clap::Parser>::try_parse_from(args)?.settings)
+    }
+}
+
+/// A controller serving on the current tokio runtime ([`run`] in a task), aborted on drop:
+/// a controller embedded in another process (tests, tools) without a process of its own.
+#[derive(Debug)]
+pub struct ControllerTask(tokio::task::JoinHandle<anyhow::Result<()>>);
+
+impl ControllerTask {
+    /// Spawns [`run`] with `settings` and `quota`.
+    pub fn spawn(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> Self {
+        ControllerTask(tokio::spawn(run(settings, quota)))
+    }
+
+    /// Whether the controller has stopped (its error, if any, was returned by [`run`]).
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+impl Drop for ControllerTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Loads the control plane and serves generate requests until the connection ends.
 pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> anyhow::Result<()> {
     let model_id = settings.model_id();

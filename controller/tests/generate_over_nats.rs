@@ -7,6 +7,7 @@
 //! `../shared/fixtures`; when absent, each test prints a loud SKIPPED and passes.
 //! `FAASMOE_TEST_WORKER_LOGS=1` shows the workers' logs.
 
+use faasmoe_proto::connection::wait_answering;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,9 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use clap::Parser;
 use faasmoe_controller::quota::{QuotaGate, QuotaTicket, Unlimited};
-use faasmoe_controller::service::{self, ControllerSettings};
+use faasmoe_controller::service::{ControllerSettings, ControllerTask};
 use faasmoe_e2e::{cargo_bin, workspace_root, NatsServer};
 use faasmoe_model::fixtures::fixture;
 use faasmoe_proto::generate::ClientError;
@@ -157,25 +157,11 @@ impl Workers {
 // Controller in-process
 // ---------------------------------------------------------------------------------------
 
-#[derive(Parser)]
-struct ControllerCli {
-    #[command(flatten)]
-    settings: ControllerSettings,
-}
-
-/// A controller task, aborted on drop.
-struct Controller(tokio::task::JoinHandle<anyhow::Result<()>>);
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// A NATS server, the workers of a layout and a controller, torn down on drop (controller
 /// first, then workers, then the server).
 struct Deployment {
-    controller: Controller,
+    controller: ControllerTask,
     _workers: Workers,
     client: async_nats::Client,
     model_id: String,
@@ -192,10 +178,10 @@ impl Deployment {
         let workers = tokio::task::block_in_place(|| Workers::start(&server.url(), &model.dir, &model_id, functions));
         let url = server.url();
         let dir = model.dir.to_string_lossy().into_owned();
-        let mut args = vec!["controller", "--nats-url", &url, "--model-dir", &dir, "--model-id", &model_id];
+        let mut args = vec!["--nats-url", &url, "--model-dir", &dir, "--model-id", &model_id];
         args.extend_from_slice(flags);
-        let settings = ControllerCli::try_parse_from(args).unwrap_or_else(|e| panic!("controller flags: {e}")).settings;
-        let controller = Controller(tokio::spawn(service::run(settings, quota)));
+        let settings = ControllerSettings::from_flags(args).unwrap_or_else(|e| panic!("controller flags: {e}"));
+        let controller = ControllerTask::spawn(settings, quota);
         let client = server.connect().await.expect("connect to nats-server");
         let d = Deployment { controller, _workers: workers, client, model_id, server };
         d.wait_serving(probe_tenant).await;
@@ -212,20 +198,13 @@ impl Deployment {
 
     /// Polls with an empty JSON object (answered `bad_request`) until the controller serves.
     async fn wait_serving(&self, tenant: &str) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if self.controller.0.is_finished() {
-                panic!("the controller stopped before serving (see its error above)");
-            }
-            let req = async_nats::Request::new().payload("{}".into()).timeout(Some(Duration::from_secs(2)));
-            if let Ok(m) = self.client.send_request(format!("faasmoe.v1.generate.{tenant}"), req).await {
-                let v: Value = serde_json::from_slice(&m.payload).expect("JSON reply");
-                assert_eq!(v["error"]["code"], "bad_request", "probe reply {v}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "the controller did not serve within 120 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let probe = [(format!("faasmoe.v1.generate.{tenant}"), &b"{}"[..])];
+        let silent = wait_answering(&self.client, &probe, Duration::from_millis(50), Duration::from_secs(120)).await;
+        assert!(!self.controller.is_finished(), "the controller stopped before serving (see its error above)");
+        assert!(silent.is_empty(), "the controller did not serve within 120 s");
+        // The probe is a bad request, answered as one.
+        let v = self.request_raw(tenant, b"{}".to_vec()).await;
+        assert_eq!(v["error"]["code"], "bad_request", "probe reply {v}");
     }
 
     /// Sends a raw body and parses the JSON reply.

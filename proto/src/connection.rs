@@ -86,6 +86,35 @@ pub async fn connect(
     opts.connect(url).await.map_err(|source| ConnectionError::Connect { url: url.into(), source })
 }
 
+/// Whether something answers requests on `subject` within `timeout`: sends `body` once and
+/// counts any reply, error replies included. With a body the server refuses as malformed (an
+/// empty one for `faasmoe.v1.generate.<tenant>`, `{}` for `faasmoe.v1.activate.<model>`) this
+/// checks that a controller, baseline or broker serves, without admitting, queueing or
+/// activating anything. `false` for no responders, a timeout or a lost connection.
+pub async fn answers(client: &async_nats::Client, subject: String, body: &'static [u8], timeout: std::time::Duration) -> bool {
+    matches!(tokio::time::timeout(timeout, client.request(subject, bytes::Bytes::from_static(body))).await, Ok(Ok(_)))
+}
+
+/// Waits until [`answers`] holds for every subject, probing each every `every` until `limit`.
+/// Returns the subjects still silent at the limit (empty: all answer).
+pub async fn wait_answering(client: &async_nats::Client, probes: &[(String, &'static [u8])], every: std::time::Duration, limit: std::time::Duration) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut silent: Vec<(String, &'static [u8])> = probes.to_vec();
+    loop {
+        let mut still = Vec::new();
+        for (subject, body) in silent {
+            if !answers(client, subject.clone(), body, every.max(std::time::Duration::from_secs(2))).await {
+                still.push((subject, body));
+            }
+        }
+        silent = still;
+        if silent.is_empty() || tokio::time::Instant::now() >= deadline {
+            return silent.into_iter().map(|(s, _)| s).collect();
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
