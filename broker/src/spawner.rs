@@ -120,6 +120,8 @@ impl InstanceBackend for LocalProcessBackend {
             .arg(instance_id)
             .arg("--idle-timeout-ms")
             .arg(self.idle_timeout_ms.to_string());
+        // Only the credentials given here: not the broker's own NATS_USER / NATS_PASSWORD.
+        cmd.env_remove("NATS_USER").env_remove("NATS_PASSWORD");
         if let Some(u) = &self.nats.user {
             cmd.arg("--nats-user").arg(u);
         }

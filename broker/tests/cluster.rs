@@ -200,7 +200,7 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
     assert_eq!(charged.total_tokens, 32);
 
     // Stop everything: controller, workers (through the broker), servers.
-    drop(controller);
+    controller.stop().await;
     activator.shutdown(Duration::from_secs(10)).await;
     assert!(activator.instances().is_empty(), "still alive: {:?}", activator.instances());
     assert_eq!(activator.exited().len(), layers, "{:?}", activator.exited());

@@ -6,7 +6,6 @@
 //!
 //! Build the worker first: `cargo build -p faasmoe-expert-worker`.
 
-use faasmoe_proto::connection::wait_answering;
 use faasmoe_proto::connection::NatsArgs;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -38,13 +37,9 @@ async fn start_controller(server: &NatsServer, model_dir: &Path, extra: &[&str])
     let mut args = vec!["--nats-url", &url, "--model-dir", &dir, "--model-id", MODEL, "--granularity", &g];
     args.extend_from_slice(extra);
     let settings = ControllerSettings::from_flags(args).unwrap_or_else(|e| panic!("controller flags: {e}"));
-    let controller = ControllerTask::spawn(settings, Arc::new(Unlimited));
+    let mut controller = ControllerTask::spawn(settings, Arc::new(Unlimited));
     let client = server.connect().await.expect("connect to nats-server");
-    // `{}` is a bad request: answered without admitting or activating anything.
-    let probe = [("faasmoe.v1.generate.probe".to_string(), &b"{}"[..])];
-    let silent = wait_answering(&client, &probe, Duration::from_millis(50), Duration::from_secs(30)).await;
-    assert!(!controller.is_finished(), "the controller stopped before serving");
-    assert!(silent.is_empty(), "the controller did not serve within 30 s");
+    controller.wait_serving(&client, "probe", Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e:#}"));
     (controller, client)
 }
 

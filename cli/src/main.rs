@@ -106,8 +106,10 @@ struct GenerateArgs {
 }
 
 async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    let user = a.user.clone().unwrap_or_else(|| format!("tenant-{}", a.tenant));
-    let client = faasmoe_proto::connection::connect(&a.nats_url, Some(&user), a.password.as_deref(), "faasmoe-generate").await?;
+    // The user goes with a password only: without one, connect anonymously (a server
+    // without authorization).
+    let user = a.password.as_ref().map(|_| a.user.clone().unwrap_or_else(|| format!("tenant-{}", a.tenant)));
+    let client = faasmoe_proto::connection::connect(&a.nats_url, user.as_deref(), a.password.as_deref(), "faasmoe-generate").await?;
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await?;
     let body = serde_json::json!({"prompt": a.prompt, "max_tokens": a.max_tokens, "temperature": a.temperature, "stream": true});

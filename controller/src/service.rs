@@ -106,9 +106,38 @@ impl ControllerTask {
         ControllerTask(tokio::spawn(run(settings, quota)))
     }
 
-    /// Whether the controller has stopped (its error, if any, was returned by [`run`]).
+    /// Whether the controller has stopped.
     pub fn is_finished(&self) -> bool {
         self.0.is_finished()
+    }
+
+    /// Waits until the controller answers on `faasmoe.v1.generate.<tenant>` (probed with `{}`,
+    /// a bad request: nothing is admitted or activated), polling every 50 ms.
+    ///
+    /// Errors: the controller stopped (with [`run`]'s error as the cause), or `limit` passed.
+    pub async fn wait_serving(&mut self, client: &async_nats::Client, tenant: &str, limit: Duration) -> anyhow::Result<()> {
+        let subject = faasmoe_proto::subject::generate(tenant)?;
+        let t0 = std::time::Instant::now();
+        loop {
+            if self.0.is_finished() {
+                return Err(match (&mut self.0).await {
+                    Ok(Ok(())) => anyhow::anyhow!("the controller stopped before serving"),
+                    Ok(Err(e)) => e.context("the controller stopped before serving"),
+                    Err(e) => anyhow::anyhow!("the controller task failed before serving: {e}"),
+                });
+            }
+            if faasmoe_proto::connection::answers(client, subject.clone(), b"{}", Duration::from_secs(2)).await {
+                return Ok(());
+            }
+            anyhow::ensure!(t0.elapsed() < limit, "the controller did not serve {subject} within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the controller and waits until its task has ended.
+    pub async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
     }
 }
 

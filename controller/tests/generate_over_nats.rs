@@ -7,7 +7,6 @@
 //! `../shared/fixtures`; when absent, each test prints a loud SKIPPED and passes.
 //! `FAASMOE_TEST_WORKER_LOGS=1` shows the workers' logs.
 
-use faasmoe_proto::connection::wait_answering;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -161,7 +160,7 @@ impl Workers {
 /// A NATS server, the workers of a layout and a controller, torn down on drop (controller
 /// first, then workers, then the server).
 struct Deployment {
-    controller: ControllerTask,
+    _controller: ControllerTask,
     _workers: Workers,
     client: async_nats::Client,
     model_id: String,
@@ -181,10 +180,13 @@ impl Deployment {
         let mut args = vec!["--nats-url", &url, "--model-dir", &dir, "--model-id", &model_id];
         args.extend_from_slice(flags);
         let settings = ControllerSettings::from_flags(args).unwrap_or_else(|e| panic!("controller flags: {e}"));
-        let controller = ControllerTask::spawn(settings, quota);
+        let mut controller = ControllerTask::spawn(settings, quota);
         let client = server.connect().await.expect("connect to nats-server");
-        let d = Deployment { controller, _workers: workers, client, model_id, server };
-        d.wait_serving(probe_tenant).await;
+        controller.wait_serving(&client, probe_tenant, Duration::from_secs(120)).await.unwrap_or_else(|e| panic!("{e:#}"));
+        let d = Deployment { _controller: controller, _workers: workers, client, model_id, server };
+        // The probe is a bad request, answered as one.
+        let v = d.request_raw(probe_tenant, b"{}".to_vec()).await;
+        assert_eq!(v["error"]["code"], "bad_request", "probe reply {v}");
         d
     }
 
@@ -194,17 +196,6 @@ impl Deployment {
         let mut flags = vec!["--granularity", gs.as_str()];
         flags.extend_from_slice(extra);
         Self::start(model, &model.layout(g).functions, &flags, Arc::new(Unlimited), "probe").await
-    }
-
-    /// Polls with an empty JSON object (answered `bad_request`) until the controller serves.
-    async fn wait_serving(&self, tenant: &str) {
-        let probe = [(format!("faasmoe.v1.generate.{tenant}"), &b"{}"[..])];
-        let silent = wait_answering(&self.client, &probe, Duration::from_millis(50), Duration::from_secs(120)).await;
-        assert!(!self.controller.is_finished(), "the controller stopped before serving (see its error above)");
-        assert!(silent.is_empty(), "the controller did not serve within 120 s");
-        // The probe is a bad request, answered as one.
-        let v = self.request_raw(tenant, b"{}".to_vec()).await;
-        assert_eq!(v["error"]["code"], "bad_request", "probe reply {v}");
     }
 
     /// Sends a raw body and parses the JSON reply.

@@ -1,9 +1,10 @@
 use clap::Parser;
 use faasmoe_expert_worker::{run, Settings};
 
-// One thread: NATS reads, batching and the experts' compute run on it, so a request reaches
-// the batching loop without a cross-thread wake-up (faasmoe-shared TPOT at 1 tenant vs
-// local-split: 1.22x -> 1.06x, mean of 3 runs of `faasmoe bench` here).
+// One runtime thread for NATS reads, admission and batching (the experts' compute runs on the
+// blocking pool), so a request reaches the batching loop without a cross-thread wake-up
+// (faasmoe-shared TPOT at 1 tenant vs local-split: 1.22x -> 1.06x, mean of 3 runs of
+// `faasmoe bench` here).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let _telemetry = faasmoe_telemetry::init("faasmoe-expert-worker");
