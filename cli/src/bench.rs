@@ -528,6 +528,8 @@ struct RunResult {
     dispatch: Dispatch,
     varz: Varz,
     cold_starts: Vec<f64>,
+    /// When function instances became ready (`ready` events), s since the workload start.
+    ready_at_s: Vec<f64>,
     spawned: usize,
 }
 
@@ -540,6 +542,8 @@ struct Summary {
     tok_s: f64,
     ttft: Vec<f64>,
     tpot: Vec<f64>,
+    /// TPOT of the warm requests: those during which no function instance became ready.
+    tpot_warm: Vec<f64>,
     pss_mean: f64,
     pss_peak: f64,
     rss_mean: f64,
@@ -550,6 +554,12 @@ struct Summary {
     nats_bytes_per_token: f64,
     nats_msgs_per_token: f64,
     peak_instances: usize,
+}
+
+/// Time per output token after the first, ms: `(total − TTFT) / (completion tokens − 1)`;
+/// `None` for fewer than 2 tokens.
+fn tpot_ms(r: &GenerateResponse) -> Option<f64> {
+    (r.usage.completion_tokens > 1).then(|| (r.timings.total_ms - r.timings.ttft_ms) / (r.usage.completion_tokens - 1) as f64)
 }
 
 impl RunResult {
@@ -568,7 +578,13 @@ impl RunResult {
             completion_tokens: completion,
             tok_s: completion as f64 / self.wall_s.max(1e-9),
             ttft: oks.iter().map(|r| r.timings.ttft_ms).collect(),
-            tpot: oks.iter().filter(|r| r.usage.completion_tokens > 1).map(|r| (r.timings.total_ms - r.timings.ttft_ms) / (r.usage.completion_tokens - 1) as f64).collect(),
+            tpot: oks.iter().filter_map(|r| tpot_ms(r)).collect(),
+            tpot_warm: self
+                .requests
+                .iter()
+                .filter(|q| !self.ready_at_s.iter().any(|&t| t >= q.sent_s && t <= q.sent_s + q.e2e_ms / 1e3))
+                .filter_map(|q| q.ok.as_ref().and_then(tpot_ms))
+                .collect(),
             pss_mean: tot.iter().map(|t| t.pss as f64).sum::<f64>() / n,
             pss_peak: tot.iter().map(|t| t.pss as f64).fold(0.0, f64::max),
             rss_mean: tot.iter().map(|t| t.rss as f64).sum::<f64>() / n,
@@ -603,15 +619,17 @@ async fn run_one(spec: &Spec, all_tenants: &[String], work: &[Req], model: &Path
 
     // Function events: cold starts.
     let cold: Arc<Mutex<BTreeMap<String, f64>>> = Default::default();
+    let ready_at: Arc<Mutex<Vec<tokio::time::Instant>>> = Default::default();
     let spawned = Arc::new(Mutex::new(0usize));
     let mut events = client.subscribe(faasmoe_proto::subject::events(&dep.model_id)?).await?;
-    let (c2, s2) = (cold.clone(), spawned.clone());
+    let (c2, s2, r2) = (cold.clone(), spawned.clone(), ready_at.clone());
     let ev_task = tokio::spawn(async move {
         while let Some(m) = events.next().await {
             if let Ok(e) = FunctionEvent::decode(&m.payload) {
                 match e.kind {
                     EventKind::Started => *s2.lock().unwrap() += 1,
                     EventKind::Ready => {
+                        r2.lock().unwrap().push(tokio::time::Instant::now());
                         if let Some(ms) = e.cold_start_ms {
                             let mut c = c2.lock().unwrap();
                             let v = c.entry(e.instance_id).or_insert(0.0);
@@ -706,6 +724,12 @@ async fn run_one(spec: &Spec, all_tenants: &[String], work: &[Req], model: &Path
     }
     let requests = std::mem::take(&mut *results.lock().unwrap());
     let cold_starts: Vec<f64> = cold.lock().unwrap().values().copied().collect();
+    let ready_at_s: Vec<f64> = ready_at
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&t| if t >= start { (t - start).as_secs_f64() } else { -(start - t).as_secs_f64() })
+        .collect();
     let spawned = *spawned.lock().unwrap();
     drop(client);
     dep.stop().await;
@@ -731,6 +755,7 @@ async fn run_one(spec: &Spec, all_tenants: &[String], work: &[Req], model: &Path
             out_bytes: v1.out_bytes.saturating_sub(v0.out_bytes),
         },
         cold_starts,
+        ready_at_s,
         spawned,
     })
 }
@@ -958,7 +983,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             let expert_bytes = 3.0 * cfg.hidden_size as f64 * cfg.moe_intermediate_size as f64 * 4.0;
             need += fn_procs as f64 * (16e6 + g as f64 * expert_bytes);
         }
-        let empty = RunResult { spec: spec.clone(), skipped: None, load_s: f64::NAN, wall_s: f64::NAN, requests: vec![], samples: vec![], idle: None, cpu_s: f64::NAN, dispatch: Dispatch::default(), varz: Varz::default(), cold_starts: vec![], spawned: 0 };
+        let empty = RunResult { spec: spec.clone(), skipped: None, load_s: f64::NAN, wall_s: f64::NAN, requests: vec![], samples: vec![], idle: None, cpu_s: f64::NAN, dispatch: Dispatch::default(), varz: Varz::default(), cold_starts: vec![], ready_at_s: vec![], spawned: 0 };
         if (procs > 0 || fn_procs > 0) && need > avail as f64 * 0.9 {
             let why = if procs > 0 {
                 format!("needs ≈{:.1} GB ({procs} × f32 copy of the {:.2} GB checkpoint) but MemAvailable is {:.1} GB", need / 1e9, ckpt_bytes as f64 / 1e9, avail as f64 / 1e9)
@@ -1054,7 +1079,7 @@ fn write_csvs(out: &Path, results: &[RunResult], experts: &[ExpertRow]) -> anyho
     let mut w = csv::Writer::from_path(out.join("runs.csv"))?;
     w.write_record([
         "mode", "tenants", "granularity", "same_run_as", "skipped", "load_s", "wall_s", "requests", "ok", "errors", "prompt_tokens", "completion_tokens", "tok_per_s",
-        "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "pss_mean_mb", "pss_peak_mb", "pss_mean_per_tenant_mb", "rss_mean_mb", "rss_peak_mb", "idle_pss_mb", "idle_rss_mb",
+        "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "warm_tpot_p50_ms", "warm_requests", "pss_mean_mb", "pss_peak_mb", "pss_mean_per_tenant_mb", "rss_mean_mb", "rss_peak_mb", "idle_pss_mb", "idle_rss_mb",
         "cpu_s", "cpu_percent", "cpu_percent_per_tenant", "invocations", "invocations_per_token", "dispatch_bytes_per_token", "nats_bytes_per_token", "nats_msgs_per_token",
         "activations", "instances_started", "cold_starts", "cold_start_p50_ms", "cold_start_p99_ms", "peak_instances", "mem_ratio_vs_baseline", "cpu_ratio_vs_baseline", "tpot_ratio_vs_baseline",
     ])?;
@@ -1068,6 +1093,7 @@ fn write_csvs(out: &Path, results: &[RunResult], experts: &[ExpertRow]) -> anyho
             r.spec.same_as.map(|m| m.name().to_string()).unwrap_or_default(), r.skipped.clone().unwrap_or_default(),
             f(r.load_s, 2), f(r.wall_s, 2), r.requests.len().to_string(), s.ok.to_string(), s.errors.to_string(), s.prompt_tokens.to_string(), s.completion_tokens.to_string(), f(s.tok_s, 3),
             f(percentile(&s.ttft, 50.0), 1), f(percentile(&s.ttft, 99.0), 1), f(percentile(&s.tpot, 50.0), 1), f(percentile(&s.tpot, 99.0), 1),
+            f(percentile(&s.tpot_warm, 50.0), 1), s.tpot_warm.len().to_string(),
             f(mbf(s.pss_mean), 1), f(mbf(s.pss_peak), 1), f(mbf(s.pss_mean) / t, 1), f(mbf(s.rss_mean), 1), f(mbf(s.rss_peak), 1),
             r.idle.map(|i| f(mbf(i.pss as f64), 1)).unwrap_or_default(), r.idle.map(|i| f(mbf(i.rss as f64), 1)).unwrap_or_default(),
             f(r.cpu_s, 2), f(s.cpu_percent, 1), f(s.cpu_percent / t, 1), if r.dispatch.controllers > 0 { r.dispatch.invocations.to_string() } else { String::new() },
@@ -1084,7 +1110,7 @@ fn write_csvs(out: &Path, results: &[RunResult], experts: &[ExpertRow]) -> anyho
             let (pt, ct, qm, tt, tot, tp) = match &q.ok {
                 Some(g) => (
                     g.usage.prompt_tokens.to_string(), g.usage.completion_tokens.to_string(), f(g.timings.queue_ms, 1), f(g.timings.ttft_ms, 1), f(g.timings.total_ms, 1),
-                    if g.usage.completion_tokens > 1 { f((g.timings.total_ms - g.timings.ttft_ms) / (g.usage.completion_tokens - 1) as f64, 1) } else { String::new() },
+                    tpot_ms(g).map(|t| f(t, 1)).unwrap_or_default(),
                 ),
                 None => Default::default(),
             };
@@ -1126,8 +1152,8 @@ fn ratios(s: &Summary, base: Option<&Summary>) -> (f64, f64, f64) {
 
 fn headline(results: &[RunResult]) -> String {
     let mut t = String::new();
-    t.push_str("| mode | tenants | experts/function | ok/req | PSS mean MB | PSS peak MB | PSS/tenant MB | CPU % | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | tok/s | invocations/token | NATS bytes/token | cold starts (p50 ms) | peak instances | memory × baseline | CPU × baseline | TPOT × baseline |\n");
-    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    t.push_str("| mode | tenants | experts/function | ok/req | PSS mean MB | PSS peak MB | PSS/tenant MB | CPU % | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | warm TPOT p50 ms (requests) | tok/s | invocations/token | NATS bytes/token | cold starts (p50 ms) | peak instances | memory × baseline | CPU × baseline | TPOT × baseline |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
         let g = r.spec.granularity.map(|g| g.to_string()).unwrap_or_else(|| "-".into());
         let name = match r.spec.same_as {
@@ -1144,9 +1170,10 @@ fn headline(results: &[RunResult]) -> String {
         let cold = if r.spec.mode.uses_functions() { format!("{} ({})", r.cold_starts.len(), f(percentile(&r.cold_starts, 50.0), 0)) } else { "-".into() };
         let _ = writeln!(
             t,
-            "| {name} | {} | {g} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {cold} | {} | {} | {} | {} |",
+            "| {name} | {} | {g} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {cold} | {} | {} | {} | {} |",
             r.spec.tenants, s.ok, r.requests.len(), f(mbf(s.pss_mean), 0), f(mbf(s.pss_peak), 0), f(mbf(s.pss_mean) / r.spec.tenants as f64, 0), f(s.cpu_percent, 0),
-            f(percentile(&s.ttft, 50.0), 0), f(percentile(&s.ttft, 99.0), 0), f(percentile(&s.tpot, 50.0), 1), f(percentile(&s.tpot, 99.0), 1), f(s.tok_s, 2),
+            f(percentile(&s.ttft, 50.0), 0), f(percentile(&s.ttft, 99.0), 0), f(percentile(&s.tpot, 50.0), 1), f(percentile(&s.tpot, 99.0), 1),
+            f(percentile(&s.tpot_warm, 50.0), 1), s.tpot_warm.len(), f(s.tok_s, 2),
             f(s.inv_per_token, 1), f(s.nats_bytes_per_token, 0), if r.spec.mode.uses_functions() { s.peak_instances.to_string() } else { "-".into() }, f(mr, 2), f(cr, 2), f(tr, 2)
         );
     }
@@ -1182,7 +1209,7 @@ fn report_md(
     let _ = writeln!(r, "## What is measured\n");
     let _ = writeln!(r, "- memory: PSS and RSS from /proc (smaps_rollup, stat), summed over every process of the mode — nats-server (the client transport, present in every mode), the broker and its expert worker children, the controllers or baseline processes — sampled every {} ms during the workload (first request sent → last reply); per tenant = mean ÷ tenants; the idle column in runs.csv is the loaded, idle deployment before the workload", a.sample_ms);
     let _ = writeln!(r, "- CPU %: utime+stime of those processes (including exited workers, via the broker's cutime/cstime) over the workload's wall time, in % of one core");
-    let _ = writeln!(r, "- TTFT / TPOT: from the server-side timings of each reply (since the controller / baseline process received the request, queueing included); TPOT = (total − TTFT) / (tokens − 1)");
+    let _ = writeln!(r, "- TTFT / TPOT: from the server-side timings of each reply (since the controller / baseline process received the request, queueing included); TPOT = (total − TTFT) / (tokens − 1); warm TPOT: over the requests during whose lifetime (sent → reply) no function instance became ready, i.e. with warm functions (every request in the modes without functions)");
     let _ = writeln!(r, "- invocations/token and dispatch bytes/token: the controllers' dispatch counters (`faasmoe.v1.admin.controller_stats`), deltas over the workload ÷ completion tokens (prefill invocations included); NATS bytes/token: nats-server /varz (in + out bytes) deltas ÷ completion tokens, all traffic (client API included)");
     let _ = writeln!(r, "- cold starts: the broker's `ready` events (spawn → ready); instances: live children of the broker");
     let _ = writeln!(r, "- shared-baseline: one candle-transformers process serving all tenants one request at a time (the model keeps one KV cache); local-split is the split equivalent with continuous batching. With 1 tenant shared-baseline ≡ baseline and faasmoe-private ≡ faasmoe-shared (one run, reported twice)\n");
@@ -1198,7 +1225,7 @@ fn report_md(
         for (t, qs) in by {
             let oks: Vec<&GenerateResponse> = qs.iter().filter_map(|q| q.ok.as_ref()).collect();
             let ttft: Vec<f64> = oks.iter().map(|g| g.timings.ttft_ms).collect();
-            let tpot: Vec<f64> = oks.iter().filter(|g| g.usage.completion_tokens > 1).map(|g| (g.timings.total_ms - g.timings.ttft_ms) / (g.usage.completion_tokens - 1) as f64).collect();
+            let tpot: Vec<f64> = oks.iter().filter_map(|g| tpot_ms(g)).collect();
             let _ = writeln!(
                 r,
                 "| {} | {} | {} | {t} | {} | {} | {} | {} | {} |",

@@ -49,9 +49,16 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
             let v: f64 = r[col(c)].parse().unwrap_or_else(|_| panic!("{mode}: {c} = {:?} is not a number\n{stdout}", &r[col(c)]));
             assert!(v > 0.0, "{mode}: {c} = {v}");
         }
+        let warm: usize = r[col("warm_requests")].parse().unwrap();
         if mode.starts_with("faasmoe") {
             let inv: f64 = r[col("invocations_per_token")].parse().unwrap();
             assert!(inv > 0.0, "{mode}: no function invocations");
+            // Every request started with no function running: each saw cold starts.
+            assert_eq!(warm, 0, "{mode}: requests counted as warm\n{stdout}");
+        } else {
+            // Without functions every request is warm.
+            assert_eq!(warm.to_string(), r[col("ok")].to_string(), "{mode}");
+            assert_eq!(&r[col("warm_tpot_p50_ms")], &r[col("tpot_p50_ms")], "{mode}");
         }
     }
     let experts = std::fs::read_to_string(out.path().join("experts.csv")).unwrap();
