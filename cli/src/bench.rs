@@ -41,7 +41,7 @@ use tokio::process::{Child, Command};
 
 use crate::monitor::{self, percentile};
 use crate::stack::{dev_passwords, log_file, model_id_of, sibling};
-use crate::workload::{self, Scale};
+use crate::workload::{self, Scale, ScaleArgs};
 
 /// Settings of the benchmark.
 #[derive(Debug, Clone, clap::Args)]
@@ -75,15 +75,9 @@ pub struct BenchArgs {
     /// Requests per tenant.
     #[arg(long)]
     pub requests: Option<usize>,
-    /// Prompt tokens of the trace are divided by this.
-    #[arg(long, default_value_t = 16.0)]
-    pub prompt_div: f64,
-    /// Output tokens of the trace are divided by this.
-    #[arg(long, default_value_t = 8.0)]
-    pub output_div: f64,
-    /// Inter-arrival times of the trace are multiplied by this.
-    #[arg(long, default_value_t = 1.0)]
-    pub time_mul: f64,
+    /// How the trace is shrunk.
+    #[command(flatten)]
+    pub scale: ScaleArgs,
     /// Largest prompt (tokens) after scaling.
     #[arg(long)]
     pub max_prompt: Option<u32>,
@@ -896,9 +890,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             model: None,
             tiktoken: a.tiktoken.clone(),
             requests: 0,
-            prompt_div: a.prompt_div,
-            output_div: a.output_div,
-            time_mul: a.time_mul,
+            scale: a.scale,
             granularity: compare_g,
             idle_timeout_ms: a.idle_timeout_ms,
             log_dir: out.join("logs"),
@@ -915,7 +907,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let tokenizer = QwenTokenizer::from_checkpoint_dir(&model)?;
     let corpus: Vec<u32> = tokenizer.encode(workload::CORPUS)?.into_iter().filter(|&t| (t as usize) < cfg.vocab_size).collect();
     anyhow::ensure!(!corpus.is_empty(), "no corpus tokens inside the vocabulary");
-    let scale = Scale { prompt_div: a.prompt_div, output_div: a.output_div, time_mul: a.time_mul, prompt_range: (4.min(max_prompt), max_prompt), output_range: (2.min(max_output), max_output) };
+    let scale = a.scale.with_ranges((4.min(max_prompt), max_prompt), (2.min(max_output), max_output));
     let mut work = Vec::new();
     for (i, t) in tenant_names.iter().enumerate() {
         let (trace, name) = if i % 2 == 0 { (workload::CONV_TRACE, "conversation") } else { (workload::CODE_TRACE, "code") };

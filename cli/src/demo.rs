@@ -16,7 +16,7 @@ use futures::StreamExt;
 
 use crate::monitor::{mb, percentile, Monitor, Role};
 use crate::stack::{Stack, StackArgs};
-use crate::workload::{self, Scale, TraceRow};
+use crate::workload::{self, ScaleArgs, TraceRow};
 
 /// Settings of the demo.
 #[derive(Debug, Clone, clap::Args)]
@@ -31,15 +31,9 @@ pub struct DemoArgs {
     /// Requests per tenant.
     #[arg(long, default_value_t = 6)]
     pub requests: usize,
-    /// Prompt tokens of the trace are divided by this.
-    #[arg(long, default_value_t = 16.0)]
-    pub prompt_div: f64,
-    /// Output tokens of the trace are divided by this.
-    #[arg(long, default_value_t = 8.0)]
-    pub output_div: f64,
-    /// Inter-arrival times of the trace are multiplied by this.
-    #[arg(long, default_value_t = 1.0)]
-    pub time_mul: f64,
+    /// How the trace is shrunk.
+    #[command(flatten)]
+    pub scale: ScaleArgs,
     /// Experts per function.
     #[arg(long, default_value_t = 20)]
     pub granularity: u32,
@@ -101,14 +95,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let t_all = Instant::now();
     let model = ensure_model(&a)?;
     let tokenizer = QwenTokenizer::from_checkpoint_dir(&model)?;
-    let scale = Scale { prompt_div: a.prompt_div, output_div: a.output_div, time_mul: a.time_mul, prompt_range: (8, 128), output_range: (4, 24) };
+    let scale = a.scale.with_ranges((8, 128), (4, 24));
     let n = a.requests;
     let plans = vec![
         TenantPlan { name: "chat", shape: "conversation trace", quota: Quota { max_concurrent: Some(8), tokens_per_minute: None, total_tokens: None }, rows: workload::load(workload::CONV_TRACE, 0, n, &scale)? },
         TenantPlan { name: "code", shape: "code-completion trace", quota: Quota { max_concurrent: Some(8), tokens_per_minute: None, total_tokens: None }, rows: workload::load(workload::CODE_TRACE, 0, n, &scale)? },
         TenantPlan { name: "trial", shape: "conversation trace, 200-token budget", quota: Quota { max_concurrent: Some(2), tokens_per_minute: None, total_tokens: Some(200) }, rows: workload::load(workload::CONV_TRACE, 100, n, &scale)? },
     ];
-    println!("workload: {} tenants × {n} requests from the Azure LLM traces (Splitwise, ISCA 2024, CC-BY 4.0); scale: prompt tokens ÷{}, output tokens ÷{}, time ×{}", plans.len(), a.prompt_div, a.output_div, a.time_mul);
+    println!("workload: {} tenants × {n} requests from the Azure LLM traces (Splitwise, ISCA 2024, CC-BY 4.0); scale: prompt tokens ÷{}, output tokens ÷{}, time ×{}", plans.len(), scale.prompt_div, scale.output_div, scale.time_mul);
 
     let stack_args = StackArgs { model: model.clone(), granularity: a.granularity, idle_timeout_ms: a.idle_timeout_ms, max_instances: 2, port: None, nats_config: None, log_dir: a.log_dir.clone() };
     println!("starting the stack (nats-server, broker, controller; expert functions start on demand, granularity {})…", a.granularity);

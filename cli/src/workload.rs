@@ -24,6 +24,27 @@ pub struct TraceRow {
     pub generated_tokens: u32,
 }
 
+/// The `--prompt-div`, `--output-div` and `--time-mul` flags of the demo and the bench.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ScaleArgs {
+    /// Prompt tokens of the trace are divided by this.
+    #[arg(long, default_value_t = 16.0)]
+    pub prompt_div: f64,
+    /// Output tokens of the trace are divided by this.
+    #[arg(long, default_value_t = 8.0)]
+    pub output_div: f64,
+    /// Inter-arrival times of the trace are multiplied by this.
+    #[arg(long, default_value_t = 1.0)]
+    pub time_mul: f64,
+}
+
+impl ScaleArgs {
+    /// The [`Scale`] with these factors and the given clamps of scaled token counts.
+    pub fn with_ranges(&self, prompt_range: (u32, u32), output_range: (u32, u32)) -> Scale {
+        Scale { prompt_div: self.prompt_div, output_div: self.output_div, time_mul: self.time_mul, prompt_range, output_range }
+    }
+}
+
 /// How a trace is shrunk to fit: counts divided, clamped; time multiplied.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Scale {
