@@ -3,15 +3,31 @@
 //! A controller that finds no instance subscribed to an expert subject sends an
 //! [`ActivateRequest`] on `faasmoe.v1.activate.<model>`. The [`Activator`] then
 //!
-//! - replies `already_running` when a ready instance of the function exists and still has
-//!   its subscriptions (checked with a liveness probe, see [`ActivationConfig::probe_timeout`]);
+//! - replies `already_running` when a ready instance of the function exists and the server
+//!   has interest on the function's subject (see [`ActivationConfig::probe_timeout`]);
 //! - otherwise starts ONE instance through its [`InstanceBackend`]: concurrent activations of
 //!   the same function join the start in progress and all get the same reply;
 //! - waits until the instance is ready (the worker's `READY` stdout line, or its `ready`
 //!   event on `faasmoe.v1.events.<model>`, whichever comes first) and replies with the
 //!   instance id and the cold start (spawn → ready);
 //! - never has more than [`ActivationConfig::max_instances_per_function`] instances of a
-//!   function alive (starting, ready or draining); at the cap it replies `unavailable`.
+//!   function alive (starting, ready or draining). At the cap an activation *waits* (at most
+//!   [`ActivationConfig::cap_wait`], and never past the requester's own
+//!   [`ActivateRequest::wait_ms`]) for the state to change — a draining instance exits, an
+//!   instance that lost its connection resubscribes — and only then replies `unavailable`.
+//!
+//! # Liveness
+//!
+//! Whether an instance serves is never judged by how fast it answers: a worker busy
+//! computing answers nothing until its batch is done. The broker's records come from the
+//! instance itself (its `READY` line and `ready` event; its `stopped` event once it has
+//! unsubscribed; the OS exit status). The one question it asks NATS — "is anyone subscribed
+//! to this function's subject right now?" — is answered by the *server*: a request with no
+//! subscriber gets *no responders* at once, whatever the workers are doing; any other outcome
+//! (a reply, or none within the probe timeout) means a subscriber exists. *No responders*
+//! marks nothing: the instance may be draining (its `stopped` event and exit follow) or
+//! reconnecting after a server restart (it resubscribes); either way the activation waits
+//! for the next change instead of declaring a healthy instance dead.
 //!
 //! Every instance is owned by a task that waits for its exit and records it (exit status),
 //! and lifecycle events (`started`, `ready`, `stopped`, `spawn_failed`) are published on the
@@ -42,6 +58,33 @@ use crate::spawner::{Instance, InstanceBackend, InstanceExit};
 /// How many exited instances are remembered for [`Activator::exited`].
 const EXITED_HISTORY: usize = 1024;
 
+/// First and longest interval between interest probes while an activation waits at the cap.
+const CAP_POLL_MIN: Duration = Duration::from_millis(25);
+const CAP_POLL_MAX: Duration = Duration::from_millis(400);
+
+/// Share of the requester's [`ActivateRequest::wait_ms`] the broker may spend; the rest is
+/// left for the reply to arrive before the requester gives up.
+const WAIT_SHARE: f64 = 0.9;
+
+/// How often the broker looks at its NATS connection state (to log outages).
+const CONNECTION_POLL: Duration = Duration::from_millis(20);
+
+/// What the server says about a function's subject.
+enum Interest {
+    /// Someone is subscribed (a reply came, or no *no responders* within the probe timeout).
+    Subscribed,
+    /// *No responders*: nobody is subscribed right now.
+    None,
+}
+
+/// Waits for a start in progress, at most until `deadline` (the start itself goes on).
+async fn join_start(function_id: &str, p: PendingStart, deadline: tokio::time::Instant) -> ActivateResult {
+    match tokio::time::timeout_at(deadline, p).await {
+        Ok(r) => r,
+        Err(_) => unavailable(format!("function `{function_id}`: an instance is still starting; retry later")),
+    }
+}
+
 /// Policy of one model's activations.
 #[derive(Debug, Clone)]
 pub struct ActivationConfig {
@@ -57,15 +100,21 @@ pub struct ActivationConfig {
     /// with `unavailable`.
     pub ready_timeout: Duration,
     /// Before answering `already_running`, the broker sends an empty request to the
-    /// function's first expert subject: a reply (the worker answers `malformed`) proves an
-    /// instance is subscribed; *no responders* means the ready instances are draining (idle
-    /// exit in progress), so they are marked draining and a new instance is started. The
-    /// probe resets the worker's idle timer. `None` disables the probe.
+    /// function's first expert subject and looks only at whether the server answers *no
+    /// responders* (immediate, independent of the workers' load: nobody is subscribed now).
+    /// A reply (the worker answers `malformed` once its current batch is done) or silence
+    /// for this long both mean a subscriber exists, so a busy worker is never taken for a
+    /// missing one. The probe resets the worker's idle timer. `None` disables the probe.
     pub probe_timeout: Option<Duration>,
+    /// Longest time an activation that finds the function at its instance cap (with no
+    /// instance subscribed) waits for one — a draining instance to exit so a new one can
+    /// start, or an instance to resubscribe — before replying `unavailable`. Also bounded
+    /// by the request's [`ActivateRequest::wait_ms`].
+    pub cap_wait: Duration,
 }
 
 impl ActivationConfig {
-    /// Defaults: cap 1, no pre-warming, ready timeout 60 s, probe timeout 1 s.
+    /// Defaults: cap 1, no pre-warming, ready timeout 60 s, probe timeout 1 s, cap wait 60 s.
     pub fn new(model_id: impl Into<String>, layout: Layout) -> Self {
         Self {
             model_id: model_id.into(),
@@ -74,6 +123,7 @@ impl ActivationConfig {
             min_instances: 0,
             ready_timeout: Duration::from_secs(60),
             probe_timeout: Some(Duration::from_secs(1)),
+            cap_wait: Duration::from_secs(60),
         }
     }
 }
@@ -155,6 +205,9 @@ struct Inner {
     state: Mutex<State>,
     spawns: AtomicU64,
     shutting_down: AtomicBool,
+    /// Bumped on every change of the instance table or of a start in progress; activations
+    /// waiting at the cap watch it.
+    changes: watch::Sender<u64>,
 }
 
 /// The activation service of one model. Cheap to clone (a handle).
@@ -187,6 +240,7 @@ impl Activator {
                 state: Mutex::new(State::default()),
                 spawns: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
+                changes: watch::channel(0).0,
             }),
         })
     }
@@ -233,6 +287,7 @@ impl Activator {
                 }
             }
         });
+        tokio::spawn(watch_connection(Arc::downgrade(&this.inner)));
         info!(model = %this.inner.cfg.model_id, functions = this.inner.functions.len(), "activation service listening");
         Ok(this)
     }
@@ -250,15 +305,21 @@ impl Activator {
                 format!("this broker serves model `{}`, not `{}`", self.inner.cfg.model_id, req.model),
             ));
         }
-        debug!(function_id = %req.function_id, requested_by = %req.requested_by, "activate");
-        self.activate_function(&req.function_id, false).await
+        let mut wait = self.inner.cfg.cap_wait;
+        if let Some(ms) = req.wait_ms {
+            wait = wait.min(Duration::from_millis(ms).mul_f64(WAIT_SHARE));
+        }
+        debug!(function_id = %req.function_id, requested_by = %req.requested_by, wait_ms = wait.as_millis() as u64, "activate");
+        self.activate_function(&req.function_id, false, wait).await
     }
 
     /// Starts an additional instance of `function_id` if it is below the cap (joining a
     /// start already in progress), whether or not one is ready. Used for pre-warming and
-    /// by controllers that want more capacity.
+    /// by controllers that want more capacity. At the cap: `unavailable` at once (nothing
+    /// waits for capacity that is only wanted, not needed).
     pub async fn scale_up(&self, function_id: &str) -> ActivateResult {
-        self.activate_function(function_id, true).await
+        let wait = self.inner.cfg.ready_timeout + Duration::from_secs(5);
+        self.activate_function(function_id, true, wait).await
     }
 
     /// Starts [`ActivationConfig::min_instances`] instances of every function (one after
@@ -282,65 +343,85 @@ impl Activator {
         futures::future::join_all(jobs).await.into_iter().flatten().collect()
     }
 
-    async fn activate_function(&self, function_id: &str, want_new: bool) -> ActivateResult {
+    async fn activate_function(&self, function_id: &str, want_new: bool, wait: Duration) -> ActivateResult {
         let inner = &self.inner;
-        if inner.shutting_down.load(Ordering::SeqCst) {
-            return unavailable("the broker is shutting down");
-        }
         let Some(spec) = inner.functions.get(function_id).cloned() else {
             return ActivateResult::Err(WireError::new(
                 ErrorCode::UnknownExpert,
                 format!("model `{}` has no function `{function_id}` at granularity {}", inner.cfg.model_id, inner.cfg.layout.granularity),
             ));
         };
-        // Fast path: a ready instance that is still subscribed.
-        if !want_new {
+        let t0 = Instant::now();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = inner.changes.subscribe();
+        let mut poll = CAP_POLL_MIN;
+        let mut waited_at_cap = false;
+        loop {
+            // Everything read below is at least as new as this mark: a change after it wakes
+            // the wait at the end of the loop.
+            changes.borrow_and_update();
+            if inner.shutting_down.load(Ordering::SeqCst) {
+                return unavailable("the broker is shutting down");
+            }
             let (pending, ready) = {
                 let st = inner.state.lock().unwrap();
                 (st.pending.get(function_id).cloned(), st.ready(function_id))
             };
             if let Some(p) = pending {
-                return p.await;
+                return join_start(function_id, p, deadline).await;
             }
-            if let Some(first) = ready.first() {
-                if inner.probe(&spec).await {
-                    return ActivateResult::Ok { instance_id: first.clone(), cold_start_ms: 0.0, already_running: true };
-                }
-                info!(function_id, instances = ?ready, "ready instances have no subscriptions: marking them draining");
-                for id in &ready {
-                    inner.mark_draining(id);
+            // A ready instance that the server sees subscribed.
+            if !want_new {
+                if let Some(first) = ready.first() {
+                    match inner.interest(&spec).await {
+                        Interest::Subscribed => {
+                            if waited_at_cap {
+                                info!(function_id, instance_id = %first, waited_ms = t0.elapsed().as_secs_f64() * 1e3, "an instance serves again");
+                            }
+                            return ActivateResult::Ok { instance_id: first.clone(), cold_start_ms: 0.0, already_running: true };
+                        }
+                        // Draining (its `stopped` event and exit follow) or reconnecting (it
+                        // resubscribes): start another below the cap, else wait for either.
+                        Interest::None => debug!(function_id, instances = ?ready, "ready instances have no subscriptions now"),
+                    }
                 }
             }
+            let pending = {
+                let mut st = inner.state.lock().unwrap();
+                if let Some(p) = st.pending.get(function_id) {
+                    Some(p.clone())
+                } else {
+                    let alive = st.alive(function_id);
+                    let cap = inner.cfg.max_instances_per_function as usize;
+                    if alive < cap {
+                        Some(inner.begin_start(&mut st, spec.clone()))
+                    } else if want_new {
+                        return unavailable(format!("function `{function_id}` is at its cap of {cap} instance(s) ({alive} alive)"));
+                    } else if tokio::time::Instant::now() >= deadline {
+                        warn!(function_id, cap, alive, waited_ms = t0.elapsed().as_secs_f64() * 1e3, "at the cap: no instance became available in time");
+                        return unavailable(format!(
+                            "function `{function_id}` is at its cap of {cap} instance(s) ({alive} alive, none subscribed) \
+                             and none became available within {:?}; retry later",
+                            wait
+                        ));
+                    } else {
+                        if !waited_at_cap {
+                            info!(function_id, cap, alive, "at the cap with no instance subscribed: waiting for one");
+                            waited_at_cap = true;
+                        }
+                        None
+                    }
+                }
+            };
+            if let Some(p) = pending {
+                return join_start(function_id, p, deadline).await;
+            }
+            // Wait for the instance table to change (exit, ready, stopped), or re-probe
+            // after `poll` (an instance resubscribing after a reconnect changes no record).
+            let until = (tokio::time::Instant::now() + poll).min(deadline);
+            let _ = tokio::time::timeout_at(until, changes.changed()).await;
+            poll = (poll * 2).min(CAP_POLL_MAX);
         }
-        let pending = {
-            let mut st = inner.state.lock().unwrap();
-            if let Some(p) = st.pending.get(function_id) {
-                p.clone()
-            } else {
-                let alive = st.alive(function_id);
-                let cap = inner.cfg.max_instances_per_function as usize;
-                if alive >= cap {
-                    let ready = st.ready(function_id);
-                    drop(st);
-                    return match (want_new, ready.first()) {
-                        (false, Some(id)) => ActivateResult::Ok { instance_id: id.clone(), cold_start_ms: 0.0, already_running: true },
-                        _ => unavailable(format!(
-                            "function `{function_id}` is at its cap of {cap} instance(s) ({alive} alive); retry later"
-                        )),
-                    };
-                }
-                let me = inner.clone();
-                let job = tokio::spawn(async move { me.start_instance(spec).await });
-                let fut: BoxFuture<'static, ActivateResult> = async move {
-                    job.await.unwrap_or_else(|e| ActivateResult::Err(WireError::new(ErrorCode::Internal, format!("start task failed: {e}"))))
-                }
-                .boxed();
-                let shared = fut.shared();
-                st.pending.insert(function_id.to_string(), shared.clone());
-                shared
-            }
-        };
-        pending.await
     }
 
     /// Instances alive now (starting, ready, draining), oldest first.
@@ -375,6 +456,7 @@ impl Activator {
     /// `grace`, then kills what is left and waits for it to be reaped.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.changed();
         self.inner.signal_all(|| Control::Terminate);
         let deadline = Instant::now() + grace;
         while !self.inner.state.lock().unwrap().live.is_empty() && Instant::now() < deadline {
@@ -388,6 +470,30 @@ impl Activator {
     }
 }
 
+/// Logs the broker's NATS outages with their duration, until the activator is dropped.
+/// (async-nats reconnects on its own and resubscribes; activations asked during an outage
+/// reach the broker once both ends are back.)
+async fn watch_connection(inner: std::sync::Weak<Inner>) {
+    let mut down_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(CONNECTION_POLL).await;
+        let Some(me) = inner.upgrade() else { return };
+        let connected = me.client.connection_state() == async_nats::connection::State::Connected;
+        drop(me);
+        match (connected, down_since) {
+            (false, None) => {
+                warn!("NATS connection lost; reconnecting");
+                down_since = Some(Instant::now());
+            }
+            (true, Some(t)) => {
+                info!(outage_ms = t.elapsed().as_secs_f64() * 1e3, "NATS connection restored");
+                down_since = None;
+            }
+            _ => {}
+        }
+    }
+}
+
 impl Inner {
     fn signal_all(&self, make: impl Fn() -> Control) {
         for l in self.state.lock().unwrap().live.values() {
@@ -395,16 +501,36 @@ impl Inner {
         }
     }
 
-    /// Whether some instance is subscribed to the function's first expert subject.
-    async fn probe(&self, spec: &FunctionSpec) -> bool {
-        let Some(timeout) = self.cfg.probe_timeout else { return true };
-        let Ok(subj) = subject::expert(&self.cfg.model_id, spec.layer, spec.experts[0]) else { return true };
+    /// Whether the server sees a subscriber on the function's first expert subject (see
+    /// [`ActivationConfig::probe_timeout`]): only *no responders* — the server's answer,
+    /// immediate whatever the workers do — counts as [`Interest::None`].
+    async fn interest(&self, spec: &FunctionSpec) -> Interest {
+        let Some(timeout) = self.cfg.probe_timeout else { return Interest::Subscribed };
+        let Ok(subj) = subject::expert(&self.cfg.model_id, spec.layer, spec.experts[0]) else { return Interest::Subscribed };
         match tokio::time::timeout(timeout, self.client.request(subj, bytes::Bytes::new())).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => false,
-            // Timed out or another error: something is subscribed but slow; trust the record.
-            _ => true,
+            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Interest::None,
+            // A reply, or silence: a subscriber exists (maybe busy computing).
+            _ => Interest::Subscribed,
         }
+    }
+
+    /// Records a change for the activations waiting at the cap.
+    fn changed(&self) {
+        self.changes.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Registers a start of `spec` as in progress (in `st`, under its lock) and returns it.
+    fn begin_start(self: &Arc<Self>, st: &mut State, spec: FunctionSpec) -> PendingStart {
+        let id = spec.id.clone();
+        let me = self.clone();
+        let job = tokio::spawn(async move { me.start_instance(spec).await });
+        let fut: BoxFuture<'static, ActivateResult> = async move {
+            job.await.unwrap_or_else(|e| ActivateResult::Err(WireError::new(ErrorCode::Internal, format!("start task failed: {e}"))))
+        }
+        .boxed();
+        let shared = fut.shared();
+        st.pending.insert(id, shared.clone());
+        shared
     }
 
     fn event(&self, kind: EventKind, info: &InstanceInfo) -> FunctionEvent {
@@ -430,6 +556,7 @@ impl Inner {
     async fn start_instance(self: Arc<Self>, spec: FunctionSpec) -> ActivateResult {
         let result = self.clone().start_instance_inner(&spec).await;
         self.state.lock().unwrap().pending.remove(&spec.id);
+        self.changed();
         result
     }
 
@@ -467,6 +594,7 @@ impl Inner {
             let peak = st.peak_alive.entry(spec.id.clone()).or_default();
             *peak = (*peak).max(alive);
         }
+        self.changed();
         self.spawns.fetch_add(1, Ordering::SeqCst);
         info!(function_id = %spec.id, %instance_id, pid = ?info.pid, "instance started");
         self.publish(self.event(EventKind::Started, &info)).await;
@@ -547,6 +675,7 @@ impl Inner {
                 (info, was)
             })
         };
+        self.changed();
         let Some((info, was)) = record else { return };
         info!(function_id = %info.function_id, %instance_id, ?exit, "instance exited");
         let kind = if was == InstanceState::Starting { EventKind::SpawnFailed } else { EventKind::Stopped };
@@ -570,18 +699,23 @@ impl Inner {
             ev.cold_start_ms = Some(cold);
             ev
         };
+        self.changed();
         info!(function_id = %ev.function_id, %instance_id, cold_start_ms = ev.cold_start_ms, "instance ready");
         let me = self.clone();
         tokio::spawn(async move { me.publish(ev).await });
     }
 
+    /// The instance said it has unsubscribed (its `stopped` event): no longer ready.
     fn mark_draining(&self, instance_id: &str) {
-        let mut st = self.state.lock().unwrap();
-        if let Some(l) = st.live.get_mut(instance_id) {
-            if l.info.state == InstanceState::Ready {
-                l.info.state = InstanceState::Draining;
-                let _ = l.state_tx.send(InstanceState::Draining);
+        {
+            let mut st = self.state.lock().unwrap();
+            let Some(l) = st.live.get_mut(instance_id) else { return };
+            if l.info.state != InstanceState::Ready {
+                return;
             }
+            l.info.state = InstanceState::Draining;
+            let _ = l.state_tx.send(InstanceState::Draining);
         }
+        self.changed();
     }
 }

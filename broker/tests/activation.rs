@@ -68,6 +68,7 @@ fn request(function_id: &str, layer: u32, by: usize) -> ActivateRequest {
         layer,
         experts: vec![0],
         requested_by: format!("test-{by}"),
+        wait_ms: None,
     }
 }
 

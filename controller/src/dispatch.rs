@@ -9,12 +9,24 @@
 //! Failure handling per request: a timeout or an error reply from a broken instance is
 //! retried (the queue group picks an instance again); *no responders* means the function is
 //! scaled to zero: ask the broker to activate it (cold start), bounded by the activation
-//! timeout, then retry.
+//! timeout, then retry. A transient `unavailable` from the broker (function at its cap, a
+//! start that failed, no broker answering yet) is retried with exponential backoff, a few
+//! times, within the same activation timeout.
+//!
+//! Connection outages: when the NATS connection comes back after being lost (nats-server
+//! restarted, network cut), every expert and activation request still waiting for a reply
+//! is sent again at once instead of waiting out its timeout — its request or its reply may
+//! have died with the old connection. Each send has its own reply inbox, so a late reply to
+//! the superseded send is dropped and the requests stay correct; a resend keeps the
+//! deadline of the attempt it replaces, so no request waits past its own timeout. Outages
+//! are logged with their duration.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::connection::State as ConnectionState;
+use async_nats::{RequestError, RequestErrorKind};
 use candle_core::{Device, Tensor};
 use faasmoe_model::{InProcessBackend, RoutedBatch};
 use faasmoe_model::qwen2_moe::ExpertBackend;
@@ -24,7 +36,19 @@ use faasmoe_proto::layout::Layout;
 use faasmoe_proto::tensor::{WireDType, WireTensor};
 use faasmoe_proto::{subject, ErrorCode, PROTOCOL_VERSION};
 use futures::future::BoxFuture;
+use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
+
+/// Attempts of one activation (the first included) on transient `unavailable`.
+const ACTIVATION_ATTEMPTS: u32 = 5;
+/// Backoff before the second activation attempt; doubled for each next one, up to
+/// [`ACTIVATION_BACKOFF_MAX`].
+const ACTIVATION_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest backoff between activation attempts.
+const ACTIVATION_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How often the dispatcher looks at its connection's state (async-nats exposes the state,
+/// not a stream of changes, on a client it did not configure).
+const CONNECTION_POLL: Duration = Duration::from_millis(10);
 
 /// Why the routed part of a layer could not be computed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -69,6 +93,10 @@ pub struct DispatchStats {
     pub activations: u64,
     /// Retries after a timeout or error.
     pub retries: u64,
+    /// Requests sent again because the connection came back while they waited.
+    pub resends: u64,
+    /// Times the NATS connection came back after being lost.
+    pub reconnects: u64,
 }
 
 /// All experts in this process (the local-split mode, and tests).
@@ -101,6 +129,15 @@ pub struct NatsDispatchSettings {
     pub controller_id: String,
 }
 
+/// The connection as the dispatcher last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link {
+    /// How many times it came back after being lost.
+    reconnects: u64,
+    /// Whether it is up now.
+    connected: bool,
+}
+
 /// Dispatch over NATS request/reply to the expert functions.
 pub struct NatsDispatch {
     client: async_nats::Client,
@@ -111,12 +148,67 @@ pub struct NatsDispatch {
     bytes_received: AtomicU64,
     activations: AtomicU64,
     retries: AtomicU64,
+    resends: AtomicU64,
+    /// Requests waiting for a reply now (for the outage log).
+    in_flight: AtomicU64,
+    link: watch::Receiver<Link>,
+}
+
+/// Counts a request as in flight while it lives.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a AtomicU64) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Follows the dispatcher's connection state until the dispatcher is dropped: counts
+/// reconnects (which wake the requests waiting in [`NatsDispatch::request`]) and logs each
+/// outage with its duration.
+async fn watch_link(dispatch: std::sync::Weak<NatsDispatch>, tx: watch::Sender<Link>) {
+    let mut down_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(CONNECTION_POLL).await;
+        let Some(d) = dispatch.upgrade() else { return };
+        let connected = d.client.connection_state() == ConnectionState::Connected;
+        let in_flight = d.in_flight.load(Ordering::Relaxed);
+        drop(d);
+        match (connected, down_since) {
+            (false, None) => {
+                warn!(in_flight, "NATS connection lost: requests in flight are resent once it is back");
+                down_since = Some(Instant::now());
+                tx.send_modify(|l| l.connected = false);
+            }
+            (true, Some(t)) => {
+                info!(outage_ms = t.elapsed().as_secs_f64() * 1e3, resending = in_flight, "NATS connection restored");
+                down_since = None;
+                tx.send_modify(|l| {
+                    l.connected = true;
+                    l.reconnects += 1;
+                });
+            }
+            _ => {}
+        }
+    }
 }
 
 impl NatsDispatch {
-    /// A dispatcher for a model of hidden size `hidden_size`.
+    /// A dispatcher for a model of hidden size `hidden_size`. Called within a tokio runtime,
+    /// it also follows the connection (resends on reconnect, outage logs) on a task of that
+    /// runtime, which ends when the dispatcher is dropped; without one, requests are only
+    /// retried after their timeout.
     pub fn new(client: async_nats::Client, settings: NatsDispatchSettings, hidden_size: usize) -> Arc<Self> {
-        Arc::new(Self {
+        let connected = client.connection_state() == ConnectionState::Connected;
+        let (tx, link) = watch::channel(Link { reconnects: 0, connected });
+        let this = Arc::new(Self {
             client,
             settings,
             hidden_size,
@@ -125,34 +217,107 @@ impl NatsDispatch {
             bytes_received: AtomicU64::new(0),
             activations: AtomicU64::new(0),
             retries: AtomicU64::new(0),
-        })
+            resends: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            link,
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(watch_link(Arc::downgrade(&this), tx));
+        }
+        this
     }
 
+    /// One request on `subj`, waiting for its reply for at most `timeout`. When the
+    /// connection comes back after an outage while it waits, the request is sent again at
+    /// once with the time left (a new inbox token: a reply to the superseded send is
+    /// dropped). A request sent while the connection is down is queued by async-nats and
+    /// written after the reconnect, so only a later reconnect resends it.
+    ///
+    /// Errors: as async-nats' `send_request` (`TimedOut` once `timeout` has passed,
+    /// `NoResponders`, …).
+    async fn request(&self, subj: &str, payload: &bytes::Bytes, headers: Option<&async_nats::HeaderMap>, timeout: Duration) -> Result<async_nats::Message, RequestError> {
+        let _in_flight = InFlight::new(&self.in_flight);
+        let deadline = Instant::now() + timeout;
+        let mut link = self.link.clone();
+        loop {
+            let sent = *link.borrow_and_update();
+            let resend_after = if sent.connected { sent.reconnects } else { sent.reconnects + 1 };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RequestError::new(RequestErrorKind::TimedOut));
+            }
+            let mut request = async_nats::Request::new().payload(payload.clone()).timeout(Some(left));
+            if let Some(h) = headers {
+                request = request.headers(h.clone());
+            }
+            let reply = self.client.send_request(subj.to_string(), request);
+            let reconnected = async {
+                if link.wait_for(|l| l.reconnects > resend_after).await.is_err() {
+                    // No connection watcher (no runtime at construction): only the timeout.
+                    futures::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                r = reply => return r,
+                () = reconnected => {
+                    self.resends.fetch_add(1, Ordering::Relaxed);
+                    debug!(subject = subj, left_ms = left.as_millis() as u64, "connection back: resending");
+                }
+            }
+        }
+    }
+
+    /// Asks the broker to activate function `fidx` and waits until an instance serves.
+    /// Transient failures (`unavailable` from the broker, no broker answering, a lost
+    /// connection) are retried up to [`ACTIVATION_ATTEMPTS`] times with exponential backoff
+    /// from [`ACTIVATION_BACKOFF_MIN`]; everything within the activation timeout.
+    ///
+    /// Errors: [`DispatchError::Unavailable`] when no instance serves in time or the broker
+    /// refuses; [`DispatchError::Internal`] for an undecodable reply.
     async fn activate(&self, fidx: usize) -> Result<(), DispatchError> {
         let f = &self.settings.layout.functions[fidx];
-        self.activations.fetch_add(1, Ordering::Relaxed);
-        let req = ActivateRequest {
-            version: PROTOCOL_VERSION,
-            model: self.settings.model_id.clone(),
-            function_id: f.id.clone(),
-            layer: f.layer,
-            experts: f.experts.clone(),
-            requested_by: self.settings.controller_id.clone(),
-        };
         let subj = subject::activate(&self.settings.model_id).map_err(|e| DispatchError::Internal(e.to_string()))?;
         let t0 = Instant::now();
-        let fut = self.client.request(subj, req.encode());
-        let msg = match tokio::time::timeout(self.settings.activation_timeout, fut).await {
-            Err(_) => return Err(DispatchError::Unavailable(format!("activation of {} timed out", f.id))),
-            Ok(Err(e)) => return Err(DispatchError::Unavailable(format!("activation of {}: {e} (is the broker running?)", f.id))),
-            Ok(Ok(m)) => m,
-        };
-        match ActivateReply::decode(&msg.payload).map_err(|e| DispatchError::Internal(e.to_string()))?.result {
-            ActivateResult::Ok { instance_id, cold_start_ms, already_running } => {
-                info!(function = %f.id, %instance_id, cold_start_ms, already_running, wait_ms = t0.elapsed().as_secs_f64() * 1e3, "function activated");
-                Ok(())
+        let deadline = t0 + self.settings.activation_timeout;
+        let mut backoff = ACTIVATION_BACKOFF_MIN;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.activations.fetch_add(1, Ordering::Relaxed);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let req = ActivateRequest {
+                version: PROTOCOL_VERSION,
+                model: self.settings.model_id.clone(),
+                function_id: f.id.clone(),
+                layer: f.layer,
+                experts: f.experts.clone(),
+                requested_by: self.settings.controller_id.clone(),
+                wait_ms: Some(left.as_millis() as u64),
+            };
+            let transient = match self.request(&subj, &req.encode(), None, left).await {
+                Err(e) if e.kind() == RequestErrorKind::TimedOut => {
+                    return Err(DispatchError::Unavailable(format!(
+                        "activation of {} timed out after {:?} ({attempt} attempt(s))",
+                        f.id, self.settings.activation_timeout
+                    )))
+                }
+                Err(e) if e.kind() == RequestErrorKind::NoResponders => format!("nobody answers on {subj} (is the broker running?)"),
+                Err(e) => e.to_string(),
+                Ok(msg) => match ActivateReply::decode(&msg.payload).map_err(|e| DispatchError::Internal(e.to_string()))?.result {
+                    ActivateResult::Ok { instance_id, cold_start_ms, already_running } => {
+                        info!(function = %f.id, %instance_id, cold_start_ms, already_running, attempt, wait_ms = t0.elapsed().as_secs_f64() * 1e3, "function activated");
+                        return Ok(());
+                    }
+                    ActivateResult::Err(e) if e.code == ErrorCode::Unavailable => format!("{}: {}", e.code, e.message),
+                    ActivateResult::Err(e) => return Err(DispatchError::Unavailable(format!("activation of {}: {}: {}", f.id, e.code, e.message))),
+                },
+            };
+            if attempt >= ACTIVATION_ATTEMPTS || Instant::now() + backoff >= deadline {
+                return Err(DispatchError::Unavailable(format!("activation of {}: {transient} ({attempt} attempt(s))", f.id)));
             }
-            ActivateResult::Err(e) => Err(DispatchError::Unavailable(format!("activation of {}: {}: {}", f.id, e.code, e.message))),
+            warn!(function = %f.id, reason = %transient, attempt, backoff_ms = backoff.as_millis() as u64, "activation failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(ACTIVATION_BACKOFF_MAX);
         }
     }
 
@@ -161,17 +326,16 @@ impl NatsDispatch {
         let f = &self.settings.layout.functions[fidx];
         let subj = subject::expert(&self.settings.model_id, f.layer, f.experts[0]).map_err(|e| DispatchError::Internal(e.to_string()))?;
         let payload = encode(&req);
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(tp) = traceparent {
+            faasmoe_proto::trace::inject(&mut headers, tp);
+        }
         let mut activated = false;
         let mut attempt = 0;
         loop {
-            let mut headers = async_nats::HeaderMap::new();
-            if let Some(tp) = traceparent {
-                faasmoe_proto::trace::inject(&mut headers, tp);
-            }
             self.invocations.fetch_add(1, Ordering::Relaxed);
             self.bytes_sent.fetch_add(payload.len() as u64, Ordering::Relaxed);
-            let request = async_nats::Request::new().payload(payload.clone()).headers(headers).timeout(Some(self.settings.request_timeout));
-            let outcome = self.client.send_request(subj.clone(), request).await;
+            let outcome = self.request(&subj, &payload, Some(&headers), self.settings.request_timeout).await;
             let retry_reason = match outcome {
                 Ok(msg) => {
                     self.bytes_received.fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
@@ -192,7 +356,7 @@ impl NatsDispatch {
                     }
                 }
                 Err(e) => match e.kind() {
-                    async_nats::RequestErrorKind::NoResponders => {
+                    RequestErrorKind::NoResponders => {
                         if activated && attempt > self.settings.max_retries {
                             return Err(DispatchError::Unavailable(format!("{}: no responders after activation", f.id)));
                         }
@@ -201,7 +365,7 @@ impl NatsDispatch {
                         attempt += 1;
                         continue;
                     }
-                    async_nats::RequestErrorKind::TimedOut => "timed out".to_string(),
+                    RequestErrorKind::TimedOut => "timed out".to_string(),
                     _ => e.to_string(),
                 },
             };
@@ -300,6 +464,8 @@ impl Dispatch for NatsDispatch {
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             activations: self.activations.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
+            resends: self.resends.load(Ordering::Relaxed),
+            reconnects: self.link.borrow().reconnects,
         }
     }
 }

@@ -23,6 +23,12 @@ pub struct ActivateRequest {
     pub experts: Vec<u32>,
     /// Who asks (controller id), for logs and events.
     pub requested_by: String,
+    /// How long the requester waits for the reply, in milliseconds (its activation
+    /// timeout). The broker answers within it: a request that finds the function at its
+    /// instance cap waits for an instance at most this long (less a margin for the reply),
+    /// then gets `unavailable`. Absent (older controllers): the broker's own limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
 }
 
 impl ActivateRequest {
@@ -89,7 +95,12 @@ mod tests {
             layer: 0,
             experts: vec![4, 5],
             requested_by: "ctl-1".into(),
+            wait_ms: Some(30_000),
         };
+        assert_eq!(ActivateRequest::decode(&req.encode()).unwrap(), req);
+        // Without `wait_ms` (older controllers) it decodes as `None`.
+        let old = format!(r#"{{"version":{},"model":"m","function_id":"f","layer":0,"experts":[1],"requested_by":"c"}}"#, crate::PROTOCOL_VERSION);
+        assert_eq!(ActivateRequest::decode(old.as_bytes()).unwrap().wait_ms, None);
         assert_eq!(ActivateRequest::decode(&req.encode()).unwrap(), req);
         req.version = 2;
         assert_eq!(
