@@ -1,6 +1,6 @@
 //! Starting function instances. [`InstanceBackend`] is the seam where other platforms
 //! (Kubernetes, Nomad) plug in; [`LocalProcessBackend`] runs `faasmoe-expert-worker` as a
-//! child process of the broker.
+//! child process of the broker, which dies with the broker (parent-death signal).
 
 use faasmoe_proto::connection::NatsArgs;
 use std::path::PathBuf;
@@ -83,6 +83,12 @@ pub trait InstanceBackend: Send + Sync {
 }
 
 /// Runs `faasmoe-expert-worker` processes on this machine.
+///
+/// A worker dies with the process that started it: it gets SIGTERM (drain, then exit) when
+/// that process ends, however it ends (`prctl(PR_SET_PDEATHSIG)`, Linux). Linux sends that
+/// signal when the *thread* that forked the child ends, and runtime threads do end (tokio's
+/// blocking-pool threads after an idle while, a test's runtime with its test), so every worker
+/// is forked from one thread that lives as long as the process ([`spawn_child`]).
 #[derive(Debug, Clone)]
 pub struct LocalProcessBackend {
     /// The worker binary.
@@ -142,11 +148,10 @@ impl InstanceBackend for LocalProcessBackend {
                 cmd.stderr(Stdio::inherit());
             }
         }
-        // The broker owns the worker: if the broker dies, so does the handle; the worker
-        // still exits on its own idle timeout, so no kill_on_drop.
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| SpawnError::Spawn { program: self.worker_bin.display().to_string(), source })?;
+        // The worker dies with this process (SIGTERM: it drains and exits). No kill_on_drop:
+        // an instance whose handle is dropped still drains and exits on its idle timeout.
+        die_with_this_process(&mut cmd, libc::SIGTERM);
+        let mut child = spawn_child(cmd).map_err(|source| SpawnError::Spawn { program: self.worker_bin.display().to_string(), source })?;
         let pid = child.id();
         let (ready_tx, ready_rx) = oneshot::channel();
         if let Some(stdout) = child.stdout.take() {
@@ -166,6 +171,60 @@ impl InstanceBackend for LocalProcessBackend {
         }
         Ok(Box::new(LocalProcess { child, pid, ready: Some(ready_rx) }))
     }
+}
+
+/// Makes the child that `cmd` starts receive `signal` when this process ends (when the thread
+/// that forks it ends, to be exact: see [`spawn_child`]). If this process already ended
+/// between the fork and the request, the child is not started (`ESRCH`).
+fn die_with_this_process(cmd: &mut tokio::process::Command, signal: libc::c_int) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (prctl, getppid) and allocation-free error returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A request to the spawning thread: the command, the runtime the child is registered with,
+/// where the result goes.
+type SpawnJob = (tokio::process::Command, tokio::runtime::Handle, std::sync::mpsc::SyncSender<std::io::Result<tokio::process::Child>>);
+
+/// Spawns `cmd` from a thread that lives as long as this process, registering the child with
+/// the current tokio runtime (so its parent-death signal comes when the process ends, not
+/// when the calling thread does). Blocks the caller for the fork and exec, as
+/// [`tokio::process::Command::spawn`] does.
+///
+/// Errors: the spawn's own, or [`std::io::ErrorKind::Other`] when there is no current tokio
+/// runtime or the spawning thread cannot be started.
+fn spawn_child(cmd: tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+    use std::sync::{mpsc, Mutex, OnceLock};
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    let handle = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        let started = std::thread::Builder::new().name("faasmoe-spawner".into()).spawn(move || {
+            for (mut cmd, handle, reply) in rx {
+                let _runtime = handle.enter();
+                let _ = reply.send(cmd.spawn());
+            }
+        });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start the spawning thread");
+        }
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+    let no_thread = || std::io::Error::other("the spawning thread is not running");
+    spawner.lock().unwrap_or_else(|e| e.into_inner()).send((cmd, handle, reply_tx)).map_err(|_| no_thread())?;
+    reply_rx.recv().map_err(|_| no_thread())?
 }
 
 /// A worker child process.
