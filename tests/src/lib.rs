@@ -162,7 +162,66 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0 to find a free port")
 }
 
-/// A running `nats-server` child process on loopback, killed (and reaped) on drop.
+/// Makes the process that `cmd` starts receive `signal` (e.g. `libc::SIGKILL`) when the
+/// thread that spawns it ends, and so at the latest when this process ends, however it ends
+/// (`prctl(PR_SET_PDEATHSIG)`, Linux): a test killed by a timeout or a signal leaves no
+/// process behind. Spawn from a thread that lives as long as the child should: a test's own
+/// thread does (the child then also dies with its test); a `spawn_blocking` or
+/// `block_in_place` thread may end while the test still runs. [`spawn_for_this_process`]
+/// spawns from a thread that lives as long as the process.
+pub fn die_with_spawning_thread(cmd: &mut Command, signal: i32) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: runs in the forked child before exec; only async-signal-safe system calls
+    // (prctl, getppid) and an allocation-free error.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                // The parent already ended between fork and prctl.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Spawns `cmd` from a thread that lives as long as this process, with
+/// [`die_with_spawning_thread`]`(SIGKILL)`: the child dies when this process ends, however
+/// it ends, and not before (whichever thread calls this). Blocks for the fork and exec.
+///
+/// Errors: the spawn's own, or `Other` when the spawning thread cannot be started.
+pub fn spawn_for_this_process(mut cmd: Command) -> std::io::Result<Child> {
+    use std::sync::mpsc;
+    use std::sync::{Mutex, OnceLock};
+    type Job = (Command, mpsc::SyncSender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    die_with_spawning_thread(&mut cmd, libc::SIGKILL);
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let _ = std::thread::Builder::new()
+            .name("faasmoe-e2e-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+    let gone = || std::io::Error::other("the spawning thread is not running");
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply_tx))
+        .map_err(|_| gone())?;
+    reply_rx.recv().map_err(|_| gone())?
+}
+
+/// A running `nats-server` child process on loopback, killed (and reaped) on drop, and
+/// killed with the test process however that ends ([`spawn_for_this_process`]).
 pub struct NatsServer {
     child: Child,
     port: u16,
@@ -240,14 +299,14 @@ impl NatsServer {
             args.extend(extra_args.iter().map(OsString::from));
 
             let log = File::create(&log_path).expect("create nats-server log file");
-            let mut child = Command::new(&bin)
-                .args(&args)
+            let mut cmd = Command::new(&bin);
+            cmd.args(&args)
                 .env(JS_DIR_ENV, &store_dir)
                 .current_dir(dir.path())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("clone log file handle"))
-                .stderr(log)
-                .spawn()
+                .stderr(log);
+            let mut child = spawn_for_this_process(cmd)
                 .unwrap_or_else(|e| panic!("failed to spawn {}: {e}", bin.display()));
 
             match wait_ready(&mut child, port, &log_path) {
