@@ -3,8 +3,8 @@
 //! A controller that finds no instance subscribed to an expert subject sends an
 //! [`ActivateRequest`] on `faasmoe.v1.activate.<model>`. The [`Activator`] then
 //!
-//! - replies `already_running` when a ready instance of the function exists and the server
-//!   has interest on the function's subject (see [`ActivationConfig::probe_timeout`]);
+//! - replies `already_running` when a ready instance of the function exists and is connected
+//!   (it answers its NATS micro `$SRV.PING`, see [`ActivationConfig::probe_timeout`]);
 //! - otherwise starts ONE instance through its [`InstanceBackend`]: concurrent activations of
 //!   the same function join the start in progress and all get the same reply;
 //! - waits until the instance is ready (the worker's `READY` stdout line, or its `ready`
@@ -18,16 +18,24 @@
 //!
 //! # Liveness
 //!
-//! Whether an instance serves is never judged by how fast it answers: a worker busy
-//! computing answers nothing until its batch is done. The broker's records come from the
-//! instance itself (its `READY` line and `ready` event; its `stopped` event once it has
-//! unsubscribed; the OS exit status). The one question it asks NATS — "is anyone subscribed
-//! to this function's subject right now?" — is answered by the *server*: a request with no
-//! subscriber gets *no responders* at once, whatever the workers are doing; any other outcome
-//! (a reply, or none within the probe timeout) means a subscriber exists. *No responders*
-//! marks nothing: the instance may be draining (its `stopped` event and exit follow) or
-//! reconnecting after a server restart (it resubscribes); either way the activation waits
-//! for the next change instead of declaring a healthy instance dead.
+//! Whether an instance serves is never judged by a request that queues behind its work: a
+//! worker busy computing answers no expert request until its batch is done. The broker's
+//! records come from the instance itself: its `READY` line and `ready` event (ready), its
+//! `stopped` event once it has unsubscribed (draining), the OS exit status (exited). The one
+//! thing it asks the instance is whether it is *connected*: the instance's NATS micro
+//! service ([`WORKER_SERVICE`]) answers `$SRV.PING.faasmoe-expert.<service id>` from its own
+//! task, independently of the batching loop, and the server answers *no responders* at once
+//! when the instance is not connected (reconnecting after a server restart, or at the very
+//! end of its drain). A ping that is not answered within the probe timeout counts as
+//! connected (busy or slow, not gone). An instance that does not answer is not marked
+//! anything: it may be reconnecting (it resubscribes) or draining (its `stopped` event and
+//! exit follow); the activation waits for either instead of declaring a healthy instance
+//! dead. The service id of an instance is learnt from its answer to the broadcast
+//! `$SRV.PING.faasmoe-expert` (its metadata carries the instance id the broker gave it).
+//!
+//! When the broker answers `already_running` for an instance that is draining but has not
+//! said so yet, the controller's retry meets *no responders* again and asks again after a
+//! backoff; by then the `stopped` event has arrived.
 //!
 //! Every instance is owned by a task that waits for its exit and records it (exit status),
 //! and lifecycle events (`started`, `ready`, `stopped`, `spawn_failed`) are published on the
@@ -69,13 +77,9 @@ const WAIT_SHARE: f64 = 0.9;
 /// How often the broker looks at its NATS connection state (to log outages).
 const CONNECTION_POLL: Duration = Duration::from_millis(20);
 
-/// What the server says about a function's subject.
-enum Interest {
-    /// Someone is subscribed (a reply came, or no *no responders* within the probe timeout).
-    Subscribed,
-    /// *No responders*: nobody is subscribed right now.
-    None,
-}
+/// The NATS micro service name of expert workers (`faasmoe-expert-worker` starts it with
+/// this name; its metadata carries `model`, `function_id` and `instance_id`).
+pub const WORKER_SERVICE: &str = "faasmoe-expert";
 
 /// Waits for a start in progress, at most until `deadline` (the start itself goes on).
 async fn join_start(function_id: &str, p: PendingStart, deadline: tokio::time::Instant) -> ActivateResult {
@@ -99,12 +103,12 @@ pub struct ActivationConfig {
     /// Spawn → ready limit; an instance not ready by then is killed and the activation fails
     /// with `unavailable`.
     pub ready_timeout: Duration,
-    /// Before answering `already_running`, the broker sends an empty request to the
-    /// function's first expert subject and looks only at whether the server answers *no
-    /// responders* (immediate, independent of the workers' load: nobody is subscribed now).
-    /// A reply (the worker answers `malformed` once its current batch is done) or silence
-    /// for this long both mean a subscriber exists, so a busy worker is never taken for a
-    /// missing one. The probe resets the worker's idle timer. `None` disables the probe.
+    /// Before answering `already_running`, the broker pings the ready instance's micro
+    /// service (`$SRV.PING.faasmoe-expert.<id>`, answered by the worker independently of
+    /// its batching; the first time, the broadcast `$SRV.PING.faasmoe-expert` finds the id).
+    /// *No responders* (or no answer to the broadcast within this long) means the instance is
+    /// not connected now; an unanswered direct ping means connected but slow. The ping does
+    /// not touch the worker's idle timer. `None`: the records alone decide.
     pub probe_timeout: Option<Duration>,
     /// Longest time an activation that finds the function at its instance cap (with no
     /// instance subscribed) waits for one — a draining instance to exit so a new one can
@@ -168,6 +172,8 @@ enum Control {
 
 struct Live {
     info: InstanceInfo,
+    /// The id of the instance's micro service, once learnt from a ping.
+    service_id: Option<String>,
     spawned_at: Instant,
     state_tx: watch::Sender<InstanceState>,
     control: mpsc::UnboundedSender<Control>,
@@ -370,20 +376,20 @@ impl Activator {
             if let Some(p) = pending {
                 return join_start(function_id, p, deadline).await;
             }
-            // A ready instance that the server sees subscribed.
+            // A ready instance that is connected. One that is not is draining (its `stopped`
+            // event and exit follow) or reconnecting (it resubscribes): start another below
+            // the cap, else wait for either.
             if !want_new {
-                if let Some(first) = ready.first() {
-                    match inner.interest(&spec).await {
-                        Interest::Subscribed => {
-                            if waited_at_cap {
-                                info!(function_id, instance_id = %first, waited_ms = t0.elapsed().as_secs_f64() * 1e3, "an instance serves again");
-                            }
-                            return ActivateResult::Ok { instance_id: first.clone(), cold_start_ms: 0.0, already_running: true };
+                for id in &ready {
+                    if inner.connected(id).await {
+                        if waited_at_cap {
+                            info!(function_id, instance_id = %id, waited_ms = t0.elapsed().as_secs_f64() * 1e3, "an instance serves again");
                         }
-                        // Draining (its `stopped` event and exit follow) or reconnecting (it
-                        // resubscribes): start another below the cap, else wait for either.
-                        Interest::None => debug!(function_id, instances = ?ready, "ready instances have no subscriptions now"),
+                        return ActivateResult::Ok { instance_id: id.clone(), cold_start_ms: 0.0, already_running: true };
                     }
+                }
+                if !ready.is_empty() {
+                    debug!(function_id, instances = ?ready, "no ready instance is connected now");
                 }
             }
             let pending = {
@@ -501,17 +507,59 @@ impl Inner {
         }
     }
 
-    /// Whether the server sees a subscriber on the function's first expert subject (see
-    /// [`ActivationConfig::probe_timeout`]): only *no responders* — the server's answer,
-    /// immediate whatever the workers do — counts as [`Interest::None`].
-    async fn interest(&self, spec: &FunctionSpec) -> Interest {
-        let Some(timeout) = self.cfg.probe_timeout else { return Interest::Subscribed };
-        let Ok(subj) = subject::expert(&self.cfg.model_id, spec.layer, spec.experts[0]) else { return Interest::Subscribed };
-        match tokio::time::timeout(timeout, self.client.request(subj, bytes::Bytes::new())).await {
-            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Interest::None,
-            // A reply, or silence: a subscriber exists (maybe busy computing).
-            _ => Interest::Subscribed,
+    /// Whether instance `instance_id` is connected: its micro service answers a ping (see
+    /// [`ActivationConfig::probe_timeout`]). Only *no responders*, or no answer to the
+    /// broadcast that looks for its service id, count as not connected.
+    async fn connected(&self, instance_id: &str) -> bool {
+        let Some(timeout) = self.cfg.probe_timeout else { return true };
+        let known = self.state.lock().unwrap().live.get(instance_id).and_then(|l| l.service_id.clone());
+        let service_id = match known {
+            Some(id) => id,
+            // Its answer to the broadcast is the ping.
+            None => return self.discover(instance_id, timeout).await.is_some(),
+        };
+        let subject = format!("$SRV.PING.{WORKER_SERVICE}.{service_id}");
+        match tokio::time::timeout(timeout, self.client.request(subject, bytes::Bytes::new())).await {
+            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => false,
+            // A pong, or silence (a loaded machine): connected.
+            _ => true,
         }
+    }
+
+    /// Broadcasts `$SRV.PING.faasmoe-expert` and records the service id of every instance
+    /// of this broker's model that answers, until `want` answers (returns its id) or
+    /// `window` has passed (`None`: it is not connected now).
+    async fn discover(&self, want: &str, window: Duration) -> Option<String> {
+        let inbox = self.client.new_inbox();
+        let mut sub = match self.client.subscribe(inbox.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot subscribe for pong replies");
+                return None;
+            }
+        };
+        if let Err(e) = self.client.publish_with_reply(format!("$SRV.PING.{WORKER_SERVICE}"), inbox, bytes::Bytes::new()).await {
+            warn!(error = %e, "cannot ping the workers");
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
+            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return None; // no worker at all is connected
+            }
+            let Ok(pong) = serde_json::from_slice::<async_nats::service::PingResponse>(&msg.payload) else { continue };
+            if pong.metadata.get("model") != Some(&self.cfg.model_id) {
+                continue;
+            }
+            let Some(instance) = pong.metadata.get("instance_id") else { continue };
+            if let Some(l) = self.state.lock().unwrap().live.get_mut(instance) {
+                l.service_id = Some(pong.id.clone());
+            }
+            if instance == want {
+                return Some(pong.id);
+            }
+        }
+        None
     }
 
     /// Records a change for the activations waiting at the cap.
@@ -588,7 +636,7 @@ impl Inner {
             let mut st = self.state.lock().unwrap();
             st.live.insert(
                 instance_id.clone(),
-                Live { info: info.clone(), spawned_at, state_tx, control: control_tx.clone() },
+                Live { info: info.clone(), spawned_at, state_tx, control: control_tx.clone(), service_id: None },
             );
             let alive = st.alive(&spec.id);
             let peak = st.peak_alive.entry(spec.id.clone()).or_default();

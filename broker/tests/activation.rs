@@ -84,8 +84,10 @@ async fn activate_over_nats(client: &async_nats::Client, req: &ActivateRequest) 
 async fn eight_concurrent_activations_start_one_instance_that_scales_to_zero() {
     let s = setup(2, 1500, None).await;
     let controller = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
-    let mut events = controller.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
-    controller.flush().await.unwrap();
+    // Events are the broker's to read (the controller may not subscribe to them).
+    let watcher = s.server.connect_as(dev_users::BROKER).await.unwrap();
+    let mut events = watcher.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
+    watcher.flush().await.unwrap();
 
     let replies = futures::future::join_all((0..8).map(|i| {
         let c = controller.clone();
@@ -200,8 +202,9 @@ async fn activations_never_exceed_the_instance_cap() {
 async fn a_worker_that_cannot_be_spawned_is_unavailable_with_a_spawn_failed_event() {
     let s = setup(1, 1000, Some(PathBuf::from("/nonexistent/faasmoe-expert-worker"))).await;
     let c = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
-    let mut events = c.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
-    c.flush().await.unwrap();
+    let watcher = s.server.connect_as(dev_users::BROKER).await.unwrap();
+    let mut events = watcher.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
+    watcher.flush().await.unwrap();
     match activate_over_nats(&c, &request(&s.function_id, s.layer, 0)).await {
         ActivateResult::Err(e) => {
             assert_eq!(e.code, ErrorCode::Unavailable);

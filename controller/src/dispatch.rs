@@ -270,15 +270,14 @@ impl NatsDispatch {
     /// Asks the broker to activate function `fidx` and waits until an instance serves.
     /// Transient failures (`unavailable` from the broker, no broker answering, a lost
     /// connection) are retried up to [`ACTIVATION_ATTEMPTS`] times with exponential backoff
-    /// from [`ACTIVATION_BACKOFF_MIN`]; everything within the activation timeout.
+    /// from [`ACTIVATION_BACKOFF_MIN`]; everything before `deadline`.
     ///
     /// Errors: [`DispatchError::Unavailable`] when no instance serves in time or the broker
     /// refuses; [`DispatchError::Internal`] for an undecodable reply.
-    async fn activate(&self, fidx: usize) -> Result<(), DispatchError> {
+    async fn activate(&self, fidx: usize, deadline: Instant) -> Result<(), DispatchError> {
         let f = &self.settings.layout.functions[fidx];
         let subj = subject::activate(&self.settings.model_id).map_err(|e| DispatchError::Internal(e.to_string()))?;
         let t0 = Instant::now();
-        let deadline = t0 + self.settings.activation_timeout;
         let mut backoff = ACTIVATION_BACKOFF_MIN;
         let mut attempt = 0;
         loop {
@@ -298,7 +297,8 @@ impl NatsDispatch {
                 Err(e) if e.kind() == RequestErrorKind::TimedOut => {
                     return Err(DispatchError::Unavailable(format!(
                         "activation of {} timed out after {:?} ({attempt} attempt(s))",
-                        f.id, self.settings.activation_timeout
+                        f.id,
+                        t0.elapsed()
                     )))
                 }
                 Err(e) if e.kind() == RequestErrorKind::NoResponders => format!("nobody answers on {subj} (is the broker running?)"),
@@ -331,6 +331,9 @@ impl NatsDispatch {
             faasmoe_proto::trace::inject(&mut headers, tp);
         }
         let mut activated = false;
+        // Every activation of this call (and the backoff between them) ends by this deadline.
+        let mut activation_deadline: Option<Instant> = None;
+        let mut backoff = ACTIVATION_BACKOFF_MIN;
         let mut attempt = 0;
         loop {
             self.invocations.fetch_add(1, Ordering::Relaxed);
@@ -357,12 +360,23 @@ impl NatsDispatch {
                 }
                 Err(e) => match e.kind() {
                     RequestErrorKind::NoResponders => {
-                        if activated && attempt > self.settings.max_retries {
-                            return Err(DispatchError::Unavailable(format!("{}: no responders after activation", f.id)));
+                        let deadline = *activation_deadline.get_or_insert_with(|| Instant::now() + self.settings.activation_timeout);
+                        if activated {
+                            // The broker said an instance serves, yet none is subscribed: it
+                            // is draining without having said so yet, or resubscribing after
+                            // a reconnect. Ask again after a backoff.
+                            if Instant::now() + backoff >= deadline {
+                                return Err(DispatchError::Unavailable(format!(
+                                    "{}: no responders after activation, for {:?}",
+                                    f.id, self.settings.activation_timeout
+                                )));
+                            }
+                            debug!(function = %f.id, backoff_ms = backoff.as_millis() as u64, "no responders after activation: asking again");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(ACTIVATION_BACKOFF_MAX);
                         }
-                        self.activate(fidx).await?;
+                        self.activate(fidx, deadline).await?;
                         activated = true;
-                        attempt += 1;
                         continue;
                     }
                     RequestErrorKind::TimedOut => "timed out".to_string(),

@@ -162,21 +162,21 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0 to find a free port")
 }
 
-/// Makes the process that `cmd` starts receive `signal` (e.g. `libc::SIGKILL`) when the
-/// thread that spawns it ends, and so at the latest when this process ends, however it ends
-/// (`prctl(PR_SET_PDEATHSIG)`, Linux): a test killed by a timeout or a signal leaves no
-/// process behind. Spawn from a thread that lives as long as the child should: a test's own
-/// thread does (the child then also dies with its test); a `spawn_blocking` or
-/// `block_in_place` thread may end while the test still runs. [`spawn_for_this_process`]
-/// spawns from a thread that lives as long as the process.
-pub fn die_with_spawning_thread(cmd: &mut Command, signal: i32) {
+/// Makes the process that `cmd` starts receive SIGKILL when the thread that spawns it ends,
+/// and so at the latest when this process ends, however it ends (`prctl(PR_SET_PDEATHSIG)`,
+/// Linux): a test killed by a timeout or a signal leaves no process behind. Spawn from a
+/// thread that lives as long as the child should: a test's own thread does (the child then
+/// also dies with its test); a `spawn_blocking` or `block_in_place` thread may end while the
+/// test still runs. [`spawn_for_this_process`] spawns from a thread that lives as long as
+/// the process.
+pub fn die_with_spawning_thread(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id();
     // SAFETY: runs in the forked child before exec; only async-signal-safe system calls
     // (prctl, getppid) and an allocation-free error.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) == -1 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() as u32 != parent {
@@ -189,7 +189,7 @@ pub fn die_with_spawning_thread(cmd: &mut Command, signal: i32) {
 }
 
 /// Spawns `cmd` from a thread that lives as long as this process, with
-/// [`die_with_spawning_thread`]`(SIGKILL)`: the child dies when this process ends, however
+/// [`die_with_spawning_thread`]: the child dies when this process ends, however
 /// it ends, and not before (whichever thread calls this). Blocks for the fork and exec.
 ///
 /// Errors: the spawn's own, or `Other` when the spawning thread cannot be started.
@@ -198,7 +198,7 @@ pub fn spawn_for_this_process(mut cmd: Command) -> std::io::Result<Child> {
     use std::sync::{Mutex, OnceLock};
     type Job = (Command, mpsc::SyncSender<std::io::Result<Child>>);
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
-    die_with_spawning_thread(&mut cmd, libc::SIGKILL);
+    die_with_spawning_thread(&mut cmd);
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Job>();
         let _ = std::thread::Builder::new()
