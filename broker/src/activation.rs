@@ -81,6 +81,17 @@ const CONNECTION_POLL: Duration = Duration::from_millis(20);
 /// this name; its metadata carries `model`, `function_id` and `instance_id`).
 pub const WORKER_SERVICE: &str = "faasmoe-expert";
 
+/// What the broadcast ping found out about one instance.
+enum Discovery {
+    /// It answered (its service id is now in its record).
+    Found,
+    /// The server answered *no responders*: no worker at all is connected.
+    NoWorkers,
+    /// Others may have answered, it did not within the window (frozen, overloaded, or not
+    /// connected).
+    NotFound,
+}
+
 /// Waits for a start in progress, at most until `deadline` (the start itself goes on).
 async fn join_start(function_id: &str, p: PendingStart, deadline: tokio::time::Instant) -> ActivateResult {
     match tokio::time::timeout_at(deadline, p).await {
@@ -508,15 +519,24 @@ impl Inner {
     }
 
     /// Whether instance `instance_id` is connected: its micro service answers a ping (see
-    /// [`ActivationConfig::probe_timeout`]). Only *no responders*, or no answer to the
-    /// broadcast that looks for its service id, count as not connected.
+    /// [`ActivationConfig::probe_timeout`]). Only *no responders* counts as not connected;
+    /// silence (a frozen or overloaded instance) trusts the records.
     async fn connected(&self, instance_id: &str) -> bool {
         let Some(timeout) = self.cfg.probe_timeout else { return true };
         let known = self.state.lock().unwrap().live.get(instance_id).and_then(|l| l.service_id.clone());
         let service_id = match known {
             Some(id) => id,
             // Its answer to the broadcast is the ping.
-            None => return self.discover(instance_id, timeout).await.is_some(),
+            None => {
+                return match self.discover(instance_id, timeout).await {
+                    Discovery::Found => true,
+                    Discovery::NoWorkers => false,
+                    Discovery::NotFound => {
+                        debug!(%instance_id, ?timeout, "no pong from the instance; trusting its records");
+                        true
+                    }
+                }
+            }
         };
         let subject = format!("$SRV.PING.{WORKER_SERVICE}.{service_id}");
         match tokio::time::timeout(timeout, self.client.request(subject, bytes::Bytes::new())).await {
@@ -527,25 +547,24 @@ impl Inner {
     }
 
     /// Broadcasts `$SRV.PING.faasmoe-expert` and records the service id of every instance
-    /// of this broker's model that answers, until `want` answers (returns its id) or
-    /// `window` has passed (`None`: it is not connected now).
-    async fn discover(&self, want: &str, window: Duration) -> Option<String> {
+    /// of this broker's model that answers, until `want` answers or `window` has passed.
+    async fn discover(&self, want: &str, window: Duration) -> Discovery {
         let inbox = self.client.new_inbox();
         let mut sub = match self.client.subscribe(inbox.clone()).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "cannot subscribe for pong replies");
-                return None;
+                return Discovery::NotFound;
             }
         };
         if let Err(e) = self.client.publish_with_reply(format!("$SRV.PING.{WORKER_SERVICE}"), inbox, bytes::Bytes::new()).await {
             warn!(error = %e, "cannot ping the workers");
-            return None;
+            return Discovery::NotFound;
         }
         let deadline = tokio::time::Instant::now() + window;
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
             if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-                return None; // no worker at all is connected
+                return Discovery::NoWorkers;
             }
             let Ok(pong) = serde_json::from_slice::<async_nats::service::PingResponse>(&msg.payload) else { continue };
             if pong.metadata.get("model") != Some(&self.cfg.model_id) {
@@ -556,10 +575,10 @@ impl Inner {
                 l.service_id = Some(pong.id.clone());
             }
             if instance == want {
-                return Some(pong.id);
+                return Discovery::Found;
             }
         }
-        None
+        Discovery::NotFound
     }
 
     /// Records a change for the activations waiting at the cap.

@@ -217,3 +217,130 @@ async fn a_worker_that_cannot_be_spawned_is_unavailable_with_a_spawn_failed_even
     assert_eq!(s.activator.spawn_count(), 0);
     assert!(s.activator.instances().is_empty());
 }
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a child process id the activator reported; no memory is involved.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+}
+
+/// Tells the broker, as the worker would, that `instance` has unsubscribed (its `stopped`
+/// event): the broker then counts it as draining until the process exits.
+async fn announce_stopped(s: &Setup, instance: &faasmoe_broker::InstanceInfo) {
+    let broker = s.server.connect_as(dev_users::BROKER).await.unwrap();
+    let ev = FunctionEvent {
+        kind: EventKind::Stopped,
+        model: MODEL.into(),
+        function_id: instance.function_id.clone(),
+        instance_id: instance.instance_id.clone(),
+        pid: instance.pid,
+        at_unix_ms: 0,
+        cold_start_ms: None,
+        exit_status: Some(0),
+    };
+    broker.publish(subject::events(MODEL).unwrap(), ev.encode()).await.unwrap();
+    broker.flush().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.activator.instances().iter().any(|i| i.instance_id == instance.instance_id && i.state != InstanceState::Draining) {
+        assert!(tokio::time::Instant::now() < deadline, "the broker did not record the stopped event");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn first_instance(s: &Setup) -> faasmoe_broker::InstanceInfo {
+    match s.activator.activate(&request(&s.function_id, s.layer, 0)).await {
+        ActivateResult::Ok { already_running: false, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    let live = s.activator.instances();
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0].state, InstanceState::Ready);
+    live[0].clone()
+}
+
+/// At the cap (1), with the only instance draining, an activation is not refused: it waits
+/// until that instance has exited, then starts a new one and replies with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_an_activation_waits_for_the_draining_instance_then_gets_a_new_one() {
+    let s = setup(1, 60_000, None).await;
+    let a = first_instance(&s).await;
+    announce_stopped(&s, &a).await;
+    // The draining instance exits 1 s from now.
+    let pid = a.pid.expect("local process");
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        signal(pid, libc::SIGKILL);
+    });
+    let c = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut req = request(&s.function_id, s.layer, 1);
+    req.wait_ms = Some(20_000);
+    let r = activate_over_nats(&c, &req).await;
+    let waited = t0.elapsed();
+    killer.await.unwrap();
+    match &r {
+        ActivateResult::Ok { instance_id, already_running: false, .. } => assert_ne!(instance_id, &a.instance_id),
+        other => panic!("expected a new instance after the draining one exited, got {other:?}"),
+    }
+    assert!(waited >= Duration::from_millis(900), "replied before the draining instance exited: {waited:?}");
+    assert_eq!(s.activator.spawn_count(), 2);
+    assert_eq!(s.activator.peak_alive(&s.function_id), 1, "the cap held");
+    eprintln!("activation at the cap waited {waited:?} for the draining instance, then got a new one");
+    s.activator.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The wait at the cap ends within the requester's `wait_ms`, with a typed `unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_at_the_cap_ends_within_the_requesters_wait_ms() {
+    let s = setup(1, 60_000, None).await;
+    let a = first_instance(&s).await;
+    announce_stopped(&s, &a).await;
+    let c = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
+    let mut req = request(&s.function_id, s.layer, 1);
+    req.wait_ms = Some(1_500);
+    let t0 = std::time::Instant::now();
+    let r = activate_over_nats(&c, &req).await;
+    let took = t0.elapsed();
+    match &r {
+        ActivateResult::Err(e) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+            assert!(e.message.contains("cap"), "{e:?}");
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert!(took >= Duration::from_millis(1_000) && took < Duration::from_millis(1_500), "replied after {took:?} for wait_ms 1500");
+    assert_eq!(s.activator.spawn_count(), 1);
+    s.activator.shutdown(Duration::from_secs(5)).await;
+}
+
+/// An instance that answers nothing (stopped with SIGSTOP: the extreme of a busy or starved
+/// worker) is still taken as running: `already_running`, nothing spawned, nothing marked
+/// draining; first when the broker does not know its service id yet, then by the direct ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_answers_nothing_is_not_taken_for_a_missing_one() {
+    let s = setup(1, 60_000, None).await;
+    let a = first_instance(&s).await;
+    let pid = a.pid.expect("local process");
+    let c = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
+    for round in ["unknown service id", "direct ping"] {
+        signal(pid, libc::SIGSTOP);
+        let t0 = std::time::Instant::now();
+        let r = activate_over_nats(&c, &request(&s.function_id, s.layer, 1)).await;
+        let took = t0.elapsed();
+        signal(pid, libc::SIGCONT);
+        match &r {
+            ActivateResult::Ok { instance_id, already_running: true, .. } => assert_eq!(instance_id, &a.instance_id),
+            other => panic!("{round}: a frozen instance was not taken as running: {other:?}"),
+        }
+        assert!(took < Duration::from_secs(3), "{round}: {took:?}");
+        assert_eq!(s.activator.instances()[0].state, InstanceState::Ready, "{round}");
+        eprintln!("{round}: frozen instance answered already_running in {took:?}");
+        // Now that it runs again it answers the pings (and the broker learns its id).
+        match activate_over_nats(&c, &request(&s.function_id, s.layer, 2)).await {
+            ActivateResult::Ok { already_running: true, .. } => {}
+            other => panic!("{round}: {other:?}"),
+        }
+    }
+    assert_eq!(s.activator.spawn_count(), 1);
+    s.activator.shutdown(Duration::from_secs(5)).await;
+}
