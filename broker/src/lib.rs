@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod activation;
+pub mod credentials;
 pub mod deployment;
 pub mod runtime;
 pub mod server;
@@ -23,6 +24,7 @@ pub mod spawner;
 pub mod tenants;
 
 pub use activation::{ActivationConfig, Activator, InstanceInfo, InstanceState};
+pub use credentials::InternalCredentials;
 pub use deployment::Deployment;
 pub use runtime::{render_config, reload, RuntimeConfig, RuntimeError, RuntimeState, ServerControl, TenantAdmin, TENANTS_MARKER};
 pub use server::{EmbeddedServer, ServerOptions};

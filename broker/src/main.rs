@@ -2,10 +2,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use faasmoe_broker::{
-    ActivationConfig, Activator, Deployment, EmbeddedServer, LocalProcessBackend, Quota, RuntimeConfig, ServerOptions, TenantAdmin,
+    ActivationConfig, Activator, Deployment, EmbeddedServer, InternalCredentials, LocalProcessBackend, Quota, RuntimeConfig, ServerOptions, TenantAdmin,
     TenantStore, TenantStoreConfig, TenantsConf,
 };
 use faasmoe_proto::connection::{self, NatsArgs};
@@ -268,9 +268,16 @@ async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
                 }
             };
             if store.json {
-                println!("{}", serde_json::json!({"credentials": creds, "nats_user_entry": creds.nats_user_entry()}));
+                println!("{}", serde_json::json!({"credentials": creds, "inbox_prefix": creds.inbox_prefix(), "nats_user_entry": creds.nats_user_entry()}));
             } else {
-                println!("tenant:   {}\nuser:     {}\npassword: {}\n\nnats.conf users entry:\n{}", creds.tenant, creds.user, creds.password, creds.nats_user_entry());
+                println!(
+                    "tenant:       {}\nuser:         {}\npassword:     {}   (shown once: only its bcrypt hash is kept)\ninbox prefix: {}   (set it in the client: nats --inbox-prefix, nats-py inbox_prefix=, nats.go CustomInboxPrefix)\n\nnats.conf users entry:\n{}",
+                    creds.tenant,
+                    creds.user,
+                    creds.password,
+                    creds.inbox_prefix(),
+                    creds.nats_user_entry()
+                );
             }
         }
         TenantCommand::List { store } => {
@@ -319,7 +326,7 @@ async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let mut d = match &args.deployment {
         Some(f) => Deployment::from_file(f)?,
         None => Deployment::new(args.model_dir.clone().context("give --model-dir or --deployment")?),
@@ -354,7 +361,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = match &args.nats.nats_url {
         Some(_) => None,
         None => {
+            // This deployment's internal passwords: the ones given, else generated now.
+            let given = [args.nats.nats_password.clone(), d.worker_password.clone(), std::env::var("FAASMOE_CONTROLLER_PASSWORD").ok()];
+            let generated = InternalCredentials::generate();
+            let creds = InternalCredentials {
+                broker: given[0].clone().unwrap_or(generated.broker),
+                worker: given[1].clone().unwrap_or(generated.worker),
+                controller: given[2].clone().unwrap_or(generated.controller),
+            };
+            if given.iter().any(Option::is_none) {
+                eprintln!("generated internal passwords for this deployment (shown once; the server keeps bcrypt hashes):");
+                for ((user, pw), given) in [("broker", &creds.broker), ("worker", &creds.worker), ("controller", &creds.controller)].into_iter().zip(&given) {
+                    if given.is_none() {
+                        eprintln!("  {user:<10} {pw}");
+                    }
+                }
+            }
+            args.nats.nats_password = Some(creds.broker.clone());
+            d.worker_password = Some(creds.worker.clone());
             let opts = ServerOptions {
+                internal_credentials: Some(creds),
                 config: args.nats_config.clone().unwrap_or_else(faasmoe_broker::server::default_config),
                 runtime_dir: args.runtime_dir.clone(),
                 store_dir: args.js_dir.clone(),
@@ -364,9 +390,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let s = tokio::task::spawn_blocking(move || EmbeddedServer::start(opts)).await??;
-            if args.nats.nats_password.is_none() {
-                bail!("the embedded server ({}) requires authentication: give --nats-password (the broker user's password)", s.url());
-            }
             Some(s)
         }
     };

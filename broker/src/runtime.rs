@@ -11,9 +11,12 @@
 //!
 //! The runtime directory holds:
 //!
-//! - `tenants.conf`: the tenant entries ([`TenantsConf`]), kept across restarts when the
-//!   directory is persistent;
-//! - `nats.conf`: the rendered configuration (mode 0600: it holds tenant passwords);
+//! - `tenants.conf`: the tenant entries ([`TenantsConf`], bcrypt hashes only), kept across
+//!   restarts when the directory is persistent;
+//! - `internal.conf`: the bcrypt hashes of the deployment's internal passwords, when it has
+//!   generated ones; they replace the base's `@faasmoe-internal-begin/end` block
+//!   ([`crate::credentials`]);
+//! - `nats.conf`: the rendered configuration (mode 0600; it holds password hashes, no plaintext);
 //! - `server.json`: which server runs from it ([`RuntimeState`]: pid, base config, log file),
 //!   so that another process (the `faasmoe-broker tenant` CLI) can render and reload too.
 //!
@@ -49,6 +52,13 @@ pub enum RuntimeError {
     /// The base configuration has tenant entries to take but no marker line.
     #[error("{path}: no `{TENANTS_MARKER}` line inside the users array, cannot add tenant users")]
     NoMarker {
+        /// The base configuration.
+        path: String,
+    },
+    /// The runtime directory holds generated internal credentials but the base
+    /// configuration has no block to put them in.
+    #[error("{path}: no `{}` … `{}` block for the deployment's internal passwords", crate::credentials::INTERNAL_BEGIN, crate::credentials::INTERNAL_END)]
+    NoInternalBlock {
         /// The base configuration.
         path: String,
     },
@@ -171,6 +181,12 @@ impl RuntimeConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e.into()),
         };
+        let base = match std::fs::read_to_string(self.dir.join(crate::credentials::INTERNAL_FILE)) {
+            Ok(block) => crate::credentials::replace_internal_block(&base, &block)
+                .ok_or_else(|| RuntimeError::NoInternalBlock { path: self.base.display().to_string() })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => base,
+            Err(e) => return Err(e.into()),
+        };
         render_config(&base, &entries, &self.base.display().to_string())
     }
 
@@ -205,7 +221,7 @@ impl RuntimeConfig {
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         use std::io::Write;

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::credentials::InternalCredentials;
 use crate::runtime::{RuntimeConfig, RuntimeError, RuntimeState, ServerControl, TenantAdmin, DEFAULT_RELOAD_TIMEOUT};
 use crate::tenants::TenantStore;
 
@@ -42,6 +43,15 @@ pub enum ServerError {
     /// Rendering the runtime configuration failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The configuration still accepts published development passwords (the users listed)
+    /// and the server would listen beyond loopback.
+    #[error("refusing to listen on {addr} with the published development passwords of {users:?}: give the server generated internal credentials (ServerOptions::internal_credentials, what `faasmoe up` does) or your own configuration with other passwords, or listen on 127.0.0.1")]
+    DevelopmentPasswords {
+        /// The listen address.
+        addr: String,
+        /// The users whose development password the configuration accepts.
+        users: Vec<&'static str>,
+    },
     /// The process exited or did not accept connections in time.
     #[error("nats-server did not become ready: {why}\n--- log tail ---\n{log_tail}")]
     NotReady {
@@ -50,6 +60,16 @@ pub enum ServerError {
         /// The end of the server's log.
         log_tail: String,
     },
+}
+
+/// Whether the listen address `addr` (an IP or a host name) is a loopback address only
+/// (`127.0.0.0/8`, `::1`, `localhost`); `0.0.0.0` and `::` listen everywhere.
+pub fn is_loopback(addr: &str) -> bool {
+    let a = addr.trim_start_matches('[').trim_end_matches(']');
+    match a.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => a.eq_ignore_ascii_case("localhost"),
+    }
 }
 
 /// How to start the embedded server.
@@ -76,6 +96,11 @@ pub struct ServerOptions {
     pub log_file: Option<PathBuf>,
     /// How long to wait for the server to accept connections.
     pub startup_timeout: Duration,
+    /// The internal users' passwords of this deployment: their bcrypt hashes replace the
+    /// development ones of the base configuration (`<runtime dir>/internal.conf`, see
+    /// [`crate::credentials`]). `None`: the base configuration's (in the project's
+    /// `nats.conf`, the published development passwords: loopback only).
+    pub internal_credentials: Option<InternalCredentials>,
 }
 
 impl Default for ServerOptions {
@@ -90,6 +115,7 @@ impl Default for ServerOptions {
             monitor_port: None,
             log_file: None,
             startup_timeout: Duration::from_secs(10),
+            internal_credentials: None,
         }
     }
 }
@@ -179,7 +205,22 @@ impl EmbeddedServer {
             None => temp.as_ref().expect("temp dir").path().join("runtime"),
         };
         let runtime = RuntimeConfig::new(&opts.config, &runtime_dir);
+        match &opts.internal_credentials {
+            Some(creds) => {
+                creds.write_hashes(&runtime_dir)?;
+            }
+            None => match std::fs::remove_file(runtime_dir.join(crate::credentials::INTERNAL_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            },
+        }
         let rendered = runtime.render()?;
+        if !is_loopback(&opts.addr) {
+            let users = crate::credentials::uses_development_passwords(&std::fs::read_to_string(&rendered)?);
+            if !users.is_empty() {
+                return Err(ServerError::DevelopmentPasswords { addr: opts.addr.clone(), users });
+            }
+        }
         let port = opts.port.unwrap_or(4222);
         let mut cmd = Command::new(&bin);
         cmd.arg("-c").arg(&rendered).arg("-a").arg(&opts.addr);

@@ -82,19 +82,29 @@ pub struct TenantCredentials {
     pub tenant: String,
     /// NATS user (`tenant-<name>`).
     pub user: String,
-    /// Random password (two v4 UUIDs, 244 random bits, hex).
+    /// Random password (two v4 UUIDs, 244 random bits, hex); shown once, stored nowhere
+    /// (the server's configuration holds its bcrypt hash).
     pub password: String,
 }
 
 impl TenantCredentials {
-    /// The `users` entry for a `nats.conf`-style account: publish only to the tenant's
-    /// generate subject, subscribe only to `_INBOX.>`, may answer requests sent to it.
+    /// The `users` entry for a `nats.conf`-style account: the password as a bcrypt hash
+    /// ([`crate::credentials::hash_password`]), publish only to the tenant's generate
+    /// subject, subscribe only to the tenant's own inbox `_INBOX.tenant-<name>.>`
+    /// ([`subject::inbox_prefix`]): no other user's replies can reach it.
     pub fn nats_user_entry(&self) -> String {
         let generate = subject::generate(&self.tenant).expect("tenant names are validated");
+        let inbox = subject::inbox_prefix(&self.user).expect("tenant users are validated");
         format!(
-            "{{\n  user: \"{}\"\n  password: \"{}\"\n  permissions: {{\n    publish: {{ allow: [\"{generate}\"] }}\n    subscribe: {{ allow: [\"_INBOX.>\"] }}\n    allow_responses: true\n  }}\n}}",
-            self.user, self.password
+            "{{\n  user: \"{}\"\n  password: \"{}\"\n  permissions: {{\n    publish: {{ allow: [\"{generate}\"] }}\n    subscribe: {{ allow: [\"{inbox}.>\"] }}\n  }}\n}}",
+            self.user,
+            crate::credentials::hash_password(&self.password)
         )
+    }
+
+    /// The inbox prefix the tenant's clients must use (`_INBOX.tenant-<name>`).
+    pub fn inbox_prefix(&self) -> String {
+        subject::inbox_prefix(&self.user).expect("tenant users are validated")
     }
 }
 
@@ -298,8 +308,8 @@ impl TenantStore {
         subject::validate_token("tenant", name)?;
         let creds = TenantCredentials {
             tenant: name.to_string(),
-            user: format!("tenant-{name}"),
-            password: format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()),
+            user: subject::tenant_user(name)?,
+            password: crate::credentials::random_secret(),
         };
         let record = TenantRecord {
             name: name.to_string(),

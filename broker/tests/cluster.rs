@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use faasmoe_broker::{ActivationConfig, Activator, Admission, Deployment, LocalProcessBackend, Quota, TenantStore, TenantStoreConfig};
-use faasmoe_controller::quota::{QuotaGate, QuotaTicket};
+use faasmoe_broker::{ActivationConfig, Activator, Deployment, LocalProcessBackend, Quota, TenantStore, TenantStoreConfig};
 use faasmoe_controller::service::{ControllerSettings, ControllerTask};
 use faasmoe_e2e::{cargo_bin, free_port, NatsServer};
-use faasmoe_proto::generate::{ClientError, ClientErrorCode};
-use futures::future::BoxFuture;
+
+mod common;
+use common::KvQuota;
 
 const MODEL: &str = "tiny";
 
@@ -57,30 +57,6 @@ async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T
             }
             Err(e) => panic!("{what}: still failing after {timeout:?}: {e}"),
         }
-    }
-}
-
-/// The controller's quota gate over the JetStream store (what the CLI crate wires).
-struct KvQuota(TenantStore);
-
-impl QuotaGate for KvQuota {
-    fn admit<'a>(&'a self, tenant: &'a str, prompt_tokens: u32, max_tokens: u32) -> BoxFuture<'a, Result<QuotaTicket, ClientError>> {
-        Box::pin(async move {
-            match self.0.admit(tenant, prompt_tokens.into(), max_tokens.into()).await {
-                Ok(a) => Ok(QuotaTicket(Box::new(a))),
-                Err(e) => {
-                    let code = if matches!(e, faasmoe_broker::QuotaError::Store(_)) { ClientErrorCode::Unavailable } else { ClientErrorCode::QuotaExceeded };
-                    Err(ClientError { code, message: e.to_string() })
-                }
-            }
-        })
-    }
-    fn settle(&self, ticket: QuotaTicket, tokens: u32) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if let Ok(a) = ticket.0.downcast::<Admission>() {
-                let _ = self.0.settle(*a, tokens.into()).await;
-            }
-        })
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use faasmoe_broker::server::free_port;
 use faasmoe_broker::{EmbeddedServer, Quota, ServerOptions, TenantAdmin, TenantCredentials, TenantStore};
-use faasmoe_e2e::{dev_users, echo_responder};
+use faasmoe_e2e::{dev_users, echo_responder_fenced_by};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -18,7 +18,7 @@ fn start_server() -> EmbeddedServer {
 }
 
 async fn connect_as(server: &EmbeddedServer, (user, pass): (&str, &str)) -> async_nats::Client {
-    async_nats::ConnectOptions::with_user_and_password(user.into(), pass.into()).connect(server.url()).await.unwrap()
+    async_nats::ConnectOptions::with_user_and_password(user.into(), pass.into()).custom_inbox_prefix(format!("_INBOX.{user}")).connect(server.url()).await.unwrap()
 }
 
 async fn admin(server: &EmbeddedServer) -> TenantAdmin {
@@ -30,6 +30,7 @@ async fn admin(server: &EmbeddedServer) -> TenantAdmin {
 async fn connect_tenant(server: &EmbeddedServer, creds: &TenantCredentials) -> Result<(async_nats::Client, mpsc::UnboundedReceiver<String>), async_nats::ConnectError> {
     let (tx, rx) = mpsc::unbounded_channel::<String>();
     let client = async_nats::ConnectOptions::with_user_and_password(creds.user.clone(), creds.password.clone())
+        .custom_inbox_prefix(creds.inbox_prefix())
         .event_callback(move |event| {
             let tx = tx.clone();
             async move {
@@ -78,14 +79,26 @@ async fn tenant_credentials_are_refused_everything_but_their_generate_subject() 
 
     // Internal users: a responder on both tenants' generate subjects, and a spy on every
     // subject alice must not reach (nothing she publishes there may arrive).
+    // (The controller may not publish to generate subjects: the tenants fence the responders.)
     let controller = connect_as(&server, dev_users::CONTROLLER).await;
-    echo_responder(&controller, "faasmoe.v1.generate.alice", "gen-alice:").await.unwrap();
-    echo_responder(&controller, "faasmoe.v1.generate.bob", "gen-bob:").await.unwrap();
-    let spy = connect_as(&server, dev_users::BROKER).await;
-    let mut spied = spy.subscribe("faasmoe.v1.>").await.unwrap();
-    spy.flush().await.unwrap();
-
     let (client, mut events) = tokio::time::timeout(T, connect_tenant(&server, &alice)).await.unwrap().expect("alice's generated credentials are accepted");
+    let (bob_client, _bob_events) = connect_tenant(&server, &bob).await.unwrap();
+    echo_responder_fenced_by(&controller, &client, "faasmoe.v1.generate.alice", "gen-alice:").await.unwrap();
+    echo_responder_fenced_by(&controller, &bob_client, "faasmoe.v1.generate.bob", "gen-bob:").await.unwrap();
+    // (No role may listen to all of faasmoe.v1.>: one spy per role on what it may hear.)
+    let spy = connect_as(&server, dev_users::BROKER).await;
+    let spy_worker = connect_as(&server, dev_users::WORKER).await;
+    let mut spied = futures::stream::select_all([
+        spy.subscribe("faasmoe.v1.activate.>").await.unwrap(),
+        spy.subscribe("faasmoe.v1.admin.>").await.unwrap(),
+        spy_worker.queue_subscribe("faasmoe.v1.expert.>", "faasmoe.v1.fn.m.all".into()).await.unwrap(),
+        controller.subscribe("faasmoe.v1.generate.*").await.unwrap(),
+    ]);
+    spy.flush().await.unwrap();
+    spy_worker.flush().await.unwrap();
+    controller.flush().await.unwrap();
+    // flush only writes the socket; give the server a moment to register the spies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Her own generate subject works, reply included (allow_responses for the responder).
     let r = tokio::time::timeout(T, client.request("faasmoe.v1.generate.alice", "prompt".into())).await.unwrap().unwrap();
@@ -115,6 +128,7 @@ async fn tenant_credentials_are_refused_everything_but_their_generate_subject() 
 
     // Nothing alice published outside her subject arrived anywhere; her own request did.
     spy.flush().await.unwrap();
+    spy_worker.flush().await.unwrap();
     let mut arrived = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), spied.next()).await {
         arrived.push(m.subject.to_string());
@@ -122,11 +136,10 @@ async fn tenant_credentials_are_refused_everything_but_their_generate_subject() 
     assert_eq!(arrived, ["faasmoe.v1.generate.alice"], "messages that reached internal subscribers");
 
     // Bob's credentials work for his own subject; the static tenant-demo user still works.
-    let (bob_client, _bob_events) = connect_tenant(&server, &bob).await.unwrap();
     let r = tokio::time::timeout(T, bob_client.request("faasmoe.v1.generate.bob", "hi".into())).await.unwrap().unwrap();
     assert_eq!(&r.payload[..], b"gen-bob:hi");
-    echo_responder(&controller, "faasmoe.v1.generate.demo", "gen-demo:").await.unwrap();
     let demo = connect_as(&server, dev_users::TENANT_DEMO).await;
+    echo_responder_fenced_by(&controller, &demo, "faasmoe.v1.generate.demo", "gen-demo:").await.unwrap();
     let r = tokio::time::timeout(T, demo.request("faasmoe.v1.generate.demo", "x".into())).await.unwrap().unwrap();
     assert_eq!(&r.payload[..], b"gen-demo:x");
     // The server logs each refusal too (`... "FAASMOE/user:tenant-alice" - Publish Violation - Subject "..."`).

@@ -83,7 +83,8 @@ async fn tenant_administration_round_trips_through_the_kv() {
     assert_eq!(creds.user, "tenant-t1");
     assert!(creds.password.len() >= 32);
     let entry = creds.nats_user_entry();
-    assert!(entry.contains("faasmoe.v1.generate.t1") && entry.contains("_INBOX.>") && entry.contains("allow_responses: true"), "{entry}");
+    assert!(entry.contains("faasmoe.v1.generate.t1") && entry.contains("\"_INBOX.tenant-t1.>\"") && !entry.contains("allow_responses"), "{entry}");
+    assert!(!entry.contains(&creds.password) && entry.contains("password: \"$2a$06$"), "the entry holds the bcrypt hash only: {entry}");
     assert!(matches!(s.create("t1", Quota::default()).await, Err(TenantError::AlreadyExists(_))));
     assert!(matches!(s.create("a.b", Quota::default()).await, Err(TenantError::InvalidName(_))));
     s.create("t0", Quota::default()).await.unwrap();

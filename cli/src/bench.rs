@@ -40,7 +40,8 @@ use procfs::Current as _;
 use tokio::process::{Child, Command};
 
 use crate::monitor::{self, percentile};
-use crate::stack::{dev_passwords, log_file, model_id_of, sibling};
+use crate::stack::{log_file, model_id_of, sibling};
+use faasmoe_broker::InternalCredentials;
 use crate::workload::{self, Scale, ScaleArgs};
 
 /// Settings of the benchmark.
@@ -285,13 +286,17 @@ impl Sampler {
 /// A running deployment of one mode.
 struct Deployment {
     server: EmbeddedServer,
+    /// This deployment's internal passwords (generated per deployment).
+    credentials: InternalCredentials,
+    /// One connection per tenant, with the tenant's own credentials (created at start).
+    tenant_clients: BTreeMap<String, async_nats::Client>,
     monitor_port: u16,
     broker: Option<Child>,
     serving: Vec<Child>,
     model_id: String,
 }
 
-fn start_server(log_dir: &Path) -> anyhow::Result<(EmbeddedServer, u16)> {
+fn start_server(log_dir: &Path, credentials: &InternalCredentials) -> anyhow::Result<(EmbeddedServer, u16)> {
     // Two free ports, distinct; a port taken between the probe and the server's bind is retried.
     let mut last = None;
     for _ in 0..4 {
@@ -302,6 +307,7 @@ fn start_server(log_dir: &Path) -> anyhow::Result<(EmbeddedServer, u16)> {
         }
         let _ = std::fs::remove_dir_all(log_dir.join("nats-runtime"));
         let opts = ServerOptions {
+            internal_credentials: Some(credentials.clone()),
             config: faasmoe_broker::server::default_config(),
             runtime_dir: Some(log_dir.join("nats-runtime")),
             port: Some(port),
@@ -321,14 +327,25 @@ fn start_server(log_dir: &Path) -> anyhow::Result<(EmbeddedServer, u16)> {
 impl Deployment {
     async fn start(spec: &Spec, tenants: &[String], model: &Path, a: &BenchArgs, log_dir: &Path) -> anyhow::Result<Self> {
         let model_id = model_id_of(model)?;
-        let (server, monitor_port) = start_server(log_dir)?;
+        let credentials = InternalCredentials::generate();
+        let (server, monitor_port) = start_server(log_dir, &credentials)?;
         let url = server.url().to_string();
+        // The load comes from the tenants themselves, each on its own credentials (the
+        // controllers run without quotas).
+        let admin_client = faasmoe_proto::connection::connect(&url, Some("broker"), Some(&credentials.broker), "faasmoe-bench-admin").await?;
+        let admin = server.tenant_admin(faasmoe_broker::TenantStore::open_default(admin_client).await?);
+        let mut tenant_clients = BTreeMap::new();
+        for t in tenants {
+            let creds = admin.create(t, faasmoe_broker::Quota::default()).await?;
+            tenant_clients.insert(t.clone(), faasmoe_proto::connection::connect(&url, Some(&creds.user), Some(&creds.password), &format!("faasmoe-bench-{t}")).await?);
+        }
         let me = std::env::current_exe()?;
         let mut serving = Vec::new();
         let mut broker = None;
         let controller = |extra: Vec<String>, name: &str| -> anyhow::Result<Child> {
             Command::new(&me)
-                .args(["controller", "--no-quota", "--nats-url", &url, "--nats-user", "controller", "--nats-password", dev_passwords::CONTROLLER])
+                .args(["controller", "--no-quota", "--nats-url", &url, "--nats-user", "controller"])
+                .env("NATS_PASSWORD", &credentials.controller)
                 .arg("--model-dir").arg(model)
                 .args(["--model-id", &model_id])
                 .args(extra)
@@ -340,7 +357,8 @@ impl Deployment {
         };
         let baseline = |ts: &[String], name: &str| -> anyhow::Result<Child> {
             Command::new(&me)
-                .args(["serve-baseline", "--nats-url", &url, "--nats-user", "controller", "--nats-password", dev_passwords::CONTROLLER])
+                .args(["serve-baseline", "--nats-url", &url, "--nats-user", "controller"])
+                .env("NATS_PASSWORD", &credentials.controller)
                 .arg("--model").arg(model)
                 .arg("--tenants").arg(ts.join(","))
                 .stdout(Stdio::null())
@@ -353,11 +371,13 @@ impl Deployment {
         if spec.mode.uses_functions() {
             broker = Some(
                 Command::new(sibling("faasmoe-broker"))
-                    .args(["run", "--nats-url", &url, "--nats-user", "broker", "--nats-password", dev_passwords::BROKER])
+                    .args(["run", "--nats-url", &url, "--nats-user", "broker"])
+                    .env("NATS_PASSWORD", &credentials.broker)
                     .arg("--model-dir").arg(model)
                     .args(["--model-id", &model_id, "--granularity", &g.to_string()])
                     .args(["--idle-timeout-ms", &a.idle_timeout_ms.to_string(), "--max-instances", &a.max_instances.to_string()])
-                    .args(["--worker-nats-user", "worker", "--worker-nats-password", dev_passwords::WORKER])
+                    .args(["--worker-nats-user", "worker"])
+                    .env("FAASMOE_WORKER_PASSWORD", &credentials.worker)
                     .arg("--worker-bin").arg(sibling("faasmoe-expert-worker"))
                     .arg("--worker-log-dir").arg(log_dir.join("workers"))
                     .stdout(Stdio::null())
@@ -382,28 +402,31 @@ impl Deployment {
             }
             Mode::LocalSplit => serving.push(controller(vec!["--local-experts".into()], "controller.log")?),
         }
-        let d = Self { server, monitor_port, broker, serving, model_id };
+        let d = Self { server, credentials, tenant_clients, monitor_port, broker, serving, model_id };
         d.wait_ready(tenants, Duration::from_secs(900)).await?;
         Ok(d)
     }
 
+    /// The operator's connection (user `broker`): events and the controllers' stats.
     async fn connect(&self) -> anyhow::Result<async_nats::Client> {
-        Ok(faasmoe_proto::connection::connect(self.server.url(), Some("controller"), Some(dev_passwords::CONTROLLER), "faasmoe-bench").await?)
+        Ok(faasmoe_proto::connection::connect(self.server.url(), Some("broker"), Some(&self.credentials.broker), "faasmoe-bench").await?)
     }
 
     async fn wait_ready(&self, tenants: &[String], limit: Duration) -> anyhow::Result<()> {
         use faasmoe_proto::connection::answers;
-        let client = self.connect().await?;
+        // The broker's activation subject may be requested by controllers only.
+        let client = faasmoe_proto::connection::connect(self.server.url(), Some("controller"), Some(&self.credentials.controller), "faasmoe-bench-probe").await?;
         let t0 = Instant::now();
-        let mut pending: Vec<String> = tenants.iter().map(|t| faasmoe_proto::subject::generate(t)).collect::<Result<_, _>>()?;
+        let mut pending: Vec<String> = tenants.to_vec();
         let mut broker_up = self.broker.is_none();
         let act = faasmoe_proto::subject::activate(&self.model_id)?;
         while t0.elapsed() < limit {
             let mut still = Vec::new();
-            for s in pending {
+            for t in pending {
                 // An empty body is a bad request: any reply means the tenant is served.
-                if !answers(&client, s.clone(), b"", Duration::from_secs(2)).await {
-                    still.push(s);
+                let subject = faasmoe_proto::subject::generate(&t)?;
+                if !answers(&self.tenant_clients[&t], subject, b"", Duration::from_secs(2)).await {
+                    still.push(t);
                 }
             }
             pending = still;
@@ -661,7 +684,7 @@ async fn run_one(spec: &Spec, all_tenants: &[String], work: &[Req], model: &Path
     let results: Arc<Mutex<Vec<ReqResult>>> = Default::default();
     let mut tasks = Vec::new();
     for r in work.iter().filter(|r| tenants.contains(&r.tenant)) {
-        let (client, results, r) = (client.clone(), results.clone(), r.clone());
+        let (client, results, r) = (dep.tenant_clients[&r.tenant].clone(), results.clone(), r.clone());
         tasks.push(tokio::spawn(async move {
             workload::sleep_until(start, r.at_s).await;
             let sent = start.elapsed().as_secs_f64();
@@ -765,7 +788,8 @@ struct ExpertRow {
 }
 
 async fn expert_bench(model: &Path, sets: &[u32], repeats: usize, log_dir: &Path) -> anyhow::Result<Vec<ExpertRow>> {
-    let (server, _) = start_server(log_dir)?;
+    let credentials = InternalCredentials::generate();
+    let (server, _) = start_server(log_dir, &credentials)?;
     let url = server.url().to_string();
     let mut rows = Vec::new();
     for &k in sets {
@@ -773,7 +797,8 @@ async fn expert_bench(model: &Path, sets: &[u32], repeats: usize, log_dir: &Path
         for rep in 0..reps {
             let t0 = Instant::now();
             let mut child = Command::new(sibling("faasmoe-expert-worker"))
-                .args(["--nats-url", &url, "--nats-user", "worker", "--nats-password", dev_passwords::WORKER])
+                .args(["--nats-url", &url, "--nats-user", "worker"])
+                .env("NATS_PASSWORD", &credentials.worker)
                 .arg("--model-dir").arg(model)
                 .args(["--experts", &format!("0:0-{}", k - 1), "--idle-timeout-ms", "0"])
                 .stdout(Stdio::piped())

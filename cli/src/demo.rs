@@ -107,7 +107,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let stack_args = StackArgs { model: model.clone(), granularity: a.granularity, idle_timeout_ms: a.idle_timeout_ms, max_instances: 2, port: None, nats_config: None, log_dir: a.log_dir.clone() };
     println!("starting the stack (nats-server, broker, controller; expert functions start on demand, granularity {})…", a.granularity);
     let stack = Stack::start(&stack_args).await?;
-    let internal = stack.connect_internal().await?;
+    let internal = stack.connect_admin().await?;
 
     // Resource monitor.
     let monitor = Arc::new(Mutex::new(Monitor::new(

@@ -143,7 +143,7 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 
 /// Tenant administration for a stack started by this process (credentials take effect at once).
 pub(crate) async fn tenant_admin(stack: &stack::Stack) -> anyhow::Result<TenantAdmin> {
-    let client = faasmoe_proto::connection::connect(stack.server.url(), Some("broker"), Some(stack::dev_passwords::BROKER), "faasmoe-admin").await?;
+    let client = stack.connect_admin().await?;
     let store = TenantStore::open_default(client).await?;
     Ok(stack.server.tenant_admin(store))
 }
@@ -154,8 +154,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let stack = stack::Stack::start(&a).await?;
             let url = stack.server.url();
             println!("faasmoe is up: NATS at {url}, model id {}. Ctrl-C stops.", stack.model_id);
-            println!("create a tenant:  faasmoe tenant create alice --total-tokens 100000 --nats-url {url} --nats-password {} --conf-dir {}", stack::dev_passwords::BROKER, a.log_dir.join("nats-runtime").display());
-            println!("then ask it:      faasmoe generate --nats-url {url} --tenant alice --password <printed password> \"Hello\"");
+            println!("this deployment's administrator password (user broker; generated now, shown only here, stored nowhere):");
+            println!("  export NATS_PASSWORD={}", stack.credentials.broker);
+            println!("create a tenant:  faasmoe tenant create alice --total-tokens 100000 --nats-url {url} --conf-dir {}", a.log_dir.join("nats-runtime").display());
+            println!("then ask it:      NATS_PASSWORD=<the tenant's printed password> faasmoe generate --nats-url {url} --tenant alice \"Hello\"");
+            println!("(any NATS client works as tenant alice: user tenant-alice, inbox prefix _INBOX.tenant-alice)");
             tokio::signal::ctrl_c().await?;
             stack.stop().await;
             Ok(())

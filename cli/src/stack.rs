@@ -6,19 +6,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use faasmoe_broker::{EmbeddedServer, ServerOptions};
+use faasmoe_broker::{EmbeddedServer, InternalCredentials, ServerOptions};
 use tokio::process::{Child, Command};
 use tracing::info;
-
-/// Development passwords of `nats.conf`'s internal users (publicly known; loopback only).
-pub mod dev_passwords {
-    /// `controller`.
-    pub const CONTROLLER: &str = "faasmoe-controller-dev";
-    /// `worker`.
-    pub const WORKER: &str = "faasmoe-worker-dev";
-    /// `broker`.
-    pub const BROKER: &str = "faasmoe-broker-dev";
-}
 
 /// How to start the stack.
 #[derive(Debug, Clone, clap::Args)]
@@ -56,6 +46,10 @@ pub struct Stack {
     pub controller: Child,
     /// Model id in subjects.
     pub model_id: String,
+    /// The internal users' passwords generated for this deployment (in memory only; the
+    /// server's configuration holds their bcrypt hashes, the children get them in their
+    /// environment).
+    pub credentials: InternalCredentials,
 }
 
 /// A binary next to this one (target/<profile>/), else the name for a PATH lookup.
@@ -88,7 +82,9 @@ impl Stack {
             Some(p) => p,
             None => faasmoe_broker::server::free_port()?,
         };
+        let credentials = InternalCredentials::generate();
         let opts = ServerOptions {
+            internal_credentials: Some(credentials.clone()),
             config: a.nats_config.clone().unwrap_or_else(faasmoe_broker::server::default_config),
             runtime_dir: Some(a.log_dir.join("nats-runtime")),
             port: Some(port),
@@ -102,11 +98,13 @@ impl Stack {
         info!(%url, "nats-server ready");
 
         let broker = Command::new(sibling("faasmoe-broker"))
-            .args(["run", "--nats-url", &url, "--nats-user", "broker", "--nats-password", dev_passwords::BROKER])
+            .args(["run", "--nats-url", &url, "--nats-user", "broker"])
+            .env("NATS_PASSWORD", &credentials.broker)
             .arg("--model-dir").arg(&a.model)
             .args(["--model-id", &model_id, "--granularity", &a.granularity.to_string()])
             .args(["--idle-timeout-ms", &a.idle_timeout_ms.to_string(), "--max-instances", &a.max_instances.to_string()])
-            .args(["--worker-nats-user", "worker", "--worker-nats-password", dev_passwords::WORKER])
+            .args(["--worker-nats-user", "worker"])
+            .env("FAASMOE_WORKER_PASSWORD", &credentials.worker)
             .arg("--worker-bin").arg(sibling("faasmoe-expert-worker"))
             .arg("--worker-log-dir").arg(a.log_dir.join("workers"))
             .stdout(Stdio::null())
@@ -115,7 +113,8 @@ impl Stack {
             .spawn()
             .context("starting faasmoe-broker")?;
         let controller = Command::new(std::env::current_exe()?)
-            .args(["controller", "--nats-url", &url, "--nats-user", "controller", "--nats-password", dev_passwords::CONTROLLER])
+            .args(["controller", "--nats-url", &url, "--nats-user", "controller"])
+            .env("NATS_PASSWORD", &credentials.controller)
             .arg("--model-dir").arg(&a.model)
             .args(["--model-id", &model_id, "--granularity", &a.granularity.to_string()])
             .stdout(Stdio::null())
@@ -123,25 +122,31 @@ impl Stack {
             .kill_on_drop(true)
             .spawn()
             .context("starting the controller")?;
-        let stack = Self { server, broker, controller, model_id };
+        let stack = Self { server, broker, controller, model_id, credentials };
         stack.wait_ready(Duration::from_secs(120)).await?;
         Ok(stack)
     }
 
-    /// An internal connection (user `controller`).
-    pub async fn connect_internal(&self) -> anyhow::Result<async_nats::Client> {
-        Ok(faasmoe_proto::connection::connect(self.server.url(), Some("controller"), Some(dev_passwords::CONTROLLER), "faasmoe-cli").await?)
+    /// An operator's connection (user `broker`: events, administration, tenants, JetStream).
+    pub async fn connect_admin(&self) -> anyhow::Result<async_nats::Client> {
+        Ok(faasmoe_proto::connection::connect(self.server.url(), Some("broker"), Some(&self.credentials.broker), "faasmoe-admin").await?)
     }
 
     async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
-        let client = self.connect_internal().await?;
         let t0 = Instant::now();
-        // Bodies each server refuses as malformed: any reply means it serves.
-        let probes = [
-            (faasmoe_proto::subject::generate("faasmoe-probe")?, &b""[..]),
-            (faasmoe_proto::subject::activate(&self.model_id)?, &b"{}"[..]),
-        ];
-        let silent = faasmoe_proto::connection::wait_answering(&client, &probes, Duration::from_millis(200), limit).await;
+        // The controller answers its stats request (the broker's user may send it), the broker
+        // an activation the controller's user sends with a body it refuses as malformed:
+        // any reply means each serves.
+        let admin = self.connect_admin().await?;
+        let controller = faasmoe_proto::connection::connect(self.server.url(), Some("controller"), Some(&self.credentials.controller), "faasmoe-probe").await?;
+        let wait = |client: async_nats::Client, subject: String, body: &'static [u8]| async move {
+            faasmoe_proto::connection::wait_answering(&client, &[(subject, body)], Duration::from_millis(200), limit).await
+        };
+        let (a, b) = tokio::join!(
+            wait(admin, faasmoe_proto::subject::admin("controller_stats")?, b""),
+            wait(controller, faasmoe_proto::subject::activate(&self.model_id)?, b"{}")
+        );
+        let silent: Vec<String> = a.into_iter().chain(b).collect();
         if !silent.is_empty() {
             bail!("the stack did not come up within {limit:?} (not answering: {}); see the logs", silent.join(", "));
         }

@@ -56,6 +56,15 @@ pub struct Api {
     pub settings: ApiSettings,
 }
 
+/// Whether a request of `tenant` may be answered on `reply`: on a server that authenticates
+/// its users (`auth_required` in its INFO), only in the tenant's own inbox
+/// ([`subject::is_inbox_of`] for the user [`subject::tenant_user`]), the only inboxes its
+/// credentials can subscribe to under the project's `nats.conf`; on a server without
+/// authentication (development, tests) there are no tenant identities to keep apart.
+pub fn reply_allowed(auth_required: bool, tenant: &str, reply: &str) -> bool {
+    !auth_required || subject::tenant_user(tenant).is_ok_and(|user| subject::is_inbox_of(reply, &user))
+}
+
 fn err(code: ClientErrorCode, message: impl Into<String>) -> ClientError {
     ClientError { code, message: message.into() }
 }
@@ -86,6 +95,12 @@ impl Api {
         let content_type = msg.headers.as_ref().and_then(|h| h.get(CONTENT_TYPE)).map(|v| v.as_str().to_string());
         let ct = content_type.as_deref();
         let tenant = subject::parse_generate(&msg.subject).unwrap_or_default();
+        if !reply_allowed(self.client.server_info().auth_required, &tenant, &reply) {
+            // Never answer into another user's inbox: a tenant could otherwise direct its
+            // replies (and our errors) at another tenant. Nothing is sent.
+            warn!(%tenant, reply = %reply, "dropped a generate request whose reply subject is not the tenant's inbox (the client must use the inbox prefix _INBOX.tenant-<tenant>)");
+            return;
+        }
         let id = uuid::Uuid::new_v4().simple().to_string();
         let span = info_span!("generate.request", request_id = %id, %tenant);
         async {
@@ -301,5 +316,20 @@ impl Api {
             }
         });
         Some((inbox.into(), watcher))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reply_allowed;
+
+    #[test]
+    fn replies_go_only_to_the_tenants_inbox_when_the_server_authenticates() {
+        assert!(reply_allowed(true, "alice", "_INBOX.tenant-alice.Xy12.3"));
+        assert!(!reply_allowed(true, "alice", "_INBOX.tenant-bob.Xy12.3"));
+        assert!(!reply_allowed(true, "alice", "_INBOX.Xy12.3"));
+        assert!(!reply_allowed(true, "alice", "faasmoe.v1.expert.m.0.1"));
+        assert!(!reply_allowed(true, "", "_INBOX.tenant-.x"));
+        assert!(reply_allowed(false, "alice", "_INBOX.Xy12.3"));
     }
 }

@@ -6,6 +6,27 @@
 //! so the credentials are part of the contract: the controller connects as `controller`,
 //! workers as `worker`, the broker as `broker`, tenants as themselves.
 
+use crate::subject;
+
+/// The internal users (`controller`, `worker`, `broker`) and the example tenant `tenant-demo`
+/// of the project's `nats.conf` with their PUBLISHED development passwords (`nats.conf` holds
+/// their bcrypt hashes). For tests and loopback development only: the broker refuses to start
+/// a server with them that listens beyond loopback, and `faasmoe up` generates passwords per
+/// deployment instead.
+pub mod dev_users {
+    /// Internal: the control plane.
+    pub const CONTROLLER: (&str, &str) = ("controller", "faasmoe-controller-dev");
+    /// Internal: expert function instances.
+    pub const WORKER: (&str, &str) = ("worker", "faasmoe-worker-dev");
+    /// Internal: the FaaS broker (activation, administration, JetStream).
+    pub const BROKER: (&str, &str) = ("broker", "faasmoe-broker-dev");
+    /// Example tenant: publishes only to `faasmoe.v1.generate.demo`, subscribes only to
+    /// `_INBOX.tenant-demo.>`.
+    pub const TENANT_DEMO: (&str, &str) = ("tenant-demo", "faasmoe-tenant-demo-dev");
+    /// All of them.
+    pub const ALL: [(&str, &str); 4] = [CONTROLLER, WORKER, BROKER, TENANT_DEMO];
+}
+
 /// The server a process connects to when no URL is given (nats-server's default port).
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
@@ -42,6 +63,14 @@ impl NatsArgs {
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, ConnectionError> {
         connect(&self.url, self.user.as_deref(), self.password.as_deref(), name).await
     }
+
+    /// As [`NatsArgs::connect`], starting from `options` (e.g. with an `event_callback`);
+    /// the name and the credentials are set on top of them, as [`connect`] does.
+    ///
+    /// Errors: as [`NatsArgs::connect`].
+    pub async fn connect_with(&self, name: &str, options: async_nats::ConnectOptions) -> Result<async_nats::Client, ConnectionError> {
+        connect_with(&self.url, self.user.as_deref(), self.password.as_deref(), name, options).await
+    }
 }
 
 /// A failed connection to NATS, with the URL it was for.
@@ -69,6 +98,10 @@ pub enum ConnectionError {
 /// Connects to `url` (comma separated for several servers) as `user`/`password` when both
 /// are given, anonymously when neither is, naming the connection `name`.
 ///
+/// With a user, the connection's inboxes (request replies, JetStream API replies) are created
+/// under [`subject::inbox_prefix`]`(user)`, the only inboxes the project's `nats.conf` lets
+/// that user subscribe to.
+///
 /// Errors: see [`NatsArgs::connect`].
 pub async fn connect(
     url: &str,
@@ -76,9 +109,27 @@ pub async fn connect(
     password: Option<&str>,
     name: &str,
 ) -> Result<async_nats::Client, ConnectionError> {
-    let mut opts = async_nats::ConnectOptions::new().name(name);
+    connect_with(url, user, password, name, async_nats::ConnectOptions::new()).await
+}
+
+/// As [`connect`], starting from `options` (e.g. with an `event_callback`).
+///
+/// Errors: see [`NatsArgs::connect`].
+pub async fn connect_with(
+    url: &str,
+    user: Option<&str>,
+    password: Option<&str>,
+    name: &str,
+    options: async_nats::ConnectOptions,
+) -> Result<async_nats::Client, ConnectionError> {
+    let mut opts = options.name(name);
     match (user, password) {
-        (Some(u), Some(p)) => opts = opts.user_and_password(u.into(), p.into()),
+        (Some(u), Some(p)) => {
+            opts = opts.user_and_password(u.into(), p.into());
+            if let Ok(prefix) = subject::inbox_prefix(u) {
+                opts = opts.custom_inbox_prefix(prefix);
+            }
+        }
         (None, None) => {}
         (Some(_), None) => return Err(ConnectionError::HalfCredentials { url: url.into(), given: "user" }),
         (None, Some(_)) => return Err(ConnectionError::HalfCredentials { url: url.into(), given: "password" }),

@@ -106,6 +106,39 @@ pub fn admin(verb: &str) -> Result<String, SubjectError> {
     Ok(format!("{PREFIX}.admin.{verb}"))
 }
 
+/// The NATS user of a tenant: `tenant-<tenant>` (the server grants it only the tenant's
+/// generate subject and its own inbox, see `nats.conf`).
+pub fn tenant_user(tenant: &str) -> Result<String, SubjectError> {
+    validate_token("tenant", tenant)?;
+    Ok(format!("tenant-{tenant}"))
+}
+
+/// The inbox prefix of a NATS user: `_INBOX.<user>` (e.g. `_INBOX.tenant-alice`,
+/// `_INBOX.controller`).
+///
+/// Every user of the project's `nats.conf` may subscribe only under its own prefix, so no
+/// user can read another's replies; clients must therefore create their inboxes under it
+/// (async-nats `ConnectOptions::custom_inbox_prefix`, nats-py `inbox_prefix=`, nats.go
+/// `nats.CustomInboxPrefix`, the `nats` CLI `--inbox-prefix`). [`crate::connection::connect`]
+/// does it for every faasmoe process.
+pub fn inbox_prefix(user: &str) -> Result<String, SubjectError> {
+    validate_token("user", user)?;
+    Ok(format!("{INBOX}.{user}"))
+}
+
+/// Whether `reply` is an inbox of `user` (under [`inbox_prefix`]`(user)` plus at least one
+/// token): the controller answers a tenant only there, so a tenant cannot direct replies into
+/// another user's inbox.
+pub fn is_inbox_of(reply: &str, user: &str) -> bool {
+    match inbox_prefix(user) {
+        Ok(prefix) => reply.strip_prefix(&prefix).and_then(|r| r.strip_prefix('.')).is_some_and(|r| !r.is_empty()),
+        Err(_) => false,
+    }
+}
+
+/// NATS's conventional inbox root; [`inbox_prefix`] puts each user under it.
+pub const INBOX: &str = "_INBOX";
+
 /// The queue group that all instances of one function join (`faasmoe.v1.fn.<model>.<function_id>`),
 /// so that NATS delivers each expert request to exactly one instance.
 pub fn function_queue_group(model: &str, function_id: &str) -> Result<String, SubjectError> {
@@ -153,6 +186,19 @@ pub fn parse_generate(subject: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inboxes_are_per_user_and_checked_by_whole_tokens() {
+        assert_eq!(tenant_user("alice").unwrap(), "tenant-alice");
+        assert_eq!(inbox_prefix("tenant-alice").unwrap(), "_INBOX.tenant-alice");
+        assert!(is_inbox_of("_INBOX.tenant-alice.abc.1", "tenant-alice"));
+        assert!(!is_inbox_of("_INBOX.tenant-alice", "tenant-alice"));
+        assert!(!is_inbox_of("_INBOX.tenant-alice.", "tenant-alice"));
+        assert!(!is_inbox_of("_INBOX.tenant-alicex.abc", "tenant-alice"));
+        assert!(!is_inbox_of("_INBOX.abc", "tenant-alice"));
+        assert!(!is_inbox_of("_INBOX.tenant-bob.x", "tenant-alice"));
+        assert!(inbox_prefix("a.b").is_err() && tenant_user("a b").is_err());
+    }
 
     #[test]
     fn prefix_matches_protocol_version() {

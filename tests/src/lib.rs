@@ -39,19 +39,9 @@ const PORT_ATTEMPTS: usize = 5;
 /// [`NatsServer`] always sets it (to a fresh temp dir) for the server it spawns.
 pub const JS_DIR_ENV: &str = "FAASMOE_JS_DIR";
 
-/// The development users defined in the project's `nats.conf` (user, password).
-/// These passwords are public development defaults.
-pub mod dev_users {
-    /// Internal: the control plane. May use every subject.
-    pub const CONTROLLER: (&str, &str) = ("controller", "faasmoe-controller-dev");
-    /// Internal: expert function instances. May use every subject.
-    pub const WORKER: (&str, &str) = ("worker", "faasmoe-worker-dev");
-    /// Internal: the FaaS broker. May use every subject.
-    pub const BROKER: (&str, &str) = ("broker", "faasmoe-broker-dev");
-    /// Example tenant: publishes only to `faasmoe.v1.generate.demo`, subscribes only to
-    /// `_INBOX.>`.
-    pub const TENANT_DEMO: (&str, &str) = ("tenant-demo", "faasmoe-tenant-demo-dev");
-}
+/// The development users defined in the project's `nats.conf` (user, password); their
+/// passwords are public development defaults (`nats.conf` holds their bcrypt hashes).
+pub use faasmoe_proto::connection::dev_users;
 
 /// The workspace root (the directory holding the root `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
@@ -395,12 +385,14 @@ impl NatsServer {
         async_nats::connect(self.url()).await
     }
 
-    /// Connect as `(user, password)`, e.g. one of [`dev_users`].
+    /// Connect as `(user, password)`, e.g. one of [`dev_users`], with the user's own inbox
+    /// prefix `_INBOX.<user>` (the only inboxes `nats.conf` lets a user subscribe to).
     pub async fn connect_as(
         &self,
         (user, password): (&str, &str),
     ) -> Result<async_nats::Client, async_nats::ConnectError> {
         async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+            .custom_inbox_prefix(format!("_INBOX.{user}"))
             .connect(self.url())
             .await
     }
@@ -484,11 +476,21 @@ fn log_tail(path: &Path, lines: usize) -> String {
 /// request, until the connection closes. Returns once the server has the subscription, so
 /// a request sent next from any connection is answered: it sends one request to `subject`
 /// on `client` itself and waits for the echo (the server handles one connection's messages
-/// in order; `flush` alone only writes the socket).
+/// in order; `flush` alone only writes the socket). A user who may not publish to `subject`
+/// needs [`echo_responder_fenced_by`].
 ///
 /// Errors: the subscribe failed, or the fence request got no echo within 10 s (connection
 /// lost, or the user may not subscribe or publish to `subject`).
 pub async fn echo_responder(client: &async_nats::Client, subject: &str, prefix: &'static str) -> anyhow::Result<()> {
+    echo_responder_fenced_by(client, client, subject, prefix).await
+}
+
+/// [`echo_responder`] on `client`, fenced by requests from `requester` (a user allowed to
+/// publish to `subject`, e.g. the tenant of a generate subject), repeated every 100 ms until
+/// the echo comes back: the subscription has then reached the server.
+///
+/// Errors: the subscribe failed, or no echo within 10 s.
+pub async fn echo_responder_fenced_by(client: &async_nats::Client, requester: &async_nats::Client, subject: &str, prefix: &'static str) -> anyhow::Result<()> {
     use futures::StreamExt;
     let mut sub = client.subscribe(subject.to_string()).await?;
     let c = client.clone();
@@ -501,7 +503,17 @@ pub async fn echo_responder(client: &async_nats::Client, subject: &str, prefix: 
             }
         }
     });
-    let fence = tokio::time::timeout(Duration::from_secs(10), client.request(subject.to_string(), "".into())).await;
+    let fence = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(100), requester.request(subject.to_string(), "".into())).await {
+                Ok(Err(e)) if matches!(e.kind(), async_nats::RequestErrorKind::NoResponders) => {}
+                Ok(r) => return r,
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     match fence {
         Ok(Ok(m)) if m.payload == prefix.as_bytes() => Ok(()),
         Ok(Ok(m)) => anyhow::bail!("echo responder on {subject}: the fence request got {:?}, not {prefix:?}", m.payload),

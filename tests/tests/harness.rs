@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use async_nats::jetstream::{self, kv};
-use faasmoe_e2e::{cargo_bin, dev_users, echo_responder, nats_server_bin, workspace_root, NatsServer};
+use faasmoe_e2e::{cargo_bin, dev_users, echo_responder, echo_responder_fenced_by, nats_server_bin, workspace_root, NatsServer};
 use tokio::time::timeout;
+use futures::StreamExt;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -111,10 +112,29 @@ async fn project_config_users_and_permissions() -> Result<()> {
     let controller = timeout(T, server.connect_as(dev_users::CONTROLLER)).await??;
     assert_eq!(controller.server_info().max_payload, 8 * 1024 * 1024);
 
-    // Internal users can use everything, including JetStream.
+    // Each internal user can do its part: a worker answers expert requests in its
+    // function's queue group, the controller sends them; the broker administers JetStream,
+    // the controller reads the quota bucket.
     let worker = timeout(T, server.connect_as(dev_users::WORKER)).await??;
-    echo_responder(&worker, "faasmoe.v1.expert.m.0.1", "expert:").await?;
-    let r = timeout(T, controller.request("faasmoe.v1.expert.m.0.1", "x".into())).await??;
+    let mut expert = worker.queue_subscribe("faasmoe.v1.expert.m.0.1", "faasmoe.v1.fn.m.l0-e0-3".into()).await?;
+    let w = worker.clone();
+    tokio::spawn(async move {
+        while let Some(m) = expert.next().await {
+            if let Some(reply) = m.reply {
+                let _ = w.publish(reply, [&b"expert:"[..], &m.payload].concat().into()).await;
+            }
+        }
+    });
+    worker.flush().await?;
+    let r = timeout(T, async {
+        loop {
+            match controller.request("faasmoe.v1.expert.m.0.1", "x".into()).await {
+                Ok(r) => return r,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await?;
     assert_eq!(&r.payload[..], b"expert:x");
 
     let broker = timeout(T, server.connect_as(dev_users::BROKER)).await??;
@@ -122,27 +142,27 @@ async fn project_config_users_and_permissions() -> Result<()> {
     let store = timeout(
         T,
         js.create_key_value(kv::Config {
-            bucket: "quota".into(),
+            bucket: "faasmoe_tenants".into(),
             ..Default::default()
         }),
     )
     .await??;
     timeout(T, store.put("demo", "1000".into())).await??;
     let js_c = jetstream::new(controller.clone());
-    let store_c = timeout(T, js_c.get_key_value("quota")).await??;
+    let store_c = timeout(T, js_c.get_key_value("faasmoe_tenants")).await??;
     assert_eq!(
         timeout(T, store_c.get("demo")).await??.as_deref(),
         Some(&b"1000"[..])
     );
 
-    // The tenant may request its generate subject and get the reply (allow_responses
-    // for the controller's reply into the tenant's _INBOX).
-    echo_responder(&controller, "faasmoe.v1.generate.demo", "gen:").await?;
+    // The tenant may request its generate subject and get the reply in its own inbox
+    // (`_INBOX.tenant-demo.>`; the controller may publish into inboxes).
     let (perm_tx, mut perm_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (user, pass) = dev_users::TENANT_DEMO;
     let tenant = timeout(
         T,
         async_nats::ConnectOptions::with_user_and_password(user.into(), pass.into())
+            .custom_inbox_prefix(format!("_INBOX.{user}"))
             .event_callback(move |event| {
                 let perm_tx = perm_tx.clone();
                 async move {
@@ -152,6 +172,7 @@ async fn project_config_users_and_permissions() -> Result<()> {
             .connect(server.url()),
     )
     .await??;
+    echo_responder_fenced_by(&controller, &tenant, "faasmoe.v1.generate.demo", "gen:").await?;
     let r = timeout(
         T,
         tenant.request("faasmoe.v1.generate.demo", "prompt".into()),

@@ -64,6 +64,11 @@ pub async fn run(a: ServeBaselineArgs) -> anyhow::Result<()> {
         let mut all = futures::stream::select_all(subs);
         while let Some(msg) = all.next().await {
             let Some(reply) = msg.reply.clone() else { continue };
+            let tenant = faasmoe_proto::subject::parse_generate(&msg.subject).unwrap_or_default();
+            if !faasmoe_controller::api::reply_allowed(c2.server_info().auth_required, &tenant, &reply) {
+                tracing::warn!(%tenant, %reply, "dropped a request whose reply subject is not the tenant's inbox");
+                continue;
+            }
             match serde_json::from_slice::<GenerateRequest>(&msg.payload).map_err(|e| e.to_string()).and_then(|r| r.validate().map(|_| r).map_err(|e| e.to_string())) {
                 Ok(req) => {
                     let _ = tx.send(Job { req, reply, received: Instant::now() });
