@@ -244,6 +244,29 @@ async fn no_credential_receives_another_tenants_replies_or_internal_traffic() {
     }
     assert!(not_refused.is_empty(), "publishes the server accepted: {not_refused:?}");
 
+    // Any-language clients work with the one documented setting, the inbox prefix: nats-py
+    // as alice, streaming.
+    let root = faasmoe_e2e::workspace_root();
+    let py_path = root.join(".tools/py");
+    let has_nats = |p: &Path| std::process::Command::new("python3").args(["-c", "import nats"]).env("PYTHONPATH", p).status().map(|s| s.success()).unwrap_or(false);
+    if !has_nats(&py_path) {
+        let st = std::process::Command::new(root.join("scripts/install-test-deps")).status().expect("run scripts/install-test-deps");
+        assert!(st.success() && has_nats(&py_path), "nats-py could not be installed into {}", py_path.display());
+    }
+    let (u, user, pw) = (url.clone(), alice.user.clone(), alice.password.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(root.join("controller/tests/python_client.py"))
+            .args([u.as_str(), "alice", user.as_str(), pw.as_str(), "1,2,3"])
+            .env("PYTHONPATH", py_path)
+            .output()
+            .expect("run python3")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "python client as alice failed ({}):\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+
     // A request into another tenant's inbox (eve naming alice's inbox as her reply subject)
     // is dropped by the controller: nothing arrives in alice's inbox.
     let mut alice_inbox = alice_client.subscribe(format!("{}.planted", alice.inbox_prefix())).await.unwrap();

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """A faasmoe client in Python (nats-py): streams one JSON generate request.
 
-    python3 controller/tests/python_client.py <nats_url> <tenant>
+    python3 controller/tests/python_client.py <nats_url> <tenant> [<user> <password> [input_ids]]
+
+With a user (e.g. `tenant-alice`), it connects with that user's credentials and creates its
+inboxes under `_INBOX.<user>` (nats-py's `inbox_prefix`), the only inboxes the project's
+`nats.conf` lets the user subscribe to. With `input_ids` (e.g. `1,2,3`) it sends token ids
+instead of the prompt (a checkpoint without a tokenizer).
 
 Subscribes a fresh inbox, publishes `{"prompt": "Hello", "max_tokens": 8, "temperature": 0,
 "stream": true}` on `faasmoe.v1.generate.<tenant>` with that inbox as the reply subject,
@@ -21,12 +26,19 @@ TIMEOUT_S = 60.0
 MAX_TOKENS = 8
 
 
-async def main(url: str, tenant: str) -> int:
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+async def main(url: str, tenant: str, user=None, password=None, input_ids=None) -> int:
+    if user is None:
+        nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    else:
+        nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0, user=user, password=password,
+                                inbox_prefix=f"_INBOX.{user}".encode())
     try:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         body = {"prompt": "Hello", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+        if input_ids:
+            del body["prompt"]
+            body["input_ids"] = [int(i) for i in input_ids.split(",")]
         await nc.publish(f"faasmoe.v1.generate.{tenant}", json.dumps(body).encode(), reply=inbox)
         await nc.flush()
         text, ids = "", []
@@ -64,7 +76,7 @@ async def main(url: str, tenant: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 5, 6):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    sys.exit(asyncio.run(main(sys.argv[1], sys.argv[2])))
+    sys.exit(asyncio.run(main(*sys.argv[1:])))
