@@ -9,7 +9,9 @@
 //! It does not know about tenants' quotas, tokenizers or the control plane: a request is
 //! rows of hidden states and routes, a reply is rows of expert outputs.
 
+pub mod drain;
 pub mod function;
+pub mod outage;
 pub mod settings;
 pub mod stats;
 pub mod worker;

@@ -11,10 +11,12 @@ use faasmoe_proto::expert::{decode_request, encode, ExpertReply, ExpertRequest};
 use faasmoe_proto::layout::FunctionSpec;
 use faasmoe_proto::{subject, ErrorCode, WireError};
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::drain::{fence, Intake, FENCE_TIMEOUT, STEP_TIMEOUT};
 use crate::function::Function;
+use crate::outage::OutageLog;
 use crate::settings::Settings;
 use crate::stats::WorkerStats;
 
@@ -38,7 +40,12 @@ struct Pending {
 }
 
 /// Runs one instance until it is idle for the timeout or `shutdown` resolves; in both cases
-/// it first unsubscribes (drain), answers every request already delivered, then returns.
+/// it drains (see [`crate::drain`]: unsubscribes, waits for the server to confirm, answers
+/// every request delivered before), then returns. Every NATS step of the drain and exit is
+/// bounded, so it also returns when the server is gone.
+///
+/// Errors: the experts could not be loaded, the ids are not valid subject tokens, or
+/// connecting, subscribing or announcing the instance failed.
 pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<ExitReason> {
     let started = Instant::now();
     let model = settings.model_id();
@@ -63,39 +70,27 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     info!(%model, %function_id, %instance_id, experts = selection.0.len(), weight_mb = experts.weight_bytes() as f64 / 1e6, load_ms, "experts loaded");
     let function = Arc::new(Function::new(experts, settings.max_request_bytes));
 
-    let client = settings.nats.connect(&format!("faasmoe-expert-worker {function_id} {instance_id}")).await?;
+    // Outages are logged with their duration; the drain and exit never wait on one.
+    let outage = OutageLog::new();
+    let client = settings
+        .nats
+        .connect_with(&format!("faasmoe-expert-worker {function_id} {instance_id}"), outage.options(async_nats::ConnectOptions::new()))
+        .await?;
 
     let experts_named: Vec<String> = selection.0.iter().map(|id| format!("{}:{}", id.layer, id.expert)).collect();
     let stats = Arc::new(Mutex::new(WorkerStats::new(function_id.clone(), instance_id.clone(), experts_named.clone())));
 
-    // Subscribe every expert subject in the function's queue group; one forwarder per
-    // subscription, which drains it on shutdown.
+    // Subscribe every expert subject in the function's queue group; the intake forwards
+    // their requests to the batching loop and drains them on scale-to-zero.
     let queue = subject::function_queue_group(&model, &function_id)?;
+    let status_subject = subject::status(&model, &function_id)?;
     let (tx, mut rx) = mpsc::channel::<async_nats::Message>(1024);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut forwarders = Vec::new();
+    let mut subs = Vec::new();
     for id in &selection.0 {
         let subj = subject::expert(&model, id.layer as u32, id.expert as u32)?;
-        let mut sub = client.queue_subscribe(subj.clone(), queue.clone()).await?;
-        let tx = tx.clone();
-        let mut stop = stop_rx.clone();
-        forwarders.push(tokio::spawn(async move {
-            let mut draining = false;
-            loop {
-                tokio::select! {
-                    m = sub.next() => match m {
-                        Some(m) => { if tx.send(m).await.is_err() { break; } }
-                        None => break,
-                    },
-                    _ = stop.changed(), if !draining => {
-                        draining = true;
-                        if let Err(e) = sub.drain().await { warn!(%subj, error = %e, "drain failed"); break; }
-                    }
-                }
-            }
-        }));
+        subs.push(client.queue_subscribe(subj, queue.clone()).await?);
     }
-    drop(tx);
+    let mut intake = Intake::start(client.clone(), subs, tx, status_subject.clone());
 
     // NATS micro service: $SRV.PING / INFO / STATS discover this instance.
     let stats_for_srv = stats.clone();
@@ -119,7 +114,7 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     let mut status = service
         .endpoint_builder()
         .name("status")
-        .add(subject::status(&model, &function_id)?)
+        .add(status_subject.clone())
         .await
         .map_err(|e| anyhow::anyhow!("adding the status endpoint: {e}"))?;
     let stats_for_status = stats.clone();
@@ -129,7 +124,9 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
             let _ = req.respond(Ok(body.into())).await;
         }
     });
-    client.flush().await?;
+    // A round trip: the server has every subscription before anyone is told this instance is
+    // ready (a flush only writes the socket).
+    fence(&client, &status_subject, FENCE_TIMEOUT).await.context("confirming the subscriptions with the NATS server")?;
 
     let events = subject::events(&model)?;
     let event = |kind| FunctionEvent {
@@ -143,7 +140,9 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         exit_status: None,
     };
     client.publish(events.clone(), event(EventKind::Ready).encode()).await?;
-    client.flush().await?;
+    if tokio::time::timeout(STEP_TIMEOUT, client.flush()).await.is_err() {
+        warn!("the ready event was not written in time (connection down?)");
+    }
     info!(%queue, ready_ms = started.elapsed().as_secs_f64() * 1e3, "ready");
     println!("READY {function_id} {instance_id}");
 
@@ -159,13 +158,13 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
             _ = tokio::time::sleep_until(idle_deadline), if idle.is_some() && reason.is_none() => {
                 info!(idle_ms = settings.idle_timeout_ms, "idle: scaling to zero");
                 reason = Some(ExitReason::Idle);
-                let _ = stop_tx.send(true);
+                intake.drain();
                 continue;
             }
             _ = &mut shutdown, if reason.is_none() => {
                 info!("shutdown requested: draining");
                 reason = Some(ExitReason::Shutdown);
-                let _ = stop_tx.send(true);
+                intake.drain();
                 continue;
             }
         };
@@ -205,20 +204,51 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
             idle_deadline = tokio::time::Instant::now() + idle;
         }
     }
-    for f in forwarders {
-        let _ = f.await;
-    }
-    let _ = service.stop().await;
+    // Every request delivered before the drain is answered (the intake ended, so `rx` did).
+    let drain = intake.finished().await;
+    // Ending the status task drops its endpoint, which unsubscribes it before the last round
+    // trip below is sent (that round trip goes to the status subject: an endpoint still
+    // subscribed but no longer answering would hold it up). Not by waiting for the stream to
+    // end after `stop`: it ends only once the connection handler has processed the UNSUB,
+    // i.e. never while the server is gone.
+    let _ = tokio::time::timeout(STEP_TIMEOUT, service.stop()).await;
     status_task.abort();
+    let _ = tokio::time::timeout(STEP_TIMEOUT, status_task).await;
     let reason = reason.unwrap_or(ExitReason::Shutdown);
     let mut ev = event(EventKind::Stopped);
     ev.cold_start_ms = None;
     ev.exit_status = Some(0);
-    client.publish(events, ev.encode()).await?;
-    client.flush().await?;
+    if tokio::time::timeout(STEP_TIMEOUT, client.publish(events, ev.encode())).await.is_err() {
+        warn!("the stopped event was not accepted in time (connection down?)");
+    }
+    // A last round trip: the server has every reply and the stopped event before the
+    // connection closes (a flush only writes the socket).
+    let delivered = fence(&client, &status_subject, FENCE_TIMEOUT).await;
+    if let Err(e) = &delivered {
+        warn!(error = %e, "exiting without the server confirming the last replies");
+    }
     let s = stats.lock().unwrap().snapshot();
-    info!(?reason, requests = s.requests, batches = s.batches, uptime_s = s.uptime_s, "exiting");
+    info!(
+        ?reason,
+        requests = s.requests,
+        batches = s.batches,
+        uptime_s = s.uptime_s,
+        drain_confirmed = drain.confirmed,
+        drain_ms = drain.drain_ms,
+        answered_after_drain_began = drain.forwarded_after_stop,
+        "exiting"
+    );
     Ok(reason)
+}
+
+/// Publishes `body` to `subject`, bounded by [`STEP_TIMEOUT`] (the client only waits when
+/// its command queue is full, i.e. the connection is down); a failure is logged.
+async fn publish_bounded(client: &async_nats::Client, subject: async_nats::Subject, body: bytes::Bytes) {
+    match tokio::time::timeout(STEP_TIMEOUT, client.publish(subject, body)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "reply failed"),
+        Err(_) => warn!(timeout = ?STEP_TIMEOUT, "reply not accepted in time (connection down?)"),
+    }
 }
 
 /// The default function id: [`FunctionSpec`]'s `l<layer>-e<a>-<b>` for a contiguous range of
@@ -241,7 +271,7 @@ async fn reply_error(client: &async_nats::Client, stats: &Mutex<WorkerStats>, ms
     stats.lock().unwrap().error(err.code.as_str());
     debug!(code = %err.code, message = %err.message, "error reply");
     if let Some(reply) = &msg.reply {
-        let _ = client.publish(reply.clone(), encode(&ExpertReply::err(id, err))).await;
+        publish_bounded(client, reply.clone(), encode(&ExpertReply::err(id, err))).await;
     }
 }
 
@@ -296,9 +326,7 @@ async fn execute(client: &async_nats::Client, function: &Arc<Function>, stats: &
             Ok(outputs) => {
                 for (p, out) in batch.iter().zip(outputs) {
                     let body = encode(&ExpertReply::ok(p.req.request_id, out));
-                    if let Err(e) = client.publish(p.msg.reply.clone().expect("checked"), body).await {
-                        warn!(error = %e, "reply failed");
-                    }
+                    publish_bounded(client, p.msg.reply.clone().expect("checked"), body).await;
                     debug!(request_id = %p.req.request_id, tenant = %p.req.tenant, wait_ms = p.received.elapsed().as_secs_f64() * 1e3, "replied");
                 }
             }

@@ -206,7 +206,8 @@ fn reply_error_code(payload: &[u8]) -> (ErrorCode, Uuid, String) {
 // Worker processes
 // ---------------------------------------------------------------------------------------
 
-/// A running worker process; killed on drop (its log is printed if the test is failing).
+/// A running worker process; killed on drop (its log is printed if the test is failing) and
+/// with its test's thread, however the test ends.
 struct Worker {
     child: tokio::process::Child,
     pid: u32,
@@ -227,7 +228,10 @@ impl Worker {
     /// Spawns the worker without waiting for it.
     fn spawn(nats_url: &str, model_dir: &Path, args: &[&str]) -> Worker {
         let log = tempfile::Builder::new().prefix("faasmoe-worker-").suffix(".log").tempfile().unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_faasmoe-expert-worker"))
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_faasmoe-expert-worker"));
+        // Killed with its test (the test's thread spawns it), even one killed by a timeout.
+        faasmoe_e2e::die_with_spawning_thread(cmd.as_std_mut());
+        let child = cmd
             .arg("--nats-url")
             .arg(nats_url)
             .arg("--model-dir")
@@ -720,14 +724,9 @@ async fn sigterm_during_cold_start_still_exits_cleanly() {
 
 /// Requests that race the drain (sent continuously while the worker unsubscribes) must be
 /// answered, or refused at once with no responders once the function is gone; none may be
-/// lost, i.e. time out.
-///
-/// Ignored: it fails with async-nats 0.51, whose `Subscriber::drain` removes the subscription
-/// on the connection handler's next poll after writing UNSUB instead of after the server's
-/// PONG, so a message the server routed before it processed the UNSUB is dropped when it
-/// arrives in between (the requester times out). Run with `--ignored` to check a fix.
+/// lost, i.e. time out. (async-nats 0.51's own `Subscriber::drain` loses some: see
+/// `faasmoe_expert_worker::drain` for how the worker drains instead.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "async-nats 0.51 Subscriber::drain drops messages in flight (no PONG fence)"]
 async fn requests_racing_a_drain_are_answered_or_refused_never_lost() {
     let (dir, _tmp) = tiny_checkpoint();
     let server = NatsServer::start();
@@ -921,4 +920,185 @@ async fn worker_memory_is_proportional_to_its_experts_on_the_a27b_preset() {
     );
     assert!((diff - want).abs() <= 0.05 * want, "difference {:.1} MB not within 5% of {:.1} MB", diff / 1e6, want / 1e6);
     assert!(rss[0] < 150_000_000, "1-expert worker RSS {:.1} MB >= 150 MB", rss[0] as f64 / 1e6);
+}
+
+// ---------------------------------------------------------------------------------------
+// Drain protocol and no orphans
+// ---------------------------------------------------------------------------------------
+
+/// What the worker's drain relies on (`faasmoe_expert_worker::drain`), checked against the
+/// real nats-server: an UNSUB with a max of more than 9 digits makes the server remove the
+/// subscription at once, while async-nats keeps delivering to it; after a round trip every
+/// message the server routed before the UNSUB has been delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsub_with_an_oversized_max_stops_routing_but_keeps_receiving() {
+    use faasmoe_expert_worker::drain::{fence, FENCE_TIMEOUT, UNSUB_KEEP_RECEIVING};
+    let server = NatsServer::start();
+    let a = connect(&server).await;
+    let b = connect(&server).await;
+    let mut sub = a.subscribe("guard.work").await.unwrap();
+    fence(&a, "guard.fence", FENCE_TIMEOUT).await.expect("round trip on a");
+    // A burst the server routes to `a` before it sees the UNSUB (b's round trip returns only
+    // once the server has processed, i.e. routed, all of it): 24 MiB, much of it still in
+    // flight when `a` unsubscribes.
+    const N: usize = 192;
+    let body = Bytes::from(vec![7u8; 128 << 10]);
+    for _ in 0..N {
+        b.publish("guard.work", body.clone()).await.unwrap();
+    }
+    fence(&b, "guard.fence", FENCE_TIMEOUT).await.expect("round trip on b");
+    sub.unsubscribe_after(UNSUB_KEEP_RECEIVING).await.unwrap();
+    fence(&a, "guard.fence", FENCE_TIMEOUT).await.expect("round trip on a after the UNSUB");
+    // The server has no subscription left: a request is refused at once.
+    match b.request("guard.work", Bytes::new()).await {
+        Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {}
+        other => panic!("the server still routes to the subscription after UNSUB <sid> {UNSUB_KEEP_RECEIVING}: {other:?}"),
+    }
+    // Every message routed before the UNSUB arrives.
+    sub.unsubscribe().await.unwrap();
+    let mut got = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+        assert_eq!(m.payload.len(), body.len());
+        got += 1;
+    }
+    assert_eq!(got, N, "messages routed before the UNSUB that reached the subscriber");
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet: it runs no more).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // `pid (comm) state ...`: the state follows the last ')'.
+        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])).unwrap_or(true),
+    }
+}
+
+/// Waits (bounded) until process `pid` is gone; returns how long it took.
+async fn wait_gone(pid: u32, within: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if process_gone(pid) {
+            return Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Bound on an exit that should be prompt, generous for a loaded 2-core machine.
+const PROMPT_EXIT: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_server_is_gone_still_exits_on_its_idle_timeout() {
+    let (dir, _tmp) = tiny_checkpoint();
+    let server = NatsServer::start();
+    const IDLE_MS: u64 = 2000;
+    let mut w = Worker::start(&server.url(), &dir, &["--experts", "0:0-3", "--idle-timeout-ms", &IDLE_MS.to_string()]).await;
+    server.stop();
+    let t0 = Instant::now();
+    let st = w.wait_exit(Duration::from_millis(IDLE_MS) + PROMPT_EXIT).await;
+    eprintln!("server killed: the worker exited {:?} later (idle timeout {IDLE_MS} ms): {st:?}", t0.elapsed());
+    assert!(st.success(), "exit status {st:?}; log:\n{}", w.log());
+    let log = w.log();
+    assert!(log.contains("idle: scaling to zero"), "the worker exited because idle; log:\n{log}");
+    assert!(log.contains("NATS connection lost"), "the worker logged the outage; log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_server_is_gone_exits_promptly_on_sigterm() {
+    let (dir, _tmp) = tiny_checkpoint();
+    let server = NatsServer::start();
+    let mut w = Worker::start(&server.url(), &dir, &["--experts", "0:0-3", "--idle-timeout-ms", "0"]).await;
+    server.stop();
+    // Let it notice the outage and start reconnecting (the state in which a drain used to
+    // wait forever).
+    let t_lost = Instant::now();
+    while !w.log().contains("NATS connection lost") {
+        assert!(t_lost.elapsed() < PROMPT_EXIT, "the worker did not log the outage; log:\n{}", w.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.sigterm();
+    let t0 = Instant::now();
+    let st = w.wait_exit(PROMPT_EXIT).await;
+    eprintln!("server killed, then SIGTERM: the worker exited {:?} after the signal: {st:?}", t0.elapsed());
+    assert!(st.success(), "exit status {st:?}; log:\n{}", w.log());
+    assert!(w.log().contains("shutdown requested"), "the worker saw SIGTERM; log:\n{}", w.log());
+}
+
+/// Environment of [`spawner_parent_process`] (set only when a test runs it as a child).
+const PARENT_ENV_URL: &str = "FAASMOE_TEST_PARENT_NATS_URL";
+const PARENT_ENV_DIR: &str = "FAASMOE_TEST_PARENT_MODEL_DIR";
+const PARENT_ENV_LOG_DIR: &str = "FAASMOE_TEST_PARENT_LOG_DIR";
+
+/// Not a test of its own: the parent process of `a_worker_dies_with_the_process_that_started_it`,
+/// which runs this test binary with `--ignored --exact` on this name. Starts one worker (idle
+/// timeout off) through the broker's spawner, prints `WORKER <pid>` once it is ready, then
+/// waits to be killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process of a_worker_dies_with_the_process_that_started_it"]
+async fn spawner_parent_process() {
+    use faasmoe_broker::{InstanceBackend, LocalProcessBackend};
+    let (Ok(url), Ok(dir), Ok(log_dir)) = (std::env::var(PARENT_ENV_URL), std::env::var(PARENT_ENV_DIR), std::env::var(PARENT_ENV_LOG_DIR)) else {
+        eprintln!("not started by a_worker_dies_with_the_process_that_started_it: nothing to do");
+        return;
+    };
+    let backend = LocalProcessBackend {
+        worker_bin: env!("CARGO_BIN_EXE_faasmoe-expert-worker").into(),
+        nats: faasmoe_proto::connection::NatsArgs::anonymous(url),
+        model_dir: dir.into(),
+        model_id: MODEL.into(),
+        idle_timeout_ms: 0,
+        log_dir: Some(log_dir.into()),
+        env: vec![("RUST_LOG".into(), "info".into())],
+    };
+    let spec = faasmoe_proto::layout::FunctionSpec::new(0, 0, 3);
+    let mut instance = backend.spawn(&spec, "orphan").expect("spawn the worker");
+    let ready = instance.take_ready_signal().expect("the local backend reports READY");
+    tokio::time::timeout(READY_TIMEOUT, ready).await.expect("worker ready in time").expect("worker ready");
+    println!("WORKER {}", instance.pid().expect("a pid"));
+    tokio::time::sleep(Duration::from_secs(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dies_with_the_process_that_started_it() {
+    let (dir, _tmp) = tiny_checkpoint();
+    let server = NatsServer::start();
+    let logs = tempfile::tempdir().unwrap();
+    let mut parent = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "spawner_parent_process", "--nocapture", "--test-threads", "1"])
+        .env(PARENT_ENV_URL, server.url())
+        .env(PARENT_ENV_DIR, &dir)
+        .env(PARENT_ENV_LOG_DIR, logs.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(parent.stdout.take().unwrap()).lines();
+    let pid: u32 = tokio::time::timeout(READY_TIMEOUT + Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            // libtest may print `test spawner_parent_process ... ` on the same line first.
+            if let Some((_, pid)) = line.split_once("WORKER ") {
+                return pid.trim().parse().unwrap();
+            }
+        }
+        panic!("the parent process ended without starting a worker");
+    })
+    .await
+    .expect("the parent started a worker in time");
+    let worker_log = || {
+        std::fs::read_dir(logs.path()).unwrap().filter_map(Result::ok).map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect::<String>()
+    };
+    assert!(!process_gone(pid), "the worker runs while its parent does");
+    parent.start_kill().unwrap(); // SIGKILL: the parent runs no handler at all
+    parent.wait().await.unwrap();
+    let gone = wait_gone(pid, PROMPT_EXIT).await;
+    if gone.is_none() {
+        let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    let log = worker_log();
+    let after = gone.unwrap_or_else(|| panic!("worker {pid} still runs {PROMPT_EXIT:?} after its parent was killed; log:\n{log}"));
+    eprintln!("parent SIGKILLed: its worker exited {after:?} later");
+    assert!(log.contains("shutdown requested"), "the worker drained on its parent-death signal (SIGTERM); log:\n{log}");
+    assert!(log.contains("exiting"), "the worker exited cleanly; log:\n{log}");
 }
