@@ -205,7 +205,11 @@ async fn nats_server_killed_and_restarted_1s_later_loses_no_request_and_the_slow
         model_id: MODEL.into(),
         idle_timeout_ms: 120_000, // no scale to zero during the test
         log_dir: Some(dir.path().join("worker-logs")),
-        env: vec![],
+        // Workers hold each request for a 5 ms batching window, so that expert requests are
+        // surely in flight at the kill (their replies then come out during the outage; with
+        // the worker reconnecting before the controller they are lost). Without the
+        // controller's resend on reconnect this test fails: those requests wait out 10 s.
+        env: vec![("FAASMOE_BATCH_MAX_WAIT_US".into(), "5000".into())],
     };
     let cfg = ActivationConfig { max_instances_per_function: 1, ready_timeout: Duration::from_secs(30), ..ActivationConfig::new(MODEL, layout) };
     let activator = Activator::start(async_nats::connect(url.clone()).await.unwrap(), cfg, Arc::new(backend)).await.unwrap();
@@ -276,16 +280,19 @@ async fn nats_server_killed_and_restarted_1s_later_loses_no_request_and_the_slow
     let in_flight: Vec<&Sample> = samples.iter().filter(|s| s.issued <= killed_at && s.issued + s.latency >= killed_at).collect();
     let slowest = samples.iter().map(|s| s.latency).max().unwrap_or_default();
     let resent = samples.iter().filter(|s| s.sends > 1).count();
+    // How long after the restart the last request in flight at the kill completed.
+    let recovered = in_flight.iter().map(|s| (s.issued + s.latency).saturating_duration_since(restarted_at)).max().unwrap_or_default();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     eprintln!(
         "nats-server killed {:.0} ms into the load, restarted {:.0} ms later: requests sent {}, correct {correct}, \
-         failed with a typed error {typed}, wrong {wrong}, lost {lost}; in flight at the kill {} (slowest of them {:.0} ms); \
+         failed with a typed error {typed}, wrong {wrong}, lost {lost}; in flight at the kill {} (slowest of them {:.0} ms, the last done {:.0} ms after the restart); \
          slowest overall {:.0} ms; requests the clients sent again {resent}; instances spawned during the load {spawned_during}",
         ms(killed_at - t_load),
         ms(restarted_at - killed_at),
         samples.len(),
         in_flight.len(),
         ms(in_flight.iter().map(|s| s.latency).max().unwrap_or_default()),
+        ms(recovered),
         ms(slowest),
     );
     for s in samples.iter().filter(|s| s.outcome != Outcome::Correct) {
