@@ -221,6 +221,7 @@ struct Inner {
     backend: Arc<dyn InstanceBackend>,
     state: Mutex<State>,
     spawns: AtomicU64,
+    cap_waits: AtomicU64,
     shutting_down: AtomicBool,
     /// Bumped on every change of the instance table or of a start in progress; activations
     /// waiting at the cap watch it.
@@ -256,6 +257,7 @@ impl Activator {
                 backend,
                 state: Mutex::new(State::default()),
                 spawns: AtomicU64::new(0),
+                cap_waits: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
                 changes: watch::channel(0).0,
             }),
@@ -417,13 +419,14 @@ impl Activator {
                     } else if tokio::time::Instant::now() >= deadline {
                         warn!(function_id, cap, alive, waited_ms = t0.elapsed().as_secs_f64() * 1e3, "at the cap: no instance became available in time");
                         return unavailable(format!(
-                            "function `{function_id}` is at its cap of {cap} instance(s) ({alive} alive, none subscribed) \
+                            "function `{function_id}` is at its cap of {cap} instance(s) ({alive} alive, none available) \
                              and none became available within {:?}; retry later",
                             wait
                         ));
                     } else {
                         if !waited_at_cap {
-                            info!(function_id, cap, alive, "at the cap with no instance subscribed: waiting for one");
+                            info!(function_id, cap, alive, "at the cap with no instance available: waiting for one");
+                            inner.cap_waits.fetch_add(1, Ordering::Relaxed);
                             waited_at_cap = true;
                         }
                         None
@@ -467,6 +470,12 @@ impl Activator {
     /// How many instances were spawned since start.
     pub fn spawn_count(&self) -> u64 {
         self.inner.spawns.load(Ordering::SeqCst)
+    }
+
+    /// How many activations found their function at the cap with no instance available
+    /// (draining, or not connected) and waited for one instead of being refused.
+    pub fn cap_waits(&self) -> u64 {
+        self.inner.cap_waits.load(Ordering::Relaxed)
     }
 
     /// Refuses new activations, asks every instance to stop (SIGTERM: drain), waits up to
