@@ -598,7 +598,11 @@ mod tests {
         conf.upsert(&b).unwrap();
         conf.upsert(&TenantCredentials { password: "pa2".into(), ..a.clone() }).unwrap();
         let text = std::fs::read_to_string(conf.path()).unwrap();
-        assert!(text.contains("pa2") && !text.contains("\"pa\"") && text.contains("faasmoe.v1.generate.b"));
+        // One block per tenant, the replaced one holding the new password's hash; no plaintext.
+        assert_eq!(text.matches("user: \"tenant-a\"").count(), 1, "{text}");
+        let hash_of_a = text.split("user: \"tenant-a\"").nth(1).and_then(|t| t.split('"').nth(1)).unwrap().to_string();
+        assert!(crate::credentials::verify_password("pa2", &hash_of_a) && !crate::credentials::verify_password("pa", &hash_of_a), "{text}");
+        assert!(!text.contains("pa2") && !text.contains("\"pa\"") && text.contains("faasmoe.v1.generate.b"), "{text}");
         conf.remove("a").unwrap();
         let text = std::fs::read_to_string(conf.path()).unwrap();
         assert!(!text.contains("tenant-a") && text.contains("tenant-b"));
