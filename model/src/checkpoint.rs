@@ -1,9 +1,10 @@
 //! Hugging Face safetensors checkpoints: one `model.safetensors`, or shards listed by
 //! `model.safetensors.index.json`; memory-mapped, read tensor by tensor.
 //!
-//! Only the files that hold a requested tensor are mapped, and a loaded tensor is a copy in
-//! the compute dtype: once a [`Checkpoint`] is dropped, the process keeps only what it
-//! loaded (resident memory proportional to the tensors taken, not to the files).
+//! Only the files that hold a requested tensor are mapped, and a loaded tensor is a copy:
+//! matmul weights in their stored dtype ([`Checkpoint::load_weight`]: bf16 stays bf16), the
+//! small rest (norms, biases) in the f32 compute dtype. Once a [`Checkpoint`] is dropped, the
+//! process keeps only what it loaded (resident memory ≈ the bytes of the tensors taken).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use safetensors::tensor::Metadata;
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
+use crate::linear::Weight;
 
 /// The name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -71,12 +73,18 @@ fn map_file(path: &Path) -> Result<MappedFile> {
 }
 
 impl Checkpoint {
-    /// Opens `dir` (its `config.json` and safetensors files) for loading in compute dtype
-    /// `dtype` (F32 on CPU; BF16/F16 allowed).
+    /// Opens `dir` (its `config.json` and safetensors files). `dtype` is the compute dtype of
+    /// activations, norms and biases: F32 (the kernel takes f32 activations). Matmul weights
+    /// keep their stored dtype whatever it is ([`Checkpoint::load_weight`]).
     ///
-    /// Errors: missing or invalid `config.json`, no safetensors file, malformed index,
-    /// malformed or truncated single file.
+    /// Errors: a compute dtype other than F32, missing or invalid `config.json`, no
+    /// safetensors file, malformed index, malformed or truncated single file.
     pub fn open(dir: &Path, dtype: DType) -> Result<Self> {
+        if dtype != DType::F32 {
+            return Err(ModelError::InvalidInput(format!(
+                "compute dtype {dtype:?}: activations are f32 (weights stay in their stored dtype)"
+            )));
+        }
         let config = Config::from_dir(dir)?;
         let index = dir.join(INDEX_FILE);
         let single = dir.join(SINGLE_FILE);
@@ -140,7 +148,7 @@ impl Checkpoint {
         &self.dir
     }
 
-    /// The compute dtype tensors are converted to on load.
+    /// The compute dtype that [`Checkpoint::load`] converts to (f32).
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -158,11 +166,9 @@ impl Checkpoint {
             .collect()
     }
 
-    /// Loads tensor `name`, checks it has shape `shape`, converts it to the compute dtype.
-    ///
-    /// Errors: [`ModelError::MissingTensor`], [`ModelError::WrongShape`] and
-    /// [`ModelError::UnsupportedDType`] name the tensor and file.
-    pub fn load(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// Maps the file of tensor `name` if needed and checks its shape and stored dtype;
+    /// returns the file, the stored dtype and the byte range of the data in the mapping.
+    fn locate(&mut self, name: &str, shape: &[usize]) -> Result<(PathBuf, DType, std::ops::Range<usize>)> {
         let path = self
             .weight_map
             .get(name)
@@ -205,13 +211,67 @@ impl Checkpoint {
         };
         let start = 8 + file.header_len + info.data_offsets.0;
         let end = 8 + file.header_len + info.data_offsets.1;
-        let bytes = &file.mmap[start..end];
+        if end > file.mmap.len() {
+            return Err(ModelError::Safetensors {
+                path,
+                message: format!("tensor `{name}` ends past the end of the file"),
+            });
+        }
+        Ok((path, dtype, start..end))
+    }
+
+    /// Loads tensor `name`, checks it has shape `shape`, converts it to the compute dtype
+    /// (f32). For norms, biases and anything else that is not a per-token matmul weight;
+    /// those are [`Checkpoint::load_weight`].
+    ///
+    /// Errors: [`ModelError::MissingTensor`], [`ModelError::WrongShape`] and
+    /// [`ModelError::UnsupportedDType`] name the tensor and file.
+    pub fn load(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (path, dtype, range) = self.locate(name, shape)?;
+        let bytes = &self.files[&path].mmap[range];
         let t = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?;
         Ok(if dtype == self.dtype {
             t
         } else {
             t.to_dtype(self.dtype)?
         })
+    }
+
+    /// Loads matmul weight `name` of shape `[rows, cols]` in its stored dtype (bf16, f16 or
+    /// f32): one copy out of the mapping, no conversion.
+    ///
+    /// Errors: as [`Checkpoint::load`].
+    pub fn load_weight(&mut self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        self.load_weight_rows(&[name], &[rows], cols)
+    }
+
+    /// Loads matmul weights `names[i]` of shapes `[rows[i], cols]` stacked by rows into one
+    /// `[Σ rows, cols]` weight (e.g. an MLP's gate and up projections, read in one kernel
+    /// pass). They keep their stored dtype when they share one; a mix is widened to f32.
+    ///
+    /// Errors: as [`Checkpoint::load`].
+    pub fn load_weight_rows(&mut self, names: &[&str], rows: &[usize], cols: usize) -> Result<Weight> {
+        if names.len() != rows.len() {
+            return Err(ModelError::InvalidInput(format!("{} weight names for {} row counts", names.len(), rows.len())));
+        }
+        let mut parts = Vec::with_capacity(names.len());
+        for (name, &r) in names.iter().zip(rows) {
+            parts.push((r, self.locate(name, &[r, cols])?));
+        }
+        let first = parts.first().map(|p| p.1 .1).unwrap_or(DType::F32);
+        if parts.iter().all(|p| p.1 .1 == first) {
+            let slices: Vec<(usize, &[u8])> =
+                parts.iter().map(|(r, (path, _, range))| (*r, &self.files[path].mmap[range.clone()])).collect();
+            return Weight::from_le_parts(first, cols, &slices);
+        }
+        let mut widened = Vec::with_capacity(parts.len());
+        for (r, (path, dtype, range)) in &parts {
+            let t = Tensor::from_raw_buffer(&self.files[path].mmap[range.clone()], *dtype, &[*r, cols], &Device::Cpu)?;
+            let v: Vec<u8> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
+            widened.push((*r, v));
+        }
+        let slices: Vec<(usize, &[u8])> = widened.iter().map(|(r, v)| (*r, v.as_slice())).collect();
+        Weight::from_le_parts(DType::F32, cols, &slices)
     }
 
     /// Unmaps every file opened so far (their pages leave the process's resident set).

@@ -57,6 +57,9 @@ pub enum ModelError {
     /// The expert backend failed (remote experts: timeouts, errors from a function).
     #[error("expert backend: {0}")]
     Backend(String),
+    /// The matmul kernel refused a setting or a shape.
+    #[error("kernel: {0}")]
+    Kernel(#[from] crate::kernel::KernelError),
     /// An error inside candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

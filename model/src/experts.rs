@@ -7,11 +7,13 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Module, Tensor};
-use candle_nn::Linear;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
+use crate::linear::{with_f32, Linear};
 
 /// Identifies one routed expert: decoder layer index and expert index within the layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -27,41 +29,71 @@ pub fn expert_prefix(id: ExpertId) -> String {
     format!("model.layers.{}.mlp.experts.{}", id.layer, id.expert)
 }
 
-/// A SwiGLU feed-forward block (routed expert, shared expert or dense MLP).
+/// A SwiGLU feed-forward block (routed expert, shared expert or dense MLP):
+/// `down(silu(gate(x)) * up(x))`, with gate and up stacked into one `[2·intermediate, hidden]`
+/// weight so that one kernel pass reads both, and down `[hidden, intermediate]`; weights in
+/// their stored dtype, math in f32.
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: Linear,
     down_proj: Linear,
+    intermediate: usize,
+}
+
+/// SiLU as candle computes it (`v / (1 + exp(-v))`), so the split model and the
+/// candle-transformers baseline share the formula.
+#[inline]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
 }
 
 impl SwiGlu {
     /// Loads `{prefix}.{gate,up,down}_proj.weight` with gate/up `[intermediate, hidden]` and
     /// down `[hidden, intermediate]`.
     pub fn load(ckpt: &mut Checkpoint, prefix: &str, hidden: usize, intermediate: usize) -> Result<Self> {
-        let gate = ckpt.load(&format!("{prefix}.gate_proj.weight"), &[intermediate, hidden])?;
-        let up = ckpt.load(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?;
-        let down = ckpt.load(&format!("{prefix}.down_proj.weight"), &[hidden, intermediate])?;
+        let gate = format!("{prefix}.gate_proj.weight");
+        let up = format!("{prefix}.up_proj.weight");
+        let gate_up = ckpt.load_weight_rows(&[&gate, &up], &[intermediate, intermediate], hidden)?;
+        let down = ckpt.load_weight(&format!("{prefix}.down_proj.weight"), hidden, intermediate)?;
         Ok(Self {
-            gate_proj: Linear::new(gate, None),
-            up_proj: Linear::new(up, None),
-            down_proj: Linear::new(down, None),
+            gate_up: Linear::new(Arc::new(gate_up), None)?,
+            down_proj: Linear::new(Arc::new(down), None)?,
+            intermediate,
         })
     }
 
-    /// `xs: [n, hidden]` → `[n, hidden]`.
+    /// Hidden size (input and output features).
+    pub fn hidden_size(&self) -> usize {
+        self.gate_up.in_features()
+    }
+
+    /// `x: [m, hidden]` f32 row-major → `[m, hidden]`.
+    pub fn forward_f32(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let i = self.intermediate;
+        let gu = self.gate_up.forward_vec(x, m)?;
+        let mut act = vec![0f32; m * i];
+        for (a, g) in act.chunks_exact_mut(i.max(1)).zip(gu.chunks_exact((2 * i).max(1))) {
+            let (gate, up) = g.split_at(i);
+            for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+                *a = silu(g) * u;
+            }
+        }
+        self.down_proj.forward_vec(&act, m)
+    }
+
+    /// `xs: [n, hidden]` → `[n, hidden]` f32.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
-        let up = self.up_proj.forward(xs)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
+        let (n, h) = xs.dims2()?;
+        if h != self.hidden_size() {
+            return Err(ModelError::InvalidInput(format!("rows [{n}, {h}] for hidden size {}", self.hidden_size())));
+        }
+        let y = with_f32(xs, |x| self.forward_f32(x, n))?;
+        Ok(Tensor::from_vec(y, (n, h), &Device::Cpu)?)
     }
 
     /// Bytes held by the three weight matrices.
     pub fn weight_bytes(&self) -> usize {
-        [&self.gate_proj, &self.up_proj, &self.down_proj]
-            .iter()
-            .map(|l| l.weight().elem_count() * l.weight().dtype().size_in_bytes())
-            .sum()
+        self.gate_up.weight_bytes() + self.down_proj.weight_bytes()
     }
 }
 
@@ -180,8 +212,9 @@ impl ExpertSet {
     /// The weighted routed output of layer `layer` for rows `xs: [n, hidden]`: row `i` of the
     /// result is Σ_(e, w) ∈ routes[i] w · expert_e(xs[i]) (the sum in transformers'
     /// `Qwen2MoeSparseMoeBlock.forward`, without the shared expert). Rows are grouped by
-    /// expert so each expert runs one matmul over all its rows; experts are visited in
-    /// ascending order. Returns `[n, hidden]` in `xs`' dtype.
+    /// expert so each expert runs one kernel pass over all its rows; experts are visited in
+    /// ascending order and each row's sum starts at 0 and adds `w · y` in that order, so a
+    /// row's result does not depend on the other rows. Returns `[n, hidden]` f32.
     pub fn forward_routed(&self, layer: usize, xs: &Tensor, routes: &[RowRoutes]) -> Result<Tensor> {
         let (n, h) = xs.dims2()?;
         if h != self.hidden_size || routes.len() != n {
@@ -191,24 +224,41 @@ impl ExpertSet {
                 self.hidden_size
             )));
         }
-        let mut groups: BTreeMap<usize, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
+        let ys = with_f32(xs, |x| self.forward_routed_f32(layer, x, routes))?;
+        Ok(Tensor::from_vec(ys, (n, h), &Device::Cpu)?)
+    }
+
+    /// [`ExpertSet::forward_routed`] on f32 rows `x: [routes.len(), hidden]` row-major.
+    pub fn forward_routed_f32(&self, layer: usize, x: &[f32], routes: &[RowRoutes]) -> Result<Vec<f32>> {
+        let (n, h) = (routes.len(), self.hidden_size);
+        if x.len() != n * h {
+            return Err(ModelError::InvalidInput(format!("{} values for {n} routed rows of {h}", x.len())));
+        }
+        let mut groups: BTreeMap<usize, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
         for (row, r) in routes.iter().enumerate() {
             for &(expert, w) in r {
                 let g = groups.entry(expert).or_default();
-                g.0.push(row as u32);
+                g.0.push(row);
                 g.1.push(w);
             }
         }
-        let mut ys = xs.zeros_like()?;
+        let mut ys = vec![0f32; n * h];
+        let mut rows_in = Vec::new();
         for (expert, (rows, weights)) in groups {
-            let id = ExpertId { layer, expert };
-            let idx = Tensor::new(rows.as_slice(), xs.device())?;
-            let x = xs.index_select(&idx, 0)?;
-            let y = self.forward(id, &x)?;
-            let w = Tensor::new(weights.as_slice(), xs.device())?
-                .reshape((rows.len(), 1))?
-                .to_dtype(xs.dtype())?;
-            ys = ys.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+            let mlp = self
+                .experts
+                .get(&ExpertId { layer, expert })
+                .ok_or(ModelError::UnknownExpert { layer, expert })?;
+            rows_in.clear();
+            for &r in &rows {
+                rows_in.extend_from_slice(&x[r * h..(r + 1) * h]);
+            }
+            let y = mlp.forward_f32(&rows_in, rows.len())?;
+            for ((&r, &w), yr) in rows.iter().zip(&weights).zip(y.chunks_exact(h.max(1))) {
+                for (o, &v) in ys[r * h..(r + 1) * h].iter_mut().zip(yr) {
+                    *o += v * w;
+                }
+            }
         }
         Ok(ys)
     }

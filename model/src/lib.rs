@@ -8,6 +8,10 @@
 //! - [`qwen2_moe`]: the control plane (attention with per-sequence KV caches, router, shared
 //!   expert, dense layers, LM head) that stops at each MoE layer and hands the routed part to
 //!   an [`ExpertBackend`];
+//! - [`kernel`]: the one matmul kernel, `y = x · Wᵀ` with W in its stored dtype (bf16, f16,
+//!   f32) and f32 math, AVX-512 / AVX2 / portable, on every core, in a fixed summation order;
+//! - [`linear`]: the seam to the kernel: weights resident in their stored dtype, [`Linear`]
+//!   projections and the token [`Embedding`];
 //! - [`experts`]: the expert function: any subset of routed experts, SwiGLU over row batches;
 //! - [`backend`]: the in-process expert backend (all experts resident);
 //! - [`baseline`]: candle-transformers' monolithic `qwen2_moe` as the full-model reference;
@@ -25,12 +29,15 @@ pub mod experts;
 pub mod fixtures;
 pub mod generation;
 pub mod generator;
+pub mod kernel;
+pub mod linear;
 pub mod qwen2_moe;
 
 pub use backend::InProcessBackend;
 pub use checkpoint::Checkpoint;
 pub use config::{Config, GenerationConfig};
 pub use error::{ModelError, Result};
+pub use linear::{Embedding, Linear, Weight};
 pub use experts::{ExpertId, ExpertSelection, ExpertSet, RowRoutes};
 pub use qwen2_moe::{ControlPlane, ExpertBackend, ForwardPass, KvCache, RoutedBatch, Step};
 

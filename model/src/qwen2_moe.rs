@@ -16,13 +16,15 @@
 //! All token rows are stacked into `[n_tokens, hidden]` for every projection; attention runs
 //! per sequence against that sequence's [`KvCache`].
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::experts::{RowRoutes, SwiGlu};
+use crate::linear::{Embedding, Linear};
 
 /// The per-sequence key/value cache: per layer, keys and values `[1, kv_heads, len, head_dim]`.
 #[derive(Debug, Clone)]
@@ -88,10 +90,11 @@ impl RmsNorm {
     }
 }
 
+/// `{name}.weight` `[out, inp]` in its stored dtype, and `{name}.bias` `[out]` (f32) if `bias`.
 fn linear(ckpt: &mut Checkpoint, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let w = ckpt.load(&format!("{name}.weight"), &[out, inp])?;
-    let b = if bias { Some(ckpt.load(&format!("{name}.bias"), &[out])?) } else { None };
-    Ok(Linear::new(w, b))
+    let w = ckpt.load_weight(&format!("{name}.weight"), out, inp)?;
+    let b = if bias { Some(ckpt.load(&format!("{name}.bias"), &[out])?.to_vec1::<f32>()?) } else { None };
+    Linear::new(Arc::new(w), b)
 }
 
 /// RoPE tables `cos`, `sin`: `[max_position_embeddings, head_dim / 2]` with
@@ -120,9 +123,9 @@ impl Rotary {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v projections stacked by rows, `[(heads + 2 · kv_heads) · head_dim, hidden]`
+    /// (biases likewise): one kernel pass over the rows for all three.
+    qkv_proj: Linear,
     o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -135,10 +138,21 @@ impl Attention {
         let p = format!("model.layers.{layer}.self_attn");
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let names = [format!("{p}.q_proj"), format!("{p}.k_proj"), format!("{p}.v_proj")];
+        let rows = [nh * hd, nkv * hd, nkv * hd];
+        let weights: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
+        let w = ckpt.load_weight_rows(&weights.iter().map(String::as_str).collect::<Vec<_>>(), &rows, h)?;
+        let bias = if cfg.qkv_bias {
+            let mut b = Vec::with_capacity(rows.iter().sum());
+            for (n, &r) in names.iter().zip(&rows) {
+                b.extend(ckpt.load(&format!("{n}.bias"), &[r])?.to_vec1::<f32>()?);
+            }
+            Some(b)
+        } else {
+            None
+        };
         Ok(Self {
-            q_proj: linear(ckpt, &format!("{p}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
-            k_proj: linear(ckpt, &format!("{p}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
-            v_proj: linear(ckpt, &format!("{p}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+            qkv_proj: Linear::new(Arc::new(w), bias)?,
             o_proj: linear(ckpt, &format!("{p}.o_proj"), h, nh * hd, false)?,
             num_heads: nh,
             num_kv_heads: nkv,
@@ -156,10 +170,11 @@ impl Attention {
         caches: &mut [&mut KvCache],
         rotary: &Rotary,
     ) -> Result<Tensor> {
-        let q = self.q_proj.forward(xs)?;
-        let k = self.k_proj.forward(xs)?;
-        let v = self.v_proj.forward(xs)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let qkv = self.qkv_proj.forward(xs)?;
+        let q = qkv.narrow(1, 0, nh * hd)?.contiguous()?;
+        let k = qkv.narrow(1, nh * hd, nkv * hd)?.contiguous()?;
+        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.contiguous()?;
         let mut outs = Vec::with_capacity(spans.len());
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
             let len = span.len;
@@ -248,7 +263,7 @@ impl MoeControl {
     /// (transformers' `Qwen2MoeSparseMoeBlock.forward`). Returns per row the chosen
     /// `(expert, weight)` in descending weight order.
     fn route(&self, xs: &Tensor) -> Result<Vec<RowRoutes>> {
-        let logits = self.gate.forward(xs)?.to_dtype(DType::F32)?;
+        let logits = self.gate.forward(xs)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
         Ok(probs
             .into_iter()
@@ -387,8 +402,8 @@ impl ControlPlane {
         let cfg = ckpt.config().clone();
         let dtype = ckpt.dtype();
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = ckpt.load("model.embed_tokens.weight", &[v, h])?;
-        let embed_tokens = Embedding::new(embed.clone(), h);
+        let embed = Arc::new(ckpt.load_weight("model.embed_tokens.weight", v, h)?);
+        let embed_tokens = Embedding::new(embed.clone());
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -406,7 +421,7 @@ impl ControlPlane {
         }
         let norm = RmsNorm::load(ckpt, "model.norm", h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
-            Linear::new(embed, None)
+            Linear::new(embed, None)?
         } else {
             linear(ckpt, "lm_head", v, h, false)?
         };
@@ -448,7 +463,6 @@ impl ControlPlane {
         if ids.is_empty() {
             return Err(ModelError::InvalidInput("an empty batch".into()));
         }
-        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?;
         let hidden = self.embed_tokens.forward(&ids)?;
         Ok(ForwardPass { spans, hidden, layer: 0, pending: None })
     }
@@ -531,7 +545,7 @@ impl ControlPlane {
 
     /// LM head on final-normed rows `[n, hidden]` → logits `[n, vocab]` (f32).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+        self.lm_head.forward(hidden)
     }
 
     /// A whole pass with a synchronous expert backend; returns final-normed hidden states

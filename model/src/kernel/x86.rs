@@ -1,0 +1,281 @@
+//! The x86-64 paths: AVX-512 (F + BW + VL; 16 lanes in one `zmm`, masked loads for the
+//! tail) and AVX2 + FMA + F16C (16 lanes in two `ymm`, a zero-padded copy for the tail).
+//!
+//! Widening: bf16 → f32 is `vpmovzxwd` then a 16-bit left shift (`vpslld`), f16 → f32 is
+//! `vcvtph2ps`; both exact.
+
+use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+use super::{for_tiles, LANES, PANEL};
+
+/// A stored weight element with its SIMD widening loads.
+pub(super) trait Elem: Copy {
+    const ZERO: Self;
+    /// 16 elements at `p`, widened.
+    unsafe fn load16(p: *const Self) -> __m512;
+    /// The first elements at `p` where `mask` is set, widened; zeros elsewhere (the masked
+    /// elements are not read).
+    unsafe fn load16_mask(p: *const Self, mask: __mmask16) -> __m512;
+    /// 8 elements at `p`, widened.
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl Elem for bf16 {
+    const ZERO: Self = bf16::ZERO;
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load16_mask(p: *const Self, mask: __mmask16) -> __m512 {
+        let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+}
+
+impl Elem for f16 {
+    const ZERO: Self = f16::ZERO;
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load16_mask(p: *const Self, mask: __mmask16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+impl Elem for f32 {
+    const ZERO: Self = 0.0;
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load16_mask(p: *const Self, mask: __mmask16) -> __m512 {
+        _mm512_maskz_loadu_ps(mask, p)
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+}
+
+/// `a[l] = s[l] + s[l + 8]` given, then the rest of the fixed tree of the module docs.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn reduce8(a: __m256) -> f32 {
+    let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a)); // a[l] + a[l+4]
+    let c = _mm_add_ps(b, _mm_movehl_ps(b, b)); // c[0] = b[0] + b[2], c[1] = b[1] + b[3]
+    _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps::<1>(c, c))) // c[0] + c[1]
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn reduce16(s: __m512) -> f32 {
+    let lo = _mm512_castps512_ps256(s);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)));
+    reduce8(_mm256_add_ps(lo, hi))
+}
+
+/// One `MR × NR` tile on AVX-512: rows `x[0..MR]` (stride `k`), weight rows `w[0..NR]`
+/// (stride `ldw`), outputs `y[i * ldy + j]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn tile512<E: Elem, const MR: usize, const NR: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const E,
+    ldw: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    let full = k / LANES;
+    for c in 0..full {
+        let off = c * LANES;
+        let mut wv = [_mm512_setzero_ps(); NR];
+        for (j, v) in wv.iter_mut().enumerate() {
+            *v = E::load16(w.add(j * ldw + off));
+        }
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let xv = _mm512_loadu_ps(x.add(i * k + off));
+            for (a, v) in acc_i.iter_mut().zip(&wv) {
+                *a = _mm512_fmadd_ps(xv, *v, *a);
+            }
+        }
+    }
+    let r = k % LANES;
+    if r != 0 {
+        let off = full * LANES;
+        let mask = ((1u32 << r) - 1) as __mmask16;
+        let mut wv = [_mm512_setzero_ps(); NR];
+        for (j, v) in wv.iter_mut().enumerate() {
+            *v = E::load16_mask(w.add(j * ldw + off), mask);
+        }
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let xv = _mm512_maskz_loadu_ps(mask, x.add(i * k + off));
+            for (a, v) in acc_i.iter_mut().zip(&wv) {
+                *a = _mm512_fmadd_ps(xv, *v, *a);
+            }
+        }
+    }
+    for (i, acc_i) in acc.iter().enumerate() {
+        for (j, a) in acc_i.iter().enumerate() {
+            *y.add(i * ldy + j) = reduce16(*a);
+        }
+    }
+}
+
+/// One 16-element chunk of an AVX2 tile: rows at `x + i·ldx`, weight rows at `w + j·ldw`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn chunk256<E: Elem, const MR: usize, const NR: usize>(
+    lo: &mut [[__m256; NR]; MR],
+    hi: &mut [[__m256; NR]; MR],
+    x: *const f32,
+    ldx: usize,
+    w: *const E,
+    ldw: usize,
+) {
+    let z = _mm256_setzero_ps();
+    let mut wl = [z; NR];
+    let mut wh = [z; NR];
+    for j in 0..NR {
+        wl[j] = E::load8(w.add(j * ldw));
+        wh[j] = E::load8(w.add(j * ldw + 8));
+    }
+    for i in 0..MR {
+        let xl = _mm256_loadu_ps(x.add(i * ldx));
+        let xh = _mm256_loadu_ps(x.add(i * ldx + 8));
+        for j in 0..NR {
+            lo[i][j] = _mm256_fmadd_ps(xl, wl[j], lo[i][j]);
+            hi[i][j] = _mm256_fmadd_ps(xh, wh[j], hi[i][j]);
+        }
+    }
+}
+
+/// One `MR × NR` tile on AVX2: each output's 16 lanes in a (low, high) pair of registers.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile256<E: Elem, const MR: usize, const NR: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const E,
+    ldw: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let z = _mm256_setzero_ps();
+    let mut lo = [[z; NR]; MR];
+    let mut hi = [[z; NR]; MR];
+    let full = k / LANES;
+    for c in 0..full {
+        let off = c * LANES;
+        chunk256(&mut lo, &mut hi, x.add(off), k, w.add(off), ldw);
+    }
+    let r = k % LANES;
+    if r != 0 {
+        let off = full * LANES;
+        let mut xb = [[0f32; LANES]; MR];
+        let mut wb = [[E::ZERO; LANES]; NR];
+        for (i, b) in xb.iter_mut().enumerate() {
+            std::ptr::copy_nonoverlapping(x.add(i * k + off), b.as_mut_ptr(), r);
+        }
+        for (j, b) in wb.iter_mut().enumerate() {
+            std::ptr::copy_nonoverlapping(w.add(j * ldw + off), b.as_mut_ptr(), r);
+        }
+        chunk256(&mut lo, &mut hi, xb.as_ptr() as *const f32, LANES, wb.as_ptr() as *const E, LANES);
+    }
+    for i in 0..MR {
+        for j in 0..NR {
+            *y.add(i * ldy + j) = reduce8(_mm256_add_ps(lo[i][j], hi[i][j]));
+        }
+    }
+}
+
+macro_rules! tiles {
+    ($tile:ident, $E:ty, $mr:expr, $nr:expr, [$($m:literal),*], [$($n:literal),*], $args:tt) => {
+        tiles!(@rows $tile, $E, $mr, $nr, [$($m),*], [$($n),*], $args)
+    };
+    (@rows $tile:ident, $E:ty, $mr:expr, $nr:expr, [$($m:literal),*], $ns:tt, $args:tt) => {
+        match $mr {
+            $( $m => tiles!(@cols $tile, $E, $m, $nr, $ns, $args), )*
+            _ => unreachable!("tile rows"),
+        }
+    };
+    (@cols $tile:ident, $E:ty, $m:literal, $nr:expr, [$($n:literal),*], $args:tt) => {
+        match $nr {
+            $( $n => $tile::<$E, $m, $n> $args, )*
+            _ => unreachable!("tile columns"),
+        }
+    };
+}
+
+/// `y[:, j0..j1]` on AVX-512 (tiles of 4 rows × 4 outputs).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; `x: [m, k]`, `w` holds rows `j0..j1` at stride `ldw`, `y`
+/// points to `[m, ldy]` of which no other thread touches columns `j0..j1`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn columns_avx512<E: Elem>(
+    x: *const f32,
+    m: usize,
+    k: usize,
+    w: *const E,
+    ldw: usize,
+    y: *mut f32,
+    ldy: usize,
+    j0: usize,
+    j1: usize,
+) {
+    for_tiles::<4, PANEL>(m, j0, j1, |i, mr, j, nr| {
+        let (xp, wp, yp) = (x.add(i * k), w.add(j * ldw), y.add(i * ldy + j));
+        tiles!(tile512, E, mr, nr, [1, 2, 3, 4], [1, 2, 3, 4], (xp, k, wp, ldw, yp, ldy))
+    });
+}
+
+/// `y[:, j0..j1]` on AVX2 (tiles of 2 rows × 2 outputs: 8 accumulator registers of 16).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; otherwise as [`columns_avx512`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn columns_avx2<E: Elem>(
+    x: *const f32,
+    m: usize,
+    k: usize,
+    w: *const E,
+    ldw: usize,
+    y: *mut f32,
+    ldy: usize,
+    j0: usize,
+    j1: usize,
+) {
+    for_tiles::<2, 2>(m, j0, j1, |i, mr, j, nr| {
+        let (xp, wp, yp) = (x.add(i * k), w.add(j * ldw), y.add(i * ldy + j));
+        tiles!(tile256, E, mr, nr, [1, 2], [1, 2], (xp, k, wp, ldw, yp, ldy))
+    });
+}
