@@ -26,12 +26,13 @@
 //! service ([`WORKER_SERVICE`]) answers `$SRV.PING.faasmoe-expert.<service id>` from its own
 //! task, independently of the batching loop, and the server answers *no responders* at once
 //! when the instance is not connected (reconnecting after a server restart, or at the very
-//! end of its drain). A ping that is not answered within the probe timeout counts as
-//! connected (busy or slow, not gone). An instance that does not answer is not marked
-//! anything: it may be reconnecting (it resubscribes) or draining (its `stopped` event and
-//! exit follow); the activation waits for either instead of declaring a healthy instance
-//! dead. The service id of an instance is learnt from its answer to the broadcast
-//! `$SRV.PING.faasmoe-expert` (its metadata carries the instance id the broker gave it).
+//! end of its drain). The service id of an instance is learnt from its answer to the
+//! broadcast `$SRV.PING.faasmoe-expert` (its metadata carries the instance id the broker gave
+//! it). Silence — no pong within the probe timeout, to the direct ping or the broadcast —
+//! counts as connected (frozen, busy or on a loaded machine, not gone). *No responders* is
+//! not a verdict either: nothing is marked, the instance may be reconnecting (it
+//! resubscribes) or draining (its `stopped` event and exit follow), and the activation waits
+//! for either instead of declaring a healthy instance dead.
 //!
 //! When the broker answers `already_running` for an instance that is draining but has not
 //! said so yet, the controller's retry meets *no responders* again and asks again after a
@@ -66,7 +67,7 @@ use crate::spawner::{Instance, InstanceBackend, InstanceExit};
 /// How many exited instances are remembered for [`Activator::exited`].
 const EXITED_HISTORY: usize = 1024;
 
-/// First and longest interval between interest probes while an activation waits at the cap.
+/// First and longest interval between pings while an activation waits at the cap.
 const CAP_POLL_MIN: Duration = Duration::from_millis(25);
 const CAP_POLL_MAX: Duration = Duration::from_millis(400);
 

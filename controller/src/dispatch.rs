@@ -11,7 +11,9 @@
 //! scaled to zero: ask the broker to activate it (cold start), bounded by the activation
 //! timeout, then retry. A transient `unavailable` from the broker (function at its cap, a
 //! start that failed, no broker answering yet) is retried with exponential backoff, a few
-//! times, within the same activation timeout.
+//! times, within the same activation timeout. *No responders* again after the broker said an
+//! instance serves (it is draining without having said so yet, or resubscribing after a
+//! reconnect) asks the broker again after a backoff, until the activation timeout.
 //!
 //! Connection outages: when the NATS connection comes back after being lost (nats-server
 //! restarted, network cut), every expert and activation request still waiting for a reply
@@ -188,7 +190,7 @@ async fn watch_link(dispatch: std::sync::Weak<NatsDispatch>, tx: watch::Sender<L
                 tx.send_modify(|l| l.connected = false);
             }
             (true, Some(t)) => {
-                info!(outage_ms = t.elapsed().as_secs_f64() * 1e3, resending = in_flight, "NATS connection restored");
+                info!(outage_ms = t.elapsed().as_secs_f64() * 1e3, in_flight, "NATS connection restored: resending the requests sent before the outage");
                 down_since = None;
                 tx.send_modify(|l| {
                     l.connected = true;
