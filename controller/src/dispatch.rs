@@ -74,7 +74,7 @@ pub struct DispatchContext {
 
 /// Computes the routed experts of a layer: `[n, hidden]` weighted sums.
 pub trait Dispatch: Send + Sync {
-    /// Returns row `i` = Σ w · expert_e(hidden[i]) over `batch.routes[i]`.
+    /// Returns row `i` = `Σ w · expert_e(hidden[i])` over `batch.routes[i]`.
     fn routed<'a>(&'a self, batch: &'a RoutedBatch, ctx: &'a DispatchContext) -> BoxFuture<'a, Result<Tensor, DispatchError>>;
     /// Counters so far.
     fn stats(&self) -> DispatchStats {
