@@ -31,6 +31,24 @@ pub const BUCKET: &str = "faasmoe_tenants";
 /// How often a compare-and-set update is retried before giving up.
 const CAS_ATTEMPTS: usize = 1000;
 
+/// How many update ids a record remembers ([`TenantRecord::recent_ops`]): more than the
+/// updates other writers make while one writer waits out a lost acknowledgement.
+pub const RECENT_OPS: usize = 64;
+
+/// How long an update keeps retrying transient store errors (no responders, timeouts,
+/// *temporarily unavailable*: a stream leader being elected after a node of the cluster is
+/// lost, or the server restarting). JetStream elects a new leader within a few seconds
+/// (raft election timeouts of nats-server 2.10+: 4–9 s), so 20 s covers one election with
+/// margin; a controller's own request timeout still bounds the client's wait.
+const TRANSIENT_RETRY: Duration = Duration::from_secs(20);
+
+/// How long one JetStream API request of the store (read, update) waits for its answer
+/// before it is retried (async-nats' default is 5 s). While a stream has no leader its
+/// requests go unanswered, so this bounds how late after an election the store notices
+/// the new leader; an update that timed out is checked against
+/// [`TenantRecord::recent_ops`] before it is sent again, so retrying never charges twice.
+const STORE_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A tenant's limits; `None` is unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quota {
@@ -73,6 +91,12 @@ pub struct TenantRecord {
     /// Creation time, seconds since the Unix epoch.
     #[serde(default)]
     pub created_unix_s: u64,
+    /// Ids of the last [`RECENT_OPS`] updates written (an admission's id, `settle:<id>`, …),
+    /// oldest first. A write whose acknowledgement is lost (a JetStream leader change, a
+    /// reconnect) is recognised by its id when the record is read again, so it is neither
+    /// applied twice nor lost, even when other writers updated the record meanwhile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_ops: Vec<String>,
 }
 
 /// What [`TenantStore::create`] hands out, once.
@@ -205,7 +229,16 @@ impl From<TenantError> for QuotaError {
 /// JetStream errors that go away on their own (server starting, meta leader election).
 fn is_transient(e: &str) -> bool {
     let e = e.to_lowercase();
-    e.contains("no responders") || e.contains("temporarily unavailable") || e.contains("timed out") || (e.contains("insufficient resources") && e.contains("peers"))
+    e.contains("no responders")
+        || e.contains("temporarily unavailable")
+        || e.contains("timed out")
+        || e.contains("offline")
+        || e.contains("no leader")
+        // A stream whose leader was lost answers direct gets with "no stream found" until
+        // a new leader is elected (nats-server 2.10+); a bucket really deleted fails after
+        // the retry window with the same message.
+        || e.contains("no stream found")
+        || (e.contains("insufficient resources") && e.contains("peers"))
 }
 
 fn store_err(e: impl std::fmt::Display) -> TenantError {
@@ -270,7 +303,8 @@ impl TenantStore {
     /// JetStream API answers *no responders* or *temporarily unavailable* for a moment: such
     /// errors are retried for up to 10 s.
     pub async fn open(client: async_nats::Client, cfg: TenantStoreConfig) -> Result<Self, TenantError> {
-        let js = async_nats::jetstream::new(client);
+        let mut js = async_nats::jetstream::new(client);
+        js.set_timeout(STORE_REQUEST_TIMEOUT);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let kv = loop {
             let attempt = match js.get_key_value(cfg.bucket.clone()).await {
@@ -317,6 +351,7 @@ impl TenantStore {
             usage: Usage { window_start_unix_s: now_s(), ..Default::default() },
             nats_user: creds.user.clone(),
             created_unix_s: now_s(),
+            recent_ops: Vec::new(),
         };
         match self.kv.create(name, encode(&record)).await {
             Ok(_) => Ok(creds),
@@ -364,7 +399,8 @@ impl TenantStore {
 
     /// Replaces a tenant's quota (usage is kept).
     pub async fn set_quota(&self, name: &str, quota: Quota) -> Result<TenantRecord, TenantError> {
-        self.modify(name, |r| {
+        let op = format!("quota:{}", uuid::Uuid::new_v4().simple());
+        self.modify(name, &op, |r| {
             r.quota = quota;
             Ok::<_, TenantError>(())
         })
@@ -385,20 +421,52 @@ impl TenantStore {
 
     /// Applies `f` to the record with compare-and-set on its revision, retrying on conflict.
     /// `f` may refuse with its own error (then nothing is written).
-    async fn modify<T, E>(&self, name: &str, mut f: impl FnMut(&mut TenantRecord) -> Result<T, E>) -> Result<(TenantRecord, T), E>
+    ///
+    /// `op` names this update and is written into the record ([`TenantRecord::recent_ops`]).
+    /// Transient store errors (see [`TRANSIENT_RETRY`]) are retried: when an update's
+    /// outcome is unknown (its acknowledgement lost), the record is read again and the update
+    /// counts as done if the record carries `op`, so it is applied exactly once.
+    async fn modify<T, E>(&self, name: &str, op: &str, mut f: impl FnMut(&mut TenantRecord) -> Result<T, E>) -> Result<(TenantRecord, T), E>
     where
         E: From<TenantError>,
     {
-        for attempt in 0..CAS_ATTEMPTS {
-            let (mut rec, revision) = self.entry(name).await?;
+        let deadline = std::time::Instant::now() + TRANSIENT_RETRY;
+        let mut unknown: Option<T> = None; // the result of a write whose outcome is unknown
+        let mut conflicts = 0;
+        while conflicts < CAS_ATTEMPTS {
+            let (mut rec, revision) = match self.entry(name).await {
+                Ok(e) => e,
+                Err(TenantError::Store(e)) if is_transient(&e) && std::time::Instant::now() < deadline => {
+                    tracing::debug!(tenant = name, op, error = %e, "tenant store unavailable, retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(out) = unknown.take() {
+                if rec.recent_ops.iter().any(|o| o == op) {
+                    tracing::info!(tenant = name, op, "tenant update acknowledged late: found written");
+                    return Ok((rec, out));
+                }
+            }
             let out = f(&mut rec)?;
+            if rec.recent_ops.len() >= RECENT_OPS {
+                rec.recent_ops.drain(..=rec.recent_ops.len() - RECENT_OPS);
+            }
+            rec.recent_ops.push(op.to_string());
             match self.kv.update(name, encode(&rec), revision).await {
                 Ok(_) => return Ok((rec, out)),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     // Another writer won; back off a little (grows with contention).
-                    if attempt > 2 {
-                        tokio::time::sleep(Duration::from_micros(100 * (attempt as u64).min(50))).await;
+                    conflicts += 1;
+                    if conflicts > 3 {
+                        tokio::time::sleep(Duration::from_micros(100 * (conflicts as u64).min(50))).await;
                     }
+                }
+                Err(e) if (e.kind() == kv::UpdateErrorKind::TimedOut || is_transient(&e.to_string())) && std::time::Instant::now() < deadline => {
+                    tracing::warn!(tenant = name, op, error = %e, "tenant update outcome unknown, reading it back");
+                    unknown = Some(out);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(store_err(e).into()),
             }
@@ -412,8 +480,9 @@ impl TenantStore {
     pub async fn admit(&self, name: &str, prompt_tokens: u64, max_tokens: u64) -> Result<Admission, QuotaError> {
         let reserve = prompt_tokens.saturating_add(max_tokens);
         let window_s = self.window_s;
+        let id = uuid::Uuid::new_v4().simple().to_string();
         let (_, window_start) = self
-            .modify(name, |r| {
+            .modify(name, &format!("admit:{id}"), |r| {
                 let now = now_s();
                 let u = &mut r.usage;
                 if now >= u.window_start_unix_s.saturating_add(window_s) || u.window_start_unix_s > now {
@@ -462,7 +531,7 @@ impl TenantStore {
             tenant: name.to_string(),
             reserved_tokens: reserve,
             window_start_unix_s: window_start,
-            id: uuid::Uuid::new_v4().simple().to_string(),
+            id,
         })
     }
 
@@ -473,7 +542,7 @@ impl TenantStore {
     pub async fn settle(&self, admission: Admission, actual_tokens: u64) -> Result<Usage, QuotaError> {
         let charge = actual_tokens.min(admission.reserved_tokens);
         let (rec, _) = self
-            .modify(&admission.tenant, |r| {
+            .modify(&admission.tenant, &format!("settle:{}", admission.id), |r| {
                 let u = &mut r.usage;
                 u.in_flight = u.in_flight.saturating_sub(1);
                 u.reserved_tokens = u.reserved_tokens.saturating_sub(admission.reserved_tokens);

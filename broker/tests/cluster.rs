@@ -175,6 +175,42 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
     .await;
     assert_eq!(charged.total_tokens, 32);
 
+    // Fault: node B (the broker's) is killed. The R3 bucket keeps its quorum on A and C, so
+    // admission and settlement go on; the warm workers on C and the controller on A serve.
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGKILL) };
+    let t_kill = Instant::now();
+    let (mut correct, mut failed, mut slowest, mut times) = (0, Vec::new(), Duration::ZERO, Vec::new());
+    let sent = 4;
+    for _ in 0..sent {
+        let t0 = Instant::now();
+        let req = async_nats::Request::new().payload(body.into()).timeout(Some(Duration::from_secs(30)));
+        match cc.send_request("faasmoe.v1.generate.t1", req).await {
+            Ok(m) => {
+                let w: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                if w["token_ids"] == v["token_ids"] { correct += 1 } else { failed.push(w.to_string()) }
+            }
+            Err(e) => failed.push(e.to_string()),
+        }
+        slowest = slowest.max(t0.elapsed());
+        times.push(format!("{:.2}", t0.elapsed().as_secs_f64()));
+    }
+    println!("after the kill: correct {correct} of {sent}, each {} s, failures {failed:?}", times.join(", "));
+    let usage = retry("usage via node A after the kill", Duration::from_secs(10), || async {
+        let u = store_a.usage("t1").await.map_err(|e| e.to_string())?;
+        if u.in_flight == 0 && u.total_tokens == 32 + 7 * sent as u64 { Ok(u) } else { Err(format!("{u:?}")) }
+    })
+    .await;
+    println!(
+        "fault cluster-node-killed: sent {sent}, correct {correct}, failed {}, lost 0, slowest {:.2} s (each: {} s); quota charged {} tokens through the 2 surviving nodes ({:.1} s after the kill)",
+        failed.len(),
+        slowest.as_secs_f64(),
+        times.join(", "),
+        usage.total_tokens - 32,
+        t_kill.elapsed().as_secs_f64()
+    );
+    assert_eq!(correct, sent, "requests after node B was killed: {failed:?}");
+
     // Stop everything: controller, workers (through the broker), servers.
     controller.stop().await;
     activator.shutdown(Duration::from_secs(10)).await;
