@@ -137,6 +137,8 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
         tenants: None,
         local_experts: false,
         request_timeout_ms: 10_000,
+        prefetch_layers: 2,
+        prefetch_max_in_flight: 16,
         max_retries: 4,
         activation_timeout_ms: 30_000,
         wire_dtype: "f32".into(),

@@ -22,9 +22,21 @@
 //! the superseded send is dropped and the requests stay correct; a resend keeps the
 //! deadline of the attempt it replaces, so no request waits past its own timeout. Outages
 //! are logged with their duration.
+//!
+//! Activation ahead of the pass (pre-gating): at each MoE layer the engine asks
+//! [`Dispatch::prefetch_depth`] how many later MoE layers to predict, applies their routers
+//! to the current residual stream ([`faasmoe_model::ControlPlane::predict_experts`]) and
+//! hands the predicted experts to [`Dispatch::prefetch`]. The NATS dispatcher activates, in
+//! the background, the predicted functions that have not answered within
+//! [`WARM_FRESH`], at most [`NatsDispatchSettings::prefetch_max_in_flight`] at once, so the
+//! cold starts of later layers overlap the pass instead of following one another. When the
+//! model is cold (nothing answered yet, or *no responders* within [`COLD_WINDOW`]) it asks
+//! for every remaining layer at once; otherwise for
+//! [`NatsDispatchSettings::prefetch_layers`]. Predictions never route: the real router
+//! still decides, and a wrong guess costs one activation (an instance that idles out).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State as ConnectionState;
@@ -51,6 +63,11 @@ const ACTIVATION_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How often the dispatcher looks at its connection's state (async-nats exposes the state,
 /// not a stream of changes, on a client it did not configure).
 const CONNECTION_POLL: Duration = Duration::from_millis(10);
+/// A function that answered within this long is taken to be warm: prefetching skips it.
+pub const WARM_FRESH: Duration = Duration::from_secs(2);
+/// After *no responders* on any function, the model counts as cold for this long: the
+/// engine predicts every remaining layer, not just [`NatsDispatchSettings::prefetch_layers`].
+pub const COLD_WINDOW: Duration = Duration::from_secs(10);
 
 /// Why the routed part of a layer could not be computed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -80,6 +97,15 @@ pub trait Dispatch: Send + Sync {
     fn stats(&self) -> DispatchStats {
         DispatchStats::default()
     }
+    /// How many MoE layers after the current one the engine should predict and pass to
+    /// [`Dispatch::prefetch`]: 0 (the default) for none, `usize::MAX` for all.
+    fn prefetch_depth(&self) -> usize {
+        0
+    }
+    /// A hint that these experts, `(decoder layer, experts)`, will probably be routed to
+    /// soon: a dispatcher may start their functions early. Returns at once; never fails
+    /// (a wrong hint costs at most an unneeded activation). The default ignores it.
+    fn prefetch(&self, _predicted: &[(usize, Vec<u32>)]) {}
 }
 
 /// Counters of a dispatcher.
@@ -99,6 +125,13 @@ pub struct DispatchStats {
     pub resends: u64,
     /// Times the NATS connection came back after being lost.
     pub reconnects: u64,
+    /// Activations started ahead of the pass from predicted routes.
+    pub prefetches: u64,
+    /// Prefetched functions that a real route then called (precision = hits ÷ prefetches).
+    pub prefetch_hits: u64,
+    /// Function calls that found no instance (*no responders* on their first send) and so
+    /// waited for a cold start (recall ≈ hits ÷ (hits + cold misses)).
+    pub cold_misses: u64,
 }
 
 /// All experts in this process (the local-split mode, and tests).
@@ -129,6 +162,18 @@ pub struct NatsDispatchSettings {
     pub wire_dtype: WireDType,
     /// Name of this controller (in activation requests).
     pub controller_id: String,
+    /// MoE layers predicted ahead while the model is warm (see the module docs); 0 turns
+    /// activation ahead of the pass off entirely.
+    pub prefetch_layers: usize,
+    /// Background activations from predictions in flight at once, at most.
+    pub prefetch_max_in_flight: usize,
+}
+
+impl NatsDispatchSettings {
+    /// Default of [`NatsDispatchSettings::prefetch_layers`].
+    pub const DEFAULT_PREFETCH_LAYERS: usize = 2;
+    /// Default of [`NatsDispatchSettings::prefetch_max_in_flight`].
+    pub const DEFAULT_PREFETCH_MAX_IN_FLIGHT: usize = 16;
 }
 
 /// The connection as the dispatcher last saw it.
@@ -154,6 +199,23 @@ pub struct NatsDispatch {
     /// Requests waiting for a reply now (for the outage log).
     in_flight: AtomicU64,
     link: watch::Receiver<Link>,
+    /// This dispatcher, for the background activations it starts.
+    me: Weak<NatsDispatch>,
+    /// The origin of the millisecond stamps below.
+    epoch: Instant,
+    /// Per function: 1 + ms since `epoch` of its last good reply; 0 never.
+    last_ok: Vec<AtomicU64>,
+    /// Per function: 1 + ms since `epoch` when a prefetch activated it and no call has
+    /// used it since; 0 none.
+    prefetched: Vec<AtomicU64>,
+    /// Per function: a prefetch activation is running.
+    prefetching: Vec<AtomicBool>,
+    prefetch_in_flight: AtomicU64,
+    /// 1 + ms since `epoch` of the last *no responders*; 0 never.
+    last_cold: AtomicU64,
+    prefetches: AtomicU64,
+    prefetch_hits: AtomicU64,
+    cold_misses: AtomicU64,
 }
 
 /// Counts a request as in flight while it lives.
@@ -210,7 +272,18 @@ impl NatsDispatch {
     pub fn new(client: async_nats::Client, settings: NatsDispatchSettings, hidden_size: usize) -> Arc<Self> {
         let connected = client.connection_state() == ConnectionState::Connected;
         let (tx, link) = watch::channel(Link { reconnects: 0, connected });
-        let this = Arc::new(Self {
+        let functions = settings.layout.functions.len();
+        let this = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            epoch: Instant::now(),
+            last_ok: (0..functions).map(|_| AtomicU64::new(0)).collect(),
+            prefetched: (0..functions).map(|_| AtomicU64::new(0)).collect(),
+            prefetching: (0..functions).map(|_| AtomicBool::new(false)).collect(),
+            prefetch_in_flight: AtomicU64::new(0),
+            last_cold: AtomicU64::new(0),
+            prefetches: AtomicU64::new(0),
+            prefetch_hits: AtomicU64::new(0),
+            cold_misses: AtomicU64::new(0),
             client,
             settings,
             hidden_size,
@@ -323,6 +396,45 @@ impl NatsDispatch {
         }
     }
 
+    /// 1 + ms since `epoch` (0 is kept for "never").
+    fn stamp(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether function `fidx` answered within `within`.
+    fn answered_within(&self, fidx: usize, within: Duration) -> bool {
+        let t = self.last_ok[fidx].load(Ordering::Relaxed);
+        t != 0 && self.stamp().saturating_sub(t) <= within.as_millis() as u64
+    }
+
+    /// Starts a background activation of function `fidx` from a prediction, unless it
+    /// answered recently, one is already running for it, or the in-flight budget is spent.
+    fn prefetch_function(&self, fidx: usize) {
+        if self.answered_within(fidx, WARM_FRESH) || self.prefetch_in_flight.load(Ordering::Relaxed) >= self.settings.prefetch_max_in_flight as u64 {
+            return;
+        }
+        if self.prefetching[fidx].swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.prefetching[fidx].store(false, Ordering::Release);
+            return;
+        };
+        self.prefetch_in_flight.fetch_add(1, Ordering::Relaxed);
+        self.prefetches.fetch_add(1, Ordering::Relaxed);
+        self.prefetched[fidx].store(self.stamp(), Ordering::Relaxed);
+        debug!(function = %self.settings.layout.functions[fidx].id, "activating ahead of the pass");
+        rt.spawn(async move {
+            let deadline = Instant::now() + me.settings.activation_timeout;
+            if let Err(e) = me.activate(fidx, deadline).await {
+                debug!(function = %me.settings.layout.functions[fidx].id, error = %e, "activation ahead of the pass failed (the pass will ask again)");
+            }
+            me.prefetching[fidx].store(false, Ordering::Release);
+            me.prefetch_in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
     /// One function call with retries and activation; returns the `[rows, hidden]` output.
     async fn call(&self, fidx: usize, req: ExpertRequest, traceparent: Option<&str>) -> Result<Vec<f32>, DispatchError> {
         let f = &self.settings.layout.functions[fidx];
@@ -333,6 +445,9 @@ impl NatsDispatch {
             faasmoe_proto::trace::inject(&mut headers, tp);
         }
         let mut activated = false;
+        if self.prefetched[fidx].swap(0, Ordering::Relaxed) != 0 {
+            self.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+        }
         // Every activation of this call (and the backoff between them) ends by this deadline.
         let mut activation_deadline: Option<Instant> = None;
         let mut backoff = ACTIVATION_BACKOFF_MIN;
@@ -351,6 +466,7 @@ impl NatsDispatch {
                             if rows != req.routes.len() || cols != self.hidden_size {
                                 return Err(DispatchError::Internal(format!("{} replied [{rows}, {cols}] for [{}, {}]", f.id, req.routes.len(), self.hidden_size)));
                             }
+                            self.last_ok[fidx].store(self.stamp(), Ordering::Relaxed);
                             return output.to_f32_vec().map_err(|e| DispatchError::Internal(e.to_string()));
                         }
                         // Errors about the request itself are ours: retrying will not help.
@@ -362,6 +478,10 @@ impl NatsDispatch {
                 }
                 Err(e) => match e.kind() {
                     RequestErrorKind::NoResponders => {
+                        if !activated {
+                            self.cold_misses.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.last_cold.store(self.stamp(), Ordering::Relaxed);
                         let deadline = *activation_deadline.get_or_insert_with(|| Instant::now() + self.settings.activation_timeout);
                         if activated {
                             // The broker said an instance serves, yet none is subscribed: it
@@ -482,6 +602,34 @@ impl Dispatch for NatsDispatch {
             retries: self.retries.load(Ordering::Relaxed),
             resends: self.resends.load(Ordering::Relaxed),
             reconnects: self.link.borrow().reconnects,
+            prefetches: self.prefetches.load(Ordering::Relaxed),
+            prefetch_hits: self.prefetch_hits.load(Ordering::Relaxed),
+            cold_misses: self.cold_misses.load(Ordering::Relaxed),
+        }
+    }
+
+    fn prefetch_depth(&self) -> usize {
+        if self.settings.prefetch_layers == 0 {
+            return 0;
+        }
+        let cold = self.last_cold.load(Ordering::Relaxed);
+        let never_answered = self.last_ok.iter().all(|t| t.load(Ordering::Relaxed) == 0);
+        if never_answered || (cold != 0 && self.stamp().saturating_sub(cold) <= COLD_WINDOW.as_millis() as u64) {
+            return usize::MAX;
+        }
+        if (0..self.last_ok.len()).all(|f| self.answered_within(f, WARM_FRESH)) {
+            return 0;
+        }
+        self.settings.prefetch_layers
+    }
+
+    fn prefetch(&self, predicted: &[(usize, Vec<u32>)]) {
+        for (layer, experts) in predicted {
+            let mut fns: Vec<usize> = experts.iter().filter_map(|&e| self.settings.layout.function_of(*layer as u32, e)).collect();
+            fns.dedup();
+            for f in fns {
+                self.prefetch_function(f);
+            }
         }
     }
 }

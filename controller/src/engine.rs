@@ -273,6 +273,23 @@ async fn forward(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq]) -
     forward_in(cp, dispatch, seqs, &batch, &ctx).instrument(span).await
 }
 
+/// Rows of a pass that pre-gating looks at, at most (evenly spaced over a long prefill).
+const PREDICT_MAX_ROWS: usize = 64;
+
+/// Activation ahead of the pass: while this MoE layer's expert requests are out, predict
+/// the experts of the layers the dispatcher asks for and hand them over. A failed
+/// prediction is only logged: it never fails the pass.
+fn prefetch_ahead(cp: &ControlPlane, dispatch: &dyn Dispatch, pass: &faasmoe_model::qwen2_moe::ForwardPass) {
+    let depth = dispatch.prefetch_depth();
+    if depth == 0 {
+        return;
+    }
+    match cp.predict_experts(pass, depth, PREDICT_MAX_ROWS) {
+        Ok(predicted) => dispatch.prefetch(&predicted),
+        Err(e) => debug!(error = %e, "pre-gating failed; no activation ahead"),
+    }
+}
+
 async fn forward_in(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq], batch: &[(usize, &[u32])], ctx: &DispatchContext) -> Result<Vec<Vec<f32>>, DispatchError> {
     let internal = |e: faasmoe_model::ModelError| DispatchError::Internal(e.to_string());
     let mut pass = cp.start(batch).map_err(internal)?;
@@ -292,6 +309,7 @@ async fn forward_in(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq]
                     std::task::Poll::Ready(out) => out?,
                     std::task::Poll::Pending => {
                         cp.shared_expert(&mut pass).map_err(internal)?;
+                        prefetch_ahead(cp, dispatch, &pass);
                         routed.await?
                     }
                 };

@@ -65,6 +65,15 @@ pub struct ControllerSettings {
     /// Queue group of controllers (several controllers share the load).
     #[arg(long, default_value = "faasmoe-controllers")]
     pub queue_group: String,
+    /// Activation ahead of the pass: at each MoE layer, apply the routers of this many later
+    /// MoE layers to the current hidden states and start the functions they predict that
+    /// are not warm (every remaining layer while the model is cold). 0 turns it off.
+    /// Predictions never change results; a wrong one costs an activation.
+    #[arg(long, default_value_t = NatsDispatchSettings::DEFAULT_PREFETCH_LAYERS)]
+    pub prefetch_layers: usize,
+    /// Activations ahead of the pass in flight at once, at most.
+    #[arg(long, default_value_t = NatsDispatchSettings::DEFAULT_PREFETCH_MAX_IN_FLIGHT)]
+    pub prefetch_max_in_flight: usize,
 }
 
 impl ControllerSettings {
@@ -189,6 +198,8 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
                     activation_timeout: Duration::from_millis(settings.activation_timeout_ms),
                     wire_dtype: if settings.wire_dtype == "bf16" { WireDType::BF16 } else { WireDType::F32 },
                     controller_id,
+                    prefetch_layers: settings.prefetch_layers,
+                    prefetch_max_in_flight: settings.prefetch_max_in_flight,
                 },
                 cfg.hidden_size,
             )

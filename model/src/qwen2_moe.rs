@@ -543,6 +543,48 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Pre-gating: the routed experts that the next `ahead` MoE layers after the pending one
+    /// will probably choose, predicted from the pending layer's residual stream
+    /// `[n_tokens, hidden]` (before its MLP): for each later MoE layer `j`, layer `j`'s
+    /// post-attention RMSNorm and router applied to it, top-k per row, the union over rows.
+    /// The attention and MLPs in between are skipped, so this is a guess (the residual
+    /// stream changes little from one layer to the next; Pre-gated MoE, ISCA 2024, and
+    /// MoE-Infinity's prefetching rest on the same observation): use it only to start
+    /// functions early, never to route. At most `max_rows` rows are evaluated (evenly
+    /// spaced, so a long prefill costs no more than a decode step of `max_rows` sequences).
+    ///
+    /// Returns `(decoder layer, experts ascending)` per predicted MoE layer, nearest first;
+    /// empty when no MoE layer follows. Errors: no pending MoE layer.
+    pub fn predict_experts(&self, pass: &ForwardPass, ahead: usize, max_rows: usize) -> Result<Vec<(usize, Vec<u32>)>> {
+        let pending = pass
+            .pending
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidInput("predict_experts without a pending MoE layer".into()))?;
+        let n = pending.residual.dim(0)?;
+        let rows = if n > max_rows.max(1) {
+            let k = max_rows.max(1);
+            let idx: Vec<u32> = (0..k).map(|i| (i * n / k) as u32).collect();
+            pending.residual.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?
+        } else {
+            pending.residual.clone()
+        };
+        let mut out = Vec::new();
+        for j in pass.layer + 1..self.layers.len() {
+            if out.len() >= ahead {
+                break;
+            }
+            let layer = &self.layers[j];
+            if let Ffn::Moe(moe) = &layer.ffn {
+                let xs = layer.post_attention_layernorm.forward(&rows)?;
+                let mut experts: Vec<u32> = moe.route(&xs)?.into_iter().flatten().map(|(e, _)| e as u32).collect();
+                experts.sort_unstable();
+                experts.dedup();
+                out.push((j, experts));
+            }
+        }
+        Ok(out)
+    }
+
     /// LM head on final-normed rows `[n, hidden]` → logits `[n, vocab]` (f32).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
