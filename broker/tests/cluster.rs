@@ -146,6 +146,7 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
         max_step_tokens: 1024,
         no_pipeline: false,
         default_max_tokens: 16,
+        max_request_ms: 600_000,
         queue_group: "faasmoe-controllers".into(),
     };
     let controller = ControllerTask::spawn(settings, Arc::new(KvQuota(store_a.clone())));

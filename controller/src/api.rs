@@ -45,7 +45,14 @@ pub struct ApiSettings {
     pub vocab_size: usize,
     /// Sampling defaults (`generation_config.json`).
     pub generation: GenerationConfig,
+    /// Longest a request may run from its arrival; then its sequence is cancelled and the
+    /// reply (partial text) says `finish_reason: "cancelled"`. `None`: no limit.
+    pub max_request: Option<std::time::Duration>,
 }
+
+/// Chat roles accepted in `messages` (OpenAI's, as Qwen's ChatML renders them); any other
+/// role is a `bad_request`.
+pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 /// Everything a request handler needs.
 pub struct Api {
@@ -132,9 +139,19 @@ impl Api {
             }
             ids.clone()
         } else if let Some(p) = &req.prompt {
-            tok()?.encode(p).map_err(|e| ClientError::bad_request(e.to_string()))?
+            let t = tok()?;
+            self.check_text_bytes(t, p.len())?;
+            t.encode(p).map_err(|e| ClientError::bad_request(e.to_string()))?
         } else if let Some(m) = &req.messages {
             let t = tok()?;
+            if let Some((i, bad)) = m.iter().enumerate().find(|(_, m)| !CHAT_ROLES.contains(&m.role.as_str())) {
+                return Err(ClientError::bad_request(format!(
+                    "messages[{i}] has role `{}`; the roles are {}",
+                    bad.role,
+                    CHAT_ROLES.join(", ")
+                )));
+            }
+            self.check_text_bytes(t, m.iter().map(|m| m.content.len()).sum())?;
             let pairs: Vec<(&str, &str)> = m.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
             t.encode(&t.render_chat(&pairs)).map_err(|e| ClientError::bad_request(e.to_string()))?
         } else {
@@ -153,6 +170,21 @@ impl Api {
         Ok(ids)
     }
 
+    /// Refuses, before tokenizing, a text of `bytes` bytes that cannot fit the context:
+    /// one token covers at most [`QwenTokenizer::max_token_bytes`] bytes, so such a text
+    /// has more tokens than the context holds (tokenizing a 7 MB prompt takes seconds).
+    fn check_text_bytes(&self, tok: &QwenTokenizer, bytes: usize) -> Result<(), ClientError> {
+        let limit = self.settings.max_context.saturating_mul(tok.max_token_bytes());
+        if bytes > limit {
+            return Err(ClientError::bad_request(format!(
+                "the prompt has {bytes} bytes: more than the {} tokens of the context can hold (at most {} bytes per token)",
+                self.settings.max_context,
+                tok.max_token_bytes()
+            )));
+        }
+        Ok(())
+    }
+
     async fn generate(
         &self,
         id: &str,
@@ -164,7 +196,20 @@ impl Api {
     ) -> Result<(), ClientError> {
         let prompt = self.prompt_ids(&req)?;
         let room = (self.settings.max_context - prompt.len()) as u32;
-        let max_tokens = req.max_tokens.unwrap_or(self.settings.default_max_tokens).min(room).max(1);
+        // As vLLM: an explicit max_tokens beyond what the context leaves is refused; the
+        // default is clamped to it.
+        let max_tokens = match req.max_tokens {
+            Some(m) if m > room => {
+                return Err(ClientError::bad_request(format!(
+                    "this model's maximum context length is {} tokens; you requested {} tokens ({} in the prompt, {m} in the completion)",
+                    self.settings.max_context,
+                    prompt.len() as u64 + m as u64,
+                    prompt.len()
+                )))
+            }
+            Some(m) => m.max(1),
+            None => self.settings.default_max_tokens.min(room).max(1),
+        };
         let g = &self.settings.generation;
         let sampling_default = g.do_sample.unwrap_or(false);
         let sampling = SamplingParams {
@@ -202,6 +247,16 @@ impl Api {
         let mut chunk_index = 0u32;
         let gone = Arc::new(AtomicBool::new(false));
         let probe = if stream { self.watch_client(&cancel, &gone).await } else { None };
+        let expired = Arc::new(AtomicBool::new(false));
+        let lifetime = self.settings.max_request.map(|limit| {
+            let (cancel, expired) = (cancel.clone(), expired.clone());
+            let left = limit.saturating_sub(submitted.elapsed());
+            tokio::spawn(async move {
+                tokio::time::sleep(left).await;
+                expired.store(true, Ordering::Relaxed);
+                cancel.store(true, Ordering::Relaxed);
+            })
+        });
         while let Some(ev) = rx.recv().await {
             match ev {
                 SeqEvent::Admitted => queue_ms = submitted.elapsed().as_secs_f64() * 1e3,
@@ -263,12 +318,18 @@ impl Api {
         if let Some((_, watcher)) = probe {
             watcher.abort();
         }
+        if let Some(timer) = lifetime {
+            timer.abort();
+        }
+        if expired.load(Ordering::Relaxed) && failure.is_none() {
+            warn!(limit_ms = self.settings.max_request.unwrap_or_default().as_millis() as u64, completion_tokens = ids.len(), "request reached its lifetime limit (--max-request-ms): cancelled");
+        }
         let processed = if failure.is_some() { ids.len() } else { prompt.len() + ids.len() };
         self.quota.settle(ticket, processed as u32).await;
         if let Some(e) = failure {
             return Err(match e {
                 DispatchError::Unavailable(m) => err(ClientErrorCode::Unavailable, m),
-                DispatchError::Internal(m) => err(ClientErrorCode::Internal, m),
+                DispatchError::Internal(m) | DispatchError::PayloadTooLarge(m) => err(ClientErrorCode::Internal, m),
             });
         }
         let total_ms = submitted.elapsed().as_secs_f64() * 1e3;

@@ -78,6 +78,11 @@ pub enum DispatchError {
     /// A function answered with an error or a malformed reply (maps to `internal`).
     #[error("expert function failed: {0}")]
     Internal(String),
+    /// An expert message cannot fit the server's `max_payload` even one row per request
+    /// (maps to `internal`: the deployment's limit is too small for the model). Never
+    /// retried.
+    #[error("expert request too large: {0}")]
+    PayloadTooLarge(String),
 }
 
 /// Who the rows belong to and the trace they continue.
@@ -132,6 +137,9 @@ pub struct DispatchStats {
     /// Function calls that found no instance (*no responders* on their first send) and so
     /// waited for a cold start (recall ≈ hits ÷ (hits + cold misses)).
     pub cold_misses: u64,
+    /// Extra requests made because a function's rows did not fit one message under the
+    /// server's `max_payload` (see `ExpertRequest::split_to_fit`).
+    pub split_requests: u64,
 }
 
 /// All experts in this process (the local-split mode, and tests).
@@ -216,6 +224,7 @@ pub struct NatsDispatch {
     prefetches: AtomicU64,
     prefetch_hits: AtomicU64,
     cold_misses: AtomicU64,
+    split_requests: AtomicU64,
 }
 
 /// Counts a request as in flight while it lives.
@@ -284,6 +293,7 @@ impl NatsDispatch {
             prefetches: AtomicU64::new(0),
             prefetch_hits: AtomicU64::new(0),
             cold_misses: AtomicU64::new(0),
+            split_requests: AtomicU64::new(0),
             client,
             settings,
             hidden_size,
@@ -501,6 +511,11 @@ impl NatsDispatch {
                         activated = true;
                         continue;
                     }
+                    RequestErrorKind::MaxPayloadExceeded => {
+                        // Sending it again cannot help (split_to_fit keeps this from happening
+                        // unless the server's limit shrank under us).
+                        return Err(DispatchError::PayloadTooLarge(format!("{}: {e}", f.id)));
+                    }
                     RequestErrorKind::TimedOut => "timed out".to_string(),
                     _ => e.to_string(),
                 },
@@ -552,34 +567,48 @@ impl Dispatch for NatsDispatch {
                 // Expert requests are children of this layer's dispatch span.
                 let traceparent = faasmoe_telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());
                 let traceparent = traceparent.as_deref();
-                let calls = groups.into_iter().map(|(fidx, (rows, routes))| {
+                // The server's limit, read per layer: after a reconnect it may be another server's.
+                let max_payload = self.client.max_payload();
+                let mut calls = Vec::with_capacity(groups.len());
+                for (fidx, (rows, routes)) in groups {
                     let mut buf = Vec::with_capacity(rows.len() * h);
                     for &r in &rows {
                         buf.extend_from_slice(&data[r * h..(r + 1) * h]);
                     }
-                    async move {
-                        let hidden = WireTensor::from_f32(vec![rows.len() as u32, h as u32], &buf, self.settings.wire_dtype)
-                            .map_err(|e| DispatchError::Internal(e.to_string()))?;
-                        let req = ExpertRequest {
-                            version: PROTOCOL_VERSION,
-                            request_id: uuid::Uuid::new_v4(),
-                            tenant: ctx.tenants.clone(),
-                            model: self.settings.model_id.clone(),
-                            layer: batch.layer as u32,
-                            hidden,
-                            routes,
-                            reply_dtype: self.settings.wire_dtype,
-                            combine: true,
-                        };
-                        let out = self.call(fidx, req, traceparent).await?;
-                        Ok::<_, DispatchError>((rows, out))
+                    let hidden = WireTensor::from_f32(vec![rows.len() as u32, h as u32], &buf, self.settings.wire_dtype)
+                        .map_err(|e| DispatchError::Internal(e.to_string()))?;
+                    let req = ExpertRequest {
+                        version: PROTOCOL_VERSION,
+                        request_id: uuid::Uuid::new_v4(),
+                        tenant: ctx.tenants.clone(),
+                        model: self.settings.model_id.clone(),
+                        layer: batch.layer as u32,
+                        hidden,
+                        routes,
+                        reply_dtype: self.settings.wire_dtype,
+                        combine: true,
+                    };
+                    let parts = req
+                        .split_to_fit(max_payload)
+                        .map_err(|e| DispatchError::PayloadTooLarge(format!("{}: {}", self.settings.layout.functions[fidx].id, e.message)))?;
+                    if parts.len() > 1 {
+                        self.split_requests.fetch_add(parts.len() as u64 - 1, Ordering::Relaxed);
                     }
-                });
+                    let rows = Arc::new(rows);
+                    for (first, part) in parts {
+                        let rows = Arc::clone(&rows);
+                        calls.push(async move {
+                            let n_rows = part.routes.len();
+                            let out = self.call(fidx, part, traceparent).await?;
+                            Ok::<_, DispatchError>((rows, first..first + n_rows, out))
+                        });
+                    }
+                }
                 let results = futures::future::join_all(calls).await;
                 let mut acc = vec![0f32; n * h];
                 for r in results {
-                    let (rows, out) = r?;
-                    for (k, &row) in rows.iter().enumerate() {
+                    let (rows, range, out) = r?;
+                    for (k, &row) in rows[range].iter().enumerate() {
                         let dst = &mut acc[row * h..(row + 1) * h];
                         for (d, s) in dst.iter_mut().zip(&out[k * h..(k + 1) * h]) {
                             *d += s;
@@ -605,6 +634,7 @@ impl Dispatch for NatsDispatch {
             prefetches: self.prefetches.load(Ordering::Relaxed),
             prefetch_hits: self.prefetch_hits.load(Ordering::Relaxed),
             cold_misses: self.cold_misses.load(Ordering::Relaxed),
+            split_requests: self.split_requests.load(Ordering::Relaxed),
         }
     }
 

@@ -53,12 +53,20 @@ pub struct ControllerSettings {
     /// Most sequences per engine step.
     #[arg(long, default_value_t = 32)]
     pub max_batch_seqs: usize,
-    /// Most tokens per engine step.
-    #[arg(long, default_value_t = 4096)]
+    /// Chunked-prefill budget: most tokens (prompt chunks + decodes) per engine step. Long
+    /// prompts are prefilled over several steps while running sequences keep decoding;
+    /// smaller values bound the others' TPOT more tightly, larger ones shorten a long
+    /// prompt's TTFT a little.
+    #[arg(long, default_value_t = EngineSettings::DEFAULT_MAX_STEP_TOKENS)]
     pub max_step_tokens: usize,
     /// Do not split steps into two pipelined micro-batches.
     #[arg(long)]
     pub no_pipeline: bool,
+    /// Longest a generate request may run from its arrival, ms; then its sequence is
+    /// cancelled and the reply carries what was generated with `finish_reason:
+    /// "cancelled"`. 0: no limit.
+    #[arg(long, env = "FAASMOE_MAX_REQUEST_MS", default_value_t = 600_000)]
+    pub max_request_ms: u64,
     /// `max_tokens` when a request gives none.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: u32,
@@ -236,6 +244,7 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
             max_context: cfg.max_position_embeddings,
             vocab_size: cfg.vocab_size,
             generation,
+            max_request: (settings.max_request_ms > 0).then(|| Duration::from_millis(settings.max_request_ms)),
         },
     });
     api.serve().await

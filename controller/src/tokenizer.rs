@@ -115,6 +115,8 @@ pub type Result<T> = std::result::Result<T, TokenizerError>;
 pub struct QwenTokenizer {
     inner: Tokenizer,
     has_chat_template: bool,
+    /// Bytes of text the longest vocabulary entry stands for (see [`Self::max_token_bytes`]).
+    max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for QwenTokenizer {
@@ -163,10 +165,7 @@ impl QwenTokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        Ok(Self {
-            inner,
-            has_chat_template: false,
-        })
+        Ok(Self::from_tokenizer(inner, false))
     }
 
     /// Loads the tokenizer of a Hugging Face checkpoint directory: `<dir>/tokenizer.json`,
@@ -233,18 +232,28 @@ impl QwenTokenizer {
             path: path.to_path_buf(),
             message: format!("converted tokenizer rejected: {e}"),
         })?;
-        Ok(Self {
-            inner,
-            has_chat_template: false,
-        })
+        Ok(Self::from_tokenizer(inner, false))
     }
 
     /// Wraps an already built [`tokenizers::Tokenizer`] (assumed to be a Qwen tokenizer).
     pub fn from_tokenizer(inner: Tokenizer, has_chat_template: bool) -> Self {
+        // Byte-level BPE spells each byte of a token as one character; an added (special)
+        // token is its content. Either way the text's bytes are at most the spelling's
+        // UTF-8 bytes.
+        let max_token_bytes = inner.get_vocab(true).keys().map(|t| t.len()).max().unwrap_or(1).max(1);
         Self {
             inner,
             has_chat_template,
+            max_token_bytes,
         }
+    }
+
+    /// The most bytes of input text one token can cover (the longest vocabulary entry,
+    /// in bytes of its spelling, an upper bound): a text of more than
+    /// `max_tokens × max_token_bytes()` bytes encodes to more than `max_tokens` tokens,
+    /// so it can be refused without being tokenized.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     /// Writes the tokenizer as a (pretty-printed) Hugging Face `tokenizer.json`, loadable

@@ -172,7 +172,11 @@ impl Deployment {
     /// `flags` (added to `--nats-url --model-dir --model-id`), and waits until the
     /// controller answers on `faasmoe.v1.generate.<probe_tenant>`.
     async fn start(model: &Model, functions: &[FunctionSpec], flags: &[&str], quota: Arc<dyn QuotaGate>, probe_tenant: &str) -> Self {
-        let server = NatsServer::start();
+        Self::start_on(NatsServer::start(), model, functions, flags, quota, probe_tenant).await
+    }
+
+    /// As [`Deployment::start`], on a server already running.
+    async fn start_on(server: NatsServer, model: &Model, functions: &[FunctionSpec], flags: &[&str], quota: Arc<dyn QuotaGate>, probe_tenant: &str) -> Self {
         let model_id = "m".to_string();
         let workers = tokio::task::block_in_place(|| Workers::start(&server.url(), &model.dir, &model_id, functions));
         let url = server.url();
@@ -222,6 +226,13 @@ impl Deployment {
         assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "error without a message: {v}");
         eprintln!("{tenant}: {}", v["error"]);
         code.to_string()
+    }
+
+    /// The controller's dispatch counter `name` (`faasmoe.v1.admin.controller_stats`).
+    async fn dispatch_stat(&self, name: &str) -> u64 {
+        let m = self.client.request("faasmoe.v1.admin.controller_stats", "".into()).await.expect("controller stats");
+        let v: Value = serde_json::from_slice(&m.payload).expect("stats JSON");
+        v["dispatch"][name].as_u64().unwrap_or_else(|| panic!("no dispatch.{name} in {v}"))
     }
 
     /// Sum of the `requests` counters of every worker (their status endpoints).
@@ -391,6 +402,113 @@ async fn prompt_text_on_a_model_without_tokenizer_is_bad_request() {
     assert_eq!(d.error_code("t1", br#"{"prompt": "Hello", "max_tokens": 4}"#.to_vec()).await, "bad_request");
     let chat = br#"{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}"#.to_vec();
     assert_eq!(d.error_code("t1", chat).await, "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_beyond_the_context_is_bad_request_as_in_vllm() {
+    let Some((_m, d)) = gqa_without_workers().await else { return };
+    // 500 prompt tokens leave 12 of the 512.
+    let ids: Vec<u32> = (0..500).map(|i| i % 1000).collect();
+    let v = d.request("t1", &json!({"input_ids": ids, "max_tokens": 13})).await;
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("512") && m.contains("513"), "the message gives the context and the tokens asked for: {m}");
+    let v = d.request("t1", &json!({"input_ids": [1, 2], "max_tokens": 4_000_000_000u64})).await;
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+}
+
+/// A controller over the tiny fixture (real tokenizer) without workers, on a server whose
+/// `max_payload` is 8 MB (bodies of a few MB reach the controller).
+async fn tiny_without_workers() -> Option<(Model, Deployment)> {
+    let model = Model::load(TINY)?;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 8MB\n").unwrap();
+    let server = NatsServer::start_with_config(&conf, &[]);
+    let d = Deployment::start_on(server, &model, &[], &["--granularity", "4"], Arc::new(Unlimited), "probe").await;
+    Some((model, d))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_chat_role_is_bad_request() {
+    let Some((_m, d)) = tiny_without_workers().await else { return };
+    let v = d.request("t1", &json!({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}], "max_tokens": 4})).await;
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("messages[1] has role `robot`"), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_too_long_in_bytes_is_refused_before_it_is_tokenized() {
+    let Some((_m, d)) = tiny_without_workers().await else { return };
+    // 6 MB of text; the context (8192 tokens) holds at most 8192 × 256 bytes (the longest
+    // Qwen token spells 256 bytes). Tokenizing it would take seconds.
+    let prompt = "word ".repeat((6 << 20) / 5).into_bytes();
+    let body = [br#"{"max_tokens": 4, "prompt": ""#.as_slice(), &prompt[..prompt.len() - 1], br#""}"#].concat();
+    let t0 = Instant::now();
+    let v = d.request_raw("t1", body).await;
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("bytes"), "{v}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "refused after {:?}", t0.elapsed());
+    let chat = json!({"messages": [{"role": "user", "content": String::from_utf8(prompt).unwrap()}], "max_tokens": 4});
+    assert_eq!(d.request("t1", &chat).await["error"]["code"], "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_lifetime_is_cancelled_with_what_it_has() {
+    let Some(model) = Model::load(TINY) else { return };
+    let d = Deployment::with_workers(&model, 16, &["--max-request-ms", "1500"]).await;
+    let t0 = Instant::now();
+    let v = d.request("t1", &json!({"input_ids": model.prompt(0), "max_tokens": 5000, "temperature": 0})).await;
+    let took = t0.elapsed();
+    assert_eq!(v["finish_reason"], "cancelled", "{v}");
+    let n = token_ids(&v).len();
+    assert!(n > 0 && n < 5000, "{n} tokens");
+    assert_eq!(token_ids(&v)[..24.min(n)], model.greedy(0)[..24.min(n)]);
+    assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(10), "answered after {took:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Long prompts: expert requests split to fit the server's max_payload
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_prompts_fit_any_max_payload_and_give_the_same_tokens() {
+    let Some(model) = Model::load(TINY) else { return };
+    // Prompts of 1,024 and 4,096 tokens from the fixture's prompts, repeated.
+    let base: Vec<u32> = (0..4).flat_map(|i| model.prompt(i)).collect();
+    let prompts: Vec<Vec<u32>> = [1024, 4096].iter().map(|&n| base.iter().copied().cycle().take(n).collect()).collect();
+    let mut answers: Vec<Vec<Vec<u32>>> = Vec::new();
+    // The server default (1 MB), then 64 KB; whole layers per function, so one function
+    // gets every row of a prompt chunk (a 4,096-token prompt in f32 is 1 MB per layer).
+    for (max_payload, budget) in [(None, "4096"), (Some("64KB"), "4096"), (Some("64KB"), "256")] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = match max_payload {
+            None => NatsServer::start(),
+            Some(m) => {
+                let conf = dir.path().join("nats.conf");
+                std::fs::write(&conf, format!("max_payload: {m}\n")).unwrap();
+                NatsServer::start_with_config(&conf, &[])
+            }
+        };
+        let g = model.num_experts;
+        let flags = ["--granularity", &g.to_string(), "--max-step-tokens", budget];
+        let d = Deployment::start_on(server, &model, &model.layout(g).functions, &flags, Arc::new(Unlimited), "probe").await;
+        let t0 = Instant::now();
+        let mut got = Vec::new();
+        for p in &prompts {
+            let v = d.request("t1", &json!({"input_ids": p, "max_tokens": 4, "temperature": 0})).await;
+            got.push(token_ids(&v));
+        }
+        let splits = d.dispatch_stat("split_requests").await;
+        eprintln!("max_payload {max_payload:?}, budget {budget}: {got:?} in {:.1?}, {splits} extra requests from splits", t0.elapsed());
+        if max_payload.is_some() && budget == "4096" {
+            assert!(splits > 0, "a 64 KB server must split the 4,096-token prefill");
+        }
+        answers.push(got);
+    }
+    assert_eq!(answers[0], answers[1], "splitting changes nothing");
+    assert_eq!(answers[0], answers[2], "chunked prefill changes nothing");
+    assert!(answers[0].iter().all(|a| a.len() == 4));
 }
 
 /// Admits every tenant but one.

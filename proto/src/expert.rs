@@ -227,6 +227,125 @@ impl ExpertRequest {
     }
 }
 
+/// Bytes kept free in every expert message for what [`ExpertRequest::split_to_fit`] does not
+/// count exactly: NATS headers (a W3C `traceparent` is 55 bytes, plus `NATS/1.0` framing)
+/// and msgpack length prefixes. NATS checks headers + payload against `max_payload`.
+pub const MESSAGE_HEADROOM_BYTES: usize = 1024;
+
+/// Upper bound on the msgpack bytes of one [`RowRoutes`] with `k` experts, named fields:
+/// map header (1) + `"experts"` (8) + array header (≤ 3) + k · u32 (≤ 5 each) + `"weights"`
+/// (8) + array header (≤ 3) + k · f32 (5 each).
+fn row_routes_bytes(k: usize) -> usize {
+    23 + 10 * k
+}
+
+impl ExpertRequest {
+    /// Splits the request by rows into consecutive parts such that each part's encoded
+    /// request, and the reply it asks for (`output_rows × hidden` in `reply_dtype`), stay
+    /// within `max_payload` bytes (the NATS server's limit, headers included, as
+    /// `async_nats::Client::max_payload` reports it) less [`MESSAGE_HEADROOM_BYTES`].
+    /// Returns `(first row, part)` in row order; a request that already fits is returned
+    /// whole (no copy: parts share `hidden.data`). Every part keeps the request's fields
+    /// but gets a fresh `request_id`.
+    ///
+    /// This is the one place the split is computed: it holds for any wire dtype,
+    /// granularity (experts per row) and prompt length.
+    ///
+    /// Errors: [`ErrorCode::PayloadTooLarge`] when a single row cannot fit (a server with a
+    /// `max_payload` below a few hidden rows); [`ErrorCode::WrongShape`] when `hidden` is
+    /// not a rank-2 tensor matching its data and `routes`.
+    pub fn split_to_fit(self, max_payload: usize) -> Result<Vec<(usize, ExpertRequest)>, WireError> {
+        let (rows, cols) = self.hidden.dims2()?;
+        self.hidden.check()?;
+        if self.routes.len() != rows {
+            return Err(WireError::new(
+                ErrorCode::WrongShape,
+                format!("hidden has {rows} rows but routes has {} entries", self.routes.len()),
+            ));
+        }
+        let row_in = cols * self.hidden.dtype.size();
+        let out_row = cols * self.reply_dtype.size();
+        let budget = max_payload.saturating_sub(MESSAGE_HEADROOM_BYTES);
+        let empty = |r: &ExpertRequest| ExpertRequest {
+            hidden: WireTensor { dtype: r.hidden.dtype, shape: vec![0, cols as u32], data: Bytes::new() },
+            routes: Vec::new(),
+            ..r.clone_header()
+        };
+        let fixed_request = encode(&empty(&self)).len() + 10;
+        let fixed_reply = encode(&ExpertReply::ok(
+            self.request_id,
+            WireTensor { dtype: self.reply_dtype, shape: vec![0, cols as u32], data: Bytes::new() },
+        ))
+        .len()
+            + 10;
+        let costs = |r: &RowRoutes| {
+            let k = r.experts.len();
+            let reply = if self.combine { out_row } else { k * out_row };
+            (row_in + row_routes_bytes(k), reply)
+        };
+        if let Some((i, (req, rep))) = self.routes.iter().map(costs).enumerate().find(|(_, (q, p))| {
+            fixed_request + q > budget || fixed_reply + p > budget
+        }) {
+            return Err(WireError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "row {i} alone needs a {} byte request and a {} byte reply; the server's max_payload is {max_payload} bytes ({MESSAGE_HEADROOM_BYTES} kept for headers)",
+                    fixed_request + req,
+                    fixed_reply + rep
+                ),
+            ));
+        }
+        let (mut parts, mut start, mut req_bytes, mut rep_bytes) = (Vec::new(), 0usize, fixed_request, fixed_reply);
+        for (i, r) in self.routes.iter().enumerate() {
+            let (q, p) = costs(r);
+            if req_bytes + q > budget || rep_bytes + p > budget {
+                parts.push((start, i));
+                start = i;
+                req_bytes = fixed_request;
+                rep_bytes = fixed_reply;
+            }
+            req_bytes += q;
+            rep_bytes += p;
+        }
+        parts.push((start, rows));
+        if parts.len() == 1 {
+            return Ok(vec![(0, self)]);
+        }
+        Ok(parts
+            .into_iter()
+            .map(|(a, b)| {
+                let part = ExpertRequest {
+                    request_id: Uuid::new_v4(),
+                    hidden: WireTensor {
+                        dtype: self.hidden.dtype,
+                        shape: vec![(b - a) as u32, cols as u32],
+                        data: self.hidden.data.slice(a * row_in..b * row_in),
+                    },
+                    routes: self.routes[a..b].to_vec(),
+                    ..self.clone_header()
+                };
+                (a, part)
+            })
+            .collect())
+    }
+
+    /// The request without its rows (`hidden` and `routes` emptied): what every part of a
+    /// split shares.
+    fn clone_header(&self) -> ExpertRequest {
+        ExpertRequest {
+            version: self.version,
+            request_id: self.request_id,
+            tenant: self.tenant.clone(),
+            model: self.model.clone(),
+            layer: self.layer,
+            hidden: WireTensor { dtype: self.hidden.dtype, shape: vec![0, 0], data: Bytes::new() },
+            routes: Vec::new(),
+            reply_dtype: self.reply_dtype,
+            combine: self.combine,
+        }
+    }
+}
+
 /// The outcome of an [`ExpertRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -351,6 +470,67 @@ mod tests {
             reply_dtype: WireDType::BF16,
             combine: false,
         }
+    }
+
+    /// Every part of a split, and the reply it asks for, fits; the rows come back in order.
+    fn assert_split_fits(req: &ExpertRequest, max_payload: usize) -> usize {
+        let cols = req.hidden.cols().unwrap();
+        let parts = req.clone().split_to_fit(max_payload).unwrap();
+        let mut next = 0;
+        let mut data = Vec::new();
+        for (first, part) in &parts {
+            assert_eq!(*first, next);
+            part.validate(cols).unwrap();
+            assert!(encode(part).len() + MESSAGE_HEADROOM_BYTES <= max_payload, "{} bytes", encode(part).len());
+            let out = WireTensor::from_f32(
+                vec![part.output_rows() as u32, cols as u32],
+                &vec![1.5; part.output_rows() * cols],
+                part.reply_dtype,
+            )
+            .unwrap();
+            assert!(encode(&ExpertReply::ok(part.request_id, out)).len() + MESSAGE_HEADROOM_BYTES <= max_payload);
+            assert_eq!(part.routes, req.routes[next..next + part.routes.len()]);
+            data.extend_from_slice(&part.hidden.data);
+            next += part.routes.len();
+        }
+        assert_eq!(next, req.routes.len());
+        assert_eq!(data, req.hidden.data);
+        parts.len()
+    }
+
+    #[test]
+    fn split_keeps_every_part_and_reply_under_max_payload() {
+        for (rows, hidden, dtype, k) in [(4096, 64, WireDType::F32, 4), (1000, 2048, WireDType::BF16, 60), (333, 48, WireDType::F32, 1)] {
+            let mut req = request(rows, hidden);
+            req.hidden = WireTensor::from_f32(vec![rows, hidden], &vec![0.25; (rows * hidden) as usize], dtype).unwrap();
+            req.reply_dtype = dtype;
+            req.combine = true;
+            req.routes = (0..rows).map(|r| RowRoutes { experts: (0..k).map(|e| e + r % 7).collect(), weights: vec![0.1; k as usize] }).collect();
+            for max_payload in [64 << 10, 1 << 20, 8 << 20] {
+                let n = assert_split_fits(&req, max_payload);
+                // No more parts than needed, give or take the routes' bound and one row.
+                let reply_bytes = req.output_rows() * (hidden as usize) * dtype.size();
+                let needed = encode(&req).len().max(reply_bytes).div_ceil(max_payload - MESSAGE_HEADROOM_BYTES);
+                assert!(n >= needed && n <= needed + needed / 4 + 1, "{rows}x{hidden} {dtype:?} k={k} at {max_payload}: {n} parts, {needed} needed");
+            }
+            req.combine = false;
+            assert_split_fits(&req, 1 << 20);
+        }
+    }
+
+    #[test]
+    fn split_of_a_request_that_fits_is_the_request() {
+        let req = request(3, 8);
+        let parts = req.clone().split_to_fit(1 << 20).unwrap();
+        assert_eq!(parts, vec![(0, req)]);
+    }
+
+    #[test]
+    fn a_row_that_cannot_fit_is_payload_too_large() {
+        let req = request(2, 4096);
+        let e = req.split_to_fit(8 << 10).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PayloadTooLarge);
+        assert!(e.message.contains("max_payload is 8192"), "{}", e.message);
     }
 
     #[test]
