@@ -94,10 +94,16 @@ enum Discovery {
 }
 
 /// Waits for a start in progress, at most until `deadline` (the start itself goes on).
-async fn join_start(function_id: &str, p: PendingStart, deadline: tokio::time::Instant) -> ActivateResult {
+async fn join_start(
+    function_id: &str,
+    p: PendingStart,
+    deadline: tokio::time::Instant,
+) -> ActivateResult {
     match tokio::time::timeout_at(deadline, p).await {
         Ok(r) => r,
-        Err(_) => unavailable(format!("function `{function_id}`: an instance is still starting; retry later")),
+        Err(_) => unavailable(format!(
+            "function `{function_id}`: an instance is still starting; retry later"
+        )),
     }
 }
 
@@ -203,12 +209,18 @@ struct State {
 
 impl State {
     fn alive(&self, function_id: &str) -> usize {
-        self.live.values().filter(|l| l.info.function_id == function_id).count()
+        self.live
+            .values()
+            .filter(|l| l.info.function_id == function_id)
+            .count()
     }
 
     fn ready(&self, function_id: &str) -> Vec<String> {
-        let mut r: Vec<&Live> =
-            self.live.values().filter(|l| l.info.function_id == function_id && l.info.state == InstanceState::Ready).collect();
+        let mut r: Vec<&Live> = self
+            .live
+            .values()
+            .filter(|l| l.info.function_id == function_id && l.info.state == InstanceState::Ready)
+            .collect();
         r.sort_by_key(|l| l.spawned_at);
         r.into_iter().map(|l| l.info.instance_id.clone()).collect()
     }
@@ -236,7 +248,10 @@ pub struct Activator {
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn unavailable(message: impl Into<String>) -> ActivateResult {
@@ -245,10 +260,19 @@ fn unavailable(message: impl Into<String>) -> ActivateResult {
 
 impl Activator {
     /// Creates the activator without listening on NATS (see [`Activator::start`]).
-    pub fn new(client: async_nats::Client, cfg: ActivationConfig, backend: Arc<dyn InstanceBackend>) -> Result<Self, WireError> {
-        let events_subject =
-            subject::events(&cfg.model_id).map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
-        let functions = cfg.layout.functions.iter().map(|f| (f.id.clone(), f.clone())).collect();
+    pub fn new(
+        client: async_nats::Client,
+        cfg: ActivationConfig,
+        backend: Arc<dyn InstanceBackend>,
+    ) -> Result<Self, WireError> {
+        let events_subject = subject::events(&cfg.model_id)
+            .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let functions = cfg
+            .layout
+            .functions
+            .iter()
+            .map(|f| (f.id.clone(), f.clone()))
+            .collect();
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -274,7 +298,9 @@ impl Activator {
         backend: Arc<dyn InstanceBackend>,
     ) -> anyhow::Result<Self> {
         let this = Self::new(client.clone(), cfg, backend)?;
-        let mut requests = client.subscribe(subject::activate(&this.inner.cfg.model_id)?).await?;
+        let mut requests = client
+            .subscribe(subject::activate(&this.inner.cfg.model_id)?)
+            .await?;
         let mut events = client.subscribe(this.inner.events_subject.clone()).await?;
         client.flush().await?;
         let me = this.clone();
@@ -298,7 +324,9 @@ impl Activator {
         let me = this.clone();
         tokio::spawn(async move {
             while let Some(msg) = events.next().await {
-                let Ok(ev) = FunctionEvent::decode(&msg.payload) else { continue };
+                let Ok(ev) = FunctionEvent::decode(&msg.payload) else {
+                    continue;
+                };
                 match ev.kind {
                     EventKind::Ready => me.inner.mark_ready(&ev.instance_id),
                     // The worker announces `stopped` after unsubscribing, before it exits.
@@ -322,7 +350,10 @@ impl Activator {
         if req.model != self.inner.cfg.model_id {
             return ActivateResult::Err(WireError::new(
                 ErrorCode::BadRequest,
-                format!("this broker serves model `{}`, not `{}`", self.inner.cfg.model_id, req.model),
+                format!(
+                    "this broker serves model `{}`, not `{}`",
+                    self.inner.cfg.model_id, req.model
+                ),
             ));
         }
         let mut wait = self.inner.cfg.cap_wait;
@@ -360,15 +391,27 @@ impl Activator {
                 out
             }
         });
-        futures::future::join_all(jobs).await.into_iter().flatten().collect()
+        futures::future::join_all(jobs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
-    async fn activate_function(&self, function_id: &str, want_new: bool, wait: Duration) -> ActivateResult {
+    async fn activate_function(
+        &self,
+        function_id: &str,
+        want_new: bool,
+        wait: Duration,
+    ) -> ActivateResult {
         let inner = &self.inner;
         let Some(spec) = inner.functions.get(function_id).cloned() else {
             return ActivateResult::Err(WireError::new(
                 ErrorCode::UnknownExpert,
-                format!("model `{}` has no function `{function_id}` at granularity {}", inner.cfg.model_id, inner.cfg.layout.granularity),
+                format!(
+                    "model `{}` has no function `{function_id}` at granularity {}",
+                    inner.cfg.model_id, inner.cfg.layout.granularity
+                ),
             ));
         };
         let t0 = Instant::now();
@@ -399,7 +442,11 @@ impl Activator {
                         if waited_at_cap {
                             info!(function_id, instance_id = %id, waited_ms = t0.elapsed().as_secs_f64() * 1e3, "an instance serves again");
                         }
-                        return ActivateResult::Ok { instance_id: id.clone(), cold_start_ms: 0.0, already_running: true };
+                        return ActivateResult::Ok {
+                            instance_id: id.clone(),
+                            cold_start_ms: 0.0,
+                            already_running: true,
+                        };
                     }
                 }
                 if !ready.is_empty() {
@@ -418,7 +465,13 @@ impl Activator {
                     } else if want_new {
                         return unavailable(format!("function `{function_id}` is at its cap of {cap} instance(s) ({alive} alive)"));
                     } else if tokio::time::Instant::now() >= deadline {
-                        warn!(function_id, cap, alive, waited_ms = t0.elapsed().as_secs_f64() * 1e3, "at the cap: no instance became available in time");
+                        warn!(
+                            function_id,
+                            cap,
+                            alive,
+                            waited_ms = t0.elapsed().as_secs_f64() * 1e3,
+                            "at the cap: no instance became available in time"
+                        );
                         return unavailable(format!(
                             "function `{function_id}` is at its cap of {cap} instance(s) ({alive} alive, none available) \
                              and none became available within {:?}; retry later",
@@ -426,7 +479,12 @@ impl Activator {
                         ));
                     } else {
                         if !waited_at_cap {
-                            info!(function_id, cap, alive, "at the cap with no instance available: waiting for one");
+                            info!(
+                                function_id,
+                                cap,
+                                alive,
+                                "at the cap with no instance available: waiting for one"
+                            );
                             inner.cap_waits.fetch_add(1, Ordering::Relaxed);
                             waited_at_cap = true;
                         }
@@ -448,7 +506,11 @@ impl Activator {
     /// Instances alive now (starting, ready, draining), oldest first.
     pub fn instances(&self) -> Vec<InstanceInfo> {
         let st = self.inner.state.lock().unwrap();
-        let mut v: Vec<(&Instant, InstanceInfo)> = st.live.values().map(|l| (&l.spawned_at, l.info.clone())).collect();
+        let mut v: Vec<(&Instant, InstanceInfo)> = st
+            .live
+            .values()
+            .map(|l| (&l.spawned_at, l.info.clone()))
+            .collect();
         v.sort_by_key(|(t, _)| **t);
         v.into_iter().map(|(_, i)| i).collect()
     }
@@ -460,12 +522,26 @@ impl Activator {
 
     /// The most instances of `function_id` that were ever alive at once.
     pub fn peak_alive(&self, function_id: &str) -> usize {
-        self.inner.state.lock().unwrap().peak_alive.get(function_id).copied().unwrap_or(0)
+        self.inner
+            .state
+            .lock()
+            .unwrap()
+            .peak_alive
+            .get(function_id)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Recently exited instances (the last 1024), oldest first.
     pub fn exited(&self) -> Vec<InstanceInfo> {
-        self.inner.state.lock().unwrap().exited.iter().cloned().collect()
+        self.inner
+            .state
+            .lock()
+            .unwrap()
+            .exited
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// How many instances were spawned since start.
@@ -513,7 +589,10 @@ async fn watch_connection(inner: std::sync::Weak<Inner>) {
                 down_since = Some(Instant::now());
             }
             (true, Some(t)) => {
-                info!(outage_ms = t.elapsed().as_secs_f64() * 1e3, "NATS connection restored");
+                info!(
+                    outage_ms = t.elapsed().as_secs_f64() * 1e3,
+                    "NATS connection restored"
+                );
                 down_since = None;
             }
             _ => {}
@@ -532,8 +611,16 @@ impl Inner {
     /// [`ActivationConfig::probe_timeout`]). Only *no responders* counts as not connected;
     /// silence (a frozen or overloaded instance) trusts the records.
     async fn connected(&self, instance_id: &str) -> bool {
-        let Some(timeout) = self.cfg.probe_timeout else { return true };
-        let known = self.state.lock().unwrap().live.get(instance_id).and_then(|l| l.service_id.clone());
+        let Some(timeout) = self.cfg.probe_timeout else {
+            return true;
+        };
+        let known = self
+            .state
+            .lock()
+            .unwrap()
+            .live
+            .get(instance_id)
+            .and_then(|l| l.service_id.clone());
         let service_id = match known {
             Some(id) => id,
             // Its answer to the broadcast is the ping.
@@ -549,7 +636,8 @@ impl Inner {
             }
         };
         let subject = format!("$SRV.PING.{WORKER_SERVICE}.{service_id}");
-        match tokio::time::timeout(timeout, self.client.request(subject, bytes::Bytes::new())).await {
+        match tokio::time::timeout(timeout, self.client.request(subject, bytes::Bytes::new())).await
+        {
             Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => false,
             // A pong, or silence (a loaded machine): connected.
             _ => true,
@@ -567,7 +655,15 @@ impl Inner {
                 return Discovery::NotFound;
             }
         };
-        if let Err(e) = self.client.publish_with_reply(format!("$SRV.PING.{WORKER_SERVICE}"), inbox, bytes::Bytes::new()).await {
+        if let Err(e) = self
+            .client
+            .publish_with_reply(
+                format!("$SRV.PING.{WORKER_SERVICE}"),
+                inbox,
+                bytes::Bytes::new(),
+            )
+            .await
+        {
             warn!(error = %e, "cannot ping the workers");
             return Discovery::NotFound;
         }
@@ -576,11 +672,17 @@ impl Inner {
             if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
                 return Discovery::NoWorkers;
             }
-            let Ok(pong) = serde_json::from_slice::<async_nats::service::PingResponse>(&msg.payload) else { continue };
+            let Ok(pong) =
+                serde_json::from_slice::<async_nats::service::PingResponse>(&msg.payload)
+            else {
+                continue;
+            };
             if pong.metadata.get("model") != Some(&self.cfg.model_id) {
                 continue;
             }
-            let Some(instance) = pong.metadata.get("instance_id") else { continue };
+            let Some(instance) = pong.metadata.get("instance_id") else {
+                continue;
+            };
             if let Some(l) = self.state.lock().unwrap().live.get_mut(instance) {
                 l.service_id = Some(pong.id.clone());
             }
@@ -602,7 +704,12 @@ impl Inner {
         let me = self.clone();
         let job = tokio::spawn(async move { me.start_instance(spec).await });
         let fut: BoxFuture<'static, ActivateResult> = async move {
-            job.await.unwrap_or_else(|e| ActivateResult::Err(WireError::new(ErrorCode::Internal, format!("start task failed: {e}"))))
+            job.await.unwrap_or_else(|e| {
+                ActivateResult::Err(WireError::new(
+                    ErrorCode::Internal,
+                    format!("start task failed: {e}"),
+                ))
+            })
         }
         .boxed();
         let shared = fut.shared();
@@ -624,7 +731,11 @@ impl Inner {
     }
 
     async fn publish(&self, ev: FunctionEvent) {
-        if let Err(e) = self.client.publish(self.events_subject.clone(), ev.encode()).await {
+        if let Err(e) = self
+            .client
+            .publish(self.events_subject.clone(), ev.encode())
+            .await
+        {
             warn!(error = %e, "publishing a function event failed");
         }
     }
@@ -653,7 +764,8 @@ impl Inner {
             Ok(i) => i,
             Err(e) => {
                 warn!(function_id = %spec.id, error = %e, "spawn failed");
-                self.publish(self.event(EventKind::SpawnFailed, &info)).await;
+                self.publish(self.event(EventKind::SpawnFailed, &info))
+                    .await;
                 return unavailable(format!("function `{}`: spawn failed: {e}", spec.id));
             }
         };
@@ -665,7 +777,13 @@ impl Inner {
             let mut st = self.state.lock().unwrap();
             st.live.insert(
                 instance_id.clone(),
-                Live { info: info.clone(), spawned_at, state_tx, control: control_tx.clone(), service_id: None },
+                Live {
+                    info: info.clone(),
+                    spawned_at,
+                    state_tx,
+                    control: control_tx.clone(),
+                    service_id: None,
+                },
             );
             let alive = st.alive(&spec.id);
             let peak = st.peak_alive.entry(spec.id.clone()).or_default();
@@ -675,7 +793,10 @@ impl Inner {
         self.spawns.fetch_add(1, Ordering::SeqCst);
         info!(function_id = %spec.id, %instance_id, pid = ?info.pid, "instance started");
         self.publish(self.event(EventKind::Started, &info)).await;
-        tokio::spawn(self.clone().own_instance(instance_id.clone(), instance, control_rx));
+        tokio::spawn(
+            self.clone()
+                .own_instance(instance_id.clone(), instance, control_rx),
+        );
         if let Some(sig) = ready_signal {
             let me = self.clone();
             let id = instance_id.clone();
@@ -685,7 +806,11 @@ impl Inner {
                 }
             });
         }
-        let waited = tokio::time::timeout(self.cfg.ready_timeout, state_rx.wait_for(|s| *s != InstanceState::Starting)).await;
+        let waited = tokio::time::timeout(
+            self.cfg.ready_timeout,
+            state_rx.wait_for(|s| *s != InstanceState::Starting),
+        )
+        .await;
         let outcome = match waited {
             Ok(Ok(s)) => *s,
             Ok(Err(_)) => InstanceState::Exited, // sender dropped: record removed
@@ -700,7 +825,13 @@ impl Inner {
         };
         match outcome {
             InstanceState::Ready | InstanceState::Draining => {
-                let cold = self.state.lock().unwrap().live.get(&instance_id).and_then(|l| l.info.cold_start_ms);
+                let cold = self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .live
+                    .get(&instance_id)
+                    .and_then(|l| l.info.cold_start_ms);
                 ActivateResult::Ok {
                     instance_id,
                     cold_start_ms: cold.unwrap_or_else(|| spawned_at.elapsed().as_secs_f64() * 1e3),
@@ -708,14 +839,30 @@ impl Inner {
                 }
             }
             _ => {
-                let exit = self.state.lock().unwrap().exited.iter().rev().find(|i| i.instance_id == instance_id).and_then(|i| i.exit);
-                unavailable(format!("function `{}`: instance {instance_id} exited before it was ready ({exit:?})", spec.id))
+                let exit = self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .exited
+                    .iter()
+                    .rev()
+                    .find(|i| i.instance_id == instance_id)
+                    .and_then(|i| i.exit);
+                unavailable(format!(
+                    "function `{}`: instance {instance_id} exited before it was ready ({exit:?})",
+                    spec.id
+                ))
             }
         }
     }
 
     /// Owns one instance until it exits; records the exit and publishes the event.
-    async fn own_instance(self: Arc<Self>, instance_id: String, mut instance: Box<dyn Instance>, mut control: mpsc::UnboundedReceiver<Control>) {
+    async fn own_instance(
+        self: Arc<Self>,
+        instance_id: String,
+        mut instance: Box<dyn Instance>,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) {
         let exit = loop {
             let signal = tokio::select! {
                 r = instance.wait() => break r,
@@ -734,7 +881,10 @@ impl Inner {
             Ok(e) => e,
             Err(e) => {
                 warn!(%instance_id, error = %e, "waiting for instance failed");
-                InstanceExit { code: None, signal: None }
+                InstanceExit {
+                    code: None,
+                    signal: None,
+                }
             }
         };
         let record = {
@@ -755,7 +905,11 @@ impl Inner {
         self.changed();
         let Some((info, was)) = record else { return };
         info!(function_id = %info.function_id, %instance_id, ?exit, "instance exited");
-        let kind = if was == InstanceState::Starting { EventKind::SpawnFailed } else { EventKind::Stopped };
+        let kind = if was == InstanceState::Starting {
+            EventKind::SpawnFailed
+        } else {
+            EventKind::Stopped
+        };
         let mut ev = self.event(kind, &info);
         ev.exit_status = exit.code;
         self.publish(ev).await;
@@ -764,7 +918,9 @@ impl Inner {
     fn mark_ready(self: &Arc<Self>, instance_id: &str) {
         let ev = {
             let mut st = self.state.lock().unwrap();
-            let Some(l) = st.live.get_mut(instance_id) else { return };
+            let Some(l) = st.live.get_mut(instance_id) else {
+                return;
+            };
             if l.info.state != InstanceState::Starting {
                 return;
             }
@@ -786,7 +942,9 @@ impl Inner {
     fn mark_draining(&self, instance_id: &str) {
         {
             let mut st = self.state.lock().unwrap();
-            let Some(l) = st.live.get_mut(instance_id) else { return };
+            let Some(l) = st.live.get_mut(instance_id) else {
+                return;
+            };
             if l.info.state != InstanceState::Ready {
                 return;
             }

@@ -40,7 +40,11 @@ pub const INTERNAL_FILE: &str = "internal.conf";
 
 /// A random password: two v4 UUIDs (244 random bits from the OS generator), 64 hex digits.
 pub fn random_secret() -> String {
-    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 /// The bcrypt hash of `password` (`$2a$06$…`, 60 characters) as nats-server reads it.
@@ -69,19 +73,29 @@ pub struct InternalCredentials {
 
 impl std::fmt::Debug for InternalCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InternalCredentials").field("development", &self.is_development()).finish_non_exhaustive()
+        f.debug_struct("InternalCredentials")
+            .field("development", &self.is_development())
+            .finish_non_exhaustive()
     }
 }
 
 impl InternalCredentials {
     /// Fresh random passwords ([`random_secret`]).
     pub fn generate() -> Self {
-        Self { controller: random_secret(), worker: random_secret(), broker: random_secret() }
+        Self {
+            controller: random_secret(),
+            worker: random_secret(),
+            broker: random_secret(),
+        }
     }
 
     /// The published development passwords of `nats.conf`.
     pub fn development() -> Self {
-        Self { controller: dev_users::CONTROLLER.1.into(), worker: dev_users::WORKER.1.into(), broker: dev_users::BROKER.1.into() }
+        Self {
+            controller: dev_users::CONTROLLER.1.into(),
+            worker: dev_users::WORKER.1.into(),
+            broker: dev_users::BROKER.1.into(),
+        }
     }
 
     /// Whether any of them is a published development password.
@@ -127,7 +141,11 @@ pub fn uses_development_passwords(config_text: &str) -> Vec<&'static str> {
             v.starts_with("$2").then_some(v)
         })
         .collect();
-    dev_users::ALL.iter().filter(|(_, pw)| hashes.iter().any(|h| verify_password(pw, h))).map(|(user, _)| *user).collect()
+    dev_users::ALL
+        .iter()
+        .filter(|(_, pw)| hashes.iter().any(|h| verify_password(pw, h)))
+        .map(|(user, _)| *user)
+        .collect()
 }
 
 /// `base` with the lines from [`INTERNAL_BEGIN`] to [`INTERNAL_END`] replaced by
@@ -172,13 +190,21 @@ mod tests {
 
     #[test]
     fn the_project_config_holds_only_development_hashes_and_is_detected() {
-        let text = std::fs::read_to_string(crate::server::workspace_root().join("nats.conf")).unwrap();
+        let text =
+            std::fs::read_to_string(crate::server::workspace_root().join("nats.conf")).unwrap();
         for (_, pw) in dev_users::ALL {
-            assert!(!text.contains(pw), "plaintext development password in nats.conf");
+            assert!(
+                !text.contains(pw),
+                "plaintext development password in nats.conf"
+            );
         }
-        assert_eq!(uses_development_passwords(&text), ["controller", "worker", "broker", "tenant-demo"]);
+        assert_eq!(
+            uses_development_passwords(&text),
+            ["controller", "worker", "broker", "tenant-demo"]
+        );
         let generated = InternalCredentials::generate();
-        let replaced = replace_internal_block(&text, &generated.hashed_block()).expect("nats.conf has the internal block");
+        let replaced = replace_internal_block(&text, &generated.hashed_block())
+            .expect("nats.conf has the internal block");
         assert!(uses_development_passwords(&replaced).is_empty());
         assert!(replaced.contains(INTERNAL_BEGIN) && replaced.contains(INTERNAL_END));
         assert!(replace_internal_block("a: 1\n", "x").is_none());

@@ -111,8 +111,14 @@ impl Deployment {
 
     /// Reads a JSON deployment file (fields as in this struct; unknown fields are rejected).
     pub fn from_file(path: &Path) -> Result<Self, DeploymentError> {
-        let text = std::fs::read_to_string(path).map_err(|source| DeploymentError::Io { path: path.into(), source })?;
-        let d: Self = serde_json::from_str(&text).map_err(|source| DeploymentError::Parse { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| DeploymentError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let d: Self = serde_json::from_str(&text).map_err(|source| DeploymentError::Parse {
+            path: path.into(),
+            source,
+        })?;
         d.validate()?;
         Ok(d)
     }
@@ -120,10 +126,14 @@ impl Deployment {
     /// Checks ranges and the model id.
     pub fn validate(&self) -> Result<(), DeploymentError> {
         if self.granularity == 0 {
-            return Err(DeploymentError::Invalid("granularity must be at least 1".into()));
+            return Err(DeploymentError::Invalid(
+                "granularity must be at least 1".into(),
+            ));
         }
         if self.max_instances_per_function == 0 {
-            return Err(DeploymentError::Invalid("max_instances_per_function must be at least 1".into()));
+            return Err(DeploymentError::Invalid(
+                "max_instances_per_function must be at least 1".into(),
+            ));
         }
         if self.min_instances > self.max_instances_per_function {
             return Err(DeploymentError::Invalid(format!(
@@ -131,7 +141,8 @@ impl Deployment {
                 self.min_instances, self.max_instances_per_function
             )));
         }
-        subject::validate_token("model", &self.model_id()).map_err(|e| DeploymentError::Invalid(e.to_string()))
+        subject::validate_token("model", &self.model_id())
+            .map_err(|e| DeploymentError::Invalid(e.to_string()))
     }
 
     /// The model id for subjects: `model_id`, else [`subject::model_id_for_dir`] (as the
@@ -145,13 +156,24 @@ impl Deployment {
 
     /// The functions: every MoE layer of the checkpoint cut at `granularity`.
     pub fn layout(&self) -> Result<Layout, DeploymentError> {
-        let cfg = faasmoe_model::Config::from_dir(&self.model_dir)
-            .map_err(|e| DeploymentError::Checkpoint { dir: self.model_dir.clone(), message: e.to_string() })?;
+        let cfg = faasmoe_model::Config::from_dir(&self.model_dir).map_err(|e| {
+            DeploymentError::Checkpoint {
+                dir: self.model_dir.clone(),
+                message: e.to_string(),
+            }
+        })?;
         let layers: Vec<u32> = cfg.moe_layers().map(|l| l as u32).collect();
         if layers.is_empty() || cfg.num_experts == 0 {
-            return Err(DeploymentError::Checkpoint { dir: self.model_dir.clone(), message: "the model has no MoE layers".into() });
+            return Err(DeploymentError::Checkpoint {
+                dir: self.model_dir.clone(),
+                message: "the model has no MoE layers".into(),
+            });
         }
-        Ok(Layout::new(&layers, cfg.num_experts as u32, self.granularity))
+        Ok(Layout::new(
+            &layers,
+            cfg.num_experts as u32,
+            self.granularity,
+        ))
     }
 
     /// The worker binary: `worker_bin`, else `faasmoe-expert-worker` next to the current
@@ -178,7 +200,9 @@ mod tests {
 
     #[test]
     fn json_file_fills_defaults_and_rejects_bad_ranges() {
-        let d: Deployment = serde_json::from_str(r#"{"model_dir": "/m/Qwen1.5-MoE-A2.7B", "granularity": 4}"#).unwrap();
+        let d: Deployment =
+            serde_json::from_str(r#"{"model_dir": "/m/Qwen1.5-MoE-A2.7B", "granularity": 4}"#)
+                .unwrap();
         assert_eq!(d.granularity, 4);
         assert_eq!(d.max_instances_per_function, 1);
         assert_eq!(d.model_id(), "qwen1-5-moe-a2-7b");

@@ -26,7 +26,13 @@ pub mod tenants;
 pub use activation::{ActivationConfig, Activator, InstanceInfo, InstanceState};
 pub use credentials::InternalCredentials;
 pub use deployment::Deployment;
-pub use runtime::{render_config, reload, RuntimeConfig, RuntimeError, RuntimeState, ServerControl, TenantAdmin, TENANTS_MARKER};
+pub use runtime::{
+    reload, render_config, RuntimeConfig, RuntimeError, RuntimeState, ServerControl, TenantAdmin,
+    TENANTS_MARKER,
+};
 pub use server::{EmbeddedServer, ServerOptions};
 pub use spawner::{Instance, InstanceBackend, InstanceExit, LocalProcessBackend, SpawnError};
-pub use tenants::{Admission, Quota, QuotaError, QuotaKind, TenantCredentials, TenantError, TenantRecord, TenantStore, TenantStoreConfig, TenantsConf, Usage};
+pub use tenants::{
+    Admission, Quota, QuotaError, QuotaKind, TenantCredentials, TenantError, TenantRecord,
+    TenantStore, TenantStoreConfig, TenantsConf, Usage,
+};

@@ -5,8 +5,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use faasmoe_broker::{
-    ActivationConfig, Activator, Deployment, EmbeddedServer, InternalCredentials, LocalProcessBackend, Quota, RuntimeConfig, ServerOptions, TenantAdmin,
-    TenantStore, TenantStoreConfig, TenantsConf,
+    ActivationConfig, Activator, Deployment, EmbeddedServer, InternalCredentials,
+    LocalProcessBackend, Quota, RuntimeConfig, ServerOptions, TenantAdmin, TenantStore,
+    TenantStoreConfig, TenantsConf,
 };
 use faasmoe_proto::connection::{self, NatsArgs};
 use tracing::info;
@@ -156,9 +157,21 @@ impl StoreArgs {
     }
 
     async fn open(&self) -> anyhow::Result<TenantStore> {
-        let url = self.nats.nats_url.clone().unwrap_or_else(|| connection::DEFAULT_NATS_URL.into());
+        let url = self
+            .nats
+            .nats_url
+            .clone()
+            .unwrap_or_else(|| connection::DEFAULT_NATS_URL.into());
         let client = self.nats.connect(&url).await?;
-        Ok(TenantStore::open(client, TenantStoreConfig { bucket: self.bucket.clone(), replicas: self.replicas, ..Default::default() }).await?)
+        Ok(TenantStore::open(
+            client,
+            TenantStoreConfig {
+                bucket: self.bucket.clone(),
+                replicas: self.replicas,
+                ..Default::default()
+            },
+        )
+        .await?)
     }
 }
 
@@ -170,7 +183,9 @@ fn parse_limit(s: &str) -> Result<Limit, String> {
     if s.eq_ignore_ascii_case("none") || s.eq_ignore_ascii_case("unlimited") {
         Ok(Limit(None))
     } else {
-        s.parse().map(|n| Limit(Some(n))).map_err(|e| format!("`{s}`: {e} (a number or `none`)"))
+        s.parse()
+            .map(|n| Limit(Some(n)))
+            .map_err(|e| format!("`{s}`: {e} (a number or `none`)"))
     }
 }
 
@@ -254,7 +269,10 @@ async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
             let creds = match store.admin(&s)? {
                 Some(admin) => {
                     let creds = admin.create(&name, quota.apply(Quota::default())).await?;
-                    eprintln!("added to {} and reloaded the server", admin.runtime().path().display());
+                    eprintln!(
+                        "added to {} and reloaded the server",
+                        admin.runtime().path().display()
+                    );
                     creds
                 }
                 None => {
@@ -262,13 +280,19 @@ async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
                     if let Some(dir) = &store.conf_dir {
                         let conf = TenantsConf::in_dir(dir);
                         conf.upsert(&creds)?;
-                        eprintln!("added to {} (render it into the server's users and reload the server)", conf.path().display());
+                        eprintln!(
+                            "added to {} (render it into the server's users and reload the server)",
+                            conf.path().display()
+                        );
                     }
                     creds
                 }
             };
             if store.json {
-                println!("{}", serde_json::json!({"credentials": creds, "inbox_prefix": creds.inbox_prefix(), "nats_user_entry": creds.nats_user_entry()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"credentials": creds, "inbox_prefix": creds.inbox_prefix(), "nats_user_entry": creds.nats_user_entry()})
+                );
             } else {
                 println!(
                     "tenant:       {}\nuser:         {}\npassword:     {}   (shown once: only its bcrypt hash is kept)\ninbox prefix: {}   (set it in the client: nats --inbox-prefix, nats-py inbox_prefix=, nats.go CustomInboxPrefix)\n\nnats.conf users entry:\n{}",
@@ -285,7 +309,10 @@ async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
             if store.json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                println!("{:<20} {:>8} {:>12} {:>14} {:>9} {:>14}", "TENANT", "MAX_CONC", "TOK/MIN", "TOTAL_BUDGET", "IN_FLIGHT", "TOTAL_USED");
+                println!(
+                    "{:<20} {:>8} {:>12} {:>14} {:>9} {:>14}",
+                    "TENANT", "MAX_CONC", "TOK/MIN", "TOTAL_BUDGET", "IN_FLIGHT", "TOTAL_USED"
+                );
                 for r in all {
                     println!(
                         "{:<20} {:>8} {:>12} {:>14} {:>9} {:>14}",
@@ -329,7 +356,11 @@ async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
 async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let mut d = match &args.deployment {
         Some(f) => Deployment::from_file(f)?,
-        None => Deployment::new(args.model_dir.clone().context("give --model-dir or --deployment")?),
+        None => Deployment::new(
+            args.model_dir
+                .clone()
+                .context("give --model-dir or --deployment")?,
+        ),
     };
     if let Some(m) = &args.model_dir {
         d.model_dir = m.clone();
@@ -362,7 +393,11 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         Some(_) => None,
         None => {
             // This deployment's internal passwords: the ones given, else generated now.
-            let given = [args.nats.nats_password.clone(), d.worker_password.clone(), std::env::var("FAASMOE_CONTROLLER_PASSWORD").ok()];
+            let given = [
+                args.nats.nats_password.clone(),
+                d.worker_password.clone(),
+                std::env::var("FAASMOE_CONTROLLER_PASSWORD").ok(),
+            ];
             let generated = InternalCredentials::generate();
             let creds = InternalCredentials {
                 broker: given[0].clone().unwrap_or(generated.broker),
@@ -371,7 +406,14 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             };
             if given.iter().any(Option::is_none) {
                 eprintln!("generated internal passwords for this deployment (shown once; the server keeps bcrypt hashes):");
-                for ((user, pw), given) in [("broker", &creds.broker), ("worker", &creds.worker), ("controller", &creds.controller)].into_iter().zip(&given) {
+                for ((user, pw), given) in [
+                    ("broker", &creds.broker),
+                    ("worker", &creds.worker),
+                    ("controller", &creds.controller),
+                ]
+                .into_iter()
+                .zip(&given)
+                {
                     if given.is_none() {
                         eprintln!("  {user:<10} {pw}");
                     }
@@ -381,7 +423,10 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             d.worker_password = Some(creds.worker.clone());
             let opts = ServerOptions {
                 internal_credentials: Some(creds),
-                config: args.nats_config.clone().unwrap_or_else(faasmoe_broker::server::default_config),
+                config: args
+                    .nats_config
+                    .clone()
+                    .unwrap_or_else(faasmoe_broker::server::default_config),
                 runtime_dir: args.runtime_dir.clone(),
                 store_dir: args.js_dir.clone(),
                 addr: args.listen.clone(),
@@ -393,16 +438,31 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             Some(s)
         }
     };
-    let url = args.nats.nats_url.clone().unwrap_or_else(|| server.as_ref().expect("embedded").url().to_string());
+    let url = args
+        .nats
+        .nats_url
+        .clone()
+        .unwrap_or_else(|| server.as_ref().expect("embedded").url().to_string());
     let client = args.nats.connect(&url).await?;
     // Provision JetStream: the tenant bucket.
-    TenantStore::open(client.clone(), TenantStoreConfig { replicas: args.tenant_replicas, ..Default::default() }).await?;
+    TenantStore::open(
+        client.clone(),
+        TenantStoreConfig {
+            replicas: args.tenant_replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
     if d.worker_password.is_none() {
         tracing::warn!("no worker password (--worker-nats-password / FAASMOE_WORKER_PASSWORD): workers connect without credentials");
     }
     let backend = LocalProcessBackend {
         worker_bin: d.worker_bin(),
-        nats: NatsArgs { url: d.nats_url.clone().unwrap_or_else(|| url.clone()), user: d.worker_password.as_ref().and(d.worker_user.clone()), password: d.worker_password.clone() },
+        nats: NatsArgs {
+            url: d.nats_url.clone().unwrap_or_else(|| url.clone()),
+            user: d.worker_password.as_ref().and(d.worker_user.clone()),
+            password: d.worker_password.clone(),
+        },
         model_dir: d.model_dir.clone(),
         model_id: model_id.clone(),
         idle_timeout_ms: d.idle_timeout_ms,
@@ -441,7 +501,9 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -57,7 +57,11 @@ pub enum RuntimeError {
     },
     /// The runtime directory holds generated internal credentials but the base
     /// configuration has no block to put them in.
-    #[error("{path}: no `{}` … `{}` block for the deployment's internal passwords", crate::credentials::INTERNAL_BEGIN, crate::credentials::INTERNAL_END)]
+    #[error(
+        "{path}: no `{}` … `{}` block for the deployment's internal passwords",
+        crate::credentials::INTERNAL_BEGIN,
+        crate::credentials::INTERNAL_END
+    )]
     NoInternalBlock {
         /// The base configuration.
         path: String,
@@ -98,7 +102,11 @@ impl From<RuntimeError> for TenantError {
 /// `base` with `tenant_entries` inserted after the marker line (indented like the marker).
 /// Without a marker, `base` is returned unchanged if there are no entries, else
 /// [`RuntimeError::NoMarker`].
-pub fn render_config(base: &str, tenant_entries: &str, base_name: &str) -> Result<String, RuntimeError> {
+pub fn render_config(
+    base: &str,
+    tenant_entries: &str,
+    base_name: &str,
+) -> Result<String, RuntimeError> {
     let mut out = String::with_capacity(base.len() + tenant_entries.len() + 64);
     let mut found = false;
     for line in base.split_inclusive('\n') {
@@ -121,7 +129,9 @@ pub fn render_config(base: &str, tenant_entries: &str, base_name: &str) -> Resul
         }
     }
     if !found && !tenant_entries.trim().is_empty() {
-        return Err(RuntimeError::NoMarker { path: base_name.to_string() });
+        return Err(RuntimeError::NoMarker {
+            path: base_name.to_string(),
+        });
     }
     Ok(out)
 }
@@ -129,7 +139,8 @@ pub fn render_config(base: &str, tenant_entries: &str, base_name: &str) -> Resul
 /// Sends SIGHUP to `pid` (what `nats-server --signal reload=<pid>` does). Returns at once;
 /// see [`ServerControl::reload`] for a reload that waits for the server's confirmation.
 pub fn reload(pid: u32) -> std::io::Result<()> {
-    let pid = i32::try_from(pid).map_err(|_| std::io::Error::other(format!("pid {pid} out of range")))?;
+    let pid =
+        i32::try_from(pid).map_err(|_| std::io::Error::other(format!("pid {pid} out of range")))?;
     // SAFETY: kill(2) with a valid signal number has no memory-safety preconditions.
     if unsafe { libc::kill(pid, libc::SIGHUP) } == 0 {
         Ok(())
@@ -150,7 +161,11 @@ impl RuntimeConfig {
     /// Renders `base` into `dir` (created if missing) with the tenants of `dir/tenants.conf`.
     pub fn new(base: impl Into<PathBuf>, dir: impl Into<PathBuf>) -> Self {
         let dir = dir.into();
-        Self { base: base.into(), tenants: TenantsConf::in_dir(&dir), dir }
+        Self {
+            base: base.into(),
+            tenants: TenantsConf::in_dir(&dir),
+            dir,
+        }
     }
 
     /// The base configuration (e.g. the project's `nats.conf`).
@@ -182,8 +197,13 @@ impl RuntimeConfig {
             Err(e) => return Err(e.into()),
         };
         let base = match std::fs::read_to_string(self.dir.join(crate::credentials::INTERNAL_FILE)) {
-            Ok(block) => crate::credentials::replace_internal_block(&base, &block)
-                .ok_or_else(|| RuntimeError::NoInternalBlock { path: self.base.display().to_string() })?,
+            Ok(block) => {
+                crate::credentials::replace_internal_block(&base, &block).ok_or_else(|| {
+                    RuntimeError::NoInternalBlock {
+                        path: self.base.display().to_string(),
+                    }
+                })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => base,
             Err(e) => return Err(e.into()),
         };
@@ -210,14 +230,27 @@ impl RuntimeConfig {
     /// Reads `<dir>/server.json` written by the broker that started the server.
     pub fn read_state(dir: &Path) -> Result<RuntimeState, RuntimeError> {
         let path = dir.join(STATE_FILE);
-        let text = std::fs::read(&path).map_err(|e| RuntimeError::State { path: path.display().to_string(), message: e.to_string() })?;
-        serde_json::from_slice(&text).map_err(|e| RuntimeError::State { path: path.display().to_string(), message: e.to_string() })
+        let text = std::fs::read(&path).map_err(|e| RuntimeError::State {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        serde_json::from_slice(&text).map_err(|e| RuntimeError::State {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// The configuration and control of the server recorded in `<dir>/server.json`.
     pub fn from_state_dir(dir: &Path) -> Result<(Self, ServerControl), RuntimeError> {
         let state = Self::read_state(dir)?;
-        Ok((Self::new(&state.base_config, dir), ServerControl { pid: state.pid, log_file: state.log_file, reload_timeout: DEFAULT_RELOAD_TIMEOUT }))
+        Ok((
+            Self::new(&state.base_config, dir),
+            ServerControl {
+                pid: state.pid,
+                log_file: state.log_file,
+                reload_timeout: DEFAULT_RELOAD_TIMEOUT,
+            },
+        ))
     }
 }
 
@@ -275,8 +308,17 @@ fn count_in_log(path: &Path) -> (usize, usize, String) {
         let _ = f.read_to_end(&mut buf);
     }
     let text = String::from_utf8_lossy(&buf);
-    let last_failure = text.lines().rev().find(|l| l.contains(RELOAD_FAILED)).unwrap_or_default().to_string();
-    (text.matches(RELOADED).count(), text.matches(RELOAD_FAILED).count(), last_failure)
+    let last_failure = text
+        .lines()
+        .rev()
+        .find(|l| l.contains(RELOAD_FAILED))
+        .unwrap_or_default()
+        .to_string();
+    (
+        text.matches(RELOADED).count(),
+        text.matches(RELOAD_FAILED).count(),
+        last_failure,
+    )
 }
 
 impl ServerControl {
@@ -300,7 +342,10 @@ impl ServerControl {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(RuntimeError::ReloadTimeout { pid: self.pid, timeout: self.reload_timeout });
+                return Err(RuntimeError::ReloadTimeout {
+                    pid: self.pid,
+                    timeout: self.reload_timeout,
+                });
             }
         }
     }
@@ -323,14 +368,22 @@ pub struct TenantAdmin {
 
 impl std::fmt::Debug for TenantAdmin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TenantAdmin").field("runtime", &self.runtime).field("server", &self.server).finish()
+        f.debug_struct("TenantAdmin")
+            .field("runtime", &self.runtime)
+            .field("server", &self.server)
+            .finish()
     }
 }
 
 impl TenantAdmin {
     /// Administers tenants of the server `server` running from `runtime`'s rendered file.
     pub fn new(store: TenantStore, runtime: RuntimeConfig, server: ServerControl) -> Self {
-        Self { store, runtime, server, lock: Arc::new(tokio::sync::Mutex::new(())) }
+        Self {
+            store,
+            runtime,
+            server,
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
     }
 
     /// The quota store.
@@ -389,18 +442,32 @@ mod tests {
 
     #[test]
     fn renders_entries_after_the_marker() {
-        let out = render_config(BASE, "# BEGIN tenant x\n{\n  user: \"tenant-x\"\n}\n# END tenant x\n", "base").unwrap();
+        let out = render_config(
+            BASE,
+            "# BEGIN tenant x\n{\n  user: \"tenant-x\"\n}\n# END tenant x\n",
+            "base",
+        )
+        .unwrap();
         assert!(out.contains("      # @faasmoe-tenants\n      # BEGIN tenant x\n      {\n        user: \"tenant-x\"\n      }\n      # END tenant x\n    ]"), "{out}");
         assert_eq!(render_config(BASE, "", "base").unwrap(), BASE);
-        assert!(matches!(render_config("users: []\n", "{ user: x }\n", "base"), Err(RuntimeError::NoMarker { .. })));
-        assert_eq!(render_config("users: []\n", "", "base").unwrap(), "users: []\n");
+        assert!(matches!(
+            render_config("users: []\n", "{ user: x }\n", "base"),
+            Err(RuntimeError::NoMarker { .. })
+        ));
+        assert_eq!(
+            render_config("users: []\n", "", "base").unwrap(),
+            "users: []\n"
+        );
     }
 
     #[test]
     fn project_nats_conf_has_the_marker_inside_the_users_array() {
-        let text = std::fs::read_to_string(crate::server::workspace_root().join("nats.conf")).unwrap();
+        let text =
+            std::fs::read_to_string(crate::server::workspace_root().join("nats.conf")).unwrap();
         let users = text.find("users: [").expect("users array");
-        let marker = text.find(&format!("\n      {TENANTS_MARKER}\n")).expect("marker line");
+        let marker = text
+            .find(&format!("\n      {TENANTS_MARKER}\n"))
+            .expect("marker line");
         let close = users + text[users..].find("\n    ]").expect("end of users array");
         assert!(users < marker && marker < close);
     }

@@ -19,7 +19,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::credentials::InternalCredentials;
-use crate::runtime::{RuntimeConfig, RuntimeError, RuntimeState, ServerControl, TenantAdmin, DEFAULT_RELOAD_TIMEOUT};
+use crate::runtime::{
+    RuntimeConfig, RuntimeError, RuntimeState, ServerControl, TenantAdmin, DEFAULT_RELOAD_TIMEOUT,
+};
 use crate::tenants::TenantStore;
 
 /// Environment variable `nats.conf` reads its JetStream store directory from.
@@ -122,7 +124,10 @@ impl Default for ServerOptions {
 
 /// The workspace root this crate was built in.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// `./nats.conf` if it exists, else `<workspace>/nats.conf`.
@@ -146,23 +151,32 @@ pub fn nats_server_bin() -> Result<PathBuf, ServerError> {
             return Ok(found);
         }
     }
-    let local = workspace_root().join(".tools").join("bin").join("nats-server");
+    let local = workspace_root()
+        .join(".tools")
+        .join("bin")
+        .join("nats-server");
     if local.is_file() {
         return Ok(local);
     }
-    find_on_path(Path::new("nats-server")).ok_or(ServerError::NotFound { local: local.display().to_string() })
+    find_on_path(Path::new("nats-server")).ok_or(ServerError::NotFound {
+        local: local.display().to_string(),
+    })
 }
 
 fn find_on_path(name: &Path) -> Option<PathBuf> {
     if name.components().count() != 1 {
         return None;
     }
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|c| c.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|c| c.is_file())
 }
 
 /// A free TCP port on 127.0.0.1 (bind port 0 and release it; another process may take it).
 pub fn free_port() -> std::io::Result<u16> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr().map(|a| a.port())
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()
+        .map(|a| a.port())
 }
 
 /// A running `nats-server` child, killed and reaped on drop.
@@ -186,11 +200,16 @@ impl EmbeddedServer {
         if !opts.config.is_file() {
             return Err(ServerError::NoConfig(opts.config.clone()));
         }
-        let temp = if opts.store_dir.is_none() || opts.log_file.is_none() || opts.runtime_dir.is_none() {
-            Some(tempfile::Builder::new().prefix("faasmoe-broker-nats-").tempdir()?)
-        } else {
-            None
-        };
+        let temp =
+            if opts.store_dir.is_none() || opts.log_file.is_none() || opts.runtime_dir.is_none() {
+                Some(
+                    tempfile::Builder::new()
+                        .prefix("faasmoe-broker-nats-")
+                        .tempdir()?,
+                )
+            } else {
+                None
+            };
         let store_dir = match &opts.store_dir {
             Some(d) => d.clone(),
             None => temp.as_ref().expect("temp dir").path().join("jetstream"),
@@ -198,7 +217,11 @@ impl EmbeddedServer {
         std::fs::create_dir_all(&store_dir)?;
         let log_file = match &opts.log_file {
             Some(f) => f.clone(),
-            None => temp.as_ref().expect("temp dir").path().join("nats-server.log"),
+            None => temp
+                .as_ref()
+                .expect("temp dir")
+                .path()
+                .join("nats-server.log"),
         };
         let runtime_dir = match &opts.runtime_dir {
             Some(d) => d.clone(),
@@ -209,16 +232,22 @@ impl EmbeddedServer {
             Some(creds) => {
                 creds.write_hashes(&runtime_dir)?;
             }
-            None => match std::fs::remove_file(runtime_dir.join(crate::credentials::INTERNAL_FILE)) {
+            None => match std::fs::remove_file(runtime_dir.join(crate::credentials::INTERNAL_FILE))
+            {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
                 _ => {}
             },
         }
         let rendered = runtime.render()?;
         if !is_loopback(&opts.addr) {
-            let users = crate::credentials::uses_development_passwords(&std::fs::read_to_string(&rendered)?);
+            let users = crate::credentials::uses_development_passwords(&std::fs::read_to_string(
+                &rendered,
+            )?);
             if !users.is_empty() {
-                return Err(ServerError::DevelopmentPasswords { addr: opts.addr.clone(), users });
+                return Err(ServerError::DevelopmentPasswords {
+                    addr: opts.addr.clone(),
+                    users,
+                });
             }
         }
         let port = opts.port.unwrap_or(4222);
@@ -237,8 +266,19 @@ impl EmbeddedServer {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        let host = if opts.addr == "0.0.0.0" { "127.0.0.1".to_string() } else { opts.addr.clone() };
-        let mut server = Self { child, url: format!("nats://{host}:{port}"), log_file, store_dir, runtime, _temp: temp };
+        let host = if opts.addr == "0.0.0.0" {
+            "127.0.0.1".to_string()
+        } else {
+            opts.addr.clone()
+        };
+        let mut server = Self {
+            child,
+            url: format!("nats://{host}:{port}"),
+            log_file,
+            store_dir,
+            runtime,
+            _temp: temp,
+        };
         server.wait_ready(&host, port, opts.startup_timeout)?;
         server.runtime.write_state(&RuntimeState {
             pid: server.pid(),
@@ -261,7 +301,9 @@ impl EmbeddedServer {
             if let Some(status) = self.child.try_wait()? {
                 return Err(self.not_ready(format!("exited during startup with {status}")));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() && self.log_tail(usize::MAX).contains("Server is ready") {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                && self.log_tail(usize::MAX).contains("Server is ready")
+            {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -274,7 +316,10 @@ impl EmbeddedServer {
     }
 
     fn not_ready(&self, why: String) -> ServerError {
-        ServerError::NotReady { why, log_tail: self.log_tail(30) }
+        ServerError::NotReady {
+            why,
+            log_tail: self.log_tail(30),
+        }
     }
 
     /// `nats://<addr>:<port>`.
@@ -294,7 +339,11 @@ impl EmbeddedServer {
 
     /// Reloading this server (waits for the confirmation in its log).
     pub fn control(&self) -> ServerControl {
-        ServerControl { pid: self.pid(), log_file: Some(self.log_file.clone()), reload_timeout: DEFAULT_RELOAD_TIMEOUT }
+        ServerControl {
+            pid: self.pid(),
+            log_file: Some(self.log_file.clone()),
+            reload_timeout: DEFAULT_RELOAD_TIMEOUT,
+        }
     }
 
     /// Tenant administration whose credentials work on this server (see [`TenantAdmin`]).
@@ -344,6 +393,10 @@ impl Drop for EmbeddedServer {
 
 impl std::fmt::Debug for EmbeddedServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedServer").field("url", &self.url).field("pid", &self.child.id()).field("store_dir", &self.store_dir).finish()
+        f.debug_struct("EmbeddedServer")
+            .field("url", &self.url)
+            .field("pid", &self.child.id())
+            .field("store_dir", &self.store_dir)
+            .finish()
     }
 }

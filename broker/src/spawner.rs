@@ -31,7 +31,10 @@ impl InstanceExit {
 impl From<std::process::ExitStatus> for InstanceExit {
     fn from(s: std::process::ExitStatus) -> Self {
         use std::os::unix::process::ExitStatusExt;
-        Self { code: s.code(), signal: s.signal() }
+        Self {
+            code: s.code(),
+            signal: s.signal(),
+        }
     }
 }
 
@@ -79,7 +82,11 @@ pub trait Instance: Send {
 pub trait InstanceBackend: Send + Sync {
     /// Starts one instance of `function` named `instance_id`. Returns once the instance
     /// exists (the process is spawned), not when it is ready.
-    fn spawn(&self, function: &FunctionSpec, instance_id: &str) -> Result<Box<dyn Instance>, SpawnError>;
+    fn spawn(
+        &self,
+        function: &FunctionSpec,
+        instance_id: &str,
+    ) -> Result<Box<dyn Instance>, SpawnError>;
 }
 
 /// Runs `faasmoe-expert-worker` processes on this machine.
@@ -110,7 +117,11 @@ pub struct LocalProcessBackend {
 }
 
 impl InstanceBackend for LocalProcessBackend {
-    fn spawn(&self, function: &FunctionSpec, instance_id: &str) -> Result<Box<dyn Instance>, SpawnError> {
+    fn spawn(
+        &self,
+        function: &FunctionSpec,
+        instance_id: &str,
+    ) -> Result<Box<dyn Instance>, SpawnError> {
         let mut cmd = tokio::process::Command::new(&self.worker_bin);
         cmd.arg("--nats-url")
             .arg(&self.nats.url)
@@ -141,7 +152,10 @@ impl InstanceBackend for LocalProcessBackend {
                 let path = dir.join(format!("{}-{instance_id}.log", function.id));
                 let file = std::fs::create_dir_all(dir)
                     .and_then(|_| std::fs::File::create(&path))
-                    .map_err(|source| SpawnError::Spawn { program: format!("log file {}", path.display()), source })?;
+                    .map_err(|source| SpawnError::Spawn {
+                        program: format!("log file {}", path.display()),
+                        source,
+                    })?;
                 cmd.stderr(file);
             }
             None => {
@@ -151,7 +165,10 @@ impl InstanceBackend for LocalProcessBackend {
         // The worker dies with this process (SIGTERM: it drains and exits). No kill_on_drop:
         // an instance whose handle is dropped still drains and exits on its idle timeout.
         die_with_this_process(&mut cmd, libc::SIGTERM);
-        let mut child = spawn_child(cmd).map_err(|source| SpawnError::Spawn { program: self.worker_bin.display().to_string(), source })?;
+        let mut child = spawn_child(cmd).map_err(|source| SpawnError::Spawn {
+            program: self.worker_bin.display().to_string(),
+            source,
+        })?;
         let pid = child.id();
         let (ready_tx, ready_rx) = oneshot::channel();
         if let Some(stdout) = child.stdout.take() {
@@ -169,7 +186,11 @@ impl InstanceBackend for LocalProcessBackend {
                 }
             });
         }
-        Ok(Box::new(LocalProcess { child, pid, ready: Some(ready_rx) }))
+        Ok(Box::new(LocalProcess {
+            child,
+            pid,
+            ready: Some(ready_rx),
+        }))
     }
 }
 
@@ -195,7 +216,11 @@ fn die_with_this_process(cmd: &mut tokio::process::Command, signal: libc::c_int)
 
 /// A request to the spawning thread: the command, the runtime the child is registered with,
 /// where the result goes.
-type SpawnJob = (tokio::process::Command, tokio::runtime::Handle, std::sync::mpsc::SyncSender<std::io::Result<tokio::process::Child>>);
+type SpawnJob = (
+    tokio::process::Command,
+    tokio::runtime::Handle,
+    std::sync::mpsc::SyncSender<std::io::Result<tokio::process::Child>>,
+);
 
 /// Spawns `cmd` from a thread that lives as long as this process, registering the child with
 /// the current tokio runtime (so its parent-death signal comes when the process ends, not
@@ -210,12 +235,14 @@ fn spawn_child(cmd: tokio::process::Command) -> std::io::Result<tokio::process::
     let handle = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnJob>();
-        let started = std::thread::Builder::new().name("faasmoe-spawner".into()).spawn(move || {
-            for (mut cmd, handle, reply) in rx {
-                let _runtime = handle.enter();
-                let _ = reply.send(cmd.spawn());
-            }
-        });
+        let started = std::thread::Builder::new()
+            .name("faasmoe-spawner".into())
+            .spawn(move || {
+                for (mut cmd, handle, reply) in rx {
+                    let _runtime = handle.enter();
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
         if let Err(e) = started {
             tracing::error!(error = %e, "cannot start the spawning thread");
         }
@@ -223,7 +250,11 @@ fn spawn_child(cmd: tokio::process::Command) -> std::io::Result<tokio::process::
     });
     let (reply_tx, reply_rx) = mpsc::sync_channel(1);
     let no_thread = || std::io::Error::other("the spawning thread is not running");
-    spawner.lock().unwrap_or_else(|e| e.into_inner()).send((cmd, handle, reply_tx)).map_err(|_| no_thread())?;
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, handle, reply_tx))
+        .map_err(|_| no_thread())?;
     reply_rx.recv().map_err(|_| no_thread())?
 }
 

@@ -281,7 +281,11 @@ pub struct TenantStoreConfig {
 
 impl Default for TenantStoreConfig {
     fn default() -> Self {
-        Self { bucket: BUCKET.into(), replicas: 1, window: Duration::from_secs(60) }
+        Self {
+            bucket: BUCKET.into(),
+            replicas: 1,
+            window: Duration::from_secs(60),
+        }
     }
 }
 
@@ -293,7 +297,10 @@ pub struct TenantStore {
 }
 
 fn now_s() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl TenantStore {
@@ -302,7 +309,10 @@ impl TenantStore {
     /// Right after a server starts (or while a cluster elects its JetStream meta leader) the
     /// JetStream API answers *no responders* or *temporarily unavailable* for a moment: such
     /// errors are retried for up to 10 s.
-    pub async fn open(client: async_nats::Client, cfg: TenantStoreConfig) -> Result<Self, TenantError> {
+    pub async fn open(
+        client: async_nats::Client,
+        cfg: TenantStoreConfig,
+    ) -> Result<Self, TenantError> {
         let mut js = async_nats::jetstream::new(client);
         js.set_timeout(STORE_REQUEST_TIMEOUT);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -329,7 +339,10 @@ impl TenantStore {
                 Err(e) => return Err(TenantError::Store(e)),
             }
         };
-        Ok(Self { kv, window_s: cfg.window.as_secs().max(1) })
+        Ok(Self {
+            kv,
+            window_s: cfg.window.as_secs().max(1),
+        })
     }
 
     /// Opens the default bucket (`faasmoe_tenants`, 1 replica).
@@ -348,14 +361,19 @@ impl TenantStore {
         let record = TenantRecord {
             name: name.to_string(),
             quota,
-            usage: Usage { window_start_unix_s: now_s(), ..Default::default() },
+            usage: Usage {
+                window_start_unix_s: now_s(),
+                ..Default::default()
+            },
             nats_user: creds.user.clone(),
             created_unix_s: now_s(),
             recent_ops: Vec::new(),
         };
         match self.kv.create(name, encode(&record)).await {
             Ok(_) => Ok(creds),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(TenantError::AlreadyExists(name.into())),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                Err(TenantError::AlreadyExists(name.into()))
+            }
             Err(e) => Err(store_err(e)),
         }
     }
@@ -365,8 +383,10 @@ impl TenantStore {
         subject::validate_token("tenant", name)?;
         match self.kv.entry(name).await.map_err(store_err)? {
             Some(e) if e.operation == kv::Operation::Put => {
-                let rec = serde_json::from_slice(&e.value)
-                    .map_err(|err| TenantError::Corrupt { name: name.into(), message: err.to_string() })?;
+                let rec = serde_json::from_slice(&e.value).map_err(|err| TenantError::Corrupt {
+                    name: name.into(),
+                    message: err.to_string(),
+                })?;
                 Ok((rec, e.revision))
             }
             _ => Err(TenantError::UnknownTenant(name.into())),
@@ -426,7 +446,12 @@ impl TenantStore {
     /// Transient store errors (see [`TRANSIENT_RETRY`]) are retried: when an update's
     /// outcome is unknown (its acknowledgement lost), the record is read again and the update
     /// counts as done if the record carries `op`, so it is applied exactly once.
-    async fn modify<T, E>(&self, name: &str, op: &str, mut f: impl FnMut(&mut TenantRecord) -> Result<T, E>) -> Result<(TenantRecord, T), E>
+    async fn modify<T, E>(
+        &self,
+        name: &str,
+        op: &str,
+        mut f: impl FnMut(&mut TenantRecord) -> Result<T, E>,
+    ) -> Result<(TenantRecord, T), E>
     where
         E: From<TenantError>,
     {
@@ -436,7 +461,9 @@ impl TenantStore {
         while conflicts < CAS_ATTEMPTS {
             let (mut rec, revision) = match self.entry(name).await {
                 Ok(e) => e,
-                Err(TenantError::Store(e)) if is_transient(&e) && std::time::Instant::now() < deadline => {
+                Err(TenantError::Store(e))
+                    if is_transient(&e) && std::time::Instant::now() < deadline =>
+                {
                     tracing::debug!(tenant = name, op, error = %e, "tenant store unavailable, retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -445,7 +472,11 @@ impl TenantStore {
             };
             if let Some(out) = unknown.take() {
                 if rec.recent_ops.iter().any(|o| o == op) {
-                    tracing::info!(tenant = name, op, "tenant update acknowledged late: found written");
+                    tracing::info!(
+                        tenant = name,
+                        op,
+                        "tenant update acknowledged late: found written"
+                    );
                     return Ok((rec, out));
                 }
             }
@@ -460,10 +491,15 @@ impl TenantStore {
                     // Another writer won; back off a little (grows with contention).
                     conflicts += 1;
                     if conflicts > 3 {
-                        tokio::time::sleep(Duration::from_micros(100 * (conflicts as u64).min(50))).await;
+                        tokio::time::sleep(Duration::from_micros(100 * (conflicts as u64).min(50)))
+                            .await;
                     }
                 }
-                Err(e) if (e.kind() == kv::UpdateErrorKind::TimedOut || is_transient(&e.to_string())) && std::time::Instant::now() < deadline => {
+                Err(e)
+                    if (e.kind() == kv::UpdateErrorKind::TimedOut
+                        || is_transient(&e.to_string()))
+                        && std::time::Instant::now() < deadline =>
+                {
                     tracing::warn!(tenant = name, op, error = %e, "tenant update outcome unknown, reading it back");
                     unknown = Some(out);
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -471,13 +507,21 @@ impl TenantStore {
                 Err(e) => return Err(store_err(e).into()),
             }
         }
-        Err(TenantError::Store(format!("tenant `{name}`: gave up after {CAS_ATTEMPTS} conflicting updates")).into())
+        Err(TenantError::Store(format!(
+            "tenant `{name}`: gave up after {CAS_ATTEMPTS} conflicting updates"
+        ))
+        .into())
     }
 
     /// Admits one request of `prompt_tokens` that may generate up to `max_tokens`: checks
     /// concurrency, the rate window and the total budget against the reservation
     /// `prompt_tokens + max_tokens`, then counts it in flight and reserves the tokens.
-    pub async fn admit(&self, name: &str, prompt_tokens: u64, max_tokens: u64) -> Result<Admission, QuotaError> {
+    pub async fn admit(
+        &self,
+        name: &str,
+        prompt_tokens: u64,
+        max_tokens: u64,
+    ) -> Result<Admission, QuotaError> {
         let reserve = prompt_tokens.saturating_add(max_tokens);
         let window_s = self.window_s;
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -539,19 +583,29 @@ impl TenantStore {
     /// `actual_tokens` (clamped to the reservation; a failed request passes what it got
     /// processed). The unused part is refunded to the rate window it was counted in.
     /// Returns the usage after the update.
-    pub async fn settle(&self, admission: Admission, actual_tokens: u64) -> Result<Usage, QuotaError> {
+    pub async fn settle(
+        &self,
+        admission: Admission,
+        actual_tokens: u64,
+    ) -> Result<Usage, QuotaError> {
         let charge = actual_tokens.min(admission.reserved_tokens);
         let (rec, _) = self
-            .modify(&admission.tenant, &format!("settle:{}", admission.id), |r| {
-                let u = &mut r.usage;
-                u.in_flight = u.in_flight.saturating_sub(1);
-                u.reserved_tokens = u.reserved_tokens.saturating_sub(admission.reserved_tokens);
-                u.total_tokens = u.total_tokens.saturating_add(charge);
-                if u.window_start_unix_s == admission.window_start_unix_s {
-                    u.window_tokens = u.window_tokens.saturating_sub(admission.reserved_tokens - charge);
-                }
-                Ok::<_, QuotaError>(())
-            })
+            .modify(
+                &admission.tenant,
+                &format!("settle:{}", admission.id),
+                |r| {
+                    let u = &mut r.usage;
+                    u.in_flight = u.in_flight.saturating_sub(1);
+                    u.reserved_tokens = u.reserved_tokens.saturating_sub(admission.reserved_tokens);
+                    u.total_tokens = u.total_tokens.saturating_add(charge);
+                    if u.window_start_unix_s == admission.window_start_unix_s {
+                        u.window_tokens = u
+                            .window_tokens
+                            .saturating_sub(admission.reserved_tokens - charge);
+                    }
+                    Ok::<_, QuotaError>(())
+                },
+            )
             .await?;
         Ok(rec.usage)
     }
@@ -576,7 +630,9 @@ pub struct TenantsConf {
 impl TenantsConf {
     /// `<dir>/tenants.conf`.
     pub fn in_dir(dir: &Path) -> Self {
-        Self { path: dir.join("tenants.conf") }
+        Self {
+            path: dir.join("tenants.conf"),
+        }
     }
 
     /// The file.
@@ -661,17 +717,43 @@ mod tests {
     fn tenants_conf_blocks_are_added_and_removed() {
         let dir = tempfile::tempdir().unwrap();
         let conf = TenantsConf::in_dir(dir.path());
-        let a = TenantCredentials { tenant: "a".into(), user: "tenant-a".into(), password: "pa".into() };
-        let b = TenantCredentials { tenant: "b".into(), user: "tenant-b".into(), password: "pb".into() };
+        let a = TenantCredentials {
+            tenant: "a".into(),
+            user: "tenant-a".into(),
+            password: "pa".into(),
+        };
+        let b = TenantCredentials {
+            tenant: "b".into(),
+            user: "tenant-b".into(),
+            password: "pb".into(),
+        };
         conf.upsert(&a).unwrap();
         conf.upsert(&b).unwrap();
-        conf.upsert(&TenantCredentials { password: "pa2".into(), ..a.clone() }).unwrap();
+        conf.upsert(&TenantCredentials {
+            password: "pa2".into(),
+            ..a.clone()
+        })
+        .unwrap();
         let text = std::fs::read_to_string(conf.path()).unwrap();
         // One block per tenant, the replaced one holding the new password's hash; no plaintext.
         assert_eq!(text.matches("user: \"tenant-a\"").count(), 1, "{text}");
-        let hash_of_a = text.split("user: \"tenant-a\"").nth(1).and_then(|t| t.split('"').nth(1)).unwrap().to_string();
-        assert!(crate::credentials::verify_password("pa2", &hash_of_a) && !crate::credentials::verify_password("pa", &hash_of_a), "{text}");
-        assert!(!text.contains("pa2") && !text.contains("\"pa\"") && text.contains("faasmoe.v1.generate.b"), "{text}");
+        let hash_of_a = text
+            .split("user: \"tenant-a\"")
+            .nth(1)
+            .and_then(|t| t.split('"').nth(1))
+            .unwrap()
+            .to_string();
+        assert!(
+            crate::credentials::verify_password("pa2", &hash_of_a)
+                && !crate::credentials::verify_password("pa", &hash_of_a),
+            "{text}"
+        );
+        assert!(
+            !text.contains("pa2")
+                && !text.contains("\"pa\"")
+                && text.contains("faasmoe.v1.generate.b"),
+            "{text}"
+        );
         conf.remove("a").unwrap();
         let text = std::fs::read_to_string(conf.path()).unwrap();
         assert!(!text.contains("tenant-a") && text.contains("tenant-b"));

@@ -21,7 +21,14 @@ fn checkpoint() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("tiny");
     let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(&model_dir, &g, 7, faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES, |_, _| {}).unwrap();
+    faasmoe_model::generator::write_checkpoint(
+        &model_dir,
+        &g,
+        7,
+        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        |_, _| {},
+    )
+    .unwrap();
     (dir, model_dir)
 }
 
@@ -56,8 +63,16 @@ async fn setup(max_instances: u32, idle_timeout_ms: u64, worker_bin: Option<Path
         ..ActivationConfig::new(MODEL, layout)
     };
     let client = server.connect_as(dev_users::BROKER).await.unwrap();
-    let activator = Activator::start(client, cfg, Arc::new(backend)).await.unwrap();
-    Setup { server, activator, function_id: f.id, layer: f.layer, _dir: dir }
+    let activator = Activator::start(client, cfg, Arc::new(backend))
+        .await
+        .unwrap();
+    Setup {
+        server,
+        activator,
+        function_id: f.id,
+        layer: f.layer,
+        _dir: dir,
+    }
 }
 
 fn request(function_id: &str, layer: u32, by: usize) -> ActivateRequest {
@@ -73,10 +88,13 @@ fn request(function_id: &str, layer: u32, by: usize) -> ActivateRequest {
 }
 
 async fn activate_over_nats(client: &async_nats::Client, req: &ActivateRequest) -> ActivateResult {
-    let msg = tokio::time::timeout(Duration::from_secs(40), client.request(subject::activate(MODEL).unwrap(), req.encode()))
-        .await
-        .expect("activation reply in time")
-        .expect("activation request");
+    let msg = tokio::time::timeout(
+        Duration::from_secs(40),
+        client.request(subject::activate(MODEL).unwrap(), req.encode()),
+    )
+    .await
+    .expect("activation reply in time")
+    .expect("activation request");
     ActivateReply::decode(&msg.payload).unwrap().result
 }
 
@@ -86,7 +104,10 @@ async fn eight_concurrent_activations_start_one_instance_that_scales_to_zero() {
     let controller = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
     // Events are the broker's to read (the controller may not subscribe to them).
     let watcher = s.server.connect_as(dev_users::BROKER).await.unwrap();
-    let mut events = watcher.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
+    let mut events = watcher
+        .subscribe(subject::events(MODEL).unwrap())
+        .await
+        .unwrap();
     watcher.flush().await.unwrap();
 
     let replies = futures::future::join_all((0..8).map(|i| {
@@ -98,7 +119,11 @@ async fn eight_concurrent_activations_start_one_instance_that_scales_to_zero() {
     let mut ids = Vec::new();
     for r in &replies {
         match r {
-            ActivateResult::Ok { instance_id, cold_start_ms, already_running } => {
+            ActivateResult::Ok {
+                instance_id,
+                cold_start_ms,
+                already_running,
+            } => {
                 assert!(!already_running, "{r:?}");
                 assert!(*cold_start_ms > 0.0, "{r:?}");
                 ids.push(instance_id.clone());
@@ -107,7 +132,11 @@ async fn eight_concurrent_activations_start_one_instance_that_scales_to_zero() {
         }
     }
     ids.dedup();
-    assert_eq!(ids.len(), 1, "all eight waiters get the same instance: {replies:?}");
+    assert_eq!(
+        ids.len(),
+        1,
+        "all eight waiters get the same instance: {replies:?}"
+    );
     let instance_id = ids.pop().unwrap();
     assert_eq!(s.activator.spawn_count(), 1, "exactly one spawn");
     assert_eq!(s.activator.peak_alive(&s.function_id), 1);
@@ -117,7 +146,11 @@ async fn eight_concurrent_activations_start_one_instance_that_scales_to_zero() {
 
     // A ready, subscribed instance: the next activation is answered without a spawn.
     match activate_over_nats(&controller, &request(&s.function_id, s.layer, 9)).await {
-        ActivateResult::Ok { instance_id: id, already_running: true, cold_start_ms } => {
+        ActivateResult::Ok {
+            instance_id: id,
+            already_running: true,
+            cold_start_ms,
+        } => {
             assert_eq!(id, instance_id);
             assert_eq!(cold_start_ms, 0.0);
         }
@@ -130,14 +163,21 @@ async fn eight_concurrent_activations_start_one_instance_that_scales_to_zero() {
     let mut broker_stopped = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while broker_stopped.is_none() {
-        let msg = tokio::time::timeout_at(deadline, events.next()).await.expect("stopped event in time").unwrap();
+        let msg = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .expect("stopped event in time")
+            .unwrap();
         let ev = FunctionEvent::decode(&msg.payload).unwrap();
         assert_eq!(ev.instance_id, instance_id);
         match ev.kind {
             EventKind::Started => started += 1,
             // The worker announces its own `stopped` (no pid check possible); the broker's comes
             // once the process is reaped, when it has left the instance table.
-            EventKind::Stopped if s.activator.instances().is_empty() && s.activator.exited().len() == 1 => broker_stopped = Some(ev),
+            EventKind::Stopped
+                if s.activator.instances().is_empty() && s.activator.exited().len() == 1 =>
+            {
+                broker_stopped = Some(ev)
+            }
             EventKind::SpawnFailed => panic!("spawn failed: {ev:?}"),
             _ => {}
         }
@@ -161,7 +201,11 @@ async fn activations_never_exceed_the_instance_cap() {
     };
     // A second instance on request (busy function), up to the cap of 2 ...
     let second = match a.scale_up(&s.function_id).await {
-        ActivateResult::Ok { instance_id, already_running: false, .. } => instance_id,
+        ActivateResult::Ok {
+            instance_id,
+            already_running: false,
+            ..
+        } => instance_id,
         other => panic!("{other:?}"),
     };
     assert_ne!(first, second);
@@ -174,36 +218,64 @@ async fn activations_never_exceed_the_instance_cap() {
         }
     }
     // Plain activations at the cap are answered by a running instance.
-    assert!(matches!(a.activate(&request(&s.function_id, s.layer, 1)).await, ActivateResult::Ok { already_running: true, .. }));
+    assert!(matches!(
+        a.activate(&request(&s.function_id, s.layer, 1)).await,
+        ActivateResult::Ok {
+            already_running: true,
+            ..
+        }
+    ));
     assert_eq!(a.alive(&s.function_id), 2);
     assert_eq!(a.peak_alive(&s.function_id), 2);
     assert_eq!(a.spawn_count(), 2);
 
     // Typed errors for what is not in the layout.
     let mut bad = request("l99-e0-3", s.layer, 2);
-    assert!(matches!(a.activate(&bad).await, ActivateResult::Err(e) if e.code == ErrorCode::UnknownExpert));
+    assert!(
+        matches!(a.activate(&bad).await, ActivateResult::Err(e) if e.code == ErrorCode::UnknownExpert)
+    );
     bad = request(&s.function_id, s.layer, 3);
     bad.model = "other".into();
-    assert!(matches!(a.activate(&bad).await, ActivateResult::Err(e) if e.code == ErrorCode::BadRequest));
+    assert!(
+        matches!(a.activate(&bad).await, ActivateResult::Err(e) if e.code == ErrorCode::BadRequest)
+    );
     let c = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
-    let reply = c.request(subject::activate(MODEL).unwrap(), "{".into()).await.unwrap();
-    assert!(matches!(ActivateReply::decode(&reply.payload).unwrap().result, ActivateResult::Err(e) if e.code == ErrorCode::Malformed));
+    let reply = c
+        .request(subject::activate(MODEL).unwrap(), "{".into())
+        .await
+        .unwrap();
+    assert!(
+        matches!(ActivateReply::decode(&reply.payload).unwrap().result, ActivateResult::Err(e) if e.code == ErrorCode::Malformed)
+    );
 
     // Shutdown drains both instances (SIGTERM → exit 0) and records them.
     a.shutdown(Duration::from_secs(10)).await;
     assert!(a.instances().is_empty());
     let exited = a.exited();
     assert_eq!(exited.len(), 2);
-    assert!(exited.iter().all(|i| i.exit.unwrap().success()), "{exited:?}");
-    assert!(matches!(a.activate(&request(&s.function_id, s.layer, 4)).await, ActivateResult::Err(e) if e.code == ErrorCode::Unavailable));
+    assert!(
+        exited.iter().all(|i| i.exit.unwrap().success()),
+        "{exited:?}"
+    );
+    assert!(
+        matches!(a.activate(&request(&s.function_id, s.layer, 4)).await, ActivateResult::Err(e) if e.code == ErrorCode::Unavailable)
+    );
 }
 
 #[tokio::test]
 async fn a_worker_that_cannot_be_spawned_is_unavailable_with_a_spawn_failed_event() {
-    let s = setup(1, 1000, Some(PathBuf::from("/nonexistent/faasmoe-expert-worker"))).await;
+    let s = setup(
+        1,
+        1000,
+        Some(PathBuf::from("/nonexistent/faasmoe-expert-worker")),
+    )
+    .await;
     let c = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
     let watcher = s.server.connect_as(dev_users::BROKER).await.unwrap();
-    let mut events = watcher.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
+    let mut events = watcher
+        .subscribe(subject::events(MODEL).unwrap())
+        .await
+        .unwrap();
     watcher.flush().await.unwrap();
     match activate_over_nats(&c, &request(&s.function_id, s.layer, 0)).await {
         ActivateResult::Err(e) => {
@@ -212,8 +284,14 @@ async fn a_worker_that_cannot_be_spawned_is_unavailable_with_a_spawn_failed_even
         }
         other => panic!("{other:?}"),
     }
-    let msg = tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap();
-    assert_eq!(FunctionEvent::decode(&msg.payload).unwrap().kind, EventKind::SpawnFailed);
+    let msg = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        FunctionEvent::decode(&msg.payload).unwrap().kind,
+        EventKind::SpawnFailed
+    );
     assert_eq!(s.activator.spawn_count(), 0);
     assert!(s.activator.instances().is_empty());
 }
@@ -221,7 +299,12 @@ async fn a_worker_that_cannot_be_spawned_is_unavailable_with_a_spawn_failed_even
 fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) on a child process id the activator reported; no memory is involved.
     let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
-    assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Tells the broker, as the worker would, that `instance` has unsubscribed (its `stopped`
@@ -238,18 +321,36 @@ async fn announce_stopped(s: &Setup, instance: &faasmoe_broker::InstanceInfo) {
         cold_start_ms: None,
         exit_status: Some(0),
     };
-    broker.publish(subject::events(MODEL).unwrap(), ev.encode()).await.unwrap();
+    broker
+        .publish(subject::events(MODEL).unwrap(), ev.encode())
+        .await
+        .unwrap();
     broker.flush().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while s.activator.instances().iter().any(|i| i.instance_id == instance.instance_id && i.state != InstanceState::Draining) {
-        assert!(tokio::time::Instant::now() < deadline, "the broker did not record the stopped event");
+    while s
+        .activator
+        .instances()
+        .iter()
+        .any(|i| i.instance_id == instance.instance_id && i.state != InstanceState::Draining)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broker did not record the stopped event"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 async fn first_instance(s: &Setup) -> faasmoe_broker::InstanceInfo {
-    match s.activator.activate(&request(&s.function_id, s.layer, 0)).await {
-        ActivateResult::Ok { already_running: false, .. } => {}
+    match s
+        .activator
+        .activate(&request(&s.function_id, s.layer, 0))
+        .await
+    {
+        ActivateResult::Ok {
+            already_running: false,
+            ..
+        } => {}
         other => panic!("{other:?}"),
     }
     let live = s.activator.instances();
@@ -279,13 +380,22 @@ async fn at_the_cap_an_activation_waits_for_the_draining_instance_then_gets_a_ne
     let waited = t0.elapsed();
     killer.await.unwrap();
     match &r {
-        ActivateResult::Ok { instance_id, already_running: false, .. } => assert_ne!(instance_id, &a.instance_id),
+        ActivateResult::Ok {
+            instance_id,
+            already_running: false,
+            ..
+        } => assert_ne!(instance_id, &a.instance_id),
         other => panic!("expected a new instance after the draining one exited, got {other:?}"),
     }
-    assert!(waited >= Duration::from_millis(900), "replied before the draining instance exited: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "replied before the draining instance exited: {waited:?}"
+    );
     assert_eq!(s.activator.spawn_count(), 2);
     assert_eq!(s.activator.peak_alive(&s.function_id), 1, "the cap held");
-    eprintln!("activation at the cap waited {waited:?} for the draining instance, then got a new one");
+    eprintln!(
+        "activation at the cap waited {waited:?} for the draining instance, then got a new one"
+    );
     s.activator.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -308,7 +418,10 @@ async fn the_wait_at_the_cap_ends_within_the_requesters_wait_ms() {
         }
         other => panic!("expected unavailable, got {other:?}"),
     }
-    assert!(took >= Duration::from_millis(1_000) && took < Duration::from_millis(1_500), "replied after {took:?} for wait_ms 1500");
+    assert!(
+        took >= Duration::from_millis(1_000) && took < Duration::from_millis(1_500),
+        "replied after {took:?} for wait_ms 1500"
+    );
     assert_eq!(s.activator.spawn_count(), 1);
     s.activator.shutdown(Duration::from_secs(5)).await;
 }
@@ -329,15 +442,26 @@ async fn an_instance_that_answers_nothing_is_not_taken_for_a_missing_one() {
         let took = t0.elapsed();
         signal(pid, libc::SIGCONT);
         match &r {
-            ActivateResult::Ok { instance_id, already_running: true, .. } => assert_eq!(instance_id, &a.instance_id),
+            ActivateResult::Ok {
+                instance_id,
+                already_running: true,
+                ..
+            } => assert_eq!(instance_id, &a.instance_id),
             other => panic!("{round}: a frozen instance was not taken as running: {other:?}"),
         }
         assert!(took < Duration::from_secs(3), "{round}: {took:?}");
-        assert_eq!(s.activator.instances()[0].state, InstanceState::Ready, "{round}");
+        assert_eq!(
+            s.activator.instances()[0].state,
+            InstanceState::Ready,
+            "{round}"
+        );
         eprintln!("{round}: frozen instance answered already_running in {took:?}");
         // Now that it runs again it answers the pings (and the broker learns its id).
         match activate_over_nats(&c, &request(&s.function_id, s.layer, 2)).await {
-            ActivateResult::Ok { already_running: true, .. } => {}
+            ActivateResult::Ok {
+                already_running: true,
+                ..
+            } => {}
             other => panic!("{round}: {other:?}"),
         }
     }

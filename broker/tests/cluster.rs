@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use faasmoe_broker::{ActivationConfig, Activator, Deployment, LocalProcessBackend, Quota, TenantStore, TenantStoreConfig};
+use faasmoe_broker::{
+    ActivationConfig, Activator, Deployment, LocalProcessBackend, Quota, TenantStore,
+    TenantStoreConfig,
+};
 use faasmoe_controller::service::{ControllerSettings, ControllerTask};
 use faasmoe_e2e::{cargo_bin, free_port, NatsServer};
 
@@ -22,7 +25,10 @@ const MODEL: &str = "tiny";
 /// with routes to all three) in `dir`; the harness adds `-a 127.0.0.1 -p <port> -m <port>`.
 fn start_cluster(dir: &Path) -> Vec<NatsServer> {
     let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let routes: Vec<String> = route_ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+    let routes: Vec<String> = route_ports
+        .iter()
+        .map(|p| format!("nats-route://127.0.0.1:{p}"))
+        .collect();
     (0..3)
         .map(|i| {
             let name = ["a", "b", "c"][i];
@@ -46,7 +52,11 @@ async fn connect(server: &NatsServer) -> async_nats::Client {
 }
 
 /// Retries `f` until it succeeds (cluster forming, JetStream meta leader election).
-async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(what: &str, timeout: Duration, mut f: impl FnMut() -> F) -> T {
+async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         match f().await {
@@ -63,13 +73,23 @@ async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T
 fn checkpoint(dir: &Path) -> PathBuf {
     let model_dir = dir.join(MODEL);
     let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(&model_dir, &g, 7, faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES, |_, _| {}).unwrap();
+    faasmoe_model::generator::write_checkpoint(
+        &model_dir,
+        &g,
+        7,
+        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        |_, _| {},
+    )
+    .unwrap();
     model_dir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let nodes = start_cluster(dir.path());
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
@@ -78,41 +98,96 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
     // The cluster has formed when JetStream answers (meta leader elected) and the R3 bucket
     // can be created (three peers known).
     let js_a = async_nats::jetstream::new(ca.clone());
-    retry("JetStream account info", Duration::from_secs(30), || js_a.query_account()).await;
-    let cfg = || TenantStoreConfig { replicas: 3, ..Default::default() };
-    let store_a = retry("open the R3 tenant bucket", Duration::from_secs(30), || TenantStore::open(ca.clone(), cfg())).await;
+    retry("JetStream account info", Duration::from_secs(30), || {
+        js_a.query_account()
+    })
+    .await;
+    let cfg = || TenantStoreConfig {
+        replicas: 3,
+        ..Default::default()
+    };
+    let store_a = retry("open the R3 tenant bucket", Duration::from_secs(30), || {
+        TenantStore::open(ca.clone(), cfg())
+    })
+    .await;
     let mut stream = js_a.get_stream("KV_faasmoe_tenants").await.unwrap();
     let info = stream.info().await.unwrap().clone();
     assert_eq!(info.config.num_replicas, 3, "bucket stream replicas");
-    let cluster = info.cluster.clone().expect("cluster info of the bucket stream");
-    let mut peers: Vec<String> = cluster.replicas.iter().map(|p| p.name.clone()).chain(cluster.leader.clone()).collect();
+    let cluster = info
+        .cluster
+        .clone()
+        .expect("cluster info of the bucket stream");
+    let mut peers: Vec<String> = cluster
+        .replicas
+        .iter()
+        .map(|p| p.name.clone())
+        .chain(cluster.leader.clone())
+        .collect();
     peers.sort();
-    assert_eq!(peers, ["node-a", "node-b", "node-c"], "bucket peers: {cluster:?}");
+    assert_eq!(
+        peers,
+        ["node-a", "node-b", "node-c"],
+        "bucket peers: {cluster:?}"
+    );
 
     // Admission through node B, usage read through node C.
-    store_a.create("t1", Quota { total_tokens: Some(1000), ..Default::default() }).await.unwrap();
+    store_a
+        .create(
+            "t1",
+            Quota {
+                total_tokens: Some(1000),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     let store_b = TenantStore::open(cb.clone(), cfg()).await.unwrap();
     let store_c = TenantStore::open(cc.clone(), cfg()).await.unwrap();
     let adm = store_b.admit("t1", 10, 20).await.unwrap();
-    let in_flight = retry("usage via node C shows the admission", Duration::from_secs(5), || async {
-        let u = store_c.usage("t1").await.map_err(|e| e.to_string())?;
-        if u.in_flight == 1 && u.reserved_tokens == 30 { Ok(u) } else { Err(format!("{u:?}")) }
-    })
+    let in_flight = retry(
+        "usage via node C shows the admission",
+        Duration::from_secs(5),
+        || async {
+            let u = store_c.usage("t1").await.map_err(|e| e.to_string())?;
+            if u.in_flight == 1 && u.reserved_tokens == 30 {
+                Ok(u)
+            } else {
+                Err(format!("{u:?}"))
+            }
+        },
+    )
     .await;
     assert_eq!((in_flight.in_flight, in_flight.reserved_tokens), (1, 30));
     store_b.settle(adm, 25).await.unwrap();
-    let settled = retry("usage via node C shows the settlement", Duration::from_secs(5), || async {
-        let u = store_c.usage("t1").await.map_err(|e| e.to_string())?;
-        if u.in_flight == 0 && u.total_tokens == 25 { Ok(u) } else { Err(format!("{u:?}")) }
-    })
+    let settled = retry(
+        "usage via node C shows the settlement",
+        Duration::from_secs(5),
+        || async {
+            let u = store_c.usage("t1").await.map_err(|e| e.to_string())?;
+            if u.in_flight == 0 && u.total_tokens == 25 {
+                Ok(u)
+            } else {
+                Err(format!("{u:?}"))
+            }
+        },
+    )
     .await;
-    assert_eq!((settled.in_flight, settled.total_tokens, settled.reserved_tokens), (0, 25, 0));
+    assert_eq!(
+        (
+            settled.in_flight,
+            settled.total_tokens,
+            settled.reserved_tokens
+        ),
+        (0, 25, 0)
+    );
 
     // The broker on node B; workers it spawns connect to node C.
     let model_dir = checkpoint(dir.path());
     let mut d = Deployment::new(&model_dir);
     d.model_id = Some(MODEL.into());
-    let experts = faasmoe_model::generator::preset("tiny").unwrap().num_experts as u32;
+    let experts = faasmoe_model::generator::preset("tiny")
+        .unwrap()
+        .num_experts as u32;
     d.granularity = experts; // whole layer per function
     let layout = d.layout().unwrap();
     let layers = layout.functions.len();
@@ -125,8 +200,13 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
         log_dir: Some(dir.path().join("worker-logs")),
         env: vec![],
     };
-    let acfg = ActivationConfig { ready_timeout: Duration::from_secs(30), ..ActivationConfig::new(MODEL, layout) };
-    let activator = Activator::start(cb.clone(), acfg, Arc::new(backend)).await.unwrap();
+    let acfg = ActivationConfig {
+        ready_timeout: Duration::from_secs(30),
+        ..ActivationConfig::new(MODEL, layout)
+    };
+    let activator = Activator::start(cb.clone(), acfg, Arc::new(backend))
+        .await
+        .unwrap();
 
     // The controller on node A, admitting against the replicated bucket.
     let settings = ControllerSettings {
@@ -153,28 +233,56 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
 
     // The client on node C (retried while the controller loads and its interest propagates).
     let body = r#"{"input_ids":[1,2,3],"max_tokens":4,"temperature":0}"#;
-    let reply = retry("generate request via node C", Duration::from_secs(60), || async {
-        if controller.is_finished() {
-            return Ok(Err("controller exited".to_string()));
-        }
-        let req = async_nats::Request::new().payload(body.into()).timeout(Some(Duration::from_secs(60)));
-        cc.send_request("faasmoe.v1.generate.t1", req).await.map(|m| Ok(m.payload))
-    })
+    let reply = retry(
+        "generate request via node C",
+        Duration::from_secs(60),
+        || async {
+            if controller.is_finished() {
+                return Ok(Err("controller exited".to_string()));
+            }
+            let req = async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(Duration::from_secs(60)));
+            cc.send_request("faasmoe.v1.generate.t1", req)
+                .await
+                .map(|m| Ok(m.payload))
+        },
+    )
     .await
     .expect("the controller is running");
-    let v: serde_json::Value = serde_json::from_slice(&reply).unwrap_or_else(|e| panic!("reply {}: {e}", String::from_utf8_lossy(&reply)));
-    let ids = v["token_ids"].as_array().unwrap_or_else(|| panic!("no token_ids in {v}"));
+    let v: serde_json::Value = serde_json::from_slice(&reply)
+        .unwrap_or_else(|e| panic!("reply {}: {e}", String::from_utf8_lossy(&reply)));
+    let ids = v["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no token_ids in {v}"));
     assert_eq!(ids.len(), 4, "{v}");
     assert!(ids.iter().all(|i| i.as_u64().is_some()), "{v}");
 
     // The workers were spawned on demand, one per layer function; the quota was charged
     // (prompt 3 + 4 generated) in the replicated bucket, visible through node C.
-    let ready = activator.instances().into_iter().filter(|i| i.state == faasmoe_broker::InstanceState::Ready).count();
-    assert_eq!(ready, layers, "ready instances: {:?}", activator.instances());
-    let charged = retry("usage via node C shows the request's charge", Duration::from_secs(5), || async {
-        let u = store_c.usage("t1").await.map_err(|e| e.to_string())?;
-        if u.in_flight == 0 && u.total_tokens == 25 + 7 { Ok(u) } else { Err(format!("{u:?}")) }
-    })
+    let ready = activator
+        .instances()
+        .into_iter()
+        .filter(|i| i.state == faasmoe_broker::InstanceState::Ready)
+        .count();
+    assert_eq!(
+        ready,
+        layers,
+        "ready instances: {:?}",
+        activator.instances()
+    );
+    let charged = retry(
+        "usage via node C shows the request's charge",
+        Duration::from_secs(5),
+        || async {
+            let u = store_c.usage("t1").await.map_err(|e| e.to_string())?;
+            if u.in_flight == 0 && u.total_tokens == 25 + 7 {
+                Ok(u)
+            } else {
+                Err(format!("{u:?}"))
+            }
+        },
+    )
     .await;
     assert_eq!(charged.total_tokens, 32);
 
@@ -183,26 +291,44 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(b.pid() as i32, libc::SIGKILL) };
     let t_kill = Instant::now();
-    let (mut correct, mut failed, mut slowest, mut times) = (0, Vec::new(), Duration::ZERO, Vec::new());
+    let (mut correct, mut failed, mut slowest, mut times) =
+        (0, Vec::new(), Duration::ZERO, Vec::new());
     let sent = 4;
     for _ in 0..sent {
         let t0 = Instant::now();
-        let req = async_nats::Request::new().payload(body.into()).timeout(Some(Duration::from_secs(30)));
+        let req = async_nats::Request::new()
+            .payload(body.into())
+            .timeout(Some(Duration::from_secs(30)));
         match cc.send_request("faasmoe.v1.generate.t1", req).await {
             Ok(m) => {
                 let w: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
-                if w["token_ids"] == v["token_ids"] { correct += 1 } else { failed.push(w.to_string()) }
+                if w["token_ids"] == v["token_ids"] {
+                    correct += 1
+                } else {
+                    failed.push(w.to_string())
+                }
             }
             Err(e) => failed.push(e.to_string()),
         }
         slowest = slowest.max(t0.elapsed());
         times.push(format!("{:.2}", t0.elapsed().as_secs_f64()));
     }
-    println!("after the kill: correct {correct} of {sent}, each {} s, failures {failed:?}", times.join(", "));
-    let usage = retry("usage via node A after the kill", Duration::from_secs(10), || async {
-        let u = store_a.usage("t1").await.map_err(|e| e.to_string())?;
-        if u.in_flight == 0 && u.total_tokens == 32 + 7 * sent as u64 { Ok(u) } else { Err(format!("{u:?}")) }
-    })
+    println!(
+        "after the kill: correct {correct} of {sent}, each {} s, failures {failed:?}",
+        times.join(", ")
+    );
+    let usage = retry(
+        "usage via node A after the kill",
+        Duration::from_secs(10),
+        || async {
+            let u = store_a.usage("t1").await.map_err(|e| e.to_string())?;
+            if u.in_flight == 0 && u.total_tokens == 32 + 7 * sent as u64 {
+                Ok(u)
+            } else {
+                Err(format!("{u:?}"))
+            }
+        },
+    )
     .await;
     println!(
         "fault cluster-node-killed: sent {sent}, correct {correct}, failed {}, lost 0, slowest {:.2} s (each: {} s); quota charged {} tokens through the 2 surviving nodes ({:.1} s after the kill)",
@@ -212,12 +338,19 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
         usage.total_tokens - 32,
         t_kill.elapsed().as_secs_f64()
     );
-    assert_eq!(correct, sent, "requests after node B was killed: {failed:?}");
+    assert_eq!(
+        correct, sent,
+        "requests after node B was killed: {failed:?}"
+    );
 
     // Stop everything: controller, workers (through the broker), servers.
     controller.stop().await;
     activator.shutdown(Duration::from_secs(10)).await;
-    assert!(activator.instances().is_empty(), "still alive: {:?}", activator.instances());
+    assert!(
+        activator.instances().is_empty(),
+        "still alive: {:?}",
+        activator.instances()
+    );
     assert_eq!(activator.exited().len(), layers, "{:?}", activator.exited());
     drop((ca, cb, cc));
     for n in nodes {

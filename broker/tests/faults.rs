@@ -65,7 +65,11 @@ impl Tally {
         if !self.typed.is_empty() {
             println!("  typed errors: {:?}", self.typed);
         }
-        assert!(self.lost.is_empty(), "{scenario}: lost requests: {:?}", self.lost);
+        assert!(
+            self.lost.is_empty(),
+            "{scenario}: lost requests: {:?}",
+            self.lost
+        );
     }
 }
 
@@ -82,7 +86,14 @@ struct Bed {
 fn checkpoint(dir: &Path) -> PathBuf {
     let model_dir = dir.join(MODEL);
     let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(&model_dir, &g, 7, faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES, |_, _| {}).unwrap();
+    faasmoe_model::generator::write_checkpoint(
+        &model_dir,
+        &g,
+        7,
+        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        |_, _| {},
+    )
+    .unwrap();
     model_dir
 }
 
@@ -111,7 +122,13 @@ impl Bed {
     /// Server, activator (workers idle out after `idle_timeout_ms`, cap `max_instances`), and
     /// the reference ids from one request on the healthy system (which also warms it up).
     async fn start(idle_timeout_ms: u64, max_instances: u32) -> Self {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into())).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let model_dir = checkpoint(dir.path());
         let server = NatsServer::start();
@@ -127,33 +144,71 @@ impl Bed {
             log_dir: Some(dir.path().join("worker-logs")),
             env: vec![],
         };
-        let cfg = ActivationConfig { max_instances_per_function: max_instances, ready_timeout: Duration::from_secs(30), ..ActivationConfig::new(MODEL, d.layout().unwrap()) };
-        let activator = Activator::start(server.connect().await.unwrap(), cfg, Arc::new(backend)).await.unwrap();
+        let cfg = ActivationConfig {
+            max_instances_per_function: max_instances,
+            ready_timeout: Duration::from_secs(30),
+            ..ActivationConfig::new(MODEL, d.layout().unwrap())
+        };
+        let activator = Activator::start(server.connect().await.unwrap(), cfg, Arc::new(backend))
+            .await
+            .unwrap();
         let client = server.connect().await.unwrap();
-        Bed { server, activator, model_dir, client, reference: Vec::new(), _dir: dir }
+        Bed {
+            server,
+            activator,
+            model_dir,
+            client,
+            reference: Vec::new(),
+            _dir: dir,
+        }
     }
 
     /// Waits for a controller to serve, then records the healthy system's answer.
     async fn record_reference(&mut self, max_tokens: u32) {
         let t0 = Instant::now();
         loop {
-            if let (Outcome::Correct, _) | (Outcome::Typed(_), _) = ask(&self.client, max_tokens, &[], Duration::from_secs(60)).await {
+            if let (Outcome::Correct, _) | (Outcome::Typed(_), _) =
+                ask(&self.client, max_tokens, &[], Duration::from_secs(60)).await
+            {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(120), "no controller came up");
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "no controller came up"
+            );
         }
-        let m = self.client.request("faasmoe.v1.generate.t1", body(max_tokens).into()).await.unwrap();
+        let m = self
+            .client
+            .request("faasmoe.v1.generate.t1", body(max_tokens).into())
+            .await
+            .unwrap();
         let v: Value = serde_json::from_slice(&m.payload).unwrap();
-        self.reference = v["token_ids"].as_array().unwrap_or_else(|| panic!("reference: {v}")).iter().map(|i| i.as_u64().unwrap()).collect();
+        self.reference = v["token_ids"]
+            .as_array()
+            .unwrap_or_else(|| panic!("reference: {v}"))
+            .iter()
+            .map(|i| i.as_u64().unwrap())
+            .collect();
         assert_eq!(self.reference.len(), max_tokens as usize, "{v}");
     }
 
     fn ready_pids(&self) -> Vec<u32> {
-        self.activator.instances().into_iter().filter(|i| i.state == InstanceState::Ready).filter_map(|i| i.pid).collect()
+        self.activator
+            .instances()
+            .into_iter()
+            .filter(|i| i.state == InstanceState::Ready)
+            .filter_map(|i| i.pid)
+            .collect()
     }
 
     /// `n` concurrent requests, each with its own `timeout`, while `fault` runs.
-    async fn load<F: std::future::Future<Output = ()>>(&self, n: usize, max_tokens: u32, timeout: Duration, fault: F) -> Tally {
+    async fn load<F: std::future::Future<Output = ()>>(
+        &self,
+        n: usize,
+        max_tokens: u32,
+        timeout: Duration,
+        fault: F,
+    ) -> Tally {
         let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let (c, r) = (self.client.clone(), self.reference.clone());
@@ -174,14 +229,26 @@ fn body(max_tokens: u32) -> String {
 }
 
 /// One greedy request; `reference` empty accepts any ids.
-async fn ask(client: &async_nats::Client, max_tokens: u32, reference: &[u64], timeout: Duration) -> (Outcome, Duration) {
+async fn ask(
+    client: &async_nats::Client,
+    max_tokens: u32,
+    reference: &[u64],
+    timeout: Duration,
+) -> (Outcome, Duration) {
     let t0 = Instant::now();
-    let req = async_nats::Request::new().payload(body(max_tokens).into()).timeout(Some(timeout));
+    let req = async_nats::Request::new()
+        .payload(body(max_tokens).into())
+        .timeout(Some(timeout));
     let o = match client.send_request("faasmoe.v1.generate.t1", req).await {
         Ok(m) => match serde_json::from_slice::<Value>(&m.payload) {
-            Ok(v) if v.get("error").is_some() => Outcome::Typed(format!("{}: {}", v["error"]["code"], v["error"]["message"])),
+            Ok(v) if v.get("error").is_some() => {
+                Outcome::Typed(format!("{}: {}", v["error"]["code"], v["error"]["message"]))
+            }
             Ok(v) => {
-                let ids: Vec<u64> = v["token_ids"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+                let ids: Vec<u64> = v["token_ids"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
                 if reference.is_empty() || ids == reference {
                     Outcome::Correct
                 } else {
@@ -203,7 +270,11 @@ fn signal(pid: u32, sig: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_sigkilled_under_load_lose_nothing() {
     let mut bed = Bed::start(120_000, 2).await;
-    let controller = ControllerTask::spawn(ControllerSettings::from_flags(controller_flags(&bed.server.url(), &bed.model_dir, 2_000)).unwrap(), Arc::new(Unlimited));
+    let controller = ControllerTask::spawn(
+        ControllerSettings::from_flags(controller_flags(&bed.server.url(), &bed.model_dir, 2_000))
+            .unwrap(),
+        Arc::new(Unlimited),
+    );
     bed.record_reference(12).await;
     let mut killed = 0;
     let tally = bed
@@ -217,7 +288,9 @@ async fn workers_sigkilled_under_load_lose_nothing() {
             }
         })
         .await;
-    println!("fault workers-sigkilled: {killed} worker processes SIGKILLed in two waves during the load");
+    println!(
+        "fault workers-sigkilled: {killed} worker processes SIGKILLed in two waves during the load"
+    );
     assert!(killed >= 2, "no worker was killed");
     tally.report("workers-sigkilled");
     assert_eq!(tally.correct, 16, "{tally:?}");
@@ -227,7 +300,11 @@ async fn workers_sigkilled_under_load_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_and_resumed_delays_but_loses_nothing() {
     let mut bed = Bed::start(120_000, 1).await;
-    let controller = ControllerTask::spawn(ControllerSettings::from_flags(controller_flags(&bed.server.url(), &bed.model_dir, 10_000)).unwrap(), Arc::new(Unlimited));
+    let controller = ControllerTask::spawn(
+        ControllerSettings::from_flags(controller_flags(&bed.server.url(), &bed.model_dir, 10_000))
+            .unwrap(),
+        Arc::new(Unlimited),
+    );
     bed.record_reference(8).await;
     let tally = bed
         .load(8, 8, Duration::from_secs(60), async {
@@ -256,7 +333,11 @@ async fn a_controller_killed_while_a_second_serves_the_queue_group() {
         .kill_on_drop(true)
         .spawn()
         .expect("start `faasmoe controller` (cargo build --workspace --bins)");
-    let b = ControllerTask::spawn(ControllerSettings::from_flags(controller_flags(&bed.server.url(), &bed.model_dir, 2_000)).unwrap(), Arc::new(Unlimited));
+    let b = ControllerTask::spawn(
+        ControllerSettings::from_flags(controller_flags(&bed.server.url(), &bed.model_dir, 2_000))
+            .unwrap(),
+        Arc::new(Unlimited),
+    );
     bed.record_reference(16).await;
     // Both serve before the kill (A is a process: give it the time to load and subscribe).
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -294,11 +375,17 @@ async fn scale_to_zero_racing_requests_loses_nothing() {
     // Workers idle out after 300 ms; requests arrive about that often, so some reach a
     // function just as its instance drains.
     let mut bed = Bed::start(300, 2).await;
-    let controller = ControllerTask::spawn(ControllerSettings::from_flags(controller_flags(&bed.server.url(), &bed.model_dir, 2_000)).unwrap(), Arc::new(Unlimited));
+    let controller = ControllerTask::spawn(
+        ControllerSettings::from_flags(controller_flags(&bed.server.url(), &bed.model_dir, 2_000))
+            .unwrap(),
+        Arc::new(Unlimited),
+    );
     bed.record_reference(4).await;
     const REQUESTS: usize = 10;
     let mut tally = Tally::default();
-    let mut gaps = [250u64, 300, 320, 280, 350, 310, 290, 400, 305, 295].iter().cycle();
+    let mut gaps = [250u64, 300, 320, 280, 350, 310, 290, 400, 305, 295]
+        .iter()
+        .cycle();
     for _ in 0..REQUESTS {
         tally.add(ask(&bed.client, 4, &bed.reference, Duration::from_secs(60)).await);
         tokio::time::sleep(Duration::from_millis(*gaps.next().unwrap())).await;

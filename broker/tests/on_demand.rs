@@ -28,29 +28,53 @@ const GRANULARITY: u32 = 4;
 const IDLE_TIMEOUT_MS: u64 = 2_000;
 const MAX_TOKENS: usize = 6;
 
-
 /// Starts an in-process controller (flags as the binary takes them) and waits until it
 /// answers on `faasmoe.v1.generate.probe` (an empty object is answered `bad_request`, which
 /// activates nothing).
-async fn start_controller(server: &NatsServer, model_dir: &Path, extra: &[&str]) -> (ControllerTask, async_nats::Client) {
+async fn start_controller(
+    server: &NatsServer,
+    model_dir: &Path,
+    extra: &[&str],
+) -> (ControllerTask, async_nats::Client) {
     let url = server.url();
     let dir = model_dir.to_string_lossy().into_owned();
     let g = GRANULARITY.to_string();
-    let mut args = vec!["--nats-url", &url, "--model-dir", &dir, "--model-id", MODEL, "--granularity", &g];
+    let mut args = vec![
+        "--nats-url",
+        &url,
+        "--model-dir",
+        &dir,
+        "--model-id",
+        MODEL,
+        "--granularity",
+        &g,
+    ];
     args.extend_from_slice(extra);
-    let settings = ControllerSettings::from_flags(args).unwrap_or_else(|e| panic!("controller flags: {e}"));
+    let settings =
+        ControllerSettings::from_flags(args).unwrap_or_else(|e| panic!("controller flags: {e}"));
     let mut controller = ControllerTask::spawn(settings, Arc::new(Unlimited));
     let client = server.connect().await.expect("connect to nats-server");
-    controller.wait_serving(&client, "probe", Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e:#}"));
+    controller
+        .wait_serving(&client, "probe", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     (controller, client)
 }
 
 async fn generate(client: &async_nats::Client, tenant: &str, prompt: &[u32]) -> Vec<u32> {
     let body = json!({"input_ids": prompt, "max_tokens": MAX_TOKENS, "temperature": 0});
-    let req = async_nats::Request::new().payload(serde_json::to_vec(&body).unwrap().into()).timeout(Some(Duration::from_secs(60)));
-    let m = client.send_request(format!("faasmoe.v1.generate.{tenant}"), req).await.expect("generate reply");
-    let v: Value = serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {:?}", m.payload));
-    let ids = v["token_ids"].as_array().unwrap_or_else(|| panic!("expected a response, got {v}"));
+    let req = async_nats::Request::new()
+        .payload(serde_json::to_vec(&body).unwrap().into())
+        .timeout(Some(Duration::from_secs(60)));
+    let m = client
+        .send_request(format!("faasmoe.v1.generate.{tenant}"), req)
+        .await
+        .expect("generate reply");
+    let v: Value = serde_json::from_slice(&m.payload)
+        .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {:?}", m.payload));
+    let ids = v["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("expected a response, got {v}"));
     ids.iter().map(|t| t.as_u64().unwrap() as u32).collect()
 }
 
@@ -61,12 +85,22 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exactly_once() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let t_total = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let model_dir: PathBuf = dir.path().join(MODEL);
     let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(&model_dir, &g, 7, faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES, |_, _| {}).unwrap();
+    faasmoe_model::generator::write_checkpoint(
+        &model_dir,
+        &g,
+        7,
+        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        |_, _| {},
+    )
+    .unwrap();
 
     // The broker: cap 1 per function, workers exit after 2 s idle.
     let server = NatsServer::start();
@@ -75,7 +109,11 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
     d.granularity = GRANULARITY;
     let layout = d.layout().unwrap();
     let all_functions: BTreeSet<String> = layout.functions.iter().map(|f| f.id.clone()).collect();
-    assert_eq!(all_functions.len(), g.num_hidden_layers * (g.num_experts / GRANULARITY as usize), "{all_functions:?}");
+    assert_eq!(
+        all_functions.len(),
+        g.num_hidden_layers * (g.num_experts / GRANULARITY as usize),
+        "{all_functions:?}"
+    );
     let backend = LocalProcessBackend {
         worker_bin: cargo_bin("faasmoe-expert-worker"),
         nats: NatsArgs::anonymous(server.url()),
@@ -85,13 +123,22 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
         log_dir: Some(dir.path().join("worker-logs")),
         env: vec![],
     };
-    let cfg = ActivationConfig { max_instances_per_function: 1, ready_timeout: Duration::from_secs(30), ..ActivationConfig::new(MODEL, layout) };
+    let cfg = ActivationConfig {
+        max_instances_per_function: 1,
+        ready_timeout: Duration::from_secs(30),
+        ..ActivationConfig::new(MODEL, layout)
+    };
     let broker_client = server.connect().await.unwrap();
-    let activator = Activator::start(broker_client, cfg, Arc::new(backend)).await.unwrap();
+    let activator = Activator::start(broker_client, cfg, Arc::new(backend))
+        .await
+        .unwrap();
 
     // Watch the lifecycle events from before the first request.
     let watcher = server.connect().await.unwrap();
-    let mut events = watcher.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
+    let mut events = watcher
+        .subscribe(subject::events(MODEL).unwrap())
+        .await
+        .unwrap();
     watcher.flush().await.unwrap();
     let (collected_tx, mut collected_rx) = tokio::sync::mpsc::unbounded_channel::<FunctionEvent>();
     let event_task = tokio::spawn(async move {
@@ -105,11 +152,21 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
     });
 
     let (_controller, client) = start_controller(&server, &model_dir, &[]).await;
-    assert_eq!(activator.spawn_count(), 0, "a worker was spawned before any generate request");
-    assert!(activator.instances().is_empty(), "{:?}", activator.instances());
+    assert_eq!(
+        activator.spawn_count(),
+        0,
+        "a worker was spawned before any generate request"
+    );
+    assert!(
+        activator.instances().is_empty(),
+        "{:?}",
+        activator.instances()
+    );
 
     // Eight concurrent requests, different prompts, two tenants.
-    let prompts: Vec<Vec<u32>> = (0..8u32).map(|i| (0..(3 + i)).map(|j| 11 + 97 * i + 31 * j).collect()).collect();
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| (0..(3 + i)).map(|j| 11 + 97 * i + 31 * j).collect())
+        .collect();
     let t0 = Instant::now();
     let got: Vec<Vec<u32>> = futures::future::join_all(prompts.iter().enumerate().map(|(i, p)| {
         let c = client.clone();
@@ -122,11 +179,15 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
     }
     let spawns = activator.spawn_count();
     let alive_after = activator.instances();
-    eprintln!("8 concurrent requests done in {serve_ms:.0} ms; {spawns} spawns, {} instances alive", alive_after.len());
+    eprintln!(
+        "8 concurrent requests done in {serve_ms:.0} ms; {spawns} spawns, {} instances alive",
+        alive_after.len()
+    );
 
     // Reference ids: a `--local-experts` controller on its own server (while the workers idle).
     let ref_server = NatsServer::start();
-    let (ref_controller, ref_client) = start_controller(&ref_server, &model_dir, &["--local-experts"]).await;
+    let (ref_controller, ref_client) =
+        start_controller(&ref_server, &model_dir, &["--local-experts"]).await;
     let want: Vec<Vec<u32>> = futures::future::join_all(prompts.iter().map(|p| {
         let c = ref_client.clone();
         async move { generate(&c, "ref", p).await }
@@ -138,9 +199,16 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
     }
 
     // Scale to zero: every instance exits after its idle timeout and is reaped.
-    let deadline = Instant::now() + Duration::from_millis(IDLE_TIMEOUT_MS) + Duration::from_secs(10);
-    while !(activator.instances().is_empty() && activator.exited().len() as u64 >= activator.spawn_count()) {
-        assert!(Instant::now() < deadline, "not scaled to zero: alive {:?}", activator.instances());
+    let deadline =
+        Instant::now() + Duration::from_millis(IDLE_TIMEOUT_MS) + Duration::from_secs(10);
+    while !(activator.instances().is_empty()
+        && activator.exited().len() as u64 >= activator.spawn_count())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not scaled to zero: alive {:?}",
+            activator.instances()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let idle_done_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -155,16 +223,26 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
     }
 
     // Spawns: one `started` per spawn, at most one per function.
-    assert_eq!(activator.spawn_count(), spawns, "spawned again after the requests completed");
+    assert_eq!(
+        activator.spawn_count(),
+        spawns,
+        "spawned again after the requests completed"
+    );
     let mut started: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for ev in evs.iter().filter(|e| e.kind == EventKind::Started) {
-        started.entry(ev.function_id.clone()).or_default().push(ev.instance_id.clone());
+        started
+            .entry(ev.function_id.clone())
+            .or_default()
+            .push(ev.instance_id.clone());
     }
     // Concurrent demand never spawns a function twice. A function may only be started again
     // after its instance scaled to zero (a gap of more than the idle timeout between two of
     // its calls, which a heavily loaded machine can produce): its `stopped` event comes
     // before the next `started`.
-    let pos = |kind: EventKind, instance: &str| evs.iter().position(|e| e.kind == kind && e.instance_id == instance);
+    let pos = |kind: EventKind, instance: &str| {
+        evs.iter()
+            .position(|e| e.kind == kind && e.instance_id == instance)
+    };
     let mut respawns_after_idle = Vec::new();
     for (f, ids) in started.iter().filter(|(_, v)| v.len() > 1) {
         for pair in ids.windows(2) {
@@ -178,25 +256,49 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
         }
         respawns_after_idle.push(f.clone());
     }
-    assert_eq!(started.values().map(Vec::len).sum::<usize>() as u64, spawns, "started events vs spawn_count");
-    assert!(evs.iter().all(|e| e.kind != EventKind::SpawnFailed), "spawn failures: {evs:?}");
-    let instance_fn: BTreeMap<String, String> = started.iter().flat_map(|(f, v)| v.iter().map(move |i| (i.clone(), f.clone()))).collect();
+    assert_eq!(
+        started.values().map(Vec::len).sum::<usize>() as u64,
+        spawns,
+        "started events vs spawn_count"
+    );
+    assert!(
+        evs.iter().all(|e| e.kind != EventKind::SpawnFailed),
+        "spawn failures: {evs:?}"
+    );
+    let instance_fn: BTreeMap<String, String> = started
+        .iter()
+        .flat_map(|(f, v)| v.iter().map(move |i| (i.clone(), f.clone())))
+        .collect();
 
     // Ready: every spawned function became ready; the broker's `ready` carries its own cold start.
     let exited = activator.exited();
     assert_eq!(exited.len() as u64, spawns, "{exited:?}");
-    let ready_fns: BTreeSet<String> = evs.iter().filter(|e| e.kind == EventKind::Ready).map(|e| e.function_id.clone()).collect();
+    let ready_fns: BTreeSet<String> = evs
+        .iter()
+        .filter(|e| e.kind == EventKind::Ready)
+        .map(|e| e.function_id.clone())
+        .collect();
     let started_fns: BTreeSet<String> = started.keys().cloned().collect();
-    assert_eq!(ready_fns, started_fns, "functions in ready events vs started events");
+    assert_eq!(
+        ready_fns, started_fns,
+        "functions in ready events vs started events"
+    );
     assert!(ready_fns.is_subset(&all_functions));
     let mut cold = Vec::new();
     for rec in &exited {
-        let broker_cold = rec.cold_start_ms.unwrap_or_else(|| panic!("never ready: {rec:?}"));
+        let broker_cold = rec
+            .cold_start_ms
+            .unwrap_or_else(|| panic!("never ready: {rec:?}"));
         // Both the worker (from its own start) and the broker (from the spawn) announce
         // `ready`; the broker's is the one with the broker's record.
         let ev = evs
             .iter()
-            .find(|e| e.kind == EventKind::Ready && e.instance_id == rec.instance_id && e.cold_start_ms.is_some_and(|c| (c - broker_cold).abs() < 1e-3))
+            .find(|e| {
+                e.kind == EventKind::Ready
+                    && e.instance_id == rec.instance_id
+                    && e.cold_start_ms
+                        .is_some_and(|c| (c - broker_cold).abs() < 1e-3)
+            })
             .unwrap_or_else(|| panic!("no broker ready event for {rec:?}"));
         let c = ev.cold_start_ms.unwrap();
         assert!(c > 0.0, "{ev:?}");
@@ -206,7 +308,11 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
 
     // Caps held.
     for f in &all_functions {
-        assert!(activator.peak_alive(f) <= 1, "{f}: peak {}", activator.peak_alive(f));
+        assert!(
+            activator.peak_alive(f) <= 1,
+            "{f}: peak {}",
+            activator.peak_alive(f)
+        );
     }
     assert!(started_fns.iter().all(|f| activator.peak_alive(f) == 1));
 
@@ -214,10 +320,20 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
     for rec in &exited {
         assert_eq!(rec.state, InstanceState::Exited);
         assert!(rec.exit.is_some_and(|e| e.success()), "{rec:?}");
-        assert_eq!(instance_fn.get(&rec.instance_id), Some(&rec.function_id), "{rec:?}");
-        let stopped: Vec<_> = evs.iter().filter(|e| e.kind == EventKind::Stopped && e.instance_id == rec.instance_id).collect();
+        assert_eq!(
+            instance_fn.get(&rec.instance_id),
+            Some(&rec.function_id),
+            "{rec:?}"
+        );
+        let stopped: Vec<_> = evs
+            .iter()
+            .filter(|e| e.kind == EventKind::Stopped && e.instance_id == rec.instance_id)
+            .collect();
         // The worker's own `stopped` (before exiting) and the broker's (after reaping).
-        assert!(!stopped.is_empty() && stopped.iter().all(|e| e.exit_status == Some(0)), "{rec:?}: {stopped:?}");
+        assert!(
+            !stopped.is_empty() && stopped.iter().all(|e| e.exit_status == Some(0)),
+            "{rec:?}: {stopped:?}"
+        );
         assert_eq!(stopped.len(), 2, "{rec:?}: {stopped:?}");
     }
     assert!(activator.instances().is_empty());

@@ -36,23 +36,44 @@ struct Outcome {
 
 async fn generate(client: &async_nats::Client, prompt: &[u32]) -> Vec<u32> {
     let body = json!({"input_ids": prompt, "max_tokens": MAX_TOKENS, "temperature": 0});
-    let req = async_nats::Request::new().payload(serde_json::to_vec(&body).unwrap().into()).timeout(Some(Duration::from_secs(60)));
-    let m = client.send_request("faasmoe.v1.generate.t1", req).await.expect("generate reply");
+    let req = async_nats::Request::new()
+        .payload(serde_json::to_vec(&body).unwrap().into())
+        .timeout(Some(Duration::from_secs(60)));
+    let m = client
+        .send_request("faasmoe.v1.generate.t1", req)
+        .await
+        .expect("generate reply");
     let v: Value = serde_json::from_slice(&m.payload).unwrap();
-    v["token_ids"].as_array().unwrap_or_else(|| panic!("expected a response, got {v}")).iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    v["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("expected a response, got {v}"))
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
 }
 
 async fn controller_stats(client: &async_nats::Client) -> Value {
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await.unwrap();
-    client.publish_with_reply("faasmoe.v1.admin.controller_stats", inbox, "".into()).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.expect("controller stats").unwrap();
+    client
+        .publish_with_reply("faasmoe.v1.admin.controller_stats", inbox, "".into())
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("controller stats")
+        .unwrap();
     serde_json::from_slice::<Value>(&m.payload).unwrap()["dispatch"].clone()
 }
 
 /// A fresh server and broker (nothing warm), a controller with `prefetch_layers`, the
 /// prompts one after the other, then waits for every instance to scale to zero.
-async fn cold_run(model_dir: &Path, logs: &Path, prefetch_layers: &str, prompts: &[Vec<u32>]) -> Outcome {
+async fn cold_run(
+    model_dir: &Path,
+    logs: &Path,
+    prefetch_layers: &str,
+    prompts: &[Vec<u32>],
+) -> Outcome {
     let server = NatsServer::start();
     let mut d = Deployment::new(model_dir);
     d.model_id = Some(MODEL.into());
@@ -67,17 +88,37 @@ async fn cold_run(model_dir: &Path, logs: &Path, prefetch_layers: &str, prompts:
         log_dir: Some(logs.to_path_buf()),
         env: vec![],
     };
-    let cfg = ActivationConfig { max_instances_per_function: 1, ready_timeout: Duration::from_secs(30), ..ActivationConfig::new(MODEL, layout) };
-    let activator = Activator::start(server.connect().await.unwrap(), cfg, Arc::new(backend)).await.unwrap();
+    let cfg = ActivationConfig {
+        max_instances_per_function: 1,
+        ready_timeout: Duration::from_secs(30),
+        ..ActivationConfig::new(MODEL, layout)
+    };
+    let activator = Activator::start(server.connect().await.unwrap(), cfg, Arc::new(backend))
+        .await
+        .unwrap();
 
     let url = server.url();
     let dir = model_dir.to_string_lossy().into_owned();
     let g = GRANULARITY.to_string();
-    let args = vec!["--nats-url", &url, "--model-dir", &dir, "--model-id", MODEL, "--granularity", &g, "--prefetch-layers", prefetch_layers];
+    let args = vec![
+        "--nats-url",
+        &url,
+        "--model-dir",
+        &dir,
+        "--model-id",
+        MODEL,
+        "--granularity",
+        &g,
+        "--prefetch-layers",
+        prefetch_layers,
+    ];
     let settings = ControllerSettings::from_flags(args).unwrap();
     let mut controller = ControllerTask::spawn(settings, Arc::new(Unlimited));
     let client = server.connect().await.unwrap();
-    controller.wait_serving(&client, "probe", Duration::from_secs(30)).await.unwrap();
+    controller
+        .wait_serving(&client, "probe", Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(activator.spawn_count(), 0, "spawned before any request");
 
     let mut ids = Vec::new();
@@ -92,9 +133,16 @@ async fn cold_run(model_dir: &Path, logs: &Path, prefetch_layers: &str, prompts:
     let stats = controller_stats(&client).await;
 
     // Every instance, used or mispredicted, scales to zero and exits cleanly.
-    let deadline = Instant::now() + Duration::from_millis(IDLE_TIMEOUT_MS) + Duration::from_secs(20);
-    while !(activator.instances().is_empty() && activator.exited().len() as u64 >= activator.spawn_count()) {
-        assert!(Instant::now() < deadline, "not scaled to zero: alive {:?}", activator.instances());
+    let deadline =
+        Instant::now() + Duration::from_millis(IDLE_TIMEOUT_MS) + Duration::from_secs(20);
+    while !(activator.instances().is_empty()
+        && activator.exited().len() as u64 >= activator.spawn_count())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not scaled to zero: alive {:?}",
+            activator.instances()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let exited = activator.exited();
@@ -105,35 +153,75 @@ async fn cold_run(model_dir: &Path, logs: &Path, prefetch_layers: &str, prompts:
     let started = exited.iter().map(|r| r.function_id.clone()).collect();
     controller.stop().await;
     drop(activator);
-    Outcome { ids, stats, started, first_request_ms }
+    Outcome {
+        ids,
+        stats,
+        started,
+        first_request_ms,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activation_ahead_of_the_pass_changes_no_result_and_starts_functions_early() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join(MODEL);
     let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(&model_dir, &g, 7, faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES, |_, _| {}).unwrap();
-    let prompts: Vec<Vec<u32>> = (0..3u32).map(|i| (0..(4 + 3 * i)).map(|j| 17 + 131 * i + 29 * j).collect()).collect();
+    faasmoe_model::generator::write_checkpoint(
+        &model_dir,
+        &g,
+        7,
+        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        |_, _| {},
+    )
+    .unwrap();
+    let prompts: Vec<Vec<u32>> = (0..3u32)
+        .map(|i| (0..(4 + 3 * i)).map(|j| 17 + 131 * i + 29 * j).collect())
+        .collect();
 
     let off = cold_run(&model_dir, &dir.path().join("logs-off"), "0", &prompts).await;
     let on = cold_run(&model_dir, &dir.path().join("logs-on"), "2", &prompts).await;
 
     // Predictions never route: the same ids.
-    assert_eq!(on.ids, off.ids, "greedy ids with activation ahead vs without");
-    let n = |s: &Value, k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {s}"));
+    assert_eq!(
+        on.ids, off.ids,
+        "greedy ids with activation ahead vs without"
+    );
+    let n = |s: &Value, k: &str| {
+        s[k].as_u64()
+            .unwrap_or_else(|| panic!("{k} missing in {s}"))
+    };
     assert_eq!(n(&off.stats, "prefetches"), 0, "{}", off.stats);
     assert_eq!(n(&off.stats, "prefetch_hits"), 0, "{}", off.stats);
-    let (prefetches, hits, misses_on, misses_off) = (n(&on.stats, "prefetches"), n(&on.stats, "prefetch_hits"), n(&on.stats, "cold_misses"), n(&off.stats, "cold_misses"));
+    let (prefetches, hits, misses_on, misses_off) = (
+        n(&on.stats, "prefetches"),
+        n(&on.stats, "prefetch_hits"),
+        n(&on.stats, "cold_misses"),
+        n(&off.stats, "cold_misses"),
+    );
     assert!(prefetches > 0, "nothing activated ahead: {}", on.stats);
     assert!(hits > 0 && hits <= prefetches, "{}", on.stats);
     // Without prediction every needed function was reached cold; with it, at most as many.
-    assert!(misses_off as usize >= off.started.len(), "cold misses vs functions started without prediction: {}", off.stats);
-    assert!(misses_on <= misses_off, "cold misses: {misses_on} with prediction, {misses_off} without");
+    assert!(
+        misses_off as usize >= off.started.len(),
+        "cold misses vs functions started without prediction: {}",
+        off.stats
+    );
+    assert!(
+        misses_on <= misses_off,
+        "cold misses: {misses_on} with prediction, {misses_off} without"
+    );
     // The functions the requests needed were all started either way; what prediction
     // started beyond them is the cost of its wrong guesses (and they scaled to zero above).
-    assert!(on.started.is_superset(&off.started), "needed {:?}, started with prediction {:?}", off.started, on.started);
+    assert!(
+        on.started.is_superset(&off.started),
+        "needed {:?}, started with prediction {:?}",
+        off.started,
+        on.started
+    );
     let wasted = on.started.difference(&off.started).count();
     eprintln!(
         "activation ahead: {prefetches} prefetches, {hits} used (precision {:.2}), cold misses {misses_on} vs {misses_off} without \

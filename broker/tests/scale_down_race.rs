@@ -35,19 +35,37 @@ const CLIENTS: usize = 4;
 
 /// One greedy generate request; the reply body, or why none came.
 async fn generate(client: &async_nats::Client, prompt: &[u32]) -> Result<Value, String> {
-    let body = serde_json::to_vec(&json!({"input_ids": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})).unwrap();
-    let req = async_nats::Request::new().payload(body.into()).timeout(Some(REQUEST_TIMEOUT));
-    let m = client.send_request("faasmoe.v1.generate.race", req).await.map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(
+        &json!({"input_ids": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}),
+    )
+    .unwrap();
+    let req = async_nats::Request::new()
+        .payload(body.into())
+        .timeout(Some(REQUEST_TIMEOUT));
+    let m = client
+        .send_request("faasmoe.v1.generate.race", req)
+        .await
+        .map_err(|e| e.to_string())?;
     serde_json::from_slice(&m.payload).map_err(|e| format!("reply is not JSON ({e})"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_racing_scale_to_zero_are_all_served() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join(MODEL);
     let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(&model_dir, &g, 7, faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES, |_, _| {}).unwrap();
+    faasmoe_model::generator::write_checkpoint(
+        &model_dir,
+        &g,
+        7,
+        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        |_, _| {},
+    )
+    .unwrap();
 
     let server = NatsServer::start();
     let mut d = Deployment::new(&model_dir);
@@ -63,17 +81,38 @@ async fn requests_racing_scale_to_zero_are_all_served() {
         log_dir: Some(dir.path().join("worker-logs")),
         env: vec![],
     };
-    let cfg = ActivationConfig { max_instances_per_function: 1, ready_timeout: Duration::from_secs(30), ..ActivationConfig::new(MODEL, layout) };
-    let activator = Activator::start(server.connect().await.unwrap(), cfg, Arc::new(backend)).await.unwrap();
+    let cfg = ActivationConfig {
+        max_instances_per_function: 1,
+        ready_timeout: Duration::from_secs(30),
+        ..ActivationConfig::new(MODEL, layout)
+    };
+    let activator = Activator::start(server.connect().await.unwrap(), cfg, Arc::new(backend))
+        .await
+        .unwrap();
     let url = server.url();
     let mdir = model_dir.to_string_lossy().into_owned();
-    let settings = ControllerSettings::from_flags(["--nats-url", &url, "--model-dir", &mdir, "--model-id", MODEL, "--granularity", "4"]).unwrap();
+    let settings = ControllerSettings::from_flags([
+        "--nats-url",
+        &url,
+        "--model-dir",
+        &mdir,
+        "--model-id",
+        MODEL,
+        "--granularity",
+        "4",
+    ])
+    .unwrap();
     let mut controller = ControllerTask::spawn(settings, Arc::new(Unlimited));
     let client = server.connect().await.unwrap();
-    controller.wait_serving(&client, "probe", Duration::from_secs(30)).await.unwrap();
+    controller
+        .wait_serving(&client, "probe", Duration::from_secs(30))
+        .await
+        .unwrap();
 
     // Reference answers (cold start of every function they need), one prompt per client.
-    let prompts: Vec<Vec<u32>> = (0..CLIENTS as u32).map(|i| (0..(3 + i)).map(|j| 11 + 97 * i + 31 * j).collect()).collect();
+    let prompts: Vec<Vec<u32>> = (0..CLIENTS as u32)
+        .map(|i| (0..(3 + i)).map(|j| 11 + 97 * i + 31 * j).collect())
+        .collect();
     let mut want = Vec::new();
     for p in &prompts {
         let v = generate(&client, p).await.expect("reference request");
@@ -93,8 +132,14 @@ async fn requests_racing_scale_to_zero_are_all_served() {
                 let t0 = Instant::now();
                 let outcome = match generate(&c, p).await {
                     Ok(v) if v["token_ids"] == *w => Ok(()),
-                    Ok(v) if v["error"]["code"].is_string() => Err(("typed", format!("client {i}, after a {pause} ms pause: {}", v["error"]))),
-                    Ok(v) => Err(("wrong", format!("client {i}, after a {pause} ms pause: {v}"))),
+                    Ok(v) if v["error"]["code"].is_string() => Err((
+                        "typed",
+                        format!("client {i}, after a {pause} ms pause: {}", v["error"]),
+                    )),
+                    Ok(v) => Err((
+                        "wrong",
+                        format!("client {i}, after a {pause} ms pause: {v}"),
+                    )),
                     Err(e) => Err(("lost", format!("client {i}, after a {pause} ms pause: {e}"))),
                 };
                 (t0.elapsed(), outcome)
@@ -103,10 +148,18 @@ async fn requests_racing_scale_to_zero_are_all_served() {
         samples.extend(futures::future::join_all(round).await);
     }
     let slowest = samples.iter().map(|(t, _)| *t).max().unwrap_or_default();
-    let count = |k: &str| samples.iter().filter(|(_, o)| matches!(o, Err((kind, _)) if *kind == k)).count();
+    let count = |k: &str| {
+        samples
+            .iter()
+            .filter(|(_, o)| matches!(o, Err((kind, _)) if *kind == k))
+            .count()
+    };
     let (typed, wrong, lost) = (count("typed"), count("wrong"), count("lost"));
     let correct = samples.iter().filter(|(_, o)| o.is_ok()).count();
-    let failures: Vec<&String> = samples.iter().filter_map(|(_, o)| o.as_ref().err().map(|(_, m)| m)).collect();
+    let failures: Vec<&String> = samples
+        .iter()
+        .filter_map(|(_, o)| o.as_ref().err().map(|(_, m)| m))
+        .collect();
     let spawns = activator.spawn_count();
     let cap_waits = activator.cap_waits();
     controller.stop().await;
@@ -124,5 +177,10 @@ async fn requests_racing_scale_to_zero_are_all_served() {
     for f in &d.layout().unwrap().functions {
         assert!(activator.peak_alive(&f.id) <= 1, "{}: cap exceeded", f.id);
     }
-    assert!(failures.is_empty(), "{} of {} requests not answered correctly", failures.len(), samples.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests not answered correctly",
+        failures.len(),
+        samples.len()
+    );
 }

@@ -53,7 +53,12 @@ struct RestartableServer {
 
 impl RestartableServer {
     fn start() -> Self {
-        let mut s = Self { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None, starts: 0 };
+        let mut s = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            starts: 0,
+        };
         s.spawn();
         s
     }
@@ -83,9 +88,17 @@ impl RestartableServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("nats-server exited during start {} with {status}: {}", self.starts, read(&self.log(self.starts)));
+                panic!(
+                    "nats-server exited during start {} with {status}: {}",
+                    self.starts,
+                    read(&self.log(self.starts))
+                );
             }
-            assert!(Instant::now() < deadline, "nats-server not accepting on {addr}: {}", read(&self.log(self.starts)));
+            assert!(
+                Instant::now() < deadline,
+                "nats-server not accepting on {addr}: {}",
+                read(&self.log(self.starts))
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -148,8 +161,17 @@ struct Sample {
 }
 
 /// One greedy generate request, sent as the module docs describe; returns the reply body.
-async fn generate(client: &async_nats::Client, link: &mut watch::Receiver<u64>, tenant: &str, prompt: &[u32]) -> (Result<Value, String>, u32) {
-    let body: bytes::Bytes = serde_json::to_vec(&json!({"input_ids": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})).unwrap().into();
+async fn generate(
+    client: &async_nats::Client,
+    link: &mut watch::Receiver<u64>,
+    tenant: &str,
+    prompt: &[u32],
+) -> (Result<Value, String>, u32) {
+    let body: bytes::Bytes = serde_json::to_vec(
+        &json!({"input_ids": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}),
+    )
+    .unwrap()
+    .into();
     let deadline = Instant::now() + CLIENT_TIMEOUT;
     let mut sends = 0;
     loop {
@@ -159,7 +181,9 @@ async fn generate(client: &async_nats::Client, link: &mut watch::Receiver<u64>, 
             return (Err(format!("no reply within {CLIENT_TIMEOUT:?}")), sends);
         }
         sends += 1;
-        let req = async_nats::Request::new().payload(body.clone()).timeout(Some(left));
+        let req = async_nats::Request::new()
+            .payload(body.clone())
+            .timeout(Some(left));
         let reply = client.send_request(format!("faasmoe.v1.generate.{tenant}"), req);
         tokio::select! {
             r = reply => match r {
@@ -175,22 +199,35 @@ async fn generate(client: &async_nats::Client, link: &mut watch::Receiver<u64>, 
 }
 
 fn token_ids(v: &Value) -> Option<Vec<u32>> {
-    v["token_ids"].as_array().map(|a| a.iter().map(|t| t.as_u64().unwrap() as u32).collect())
+    v["token_ids"]
+        .as_array()
+        .map(|a| a.iter().map(|t| t.as_u64().unwrap() as u32).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_server_killed_and_restarted_1s_later_loses_no_request_and_the_slowest_takes_under_3s() {
+async fn nats_server_killed_and_restarted_1s_later_loses_no_request_and_the_slowest_takes_under_3s()
+{
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,faasmoe_controller::dispatch=info,faasmoe_broker::activation=info")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(
+                    "warn,faasmoe_controller::dispatch=info,faasmoe_broker::activation=info",
+                )
+            }),
         )
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join(MODEL);
     let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(&model_dir, &g, 7, faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES, |_, _| {}).unwrap();
+    faasmoe_model::generator::write_checkpoint(
+        &model_dir,
+        &g,
+        7,
+        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        |_, _| {},
+    )
+    .unwrap();
 
     let mut server = RestartableServer::start();
     let url = server.url();
@@ -211,18 +248,43 @@ async fn nats_server_killed_and_restarted_1s_later_loses_no_request_and_the_slow
         // controller's resend on reconnect this test fails: those requests wait out 10 s.
         env: vec![("FAASMOE_BATCH_MAX_WAIT_US".into(), "5000".into())],
     };
-    let cfg = ActivationConfig { max_instances_per_function: 1, ready_timeout: Duration::from_secs(30), ..ActivationConfig::new(MODEL, layout) };
-    let activator = Activator::start(async_nats::connect(url.clone()).await.unwrap(), cfg, Arc::new(backend)).await.unwrap();
+    let cfg = ActivationConfig {
+        max_instances_per_function: 1,
+        ready_timeout: Duration::from_secs(30),
+        ..ActivationConfig::new(MODEL, layout)
+    };
+    let activator = Activator::start(
+        async_nats::connect(url.clone()).await.unwrap(),
+        cfg,
+        Arc::new(backend),
+    )
+    .await
+    .unwrap();
 
     let mdir = model_dir.to_string_lossy().into_owned();
     let gran = GRANULARITY.to_string();
-    let settings = ControllerSettings::from_flags(["--nats-url", &url, "--model-dir", &mdir, "--model-id", MODEL, "--granularity", &gran]).unwrap();
+    let settings = ControllerSettings::from_flags([
+        "--nats-url",
+        &url,
+        "--model-dir",
+        &mdir,
+        "--model-id",
+        MODEL,
+        "--granularity",
+        &gran,
+    ])
+    .unwrap();
     let mut controller = ControllerTask::spawn(settings, Arc::new(Unlimited));
     let client = async_nats::connect(url.clone()).await.unwrap();
-    controller.wait_serving(&client, "probe", Duration::from_secs(30)).await.unwrap();
+    controller
+        .wait_serving(&client, "probe", Duration::from_secs(30))
+        .await
+        .unwrap();
 
     // Warm-up: every prompt once (this starts the functions); its ids are the reference.
-    let prompts: Vec<Vec<u32>> = (0..CLIENTS as u32).map(|i| (0..(3 + i)).map(|j| 11 + 97 * i + 31 * j).collect()).collect();
+    let prompts: Vec<Vec<u32>> = (0..CLIENTS as u32)
+        .map(|i| (0..(3 + i)).map(|j| 11 + 97 * i + 31 * j).collect())
+        .collect();
     let mut link = reconnects(client.clone());
     let mut want = Vec::new();
     for p in &prompts {
@@ -248,12 +310,19 @@ async fn nats_server_killed_and_restarted_1s_later_loses_no_request_and_the_slow
                     Ok(v) => match (token_ids(&v), v["error"]["code"].as_str()) {
                         (Some(ids), _) if ids == w => Outcome::Correct,
                         (Some(ids), _) => Outcome::Wrong(ids),
-                        (None, Some(code)) => Outcome::TypedError(format!("{code}: {}", v["error"]["message"])),
+                        (None, Some(code)) => {
+                            Outcome::TypedError(format!("{code}: {}", v["error"]["message"]))
+                        }
                         (None, None) => Outcome::Lost(format!("untyped reply {v}")),
                     },
                     Err(e) => Outcome::Lost(e),
                 };
-                samples.push(Sample { issued, latency: issued.elapsed(), outcome, sends });
+                samples.push(Sample {
+                    issued,
+                    latency: issued.elapsed(),
+                    outcome,
+                    sends,
+                });
             }
             samples
         }));
@@ -277,11 +346,18 @@ async fn nats_server_killed_and_restarted_1s_later_loses_no_request_and_the_slow
     let typed = count(&|o| matches!(o, Outcome::TypedError(_)));
     let wrong = count(&|o| matches!(o, Outcome::Wrong(_)));
     let lost = count(&|o| matches!(o, Outcome::Lost(_)));
-    let in_flight: Vec<&Sample> = samples.iter().filter(|s| s.issued <= killed_at && s.issued + s.latency >= killed_at).collect();
+    let in_flight: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.issued <= killed_at && s.issued + s.latency >= killed_at)
+        .collect();
     let slowest = samples.iter().map(|s| s.latency).max().unwrap_or_default();
     let resent = samples.iter().filter(|s| s.sends > 1).count();
     // How long after the restart the last request in flight at the kill completed.
-    let recovered = in_flight.iter().map(|s| (s.issued + s.latency).saturating_duration_since(restarted_at)).max().unwrap_or_default();
+    let recovered = in_flight
+        .iter()
+        .map(|s| (s.issued + s.latency).saturating_duration_since(restarted_at))
+        .max()
+        .unwrap_or_default();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     eprintln!(
         "nats-server killed {:.0} ms into the load, restarted {:.0} ms later: requests sent {}, correct {correct}, \
@@ -296,12 +372,29 @@ async fn nats_server_killed_and_restarted_1s_later_loses_no_request_and_the_slow
         ms(slowest),
     );
     for s in samples.iter().filter(|s| s.outcome != Outcome::Correct) {
-        eprintln!("  issued {:.0} ms after the kill, took {:.0} ms: {:?}", ms(s.issued.saturating_duration_since(killed_at)), ms(s.latency), s.outcome);
+        eprintln!(
+            "  issued {:.0} ms after the kill, took {:.0} ms: {:?}",
+            ms(s.issued.saturating_duration_since(killed_at)),
+            ms(s.latency),
+            s.outcome
+        );
     }
-    assert!(!in_flight.is_empty(), "no request was in flight at the kill: the test tested nothing");
+    assert!(
+        !in_flight.is_empty(),
+        "no request was in flight at the kill: the test tested nothing"
+    );
     assert_eq!(lost, 0, "lost requests");
     assert_eq!(wrong, 0, "wrong answers");
-    assert_eq!(typed, 0, "typed errors (none expected: the outage is shorter than every timeout)");
-    assert!(slowest <= SLOWEST_LIMIT, "slowest request {slowest:?} > {SLOWEST_LIMIT:?}");
-    assert_eq!(spawned_during, 0, "a running instance was replaced during the outage");
+    assert_eq!(
+        typed, 0,
+        "typed errors (none expected: the outage is shorter than every timeout)"
+    );
+    assert!(
+        slowest <= SLOWEST_LIMIT,
+        "slowest request {slowest:?} > {SLOWEST_LIMIT:?}"
+    );
+    assert_eq!(
+        spawned_during, 0,
+        "a running instance was replaced during the outage"
+    );
 }

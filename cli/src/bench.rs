@@ -35,14 +35,14 @@ use faasmoe_controller::tokenizer::QwenTokenizer;
 use faasmoe_proto::events::{EventKind, FunctionEvent};
 use faasmoe_proto::generate::{GenerateResponse, CONTENT_TYPE, JSON};
 use futures::StreamExt;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use procfs::Current as _;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use crate::monitor::{self, percentile};
 use crate::stack::{log_file, model_id_of, sibling};
-use faasmoe_broker::InternalCredentials;
 use crate::workload::{self, Scale, ScaleArgs};
+use faasmoe_broker::InternalCredentials;
 
 /// Settings of the benchmark.
 #[derive(Debug, Clone, clap::Args)]
@@ -118,7 +118,13 @@ enum Mode {
     LocalSplit,
 }
 
-const ALL_MODES: [Mode; 5] = [Mode::Baseline, Mode::SharedBaseline, Mode::FaasmoeShared, Mode::FaasmoePrivate, Mode::LocalSplit];
+const ALL_MODES: [Mode; 5] = [
+    Mode::Baseline,
+    Mode::SharedBaseline,
+    Mode::FaasmoeShared,
+    Mode::FaasmoePrivate,
+    Mode::LocalSplit,
+];
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -131,7 +137,11 @@ impl Mode {
         }
     }
     fn parse(s: &str) -> anyhow::Result<Self> {
-        ALL_MODES.iter().copied().find(|m| m.name() == s).with_context(|| format!("unknown mode `{s}`"))
+        ALL_MODES
+            .iter()
+            .copied()
+            .find(|m| m.name() == s)
+            .with_context(|| format!("unknown mode `{s}`"))
     }
     fn uses_functions(self) -> bool {
         matches!(self, Mode::FaasmoeShared | Mode::FaasmoePrivate)
@@ -222,8 +232,14 @@ fn page_size() -> u64 {
 }
 
 fn children_of(parent: i32) -> Vec<i32> {
-    let Ok(all) = procfs::process::all_processes() else { return vec![] };
-    all.filter_map(|p| p.ok()).filter_map(|p| p.stat().ok()).filter(|s| s.ppid == parent && s.state != 'Z').map(|s| s.pid).collect()
+    let Ok(all) = procfs::process::all_processes() else {
+        return vec![];
+    };
+    all.filter_map(|p| p.ok())
+        .filter_map(|p| p.stat().ok())
+        .filter(|s| s.ppid == parent && s.state != 'Z')
+        .map(|s| s.pid)
+        .collect()
 }
 
 impl Sampler {
@@ -246,7 +262,9 @@ impl Sampler {
         }
         let mut ticks = BTreeMap::new();
         for (role, pid) in self.procs() {
-            let Some(r) = monitor::read_process(pid) else { continue };
+            let Some(r) = monitor::read_process(pid) else {
+                continue;
+            };
             let e = roles.entry(role).or_default();
             e.processes += 1;
             e.rss += r.rss_bytes;
@@ -260,7 +278,10 @@ impl Sampler {
             ticks.insert(pid, r.cpu_ticks);
         }
         self.last = Some((now, ticks));
-        self.samples.push(Sample { t_s: now.duration_since(self.start).as_secs_f64(), roles });
+        self.samples.push(Sample {
+            t_s: now.duration_since(self.start).as_secs_f64(),
+            roles,
+        });
     }
 
     /// CPU seconds used so far by the deployment: fixed processes with their reaped children
@@ -296,7 +317,10 @@ struct Deployment {
     model_id: String,
 }
 
-fn start_server(log_dir: &Path, credentials: &InternalCredentials) -> anyhow::Result<(EmbeddedServer, u16)> {
+fn start_server(
+    log_dir: &Path,
+    credentials: &InternalCredentials,
+) -> anyhow::Result<(EmbeddedServer, u16)> {
     // Two free ports, distinct; a port taken between the probe and the server's bind is retried.
     let mut last = None;
     for _ in 0..4 {
@@ -321,32 +345,63 @@ fn start_server(log_dir: &Path, credentials: &InternalCredentials) -> anyhow::Re
             Err(e) => last = Some(e),
         }
     }
-    Err(anyhow::Error::from(last.expect("tried")).context("starting nats-server (run scripts/install-nats-server?)"))
+    Err(anyhow::Error::from(last.expect("tried"))
+        .context("starting nats-server (run scripts/install-nats-server?)"))
 }
 
 impl Deployment {
-    async fn start(spec: &Spec, tenants: &[String], model: &Path, a: &BenchArgs, log_dir: &Path) -> anyhow::Result<Self> {
+    async fn start(
+        spec: &Spec,
+        tenants: &[String],
+        model: &Path,
+        a: &BenchArgs,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let model_id = model_id_of(model)?;
         let credentials = InternalCredentials::generate();
         let (server, monitor_port) = start_server(log_dir, &credentials)?;
         let url = server.url().to_string();
         // The load comes from the tenants themselves, each on its own credentials (the
         // controllers run without quotas).
-        let admin_client = faasmoe_proto::connection::connect(&url, Some("broker"), Some(&credentials.broker), "faasmoe-bench-admin").await?;
-        let admin = server.tenant_admin(faasmoe_broker::TenantStore::open_default(admin_client).await?);
+        let admin_client = faasmoe_proto::connection::connect(
+            &url,
+            Some("broker"),
+            Some(&credentials.broker),
+            "faasmoe-bench-admin",
+        )
+        .await?;
+        let admin =
+            server.tenant_admin(faasmoe_broker::TenantStore::open_default(admin_client).await?);
         let mut tenant_clients = BTreeMap::new();
         for t in tenants {
             let creds = admin.create(t, faasmoe_broker::Quota::default()).await?;
-            tenant_clients.insert(t.clone(), faasmoe_proto::connection::connect(&url, Some(&creds.user), Some(&creds.password), &format!("faasmoe-bench-{t}")).await?);
+            tenant_clients.insert(
+                t.clone(),
+                faasmoe_proto::connection::connect(
+                    &url,
+                    Some(&creds.user),
+                    Some(&creds.password),
+                    &format!("faasmoe-bench-{t}"),
+                )
+                .await?,
+            );
         }
         let me = std::env::current_exe()?;
         let mut serving = Vec::new();
         let mut broker = None;
         let controller = |extra: Vec<String>, name: &str| -> anyhow::Result<Child> {
             Command::new(&me)
-                .args(["controller", "--no-quota", "--nats-url", &url, "--nats-user", "controller"])
+                .args([
+                    "controller",
+                    "--no-quota",
+                    "--nats-url",
+                    &url,
+                    "--nats-user",
+                    "controller",
+                ])
                 .env("NATS_PASSWORD", &credentials.controller)
-                .arg("--model-dir").arg(model)
+                .arg("--model-dir")
+                .arg(model)
                 .args(["--model-id", &model_id])
                 .args(extra)
                 .stdout(Stdio::null())
@@ -357,10 +412,18 @@ impl Deployment {
         };
         let baseline = |ts: &[String], name: &str| -> anyhow::Result<Child> {
             Command::new(&me)
-                .args(["serve-baseline", "--nats-url", &url, "--nats-user", "controller"])
+                .args([
+                    "serve-baseline",
+                    "--nats-url",
+                    &url,
+                    "--nats-user",
+                    "controller",
+                ])
                 .env("NATS_PASSWORD", &credentials.controller)
-                .arg("--model").arg(model)
-                .arg("--tenants").arg(ts.join(","))
+                .arg("--model")
+                .arg(model)
+                .arg("--tenants")
+                .arg(ts.join(","))
                 .stdout(Stdio::null())
                 .stderr(log_file(log_dir, name)?)
                 .kill_on_drop(true)
@@ -373,13 +436,21 @@ impl Deployment {
                 Command::new(sibling("faasmoe-broker"))
                     .args(["run", "--nats-url", &url, "--nats-user", "broker"])
                     .env("NATS_PASSWORD", &credentials.broker)
-                    .arg("--model-dir").arg(model)
+                    .arg("--model-dir")
+                    .arg(model)
                     .args(["--model-id", &model_id, "--granularity", &g.to_string()])
-                    .args(["--idle-timeout-ms", &a.idle_timeout_ms.to_string(), "--max-instances", &a.max_instances.to_string()])
+                    .args([
+                        "--idle-timeout-ms",
+                        &a.idle_timeout_ms.to_string(),
+                        "--max-instances",
+                        &a.max_instances.to_string(),
+                    ])
                     .args(["--worker-nats-user", "worker"])
                     .env("FAASMOE_WORKER_PASSWORD", &credentials.worker)
-                    .arg("--worker-bin").arg(sibling("faasmoe-expert-worker"))
-                    .arg("--worker-log-dir").arg(log_dir.join("workers"))
+                    .arg("--worker-bin")
+                    .arg(sibling("faasmoe-expert-worker"))
+                    .arg("--worker-log-dir")
+                    .arg(log_dir.join("workers"))
                     .stdout(Stdio::null())
                     .stderr(log_file(log_dir, "broker.log")?)
                     .kill_on_drop(true)
@@ -390,32 +461,69 @@ impl Deployment {
         match spec.mode {
             Mode::Baseline => {
                 for t in tenants {
-                    serving.push(baseline(std::slice::from_ref(t), &format!("baseline-{t}.log"))?);
+                    serving.push(baseline(
+                        std::slice::from_ref(t),
+                        &format!("baseline-{t}.log"),
+                    )?);
                 }
             }
             Mode::SharedBaseline => serving.push(baseline(tenants, "baseline-shared.log")?),
-            Mode::FaasmoeShared => serving.push(controller(vec!["--granularity".into(), g.to_string()], "controller.log")?),
+            Mode::FaasmoeShared => serving.push(controller(
+                vec!["--granularity".into(), g.to_string()],
+                "controller.log",
+            )?),
             Mode::FaasmoePrivate => {
                 for t in tenants {
-                    serving.push(controller(vec!["--granularity".into(), g.to_string(), "--tenants".into(), t.clone()], &format!("controller-{t}.log"))?);
+                    serving.push(controller(
+                        vec![
+                            "--granularity".into(),
+                            g.to_string(),
+                            "--tenants".into(),
+                            t.clone(),
+                        ],
+                        &format!("controller-{t}.log"),
+                    )?);
                 }
             }
-            Mode::LocalSplit => serving.push(controller(vec!["--local-experts".into()], "controller.log")?),
+            Mode::LocalSplit => serving.push(controller(
+                vec!["--local-experts".into()],
+                "controller.log",
+            )?),
         }
-        let d = Self { server, credentials, tenant_clients, monitor_port, broker, serving, model_id };
+        let d = Self {
+            server,
+            credentials,
+            tenant_clients,
+            monitor_port,
+            broker,
+            serving,
+            model_id,
+        };
         d.wait_ready(tenants, Duration::from_secs(900)).await?;
         Ok(d)
     }
 
     /// The operator's connection (user `broker`): events and the controllers' stats.
     async fn connect(&self) -> anyhow::Result<async_nats::Client> {
-        Ok(faasmoe_proto::connection::connect(self.server.url(), Some("broker"), Some(&self.credentials.broker), "faasmoe-bench").await?)
+        Ok(faasmoe_proto::connection::connect(
+            self.server.url(),
+            Some("broker"),
+            Some(&self.credentials.broker),
+            "faasmoe-bench",
+        )
+        .await?)
     }
 
     async fn wait_ready(&self, tenants: &[String], limit: Duration) -> anyhow::Result<()> {
         use faasmoe_proto::connection::answers;
         // The broker's activation subject may be requested by controllers only.
-        let client = faasmoe_proto::connection::connect(self.server.url(), Some("controller"), Some(&self.credentials.controller), "faasmoe-bench-probe").await?;
+        let client = faasmoe_proto::connection::connect(
+            self.server.url(),
+            Some("controller"),
+            Some(&self.credentials.controller),
+            "faasmoe-bench-probe",
+        )
+        .await?;
         let t0 = Instant::now();
         let mut pending: Vec<String> = tenants.to_vec();
         let mut broker_up = self.broker.is_none();
@@ -425,7 +533,14 @@ impl Deployment {
             for t in pending {
                 // An empty body is a bad request: any reply means the tenant is served.
                 let subject = faasmoe_proto::subject::generate(&t)?;
-                if !answers(&self.tenant_clients[&t], subject, b"", Duration::from_secs(2)).await {
+                if !answers(
+                    &self.tenant_clients[&t],
+                    subject,
+                    b"",
+                    Duration::from_secs(2),
+                )
+                .await
+                {
                     still.push(t);
                 }
             }
@@ -454,7 +569,13 @@ impl Deployment {
         for c in &self.serving {
             fixed.push(("serving", c.id().unwrap_or(0) as i32));
         }
-        Sampler { start: Instant::now(), fixed, worker_parent: self.broker.as_ref().and_then(|b| b.id()).map(|p| p as i32), last: None, samples: vec![] }
+        Sampler {
+            start: Instant::now(),
+            fixed,
+            worker_parent: self.broker.as_ref().and_then(|b| b.id()).map(|p| p as i32),
+            last: None,
+            samples: vec![],
+        }
     }
 
     async fn stop(mut self) {
@@ -464,9 +585,15 @@ impl Deployment {
         }
         for child in all {
             if let Some(pid) = child.id() {
-                let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await;
             }
-            if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+            {
                 let _ = child.kill().await;
             }
         }
@@ -485,14 +612,20 @@ struct Varz {
 
 async fn varz(port: u16) -> anyhow::Result<Varz> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await?;
+    s.write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf);
     let body = text.split("\r\n\r\n").nth(1).context("no HTTP body")?;
     let v: serde_json::Value = serde_json::from_str(body)?;
     let g = |k: &str| v[k].as_u64().unwrap_or(0);
-    Ok(Varz { in_msgs: g("in_msgs"), out_msgs: g("out_msgs"), in_bytes: g("in_bytes"), out_bytes: g("out_bytes") })
+    Ok(Varz {
+        in_msgs: g("in_msgs"),
+        out_msgs: g("out_msgs"),
+        in_bytes: g("in_bytes"),
+        out_bytes: g("out_bytes"),
+    })
 }
 
 /// Dispatch counters summed over the controllers (scatter-gather on
@@ -512,19 +645,30 @@ async fn dispatch_stats(client: &async_nats::Client, expected: usize) -> anyhow:
     }
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await?;
-    client.publish_with_reply(faasmoe_proto::subject::admin("controller_stats")?, inbox, "".into()).await?;
+    client
+        .publish_with_reply(
+            faasmoe_proto::subject::admin("controller_stats")?,
+            inbox,
+            "".into(),
+        )
+        .await?;
     client.flush().await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     while d.controllers < expected {
-        let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await else { break };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else { continue };
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await else {
+            break;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+            continue;
+        };
         let s = &v["dispatch"];
         if s.is_null() {
             continue;
         }
         d.controllers += 1;
         d.invocations += s["invocations"].as_u64().unwrap_or(0);
-        d.bytes += s["bytes_sent"].as_u64().unwrap_or(0) + s["bytes_received"].as_u64().unwrap_or(0);
+        d.bytes +=
+            s["bytes_sent"].as_u64().unwrap_or(0) + s["bytes_received"].as_u64().unwrap_or(0);
         d.activations += s["activations"].as_u64().unwrap_or(0);
     }
     Ok(d)
@@ -576,17 +720,29 @@ struct Summary {
 /// Time per output token after the first, ms: `(total − TTFT) / (completion tokens − 1)`;
 /// `None` for fewer than 2 tokens.
 fn tpot_ms(r: &GenerateResponse) -> Option<f64> {
-    (r.usage.completion_tokens > 1).then(|| (r.timings.total_ms - r.timings.ttft_ms) / (r.usage.completion_tokens - 1) as f64)
+    (r.usage.completion_tokens > 1)
+        .then(|| (r.timings.total_ms - r.timings.ttft_ms) / (r.usage.completion_tokens - 1) as f64)
 }
 
 impl RunResult {
     fn summary(&self) -> Summary {
-        let oks: Vec<&GenerateResponse> = self.requests.iter().filter_map(|r| r.ok.as_ref()).collect();
+        let oks: Vec<&GenerateResponse> =
+            self.requests.iter().filter_map(|r| r.ok.as_ref()).collect();
         let completion: u64 = oks.iter().map(|r| r.usage.completion_tokens as u64).sum();
-        let window: Vec<&Sample> = self.samples.iter().filter(|s| s.t_s >= 0.0 && s.t_s <= self.wall_s + 0.01).collect();
+        let window: Vec<&Sample> = self
+            .samples
+            .iter()
+            .filter(|s| s.t_s >= 0.0 && s.t_s <= self.wall_s + 0.01)
+            .collect();
         let n = window.len().max(1) as f64;
         let tot: Vec<RoleTotals> = window.iter().map(|s| s.total()).collect();
-        let per_tok = |x: f64| if completion > 0 { x / completion as f64 } else { f64::NAN };
+        let per_tok = |x: f64| {
+            if completion > 0 {
+                x / completion as f64
+            } else {
+                f64::NAN
+            }
+        };
         let functions = self.spec.mode.uses_functions();
         Summary {
             ok: oks.len(),
@@ -599,7 +755,12 @@ impl RunResult {
             tpot_warm: self
                 .requests
                 .iter()
-                .filter(|q| !self.ready_at_s.iter().any(|&t| t >= q.sent_s && t <= q.sent_s + q.e2e_ms / 1e3))
+                .filter(|q| {
+                    !self
+                        .ready_at_s
+                        .iter()
+                        .any(|&t| t >= q.sent_s && t <= q.sent_s + q.e2e_ms / 1e3)
+                })
                 .filter_map(|q| q.ok.as_ref().and_then(tpot_ms))
                 .collect(),
             pss_mean: tot.iter().map(|t| t.pss as f64).sum::<f64>() / n,
@@ -607,11 +768,23 @@ impl RunResult {
             rss_mean: tot.iter().map(|t| t.rss as f64).sum::<f64>() / n,
             rss_peak: tot.iter().map(|t| t.rss as f64).fold(0.0, f64::max),
             cpu_percent: self.cpu_s / self.wall_s.max(1e-9) * 100.0,
-            inv_per_token: if self.dispatch.controllers > 0 && functions { per_tok(self.dispatch.invocations as f64) } else { f64::NAN },
-            dispatch_bytes_per_token: if self.dispatch.controllers > 0 && functions { per_tok(self.dispatch.bytes as f64) } else { f64::NAN },
+            inv_per_token: if self.dispatch.controllers > 0 && functions {
+                per_tok(self.dispatch.invocations as f64)
+            } else {
+                f64::NAN
+            },
+            dispatch_bytes_per_token: if self.dispatch.controllers > 0 && functions {
+                per_tok(self.dispatch.bytes as f64)
+            } else {
+                f64::NAN
+            },
             nats_bytes_per_token: per_tok((self.varz.in_bytes + self.varz.out_bytes) as f64),
             nats_msgs_per_token: per_tok((self.varz.in_msgs + self.varz.out_msgs) as f64),
-            peak_instances: if functions { window.iter().map(|s| s.workers()).max().unwrap_or(0) } else { 0 },
+            peak_instances: if functions {
+                window.iter().map(|s| s.workers()).max().unwrap_or(0)
+            } else {
+                0
+            },
         }
     }
 }
@@ -621,7 +794,15 @@ fn mbf(b: f64) -> f64 {
 }
 
 /// Runs one spec.
-async fn run_one(spec: &Spec, all_tenants: &[String], work: &[Req], model: &Path, a: &BenchArgs, out: &Path, tail_s: f64) -> anyhow::Result<RunResult> {
+async fn run_one(
+    spec: &Spec,
+    all_tenants: &[String],
+    work: &[Req],
+    model: &Path,
+    a: &BenchArgs,
+    out: &Path,
+    tail_s: f64,
+) -> anyhow::Result<RunResult> {
     let tenants = &all_tenants[..spec.tenants];
     let log_dir = out.join("logs").join(spec.key());
     let t_load = Instant::now();
@@ -638,7 +819,9 @@ async fn run_one(spec: &Spec, all_tenants: &[String], work: &[Req], model: &Path
     let cold: Arc<Mutex<BTreeMap<String, f64>>> = Default::default();
     let ready_at: Arc<Mutex<Vec<tokio::time::Instant>>> = Default::default();
     let spawned = Arc::new(Mutex::new(0usize));
-    let mut events = client.subscribe(faasmoe_proto::subject::events(&dep.model_id)?).await?;
+    let mut events = client
+        .subscribe(faasmoe_proto::subject::events(&dep.model_id)?)
+        .await?;
     let (c2, s2, r2) = (cold.clone(), spawned.clone(), ready_at.clone());
     let ev_task = tokio::spawn(async move {
         while let Some(m) = events.next().await {
@@ -670,7 +853,11 @@ async fn run_one(spec: &Spec, all_tenants: &[String], work: &[Req], model: &Path
 
     // The sampler runs on its own thread: /proc reads are blocking.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (sm, st, every) = (sampler.clone(), stop.clone(), Duration::from_millis(a.sample_ms));
+    let (sm, st, every) = (
+        sampler.clone(),
+        stop.clone(),
+        Duration::from_millis(a.sample_ms),
+    );
     let sampler_thread = std::thread::spawn(move || {
         while !st.load(std::sync::atomic::Ordering::Relaxed) {
             sm.lock().unwrap().sample();
@@ -684,7 +871,11 @@ async fn run_one(spec: &Spec, all_tenants: &[String], work: &[Req], model: &Path
     let results: Arc<Mutex<Vec<ReqResult>>> = Default::default();
     let mut tasks = Vec::new();
     for r in work.iter().filter(|r| tenants.contains(&r.tenant)) {
-        let (client, results, r) = (dep.tenant_clients[&r.tenant].clone(), results.clone(), r.clone());
+        let (client, results, r) = (
+            dep.tenant_clients[&r.tenant].clone(),
+            results.clone(),
+            r.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             workload::sleep_until(start, r.at_s).await;
             let sent = start.elapsed().as_secs_f64();
@@ -717,7 +908,10 @@ async fn run_one(spec: &Spec, all_tenants: &[String], work: &[Req], model: &Path
         loop {
             tokio::time::sleep(Duration::from_secs(10)).await;
             let done = r2.lock().unwrap().len();
-            println!("    [{key} {:4.0}s] {done}/{total} requests done", t0.elapsed().as_secs_f64());
+            println!(
+                "    [{key} {:4.0}s] {done}/{total} requests done",
+                t0.elapsed().as_secs_f64()
+            );
         }
     });
     for t in tasks {
@@ -745,7 +939,13 @@ async fn run_one(spec: &Spec, all_tenants: &[String], work: &[Req], model: &Path
         .lock()
         .unwrap()
         .iter()
-        .map(|&t| if t >= start { (t - start).as_secs_f64() } else { -(start - t).as_secs_f64() })
+        .map(|&t| {
+            if t >= start {
+                (t - start).as_secs_f64()
+            } else {
+                -(start - t).as_secs_f64()
+            }
+        })
         .collect();
     let spawned = *spawned.lock().unwrap();
     drop(client);
@@ -787,7 +987,12 @@ struct ExpertRow {
     pss: u64,
 }
 
-async fn expert_bench(model: &Path, sets: &[u32], repeats: usize, log_dir: &Path) -> anyhow::Result<Vec<ExpertRow>> {
+async fn expert_bench(
+    model: &Path,
+    sets: &[u32],
+    repeats: usize,
+    log_dir: &Path,
+) -> anyhow::Result<Vec<ExpertRow>> {
     let credentials = InternalCredentials::generate();
     let (server, _) = start_server(log_dir, &credentials)?;
     let url = server.url().to_string();
@@ -799,14 +1004,21 @@ async fn expert_bench(model: &Path, sets: &[u32], repeats: usize, log_dir: &Path
             let mut child = Command::new(sibling("faasmoe-expert-worker"))
                 .args(["--nats-url", &url, "--nats-user", "worker"])
                 .env("NATS_PASSWORD", &credentials.worker)
-                .arg("--model-dir").arg(model)
-                .args(["--experts", &format!("0:0-{}", k - 1), "--idle-timeout-ms", "0"])
+                .arg("--model-dir")
+                .arg(model)
+                .args([
+                    "--experts",
+                    &format!("0:0-{}", k - 1),
+                    "--idle-timeout-ms",
+                    "0",
+                ])
                 .stdout(Stdio::piped())
                 .stderr(log_file(log_dir, &format!("worker-{k}-{rep}.log"))?)
                 .kill_on_drop(true)
                 .spawn()
                 .context("spawning faasmoe-expert-worker")?;
-            let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+            let mut lines =
+                tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
             let ready = tokio::time::timeout(Duration::from_secs(300), async {
                 while let Some(l) = lines.next_line().await? {
                     if l.starts_with("READY") {
@@ -819,7 +1031,10 @@ async fn expert_bench(model: &Path, sets: &[u32], repeats: usize, log_dir: &Path
             let ready_ms = t0.elapsed().as_secs_f64() * 1e3;
             if !matches!(ready, Ok(Ok(true))) {
                 let _ = child.kill().await;
-                bail!("expert worker with {k} experts did not get ready (see {})", log_dir.display());
+                bail!(
+                    "expert worker with {k} experts did not get ready (see {})",
+                    log_dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             let pid = child.id().unwrap_or(0) as i32;
@@ -827,15 +1042,32 @@ async fn expert_bench(model: &Path, sets: &[u32], repeats: usize, log_dir: &Path
             if let Ok(p) = procfs::process::Process::new(pid) {
                 rss = p.stat().map(|s| s.rss * page_size()).unwrap_or(0);
                 if let Ok(r) = p.smaps_rollup() {
-                    pss = r.memory_map_rollup.0.first().and_then(|m| m.extension.map.get("Pss").copied()).unwrap_or(0);
+                    pss = r
+                        .memory_map_rollup
+                        .0
+                        .first()
+                        .and_then(|m| m.extension.map.get("Pss").copied())
+                        .unwrap_or(0);
                 }
             }
-            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
-            if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
                 let _ = child.kill().await;
             }
             println!("    {k} expert(s), repeat {}: spawn → READY {ready_ms:.0} ms, RSS {:.1} MB, PSS {:.1} MB", rep + 1, mbf(rss as f64), mbf(pss as f64));
-            rows.push(ExpertRow { experts: k, repeat: rep, ready_ms, rss, pss });
+            rows.push(ExpertRow {
+                experts: k,
+                repeat: rep,
+                ready_ms,
+                rss,
+                pss,
+            });
         }
     }
     server.stop();
@@ -847,7 +1079,9 @@ fn ensure_expert_model(a: &BenchArgs) -> anyhow::Result<PathBuf> {
         return Ok(m.clone());
     }
     let dir = PathBuf::from("demo-data/qwen15-moe-a2.7b-l1-v1024");
-    if dir.join("config.json").exists() && dir.join("model.safetensors.index.json").exists() || dir.join("model.safetensors").exists() {
+    if dir.join("config.json").exists() && dir.join("model.safetensors.index.json").exists()
+        || dir.join("model.safetensors").exists()
+    {
         return Ok(dir);
     }
     println!("creating {}: the exact Qwen1.5-MoE-A2.7B layer geometry, 1 layer, vocab 1024, random weights", dir.display());
@@ -866,38 +1100,96 @@ fn ensure_expert_model(a: &BenchArgs) -> anyhow::Result<PathBuf> {
 
 fn checkpoint_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "safetensors") && !e.file_name().to_string_lossy().starts_with("golden")).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.path().extension().is_some_and(|x| x == "safetensors")
+                        && !e.file_name().to_string_lossy().starts_with("golden")
+                })
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0)
 }
 
 fn mem_available() -> u64 {
-    procfs::Meminfo::current().ok().and_then(|m| m.mem_available).unwrap_or(0)
+    procfs::Meminfo::current()
+        .ok()
+        .and_then(|m| m.mem_available)
+        .unwrap_or(0)
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_else(|| "unknown".into());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
     let mem = procfs::Meminfo::current().map(|m| m.mem_total).unwrap_or(0);
-    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    format!("{nproc} CPUs (nproc), {:.1} GiB memory, {cpu}", mem as f64 / (1u64 << 30) as f64)
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!(
+        "{nproc} CPUs (nproc), {:.1} GiB memory, {cpu}",
+        mem as f64 / (1u64 << 30) as f64
+    )
 }
 
 fn git_commit() -> String {
-    let head = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_else(|| "unknown".into());
-    let dirty = std::process::Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]).output().ok().map(|o| !o.stdout.is_empty()).unwrap_or(false);
-    if dirty { format!("{head} (with uncommitted changes)") } else { head }
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let dirty = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
+    if dirty {
+        format!("{head} (with uncommitted changes)")
+    } else {
+        head
+    }
 }
 
 fn f(x: f64, digits: usize) -> String {
-    if x.is_finite() { format!("{x:.digits$}") } else { "-".into() }
+    if x.is_finite() {
+        format!("{x:.digits$}")
+    } else {
+        "-".into()
+    }
 }
 
 /// Runs the benchmark.
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let t_all = Instant::now();
     let quick = a.quick;
-    let tenant_counts = a.tenants.clone().unwrap_or_else(|| if quick { vec![1, 3] } else { vec![1, 3, 6] });
-    let grans = a.granularities.clone().unwrap_or_else(|| if quick { vec![4, 10, 60] } else { vec![1, 2, 4, 10, 20, 60] });
-    let compare_g = a.granularity.unwrap_or_else(|| if grans.contains(&20) { 20 } else { *grans.iter().max().unwrap_or(&20) });
+    let tenant_counts =
+        a.tenants
+            .clone()
+            .unwrap_or_else(|| if quick { vec![1, 3] } else { vec![1, 3, 6] });
+    let grans = a.granularities.clone().unwrap_or_else(|| {
+        if quick {
+            vec![4, 10, 60]
+        } else {
+            vec![1, 2, 4, 10, 20, 60]
+        }
+    });
+    let compare_g = a.granularity.unwrap_or_else(|| {
+        if grans.contains(&20) {
+            20
+        } else {
+            *grans.iter().max().unwrap_or(&20)
+        }
+    });
     let modes: Vec<Mode> = match &a.modes {
         Some(m) => m.iter().map(|s| Mode::parse(s)).collect::<Result<_, _>>()?,
         None => ALL_MODES.to_vec(),
@@ -906,8 +1198,20 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let max_prompt = a.max_prompt.unwrap_or(if quick { 32 } else { 128 });
     let max_output = a.max_output.unwrap_or(if quick { 8 } else { 24 });
     let repeats = a.cold_start_repeats.unwrap_or(if quick { 5 } else { 10 });
-    let tail_s = a.tail_s.unwrap_or(if quick { 0.0 } else { a.idle_timeout_ms as f64 / 1e3 + 2.0 });
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))));
+    let tail_s = a.tail_s.unwrap_or(if quick {
+        0.0
+    } else {
+        a.idle_timeout_ms as f64 / 1e3 + 2.0
+    });
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "results/bench-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        ))
+    });
     std::fs::create_dir_all(&out)?;
     let model = match &a.model {
         Some(m) => m.clone(),
@@ -923,24 +1227,46 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     let cfg = faasmoe_model::Config::from_dir(&model)?;
     let num_experts = cfg.num_experts as u32;
-    let grans: Vec<u32> = grans.into_iter().filter(|&g| g >= 1 && g <= num_experts).collect();
+    let grans: Vec<u32> = grans
+        .into_iter()
+        .filter(|&g| g >= 1 && g <= num_experts)
+        .collect();
     let compare_g = compare_g.min(num_experts).max(1);
     let max_t = *tenant_counts.iter().max().context("no tenant counts")?;
     let tenant_names: Vec<String> = (1..=max_t).map(|i| format!("t{i}")).collect();
 
     // The workload: per tenant a slice of the conversation or code trace, token ids from the corpus.
     let tokenizer = QwenTokenizer::from_checkpoint_dir(&model)?;
-    let corpus: Vec<u32> = tokenizer.encode(workload::CORPUS)?.into_iter().filter(|&t| (t as usize) < cfg.vocab_size).collect();
+    let corpus: Vec<u32> = tokenizer
+        .encode(workload::CORPUS)?
+        .into_iter()
+        .filter(|&t| (t as usize) < cfg.vocab_size)
+        .collect();
     anyhow::ensure!(!corpus.is_empty(), "no corpus tokens inside the vocabulary");
-    let scale = a.scale.with_ranges((4.min(max_prompt), max_prompt), (2.min(max_output), max_output));
+    let scale = a.scale.with_ranges(
+        (4.min(max_prompt), max_prompt),
+        (2.min(max_output), max_output),
+    );
     let mut work = Vec::new();
     for (i, t) in tenant_names.iter().enumerate() {
-        let (trace, name) = if i % 2 == 0 { (workload::CONV_TRACE, "conversation") } else { (workload::CODE_TRACE, "code") };
+        let (trace, name) = if i % 2 == 0 {
+            (workload::CONV_TRACE, "conversation")
+        } else {
+            (workload::CODE_TRACE, "code")
+        };
         let rows = workload::load(trace, (i / 2) * n_req, n_req, &scale)?;
         for (j, r) in rows.into_iter().enumerate() {
             let off = (i * 977 + j * 131) % corpus.len();
-            let ids: Vec<u32> = (0..r.context_tokens as usize).map(|k| corpus[(off + k) % corpus.len()]).collect();
-            work.push(Req { tenant: t.clone(), index: j, at_s: r.at_s, ids, max_tokens: r.generated_tokens });
+            let ids: Vec<u32> = (0..r.context_tokens as usize)
+                .map(|k| corpus[(off + k) % corpus.len()])
+                .collect();
+            work.push(Req {
+                tenant: t.clone(),
+                index: j,
+                at_s: r.at_s,
+                ids,
+                max_tokens: r.generated_tokens,
+            });
         }
         let _ = name;
     }
@@ -949,19 +1275,37 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut specs = Vec::new();
     for &t in &tenant_counts {
         for &m in &modes {
-            let g = if m.uses_functions() { Some(compare_g) } else { None };
+            let g = if m.uses_functions() {
+                Some(compare_g)
+            } else {
+                None
+            };
             let same_as = match (m, t) {
-                (Mode::SharedBaseline, 1) if modes.contains(&Mode::Baseline) => Some(Mode::Baseline),
-                (Mode::FaasmoePrivate, 1) if modes.contains(&Mode::FaasmoeShared) => Some(Mode::FaasmoeShared),
+                (Mode::SharedBaseline, 1) if modes.contains(&Mode::Baseline) => {
+                    Some(Mode::Baseline)
+                }
+                (Mode::FaasmoePrivate, 1) if modes.contains(&Mode::FaasmoeShared) => {
+                    Some(Mode::FaasmoeShared)
+                }
                 _ => None,
             };
-            specs.push(Spec { mode: m, tenants: t, granularity: g, same_as });
+            specs.push(Spec {
+                mode: m,
+                tenants: t,
+                granularity: g,
+                same_as,
+            });
         }
     }
     if modes.contains(&Mode::FaasmoeShared) {
         for &g in &grans {
             if g != compare_g {
-                specs.push(Spec { mode: Mode::FaasmoeShared, tenants: max_t, granularity: Some(g), same_as: None });
+                specs.push(Spec {
+                    mode: Mode::FaasmoeShared,
+                    tenants: max_t,
+                    granularity: Some(g),
+                    same_as: None,
+                });
             }
         }
     }
@@ -997,10 +1341,25 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             let g = (g as usize).clamp(1, cfg.num_experts.max(1));
             let per_layer = cfg.num_experts.div_ceil(g);
             fn_procs = cfg.moe_layers().count() * per_layer;
-            let expert_bytes = 3.0 * cfg.hidden_size as f64 * cfg.moe_intermediate_size as f64 * 4.0;
+            let expert_bytes =
+                3.0 * cfg.hidden_size as f64 * cfg.moe_intermediate_size as f64 * 4.0;
             need += fn_procs as f64 * (16e6 + g as f64 * expert_bytes);
         }
-        let empty = RunResult { spec: spec.clone(), skipped: None, load_s: f64::NAN, wall_s: f64::NAN, requests: vec![], samples: vec![], idle: None, cpu_s: f64::NAN, dispatch: Dispatch::default(), varz: Varz::default(), cold_starts: vec![], ready_at_s: vec![], spawned: 0 };
+        let empty = RunResult {
+            spec: spec.clone(),
+            skipped: None,
+            load_s: f64::NAN,
+            wall_s: f64::NAN,
+            requests: vec![],
+            samples: vec![],
+            idle: None,
+            cpu_s: f64::NAN,
+            dispatch: Dispatch::default(),
+            varz: Varz::default(),
+            cold_starts: vec![],
+            ready_at_s: vec![],
+            spawned: 0,
+        };
         if (procs > 0 || fn_procs > 0) && need > avail as f64 * 0.9 {
             let why = if procs > 0 {
                 format!("needs ≈{:.1} GB ({procs} × f32 copy of the {:.2} GB checkpoint) but MemAvailable is {:.1} GB", need / 1e9, ckpt_bytes as f64 / 1e9, avail as f64 / 1e9)
@@ -1008,7 +1367,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                 format!("up to {fn_procs} function instances would need ≈{:.1} GB (estimate) but MemAvailable is {:.1} GB", need / 1e9, avail as f64 / 1e9)
             };
             println!("[{}/{}] {}: SKIPPED: {why}", i + 1, specs.len(), spec.key());
-            results.push(RunResult { skipped: Some(why), ..empty });
+            results.push(RunResult {
+                skipped: Some(why),
+                ..empty
+            });
             continue;
         }
         println!("[{}/{}] {} …", i + 1, specs.len(), spec.key());
@@ -1023,14 +1385,22 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             }
             Err(e) => {
                 println!("    FAILED: {e:#}");
-                results.push(RunResult { skipped: Some(format!("failed: {e:#}")), ..empty });
+                results.push(RunResult {
+                    skipped: Some(format!("failed: {e:#}")),
+                    ..empty
+                });
             }
         }
     }
     // Aliased runs (identical deployments at one tenant).
     for spec in &specs {
         if let Some(src) = spec.same_as {
-            if let Some(r) = results.iter().find(|r| r.spec.mode == src && r.spec.tenants == spec.tenants && r.spec.granularity == spec.granularity && r.spec.same_as.is_none()) {
+            if let Some(r) = results.iter().find(|r| {
+                r.spec.mode == src
+                    && r.spec.tenants == spec.tenants
+                    && r.spec.granularity == spec.granularity
+                    && r.spec.same_as.is_none()
+            }) {
                 let mut c = r.clone();
                 c.spec = spec.clone();
                 c.spec.granularity = r.spec.granularity;
@@ -1079,26 +1449,86 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     // Report.
     let table = headline(&results);
-    let report = report_md(&a, &model, &cfg, ckpt_bytes, &scale, n_req, &tenant_counts, &grans, compare_g, &results, &expert_rows, &expert_model_desc, &table, &plot_note, t_all.elapsed().as_secs_f64());
+    let report = report_md(
+        &a,
+        &model,
+        &cfg,
+        ckpt_bytes,
+        &scale,
+        n_req,
+        &tenant_counts,
+        &grans,
+        compare_g,
+        &results,
+        &expert_rows,
+        &expert_model_desc,
+        &table,
+        &plot_note,
+        t_all.elapsed().as_secs_f64(),
+    );
     std::fs::write(out.join("report.md"), &report)?;
     println!("\n{table}");
     println!("{plot_note}");
-    println!("bench done in {:.0}s; report: {}", t_all.elapsed().as_secs_f64(), out.join("report.md").display());
+    println!(
+        "bench done in {:.0}s; report: {}",
+        t_all.elapsed().as_secs_f64(),
+        out.join("report.md").display()
+    );
     Ok(())
 }
 
 fn cfg_torch_dtype(model: &Path) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).ok()?).ok()?;
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).ok()?).ok()?;
     v["torch_dtype"].as_str().map(String::from)
 }
 
 fn write_csvs(out: &Path, results: &[RunResult], experts: &[ExpertRow]) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_path(out.join("runs.csv"))?;
     w.write_record([
-        "mode", "tenants", "granularity", "same_run_as", "skipped", "load_s", "wall_s", "requests", "ok", "errors", "prompt_tokens", "completion_tokens", "tok_per_s",
-        "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "warm_tpot_p50_ms", "warm_requests", "pss_mean_mb", "pss_peak_mb", "pss_mean_per_tenant_mb", "rss_mean_mb", "rss_peak_mb", "idle_pss_mb", "idle_rss_mb",
-        "cpu_s", "cpu_percent", "cpu_percent_per_tenant", "invocations", "invocations_per_token", "dispatch_bytes_per_token", "nats_bytes_per_token", "nats_msgs_per_token",
-        "activations", "instances_started", "cold_starts", "cold_start_p50_ms", "cold_start_p99_ms", "peak_instances", "mem_ratio_vs_baseline", "cpu_ratio_vs_baseline", "tpot_ratio_vs_baseline",
+        "mode",
+        "tenants",
+        "granularity",
+        "same_run_as",
+        "skipped",
+        "load_s",
+        "wall_s",
+        "requests",
+        "ok",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        "tok_per_s",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "tpot_p50_ms",
+        "tpot_p99_ms",
+        "warm_tpot_p50_ms",
+        "warm_requests",
+        "pss_mean_mb",
+        "pss_peak_mb",
+        "pss_mean_per_tenant_mb",
+        "rss_mean_mb",
+        "rss_peak_mb",
+        "idle_pss_mb",
+        "idle_rss_mb",
+        "cpu_s",
+        "cpu_percent",
+        "cpu_percent_per_tenant",
+        "invocations",
+        "invocations_per_token",
+        "dispatch_bytes_per_token",
+        "nats_bytes_per_token",
+        "nats_msgs_per_token",
+        "activations",
+        "instances_started",
+        "cold_starts",
+        "cold_start_p50_ms",
+        "cold_start_p99_ms",
+        "peak_instances",
+        "mem_ratio_vs_baseline",
+        "cpu_ratio_vs_baseline",
+        "tpot_ratio_vs_baseline",
     ])?;
     for r in results {
         let s = r.summary();
@@ -1106,43 +1536,146 @@ fn write_csvs(out: &Path, results: &[RunResult], experts: &[ExpertRow]) -> anyho
         let (mr, cr, tr) = ratios(&s, base.as_ref());
         let t = r.spec.tenants as f64;
         w.write_record([
-            r.spec.mode.name().to_string(), r.spec.tenants.to_string(), r.spec.granularity.map(|g| g.to_string()).unwrap_or_default(),
-            r.spec.same_as.map(|m| m.name().to_string()).unwrap_or_default(), r.skipped.clone().unwrap_or_default(),
-            f(r.load_s, 2), f(r.wall_s, 2), r.requests.len().to_string(), s.ok.to_string(), s.errors.to_string(), s.prompt_tokens.to_string(), s.completion_tokens.to_string(), f(s.tok_s, 3),
-            f(percentile(&s.ttft, 50.0), 1), f(percentile(&s.ttft, 99.0), 1), f(percentile(&s.tpot, 50.0), 1), f(percentile(&s.tpot, 99.0), 1),
-            f(percentile(&s.tpot_warm, 50.0), 1), s.tpot_warm.len().to_string(),
-            f(mbf(s.pss_mean), 1), f(mbf(s.pss_peak), 1), f(mbf(s.pss_mean) / t, 1), f(mbf(s.rss_mean), 1), f(mbf(s.rss_peak), 1),
-            r.idle.map(|i| f(mbf(i.pss as f64), 1)).unwrap_or_default(), r.idle.map(|i| f(mbf(i.rss as f64), 1)).unwrap_or_default(),
-            f(r.cpu_s, 2), f(s.cpu_percent, 1), f(s.cpu_percent / t, 1), if r.dispatch.controllers > 0 { r.dispatch.invocations.to_string() } else { String::new() },
-            f(s.inv_per_token, 2), f(s.dispatch_bytes_per_token, 0), f(s.nats_bytes_per_token, 0), f(s.nats_msgs_per_token, 2),
-            r.dispatch.activations.to_string(), r.spawned.to_string(), r.cold_starts.len().to_string(), f(percentile(&r.cold_starts, 50.0), 1), f(percentile(&r.cold_starts, 99.0), 1),
-            s.peak_instances.to_string(), f(mr, 3), f(cr, 3), f(tr, 3),
+            r.spec.mode.name().to_string(),
+            r.spec.tenants.to_string(),
+            r.spec
+                .granularity
+                .map(|g| g.to_string())
+                .unwrap_or_default(),
+            r.spec
+                .same_as
+                .map(|m| m.name().to_string())
+                .unwrap_or_default(),
+            r.skipped.clone().unwrap_or_default(),
+            f(r.load_s, 2),
+            f(r.wall_s, 2),
+            r.requests.len().to_string(),
+            s.ok.to_string(),
+            s.errors.to_string(),
+            s.prompt_tokens.to_string(),
+            s.completion_tokens.to_string(),
+            f(s.tok_s, 3),
+            f(percentile(&s.ttft, 50.0), 1),
+            f(percentile(&s.ttft, 99.0), 1),
+            f(percentile(&s.tpot, 50.0), 1),
+            f(percentile(&s.tpot, 99.0), 1),
+            f(percentile(&s.tpot_warm, 50.0), 1),
+            s.tpot_warm.len().to_string(),
+            f(mbf(s.pss_mean), 1),
+            f(mbf(s.pss_peak), 1),
+            f(mbf(s.pss_mean) / t, 1),
+            f(mbf(s.rss_mean), 1),
+            f(mbf(s.rss_peak), 1),
+            r.idle.map(|i| f(mbf(i.pss as f64), 1)).unwrap_or_default(),
+            r.idle.map(|i| f(mbf(i.rss as f64), 1)).unwrap_or_default(),
+            f(r.cpu_s, 2),
+            f(s.cpu_percent, 1),
+            f(s.cpu_percent / t, 1),
+            if r.dispatch.controllers > 0 {
+                r.dispatch.invocations.to_string()
+            } else {
+                String::new()
+            },
+            f(s.inv_per_token, 2),
+            f(s.dispatch_bytes_per_token, 0),
+            f(s.nats_bytes_per_token, 0),
+            f(s.nats_msgs_per_token, 2),
+            r.dispatch.activations.to_string(),
+            r.spawned.to_string(),
+            r.cold_starts.len().to_string(),
+            f(percentile(&r.cold_starts, 50.0), 1),
+            f(percentile(&r.cold_starts, 99.0), 1),
+            s.peak_instances.to_string(),
+            f(mr, 3),
+            f(cr, 3),
+            f(tr, 3),
         ])?;
     }
     w.flush()?;
     let mut w = csv::Writer::from_path(out.join("requests.csv"))?;
-    w.write_record(["mode", "tenants", "granularity", "tenant", "index", "sent_s", "e2e_ms", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "total_ms", "tpot_ms", "error"])?;
+    w.write_record([
+        "mode",
+        "tenants",
+        "granularity",
+        "tenant",
+        "index",
+        "sent_s",
+        "e2e_ms",
+        "prompt_tokens",
+        "completion_tokens",
+        "queue_ms",
+        "ttft_ms",
+        "total_ms",
+        "tpot_ms",
+        "error",
+    ])?;
     for r in results.iter().filter(|r| r.spec.same_as.is_none()) {
         for q in &r.requests {
             let (pt, ct, qm, tt, tot, tp) = match &q.ok {
                 Some(g) => (
-                    g.usage.prompt_tokens.to_string(), g.usage.completion_tokens.to_string(), f(g.timings.queue_ms, 1), f(g.timings.ttft_ms, 1), f(g.timings.total_ms, 1),
+                    g.usage.prompt_tokens.to_string(),
+                    g.usage.completion_tokens.to_string(),
+                    f(g.timings.queue_ms, 1),
+                    f(g.timings.ttft_ms, 1),
+                    f(g.timings.total_ms, 1),
                     tpot_ms(g).map(|t| f(t, 1)).unwrap_or_default(),
                 ),
                 None => Default::default(),
             };
-            w.write_record([r.spec.mode.name().to_string(), r.spec.tenants.to_string(), r.spec.granularity.map(|g| g.to_string()).unwrap_or_default(), q.tenant.clone(), q.index.to_string(), f(q.sent_s, 3), f(q.e2e_ms, 1), pt, ct, qm, tt, tot, tp, q.error.clone().unwrap_or_default()])?;
+            w.write_record([
+                r.spec.mode.name().to_string(),
+                r.spec.tenants.to_string(),
+                r.spec
+                    .granularity
+                    .map(|g| g.to_string())
+                    .unwrap_or_default(),
+                q.tenant.clone(),
+                q.index.to_string(),
+                f(q.sent_s, 3),
+                f(q.e2e_ms, 1),
+                pt,
+                ct,
+                qm,
+                tt,
+                tot,
+                tp,
+                q.error.clone().unwrap_or_default(),
+            ])?;
         }
     }
     w.flush()?;
     let mut w = csv::Writer::from_path(out.join("samples.csv"))?;
-    w.write_record(["mode", "tenants", "granularity", "t_s", "role", "processes", "rss_mb", "pss_mb", "cpu_percent"])?;
+    w.write_record([
+        "mode",
+        "tenants",
+        "granularity",
+        "t_s",
+        "role",
+        "processes",
+        "rss_mb",
+        "pss_mb",
+        "cpu_percent",
+    ])?;
     for r in results.iter().filter(|r| r.spec.same_as.is_none()) {
         for s in &r.samples {
-            let mut roles: Vec<(&str, RoleTotals)> = s.roles.iter().map(|(k, v)| (*k, *v)).collect();
+            let mut roles: Vec<(&str, RoleTotals)> =
+                s.roles.iter().map(|(k, v)| (*k, *v)).collect();
             roles.push(("total", s.total()));
             for (role, v) in roles {
-                w.write_record([r.spec.mode.name().to_string(), r.spec.tenants.to_string(), r.spec.granularity.map(|g| g.to_string()).unwrap_or_default(), f(s.t_s, 2), role.to_string(), v.processes.to_string(), f(mbf(v.rss as f64), 1), f(mbf(v.pss as f64), 1), f(v.cpu_percent, 1)])?;
+                w.write_record([
+                    r.spec.mode.name().to_string(),
+                    r.spec.tenants.to_string(),
+                    r.spec
+                        .granularity
+                        .map(|g| g.to_string())
+                        .unwrap_or_default(),
+                    f(s.t_s, 2),
+                    role.to_string(),
+                    v.processes.to_string(),
+                    f(mbf(v.rss as f64), 1),
+                    f(mbf(v.pss as f64), 1),
+                    f(v.cpu_percent, 1),
+                ])?;
             }
         }
     }
@@ -1150,19 +1683,32 @@ fn write_csvs(out: &Path, results: &[RunResult], experts: &[ExpertRow]) -> anyho
     let mut w = csv::Writer::from_path(out.join("experts.csv"))?;
     w.write_record(["experts", "repeat", "spawn_to_ready_ms", "rss_mb", "pss_mb"])?;
     for e in experts {
-        w.write_record([e.experts.to_string(), e.repeat.to_string(), f(e.ready_ms, 1), f(mbf(e.rss as f64), 1), f(mbf(e.pss as f64), 1)])?;
+        w.write_record([
+            e.experts.to_string(),
+            e.repeat.to_string(),
+            f(e.ready_ms, 1),
+            f(mbf(e.rss as f64), 1),
+            f(mbf(e.pss as f64), 1),
+        ])?;
     }
     w.flush()?;
     Ok(())
 }
 
 fn baseline_of(results: &[RunResult], tenants: usize) -> Option<Summary> {
-    results.iter().find(|r| r.spec.mode == Mode::Baseline && r.spec.tenants == tenants && r.skipped.is_none()).map(|r| r.summary())
+    results
+        .iter()
+        .find(|r| r.spec.mode == Mode::Baseline && r.spec.tenants == tenants && r.skipped.is_none())
+        .map(|r| r.summary())
 }
 
 fn ratios(s: &Summary, base: Option<&Summary>) -> (f64, f64, f64) {
     match base {
-        Some(b) => (s.pss_mean / b.pss_mean, s.cpu_percent / b.cpu_percent, percentile(&s.tpot, 50.0) / percentile(&b.tpot, 50.0)),
+        Some(b) => (
+            s.pss_mean / b.pss_mean,
+            s.cpu_percent / b.cpu_percent,
+            percentile(&s.tpot, 50.0) / percentile(&b.tpot, 50.0),
+        ),
         None => (f64::NAN, f64::NAN, f64::NAN),
     }
 }
@@ -1170,21 +1716,46 @@ fn ratios(s: &Summary, base: Option<&Summary>) -> (f64, f64, f64) {
 fn headline(results: &[RunResult]) -> String {
     let mut t = String::new();
     t.push_str("| mode | tenants | experts/function | ok/req | PSS mean MB | PSS peak MB | PSS/tenant MB | CPU % | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | warm TPOT p50 ms (requests) | tok/s | invocations/token | NATS bytes/token | cold starts (p50 ms) | peak instances | memory × baseline | CPU × baseline | TPOT × baseline |\n");
-    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    t.push_str(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
     for r in results {
-        let g = r.spec.granularity.map(|g| g.to_string()).unwrap_or_else(|| "-".into());
+        let g = r
+            .spec
+            .granularity
+            .map(|g| g.to_string())
+            .unwrap_or_else(|| "-".into());
         let name = match r.spec.same_as {
             Some(m) => format!("{} (= {} at 1 tenant)", r.spec.mode.name(), m.name()),
             None => r.spec.mode.name().to_string(),
         };
         if let Some(why) = &r.skipped {
-            let why: String = why.lines().next().unwrap_or("").replace('|', "/").chars().take(200).collect();
-            let _ = writeln!(t, "| {name} | {} | {g} | {why} (see the log) |", r.spec.tenants);
+            let why: String = why
+                .lines()
+                .next()
+                .unwrap_or("")
+                .replace('|', "/")
+                .chars()
+                .take(200)
+                .collect();
+            let _ = writeln!(
+                t,
+                "| {name} | {} | {g} | {why} (see the log) |",
+                r.spec.tenants
+            );
             continue;
         }
         let s = r.summary();
         let (mr, cr, tr) = ratios(&s, baseline_of(results, r.spec.tenants).as_ref());
-        let cold = if r.spec.mode.uses_functions() { format!("{} ({})", r.cold_starts.len(), f(percentile(&r.cold_starts, 50.0), 0)) } else { "-".into() };
+        let cold = if r.spec.mode.uses_functions() {
+            format!(
+                "{} ({})",
+                r.cold_starts.len(),
+                f(percentile(&r.cold_starts, 50.0), 0)
+            )
+        } else {
+            "-".into()
+        };
         let _ = writeln!(
             t,
             "| {name} | {} | {g} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {cold} | {} | {} | {} | {} |",
@@ -1201,14 +1772,31 @@ use std::fmt::Write as _;
 
 #[allow(clippy::too_many_arguments)]
 fn report_md(
-    a: &BenchArgs, model: &Path, cfg: &faasmoe_model::Config, ckpt_bytes: u64, scale: &Scale, n_req: usize, tenants: &[usize], grans: &[u32], compare_g: u32,
-    results: &[RunResult], experts: &[ExpertRow], expert_desc: &str, table: &str, plot_note: &str, total_s: f64,
+    a: &BenchArgs,
+    model: &Path,
+    cfg: &faasmoe_model::Config,
+    ckpt_bytes: u64,
+    scale: &Scale,
+    n_req: usize,
+    tenants: &[usize],
+    grans: &[u32],
+    compare_g: u32,
+    results: &[RunResult],
+    experts: &[ExpertRow],
+    expert_desc: &str,
+    table: &str,
+    plot_note: &str,
+    total_s: f64,
 ) -> String {
     let mut r = String::new();
     let _ = writeln!(r, "# faasmoe bench\n");
     let _ = writeln!(r, "- machine: {}", machine());
     let _ = writeln!(r, "- git commit: {}", git_commit());
-    let _ = writeln!(r, "- command: `{}`", std::env::args().collect::<Vec<_>>().join(" "));
+    let _ = writeln!(
+        r,
+        "- command: `{}`",
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
     let _ = writeln!(
         r,
         "- checkpoint (mode comparison): {} — {} layers, hidden {}, {} routed experts top-{} (expert intermediate {}), shared expert {}, vocab {}; {:.2} GB of safetensors ({}), served in F32",
@@ -1234,7 +1822,10 @@ fn report_md(
     let _ = writeln!(r, "Ratios are mode ÷ baseline at the same tenant count, in this run (memory: PSS mean; CPU: CPU %; TPOT: p50).\n");
     // Per-tenant.
     let _ = writeln!(r, "## Per tenant\n\n| mode | tenants | experts/function | tenant | requests | ok | completion tokens | TTFT p50 ms | TPOT p50 ms |\n|---|---|---|---|---|---|---|---|---|");
-    for res in results.iter().filter(|x| x.skipped.is_none() && x.spec.same_as.is_none()) {
+    for res in results
+        .iter()
+        .filter(|x| x.skipped.is_none() && x.spec.same_as.is_none())
+    {
         let mut by: BTreeMap<&str, Vec<&ReqResult>> = BTreeMap::new();
         for q in &res.requests {
             by.entry(q.tenant.as_str()).or_default().push(q);
@@ -1246,12 +1837,31 @@ fn report_md(
             let _ = writeln!(
                 r,
                 "| {} | {} | {} | {t} | {} | {} | {} | {} | {} |",
-                res.spec.mode.name(), res.spec.tenants, res.spec.granularity.map(|g| g.to_string()).unwrap_or_else(|| "-".into()), qs.len(), oks.len(),
-                oks.iter().map(|g| g.usage.completion_tokens).sum::<u32>(), f(percentile(&ttft, 50.0), 0), f(percentile(&tpot, 50.0), 1)
+                res.spec.mode.name(),
+                res.spec.tenants,
+                res.spec
+                    .granularity
+                    .map(|g| g.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                qs.len(),
+                oks.len(),
+                oks.iter().map(|g| g.usage.completion_tokens).sum::<u32>(),
+                f(percentile(&ttft, 50.0), 0),
+                f(percentile(&tpot, 50.0), 1)
             );
         }
     }
-    let errs: Vec<String> = results.iter().filter(|x| x.spec.same_as.is_none()).flat_map(|x| x.requests.iter().filter_map(move |q| q.error.as_ref().map(|e| format!("{} ({} t{}): {e}", x.spec.key(), q.tenant, q.index)))).collect();
+    let errs: Vec<String> = results
+        .iter()
+        .filter(|x| x.spec.same_as.is_none())
+        .flat_map(|x| {
+            x.requests.iter().filter_map(move |q| {
+                q.error
+                    .as_ref()
+                    .map(|e| format!("{} ({} t{}): {e}", x.spec.key(), q.tenant, q.index))
+            })
+        })
+        .collect();
     if !errs.is_empty() {
         let _ = writeln!(r, "\nerrors:\n");
         for e in errs {
@@ -1267,10 +1877,31 @@ fn report_md(
         let _ = writeln!(r, "| experts per function | repeats | spawn → READY p50 ms | p99 ms | RSS p50 MB | PSS p50 MB |\n|---|---|---|---|---|---|");
         let mut ks: Vec<u32> = experts.iter().map(|e| e.experts).collect();
         ks.dedup();
-        let med = |k: u32, g: &dyn Fn(&ExpertRow) -> f64| percentile(&experts.iter().filter(|e| e.experts == k).map(g).collect::<Vec<_>>(), 50.0);
+        let med = |k: u32, g: &dyn Fn(&ExpertRow) -> f64| {
+            percentile(
+                &experts
+                    .iter()
+                    .filter(|e| e.experts == k)
+                    .map(g)
+                    .collect::<Vec<_>>(),
+                50.0,
+            )
+        };
         for &k in &ks {
-            let v: Vec<f64> = experts.iter().filter(|e| e.experts == k).map(|e| e.ready_ms).collect();
-            let _ = writeln!(r, "| {k} | {} | {} | {} | {} | {} |", v.len(), f(percentile(&v, 50.0), 0), f(percentile(&v, 99.0), 0), f(med(k, &|e| mbf(e.rss as f64)), 1), f(med(k, &|e| mbf(e.pss as f64)), 1));
+            let v: Vec<f64> = experts
+                .iter()
+                .filter(|e| e.experts == k)
+                .map(|e| e.ready_ms)
+                .collect();
+            let _ = writeln!(
+                r,
+                "| {k} | {} | {} | {} | {} | {} |",
+                v.len(),
+                f(percentile(&v, 50.0), 0),
+                f(percentile(&v, 99.0), 0),
+                f(med(k, &|e| mbf(e.rss as f64)), 1),
+                f(med(k, &|e| mbf(e.pss as f64)), 1)
+            );
         }
         if ks.len() >= 2 {
             let (k0, k1) = (ks[0], ks[1]);

@@ -74,8 +74,12 @@ pub(crate) fn ensure_model(a: &DemoArgs) -> anyhow::Result<PathBuf> {
         g.num_hidden_layers, g.num_experts, g.num_experts_per_tok, g.vocab_size,
         real.hidden_size / g.hidden_size, g.hidden_size, real.hidden_size, g.moe_intermediate_size, real.moe_intermediate_size
     );
-    let tok = QwenTokenizer::from_tiktoken(&a.tiktoken)
-        .with_context(|| format!("building tokenizer.json from {} (run scripts/fetch-qwen-tiktoken)", a.tiktoken.display()))?;
+    let tok = QwenTokenizer::from_tiktoken(&a.tiktoken).with_context(|| {
+        format!(
+            "building tokenizer.json from {} (run scripts/fetch-qwen-tiktoken)",
+            a.tiktoken.display()
+        )
+    })?;
     faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs {
         out: dir.clone(),
         preset: "demo".into(),
@@ -98,13 +102,48 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let scale = a.scale.with_ranges((8, 128), (4, 24));
     let n = a.requests;
     let plans = vec![
-        TenantPlan { name: "chat", shape: "conversation trace", quota: Quota { max_concurrent: Some(8), tokens_per_minute: None, total_tokens: None }, rows: workload::load(workload::CONV_TRACE, 0, n, &scale)? },
-        TenantPlan { name: "code", shape: "code-completion trace", quota: Quota { max_concurrent: Some(8), tokens_per_minute: None, total_tokens: None }, rows: workload::load(workload::CODE_TRACE, 0, n, &scale)? },
-        TenantPlan { name: "trial", shape: "conversation trace, 200-token budget", quota: Quota { max_concurrent: Some(2), tokens_per_minute: None, total_tokens: Some(200) }, rows: workload::load(workload::CONV_TRACE, 100, n, &scale)? },
+        TenantPlan {
+            name: "chat",
+            shape: "conversation trace",
+            quota: Quota {
+                max_concurrent: Some(8),
+                tokens_per_minute: None,
+                total_tokens: None,
+            },
+            rows: workload::load(workload::CONV_TRACE, 0, n, &scale)?,
+        },
+        TenantPlan {
+            name: "code",
+            shape: "code-completion trace",
+            quota: Quota {
+                max_concurrent: Some(8),
+                tokens_per_minute: None,
+                total_tokens: None,
+            },
+            rows: workload::load(workload::CODE_TRACE, 0, n, &scale)?,
+        },
+        TenantPlan {
+            name: "trial",
+            shape: "conversation trace, 200-token budget",
+            quota: Quota {
+                max_concurrent: Some(2),
+                tokens_per_minute: None,
+                total_tokens: Some(200),
+            },
+            rows: workload::load(workload::CONV_TRACE, 100, n, &scale)?,
+        },
     ];
     println!("workload: {} tenants × {n} requests from the Azure LLM traces (Splitwise, ISCA 2024, CC-BY 4.0); scale: prompt tokens ÷{}, output tokens ÷{}, time ×{}", plans.len(), scale.prompt_div, scale.output_div, scale.time_mul);
 
-    let stack_args = StackArgs { model: model.clone(), granularity: a.granularity, idle_timeout_ms: a.idle_timeout_ms, max_instances: 2, port: None, nats_config: None, log_dir: a.log_dir.clone() };
+    let stack_args = StackArgs {
+        model: model.clone(),
+        granularity: a.granularity,
+        idle_timeout_ms: a.idle_timeout_ms,
+        max_instances: 2,
+        port: None,
+        nats_config: None,
+        log_dir: a.log_dir.clone(),
+    };
     println!("starting the stack (nats-server, broker, controller; expert functions start on demand, granularity {})…", a.granularity);
     let stack = Stack::start(&stack_args).await?;
     let internal = stack.connect_admin().await?;
@@ -127,7 +166,9 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     });
     // Cold starts from the function events.
     let cold: Arc<Mutex<BTreeMap<String, f64>>> = Default::default();
-    let mut events = internal.subscribe(faasmoe_proto::subject::events(&stack.model_id)?).await?;
+    let mut events = internal
+        .subscribe(faasmoe_proto::subject::events(&stack.model_id)?)
+        .await?;
     let c2 = cold.clone();
     let ev_task = tokio::spawn(async move {
         while let Some(m) = events.next().await {
@@ -151,33 +192,74 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let start = tokio::time::Instant::now();
     for (ti, plan) in plans.iter().enumerate() {
         let creds = admin.create(plan.name, plan.quota.clone()).await?;
-        let client = faasmoe_proto::connection::connect(stack.server.url(), Some(&creds.user), Some(&creds.password), plan.name).await?;
+        let client = faasmoe_proto::connection::connect(
+            stack.server.url(),
+            Some(&creds.user),
+            Some(&creds.password),
+            plan.name,
+        )
+        .await?;
         let subject = faasmoe_proto::subject::generate(plan.name)?;
         for (i, row) in plan.rows.iter().copied().enumerate() {
-            let prompt = workload::prompt_text(&corpus, (ti * 97 + i * 31) % corpus.len(), row.context_tokens as usize, |ids| tokenizer.decode(ids).unwrap_or_default());
+            let prompt = workload::prompt_text(
+                &corpus,
+                (ti * 97 + i * 31) % corpus.len(),
+                row.context_tokens as usize,
+                |ids| tokenizer.decode(ids).unwrap_or_default(),
+            );
             let body = serde_json::json!({"prompt": prompt, "max_tokens": row.generated_tokens, "temperature": 0.7, "top_p": 0.9, "seed": i});
-            let (client, subject, results, name) = (client.clone(), subject.clone(), results.clone(), plan.name);
+            let (client, subject, results, name) =
+                (client.clone(), subject.clone(), results.clone(), plan.name);
             tasks.push(tokio::spawn(async move {
                 workload::sleep_until(start, row.at_s).await;
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(CONTENT_TYPE, JSON);
                 let r = tokio::time::timeout(
                     Duration::from_secs(600),
-                    client.send_request(subject, async_nats::Request::new().headers(headers).payload(body.to_string().into()).timeout(Some(Duration::from_secs(600)))),
+                    client.send_request(
+                        subject,
+                        async_nats::Request::new()
+                            .headers(headers)
+                            .payload(body.to_string().into())
+                            .timeout(Some(Duration::from_secs(600))),
+                    ),
                 )
                 .await;
                 let outcome = match r {
                     Ok(Ok(m)) => match serde_json::from_slice::<GenerateResponse>(&m.payload) {
-                        Ok(resp) => Outcome { ok: Some(resp), error: None },
+                        Ok(resp) => Outcome {
+                            ok: Some(resp),
+                            error: None,
+                        },
                         Err(_) => {
-                            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
-                            Outcome { ok: None, error: Some(v["error"]["code"].as_str().unwrap_or("invalid_reply").to_string()) }
+                            let v: serde_json::Value =
+                                serde_json::from_slice(&m.payload).unwrap_or_default();
+                            Outcome {
+                                ok: None,
+                                error: Some(
+                                    v["error"]["code"]
+                                        .as_str()
+                                        .unwrap_or("invalid_reply")
+                                        .to_string(),
+                                ),
+                            }
                         }
                     },
-                    Ok(Err(e)) => Outcome { ok: None, error: Some(format!("nats: {}", e.kind())) },
-                    Err(_) => Outcome { ok: None, error: Some("client_timeout".into()) },
+                    Ok(Err(e)) => Outcome {
+                        ok: None,
+                        error: Some(format!("nats: {}", e.kind())),
+                    },
+                    Err(_) => Outcome {
+                        ok: None,
+                        error: Some("client_timeout".into()),
+                    },
                 };
-                results.lock().unwrap().entry(name).or_default().push(outcome);
+                results
+                    .lock()
+                    .unwrap()
+                    .entry(name)
+                    .or_default()
+                    .push(outcome);
             }));
         }
     }
@@ -190,9 +272,19 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(3)).await;
             let r = r2.lock().unwrap();
             let done: usize = r.values().map(Vec::len).sum();
-            let toks: u32 = r.values().flatten().filter_map(|o| o.ok.as_ref()).map(|x| x.usage.completion_tokens).sum();
+            let toks: u32 = r
+                .values()
+                .flatten()
+                .filter_map(|o| o.ok.as_ref())
+                .map(|x| x.usage.completion_tokens)
+                .sum();
             let per: Vec<String> = r.iter().map(|(k, v)| format!("{k} {}", v.len())).collect();
-            println!("  [{:5.1}s] {done}/{total_requests} requests done ({}), {:.1} output tokens/s", t0.elapsed().as_secs_f64(), per.join(", "), toks as f64 / t0.elapsed().as_secs_f64());
+            println!(
+                "  [{:5.1}s] {done}/{total_requests} requests done ({}), {:.1} output tokens/s",
+                t0.elapsed().as_secs_f64(),
+                per.join(", "),
+                toks as f64 / t0.elapsed().as_secs_f64()
+            );
         }
     });
     for t in tasks {
@@ -218,24 +310,50 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         let v = results.get(plan.name).cloned().unwrap_or_default();
         let oks: Vec<&GenerateResponse> = v.iter().filter_map(|o| o.ok.as_ref()).collect();
         let ttft: Vec<f64> = oks.iter().map(|r| r.timings.ttft_ms).collect();
-        let tpot: Vec<f64> = oks.iter().filter(|r| r.usage.completion_tokens > 1).map(|r| (r.timings.total_ms - r.timings.ttft_ms) / (r.usage.completion_tokens - 1) as f64).collect();
+        let tpot: Vec<f64> = oks
+            .iter()
+            .filter(|r| r.usage.completion_tokens > 1)
+            .map(|r| {
+                (r.timings.total_ms - r.timings.ttft_ms) / (r.usage.completion_tokens - 1) as f64
+            })
+            .collect();
         let mut errs: BTreeMap<String, usize> = BTreeMap::new();
         for o in &v {
             if let Some(e) = &o.error {
                 *errs.entry(e.clone()).or_default() += 1;
             }
         }
-        let errs = if errs.is_empty() { "-".to_string() } else { errs.iter().map(|(k, n)| format!("{k}: {n}")).collect::<Vec<_>>().join(", ") };
+        let errs = if errs.is_empty() {
+            "-".to_string()
+        } else {
+            errs.iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         println!(
             "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
-            plan.name, plan.shape, v.len(), oks.len(),
-            oks.iter().map(|r| r.usage.prompt_tokens).sum::<u32>(), oks.iter().map(|r| r.usage.completion_tokens).sum::<u32>(),
-            percentile(&ttft, 50.0), percentile(&ttft, 99.0), percentile(&tpot, 50.0), percentile(&tpot, 99.0), errs
+            plan.name,
+            plan.shape,
+            v.len(),
+            oks.len(),
+            oks.iter().map(|r| r.usage.prompt_tokens).sum::<u32>(),
+            oks.iter().map(|r| r.usage.completion_tokens).sum::<u32>(),
+            percentile(&ttft, 50.0),
+            percentile(&ttft, 99.0),
+            percentile(&tpot, 50.0),
+            percentile(&tpot, 99.0),
+            errs
         );
     }
     let cold: Vec<f64> = cold.lock().unwrap().values().copied().collect();
     println!("\n## Functions\n");
-    println!("cold starts: {} (spawn → ready p50 {:.0} ms, p99 {:.0} ms)", cold.len(), percentile(&cold, 50.0), percentile(&cold, 99.0));
+    println!(
+        "cold starts: {} (spawn → ready p50 {:.0} ms, p99 {:.0} ms)",
+        cold.len(),
+        percentile(&cold, 50.0),
+        percentile(&cold, 99.0)
+    );
     println!("\n## Resources over time (from /proc; CPU in % of one core)\n");
     println!("| t s | instances | controller RSS MB | controller CPU % | workers RSS MB | workers PSS MB | workers CPU % | nats RSS MB | nats CPU % | broker RSS MB |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
@@ -246,23 +364,54 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             continue;
         }
         let g = |r: Role| s.roles.get(&r).copied().unwrap_or_default();
-        let (c, w, nats, b) = (g(Role::Controller), g(Role::Worker), g(Role::Nats), g(Role::Broker));
+        let (c, w, nats, b) = (
+            g(Role::Controller),
+            g(Role::Worker),
+            g(Role::Nats),
+            g(Role::Broker),
+        );
         println!(
             "| {:.0} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {:.0} | {} |",
-            s.t_s, w.processes, mb(c.rss_bytes), c.cpu_percent, mb(w.rss_bytes), mb(w.pss_bytes), w.cpu_percent, mb(nats.rss_bytes), nats.cpu_percent, mb(b.rss_bytes)
+            s.t_s,
+            w.processes,
+            mb(c.rss_bytes),
+            c.cpu_percent,
+            mb(w.rss_bytes),
+            mb(w.pss_bytes),
+            w.cpu_percent,
+            mb(nats.rss_bytes),
+            nats.cpu_percent,
+            mb(b.rss_bytes)
         );
     }
-    let peak_workers = m.samples.iter().map(|s| s.roles.get(&Role::Worker).map(|w| w.processes).unwrap_or(0)).max().unwrap_or(0);
-    let last_workers = m.samples.last().and_then(|s| s.roles.get(&Role::Worker)).map(|w| w.processes).unwrap_or(0);
+    let peak_workers = m
+        .samples
+        .iter()
+        .map(|s| s.roles.get(&Role::Worker).map(|w| w.processes).unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    let last_workers = m
+        .samples
+        .last()
+        .and_then(|s| s.roles.get(&Role::Worker))
+        .map(|w| w.processes)
+        .unwrap_or(0);
     println!("\nfunction instances: peak {peak_workers}, at the end {last_workers} (idle timeout {} ms){}", a.idle_timeout_ms, if last_workers == 0 { ": scaled to zero" } else { "" });
     drop(m);
     println!("\nusage in the quota store:");
     for plan in &plans {
         if let Ok(u) = admin.store().usage(plan.name).await {
-            println!("  {}: {} tokens charged, {} in flight", plan.name, u.total_tokens, u.in_flight);
+            println!(
+                "  {}: {} tokens charged, {} in flight",
+                plan.name, u.total_tokens, u.in_flight
+            );
         }
     }
     stack.stop().await;
-    println!("\ndemo done in {:.0}s; logs in {}", t_all.elapsed().as_secs_f64(), a.log_dir.display());
+    println!(
+        "\ndemo done in {:.0}s; logs in {}",
+        t_all.elapsed().as_secs_f64(),
+        a.log_dir.display()
+    );
     Ok(())
 }

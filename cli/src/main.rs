@@ -108,17 +108,37 @@ struct GenerateArgs {
 async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     // The user goes with a password only: without one, connect anonymously (a server
     // without authorization).
-    let user = a.password.as_ref().map(|_| a.user.clone().unwrap_or_else(|| format!("tenant-{}", a.tenant)));
-    let client = faasmoe_proto::connection::connect(&a.nats_url, user.as_deref(), a.password.as_deref(), "faasmoe-generate").await?;
+    let user = a.password.as_ref().map(|_| {
+        a.user
+            .clone()
+            .unwrap_or_else(|| format!("tenant-{}", a.tenant))
+    });
+    let client = faasmoe_proto::connection::connect(
+        &a.nats_url,
+        user.as_deref(),
+        a.password.as_deref(),
+        "faasmoe-generate",
+    )
+    .await?;
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await?;
     let body = serde_json::json!({"prompt": a.prompt, "max_tokens": a.max_tokens, "temperature": a.temperature, "stream": true});
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(CONTENT_TYPE, JSON);
-    client.publish_with_reply_and_headers(faasmoe_proto::subject::generate(&a.tenant)?, inbox, headers, body.to_string().into()).await?;
+    client
+        .publish_with_reply_and_headers(
+            faasmoe_proto::subject::generate(&a.tenant)?,
+            inbox,
+            headers,
+            body.to_string().into(),
+        )
+        .await?;
     use std::io::Write;
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(300), sub.next()).await.context("no answer within 300 s")?.context("subscription closed")?;
+        let msg = tokio::time::timeout(Duration::from_secs(300), sub.next())
+            .await
+            .context("no answer within 300 s")?
+            .context("subscription closed")?;
         if msg.payload.is_empty() {
             anyhow::bail!("no controller answered (no responders)");
         }
@@ -133,7 +153,14 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             }
             StreamMessage::Done(d) => {
                 println!();
-                eprintln!("[{:?}; {} prompt + {} completion tokens; TTFT {:.0} ms, total {:.0} ms]", d.finish_reason, d.usage.prompt_tokens, d.usage.completion_tokens, d.timings.ttft_ms, d.timings.total_ms);
+                eprintln!(
+                    "[{:?}; {} prompt + {} completion tokens; TTFT {:.0} ms, total {:.0} ms]",
+                    d.finish_reason,
+                    d.usage.prompt_tokens,
+                    d.usage.completion_tokens,
+                    d.timings.ttft_ms,
+                    d.timings.total_ms
+                );
                 return Ok(());
             }
             StreamMessage::Error(e) => anyhow::bail!("{}: {}", e.code, e.message),
@@ -153,7 +180,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Cmd::Up(a) => {
             let stack = stack::Stack::start(&a).await?;
             let url = stack.server.url();
-            println!("faasmoe is up: NATS at {url}, model id {}. Ctrl-C stops.", stack.model_id);
+            println!(
+                "faasmoe is up: NATS at {url}, model id {}. Ctrl-C stops.",
+                stack.model_id
+            );
             println!("this deployment's administrator password (user broker; generated now, shown only here, stored nowhere):");
             println!("  export NATS_PASSWORD={}", stack.credentials.broker);
             println!("create a tenant:  faasmoe tenant create alice --total-tokens 100000 --nats-url {url} --conf-dir {}", a.log_dir.join("nats-runtime").display());
@@ -168,9 +198,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 Arc::new(Unlimited)
             } else {
                 let client = settings.nats.connect("faasmoe-controller-quota").await?;
-                Arc::new(quota::JetStreamQuota(TenantStore::open_default(client).await?))
+                Arc::new(quota::JetStreamQuota(
+                    TenantStore::open_default(client).await?,
+                ))
             };
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 r = faasmoe_controller::service::run(settings, quota) => r,
                 _ = term.recv() => Ok(()),
@@ -180,7 +213,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Cmd::Generate(a) => generate(a).await,
         Cmd::Tenant { args } => {
             let exe = std::env::current_exe()?.with_file_name("faasmoe-broker");
-            let status = tokio::process::Command::new(&exe).arg("tenant").args(&args).status().await.with_context(|| format!("running {}", exe.display()))?;
+            let status = tokio::process::Command::new(&exe)
+                .arg("tenant")
+                .args(&args)
+                .status()
+                .await
+                .with_context(|| format!("running {}", exe.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Model(ModelCmd::Init { args, tiktoken }) => {

@@ -58,11 +58,20 @@ fn tps() -> f64 {
 impl Monitor {
     /// A monitor for `fixed` processes whose workers are children of `worker_parents`.
     pub fn new(fixed: Vec<(Role, i32)>, worker_parents: Vec<i32>) -> Self {
-        Self { start: Instant::now(), last: None, ticks: BTreeMap::new(), samples: vec![], fixed, worker_parents }
+        Self {
+            start: Instant::now(),
+            last: None,
+            ticks: BTreeMap::new(),
+            samples: vec![],
+            fixed,
+            worker_parents,
+        }
     }
 
     fn workers(&self) -> Vec<i32> {
-        let Ok(all) = procfs::process::all_processes() else { return vec![] };
+        let Ok(all) = procfs::process::all_processes() else {
+            return vec![];
+        };
         all.filter_map(|p| p.ok())
             .filter_map(|p| p.stat().ok())
             .filter(|s| self.worker_parents.contains(&s.ppid) && s.state != 'Z')
@@ -73,7 +82,10 @@ impl Monitor {
     /// Takes a sample now.
     pub fn sample(&mut self) -> &Sample {
         let now = Instant::now();
-        let dt = self.last.map(|l| now.duration_since(l).as_secs_f64()).unwrap_or(0.0);
+        let dt = self
+            .last
+            .map(|l| now.duration_since(l).as_secs_f64())
+            .unwrap_or(0.0);
         self.last = Some(now);
         let mut procs: Vec<(Role, i32)> = self.fixed.clone();
         procs.extend(self.workers().into_iter().map(|p| (Role::Worker, p)));
@@ -96,7 +108,10 @@ impl Monitor {
             ticks.insert(pid, r.cpu_ticks);
         }
         self.ticks = ticks;
-        self.samples.push(Sample { t_s: now.duration_since(self.start).as_secs_f64(), roles });
+        self.samples.push(Sample {
+            t_s: now.duration_since(self.start).as_secs_f64(),
+            roles,
+        });
         self.samples.last().expect("pushed")
     }
 }
@@ -122,9 +137,18 @@ pub fn read_process(pid: i32) -> Option<ProcReading> {
     let pss_bytes = p
         .smaps_rollup()
         .ok()
-        .and_then(|r| r.memory_map_rollup.0.first().and_then(|m| m.extension.map.get("Pss").copied()))
+        .and_then(|r| {
+            r.memory_map_rollup
+                .0
+                .first()
+                .and_then(|m| m.extension.map.get("Pss").copied())
+        })
         .unwrap_or(0);
-    Some(ProcReading { rss_bytes: stat.rss * procfs::page_size(), pss_bytes, cpu_ticks: stat.utime + stat.stime })
+    Some(ProcReading {
+        rss_bytes: stat.rss * procfs::page_size(),
+        pss_bytes,
+        cpu_ticks: stat.utime + stat.stime,
+    })
 }
 
 /// CPU % of one core used between two tick readings `dt_s` seconds apart.

@@ -9,13 +9,25 @@ use futures::future::BoxFuture;
 pub struct JetStreamQuota(pub TenantStore);
 
 impl QuotaGate for JetStreamQuota {
-    fn admit<'a>(&'a self, tenant: &'a str, prompt_tokens: u32, max_tokens: u32) -> BoxFuture<'a, Result<QuotaTicket, ClientError>> {
+    fn admit<'a>(
+        &'a self,
+        tenant: &'a str,
+        prompt_tokens: u32,
+        max_tokens: u32,
+    ) -> BoxFuture<'a, Result<QuotaTicket, ClientError>> {
         Box::pin(async move {
-            match self.0.admit(tenant, prompt_tokens as u64, max_tokens as u64).await {
+            match self
+                .0
+                .admit(tenant, prompt_tokens as u64, max_tokens as u64)
+                .await
+            {
                 Ok(a) => Ok(QuotaTicket(Box::new(a))),
                 Err(e) => {
                     let w = e.to_wire();
-                    Err(ClientError { code: w.code.client_code(), message: w.message })
+                    Err(ClientError {
+                        code: w.code.client_code(),
+                        message: w.message,
+                    })
                 }
             }
         })
@@ -34,4 +46,3 @@ impl QuotaGate for JetStreamQuota {
         })
     }
 }
-

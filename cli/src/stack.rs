@@ -56,7 +56,11 @@ pub struct Stack {
 pub(crate) fn sibling(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     let p = exe.with_file_name(name);
-    if p.exists() { p } else { PathBuf::from(name) }
+    if p.exists() {
+        p
+    } else {
+        PathBuf::from(name)
+    }
 }
 
 /// Creates `<dir>/<name>` (and `dir`) for a child process's log.
@@ -69,7 +73,9 @@ pub(crate) fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> 
 /// The model id in subjects: the checkpoint directory's name, sanitised (as the worker and
 /// broker derive it).
 pub(crate) fn model_id_of(model: &Path) -> anyhow::Result<String> {
-    model.canonicalize().with_context(|| format!("model directory {}", model.display()))?;
+    model
+        .canonicalize()
+        .with_context(|| format!("model directory {}", model.display()))?;
     Ok(faasmoe_proto::subject::model_id_for_dir(model))
 }
 
@@ -85,7 +91,10 @@ impl Stack {
         let credentials = InternalCredentials::generate();
         let opts = ServerOptions {
             internal_credentials: Some(credentials.clone()),
-            config: a.nats_config.clone().unwrap_or_else(faasmoe_broker::server::default_config),
+            config: a
+                .nats_config
+                .clone()
+                .unwrap_or_else(faasmoe_broker::server::default_config),
             runtime_dir: Some(a.log_dir.join("nats-runtime")),
             port: Some(port),
             monitor_port: Some(faasmoe_broker::server::free_port()?),
@@ -93,43 +102,81 @@ impl Stack {
             ..Default::default()
         };
         std::fs::create_dir_all(&a.log_dir)?;
-        let server = EmbeddedServer::start(opts).context("starting nats-server (run scripts/install-nats-server?)")?;
+        let server = EmbeddedServer::start(opts)
+            .context("starting nats-server (run scripts/install-nats-server?)")?;
         let url = server.url().to_string();
         info!(%url, "nats-server ready");
 
         let broker = Command::new(sibling("faasmoe-broker"))
             .args(["run", "--nats-url", &url, "--nats-user", "broker"])
             .env("NATS_PASSWORD", &credentials.broker)
-            .arg("--model-dir").arg(&a.model)
-            .args(["--model-id", &model_id, "--granularity", &a.granularity.to_string()])
-            .args(["--idle-timeout-ms", &a.idle_timeout_ms.to_string(), "--max-instances", &a.max_instances.to_string()])
+            .arg("--model-dir")
+            .arg(&a.model)
+            .args([
+                "--model-id",
+                &model_id,
+                "--granularity",
+                &a.granularity.to_string(),
+            ])
+            .args([
+                "--idle-timeout-ms",
+                &a.idle_timeout_ms.to_string(),
+                "--max-instances",
+                &a.max_instances.to_string(),
+            ])
             .args(["--worker-nats-user", "worker"])
             .env("FAASMOE_WORKER_PASSWORD", &credentials.worker)
-            .arg("--worker-bin").arg(sibling("faasmoe-expert-worker"))
-            .arg("--worker-log-dir").arg(a.log_dir.join("workers"))
+            .arg("--worker-bin")
+            .arg(sibling("faasmoe-expert-worker"))
+            .arg("--worker-log-dir")
+            .arg(a.log_dir.join("workers"))
             .stdout(Stdio::null())
             .stderr(log_file(&a.log_dir, "broker.log")?)
             .kill_on_drop(true)
             .spawn()
             .context("starting faasmoe-broker")?;
         let controller = Command::new(std::env::current_exe()?)
-            .args(["controller", "--nats-url", &url, "--nats-user", "controller"])
+            .args([
+                "controller",
+                "--nats-url",
+                &url,
+                "--nats-user",
+                "controller",
+            ])
             .env("NATS_PASSWORD", &credentials.controller)
-            .arg("--model-dir").arg(&a.model)
-            .args(["--model-id", &model_id, "--granularity", &a.granularity.to_string()])
+            .arg("--model-dir")
+            .arg(&a.model)
+            .args([
+                "--model-id",
+                &model_id,
+                "--granularity",
+                &a.granularity.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(log_file(&a.log_dir, "controller.log")?)
             .kill_on_drop(true)
             .spawn()
             .context("starting the controller")?;
-        let stack = Self { server, broker, controller, model_id, credentials };
+        let stack = Self {
+            server,
+            broker,
+            controller,
+            model_id,
+            credentials,
+        };
         stack.wait_ready(Duration::from_secs(120)).await?;
         Ok(stack)
     }
 
     /// An operator's connection (user `broker`: events, administration, tenants, JetStream).
     pub async fn connect_admin(&self) -> anyhow::Result<async_nats::Client> {
-        Ok(faasmoe_proto::connection::connect(self.server.url(), Some("broker"), Some(&self.credentials.broker), "faasmoe-admin").await?)
+        Ok(faasmoe_proto::connection::connect(
+            self.server.url(),
+            Some("broker"),
+            Some(&self.credentials.broker),
+            "faasmoe-admin",
+        )
+        .await?)
     }
 
     async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
@@ -138,19 +185,45 @@ impl Stack {
         // an activation the controller's user sends with a body it refuses as malformed:
         // any reply means each serves.
         let admin = self.connect_admin().await?;
-        let controller = faasmoe_proto::connection::connect(self.server.url(), Some("controller"), Some(&self.credentials.controller), "faasmoe-probe").await?;
+        let controller = faasmoe_proto::connection::connect(
+            self.server.url(),
+            Some("controller"),
+            Some(&self.credentials.controller),
+            "faasmoe-probe",
+        )
+        .await?;
         let wait = |client: async_nats::Client, subject: String, body: &'static [u8]| async move {
-            faasmoe_proto::connection::wait_answering(&client, &[(subject, body)], Duration::from_millis(200), limit).await
+            faasmoe_proto::connection::wait_answering(
+                &client,
+                &[(subject, body)],
+                Duration::from_millis(200),
+                limit,
+            )
+            .await
         };
         let (a, b) = tokio::join!(
-            wait(admin, faasmoe_proto::subject::admin("controller_stats")?, b""),
-            wait(controller, faasmoe_proto::subject::activate(&self.model_id)?, b"{}")
+            wait(
+                admin,
+                faasmoe_proto::subject::admin("controller_stats")?,
+                b""
+            ),
+            wait(
+                controller,
+                faasmoe_proto::subject::activate(&self.model_id)?,
+                b"{}"
+            )
         );
         let silent: Vec<String> = a.into_iter().chain(b).collect();
         if !silent.is_empty() {
-            bail!("the stack did not come up within {limit:?} (not answering: {}); see the logs", silent.join(", "));
+            bail!(
+                "the stack did not come up within {limit:?} (not answering: {}); see the logs",
+                silent.join(", ")
+            );
         }
-        info!(secs = t0.elapsed().as_secs_f64(), "controller and broker ready");
+        info!(
+            secs = t0.elapsed().as_secs_f64(),
+            "controller and broker ready"
+        );
         Ok(())
     }
 
@@ -158,9 +231,15 @@ impl Stack {
     pub async fn stop(mut self) {
         for child in [&mut self.controller, &mut self.broker] {
             if let Some(pid) = child.id() {
-                let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await;
             }
-            if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
                 let _ = child.kill().await;
             }
         }

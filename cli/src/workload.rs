@@ -41,7 +41,13 @@ pub struct ScaleArgs {
 impl ScaleArgs {
     /// The [`Scale`] with these factors and the given clamps of scaled token counts.
     pub fn with_ranges(&self, prompt_range: (u32, u32), output_range: (u32, u32)) -> Scale {
-        Scale { prompt_div: self.prompt_div, output_div: self.output_div, time_mul: self.time_mul, prompt_range, output_range }
+        Scale {
+            prompt_div: self.prompt_div,
+            output_div: self.output_div,
+            time_mul: self.time_mul,
+            prompt_range,
+            output_range,
+        }
     }
 }
 
@@ -83,17 +89,28 @@ pub fn load(csv_text: &str, skip: usize, n: usize, scale: &Scale) -> anyhow::Res
         let gen: f64 = rec[2].trim().parse()?;
         rows.push(TraceRow {
             at_s: (t - t0) * scale.time_mul,
-            context_tokens: ((ctx / scale.prompt_div).round() as u32).clamp(scale.prompt_range.0, scale.prompt_range.1),
-            generated_tokens: ((gen / scale.output_div).round() as u32).clamp(scale.output_range.0, scale.output_range.1),
+            context_tokens: ((ctx / scale.prompt_div).round() as u32)
+                .clamp(scale.prompt_range.0, scale.prompt_range.1),
+            generated_tokens: ((gen / scale.output_div).round() as u32)
+                .clamp(scale.output_range.0, scale.output_range.1),
         });
     }
-    anyhow::ensure!(rows.len() == n, "trace has only {} rows from {skip}", rows.len());
+    anyhow::ensure!(
+        rows.len() == n,
+        "trace has only {} rows from {skip}",
+        rows.len()
+    );
     Ok(rows)
 }
 
 /// A prompt of about `tokens` tokens: a window of the corpus' token ids from `offset`,
 /// decoded to text.
-pub fn prompt_text(corpus_ids: &[u32], offset: usize, tokens: usize, decode: impl Fn(&[u32]) -> String) -> String {
+pub fn prompt_text(
+    corpus_ids: &[u32],
+    offset: usize,
+    tokens: usize,
+    decode: impl Fn(&[u32]) -> String,
+) -> String {
     let n = corpus_ids.len();
     let ids: Vec<u32> = (0..tokens).map(|i| corpus_ids[(offset + i) % n]).collect();
     decode(&ids)
@@ -110,7 +127,13 @@ mod tests {
 
     #[test]
     fn traces_parse_and_scale() {
-        let s = Scale { prompt_div: 8.0, output_div: 4.0, time_mul: 0.5, prompt_range: (8, 128), output_range: (4, 32) };
+        let s = Scale {
+            prompt_div: 8.0,
+            output_div: 4.0,
+            time_mul: 0.5,
+            prompt_range: (8, 128),
+            output_range: (4, 32),
+        };
         let rows = load(CONV_TRACE, 0, 4, &s).unwrap();
         assert_eq!(rows[0].at_s, 0.0);
         // 374 / 8 = 46.75 → 47; 44 / 4 = 11

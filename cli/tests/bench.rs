@@ -6,7 +6,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const MODES: [&str; 5] = ["baseline", "shared-baseline", "faasmoe-shared", "faasmoe-private", "local-split"];
+const MODES: [&str; 5] = [
+    "baseline",
+    "shared-baseline",
+    "faasmoe-shared",
+    "faasmoe-private",
+    "local-split",
+];
 
 #[test]
 fn bench_runs_every_mode_on_the_tiny_fixture() {
@@ -20,7 +26,11 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
     }
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_faasmoe"));
     for sib in ["faasmoe-broker", "faasmoe-expert-worker"] {
-        assert!(exe.with_file_name(sib).exists(), "{sib} is missing next to {}: cargo build -p faasmoe-broker -p faasmoe-expert-worker", exe.display());
+        assert!(
+            exe.with_file_name(sib).exists(),
+            "{sib} is missing next to {}: cargo build -p faasmoe-broker -p faasmoe-expert-worker",
+            exe.display()
+        );
     }
     let out = tempfile::tempdir().unwrap();
     let o = Command::new(&exe)
@@ -28,25 +38,68 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
         .arg(&tiny)
         .arg("--expert-model")
         .arg(&tiny)
-        .args(["--tenants", "2", "--granularities", "16", "--requests", "1", "--max-prompt", "8", "--max-output", "4", "--time-mul", "0.01"])
-        .args(["--cold-start-repeats", "2", "--tail-s", "0", "--sample-ms", "200", "--out"])
+        .args([
+            "--tenants",
+            "2",
+            "--granularities",
+            "16",
+            "--requests",
+            "1",
+            "--max-prompt",
+            "8",
+            "--max-output",
+            "4",
+            "--time-mul",
+            "0.01",
+        ])
+        .args([
+            "--cold-start-repeats",
+            "2",
+            "--tail-s",
+            "0",
+            "--sample-ms",
+            "200",
+            "--out",
+        ])
         .arg(out.path())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        o.status.success(),
+        "bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     let mut rdr = csv::Reader::from_path(out.path().join("runs.csv")).unwrap();
     let headers = rdr.headers().unwrap().clone();
-    let col = |name: &str| headers.iter().position(|h| h == name).unwrap_or_else(|| panic!("no column {name}"));
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no column {name}"))
+    };
     let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
     for mode in MODES {
-        let r = rows.iter().find(|r| &r[col("mode")] == mode).unwrap_or_else(|| panic!("no row for {mode}\n{stdout}"));
+        let r = rows
+            .iter()
+            .find(|r| &r[col("mode")] == mode)
+            .unwrap_or_else(|| panic!("no row for {mode}\n{stdout}"));
         assert_eq!(&r[col("skipped")], "", "{mode} skipped\n{stdout}");
         assert_eq!(&r[col("errors")], "0", "{mode} had errors\n{stdout}");
-        for c in ["completion_tokens", "pss_mean_mb", "rss_peak_mb", "cpu_percent", "ttft_p50_ms", "tpot_p50_ms", "tok_per_s", "mem_ratio_vs_baseline"] {
-            let v: f64 = r[col(c)].parse().unwrap_or_else(|_| panic!("{mode}: {c} = {:?} is not a number\n{stdout}", &r[col(c)]));
+        for c in [
+            "completion_tokens",
+            "pss_mean_mb",
+            "rss_peak_mb",
+            "cpu_percent",
+            "ttft_p50_ms",
+            "tpot_p50_ms",
+            "tok_per_s",
+            "mem_ratio_vs_baseline",
+        ] {
+            let v: f64 = r[col(c)].parse().unwrap_or_else(|_| {
+                panic!("{mode}: {c} = {:?} is not a number\n{stdout}", &r[col(c)])
+            });
             assert!(v > 0.0, "{mode}: {c} = {v}");
         }
         let warm: usize = r[col("warm_requests")].parse().unwrap();
@@ -58,7 +111,11 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
         } else {
             // Without functions every request is warm.
             assert_eq!(warm.to_string(), r[col("ok")].to_string(), "{mode}");
-            assert_eq!(&r[col("warm_tpot_p50_ms")], &r[col("tpot_p50_ms")], "{mode}");
+            assert_eq!(
+                &r[col("warm_tpot_p50_ms")],
+                &r[col("tpot_p50_ms")],
+                "{mode}"
+            );
         }
     }
     let experts = std::fs::read_to_string(out.path().join("experts.csv")).unwrap();

@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use faasmoe_model::GenerationConfig;
 use faasmoe_proto::generate::{
-    decode_generate, encode_body, ClientError, ClientErrorCode, ErrorReply, FinishReason, GenerateRequest,
-    GenerateResponse, StreamChunk, StreamMessage, Timings, Usage, CONTENT_TYPE,
+    decode_generate, encode_body, ClientError, ClientErrorCode, ErrorReply, FinishReason,
+    GenerateRequest, GenerateResponse, StreamChunk, StreamMessage, Timings, Usage, CONTENT_TYPE,
 };
 use faasmoe_proto::subject;
 use futures::StreamExt;
@@ -69,11 +69,15 @@ pub struct Api {
 /// credentials can subscribe to under the project's `nats.conf`; on a server without
 /// authentication (development, tests) there are no tenant identities to keep apart.
 pub fn reply_allowed(auth_required: bool, tenant: &str, reply: &str) -> bool {
-    !auth_required || subject::tenant_user(tenant).is_ok_and(|user| subject::is_inbox_of(reply, &user))
+    !auth_required
+        || subject::tenant_user(tenant).is_ok_and(|user| subject::is_inbox_of(reply, &user))
 }
 
 fn err(code: ClientErrorCode, message: impl Into<String>) -> ClientError {
-    ClientError { code, message: message.into() }
+    ClientError {
+        code,
+        message: message.into(),
+    }
 }
 
 impl Api {
@@ -81,11 +85,18 @@ impl Api {
     pub async fn serve(self: Arc<Self>) -> anyhow::Result<()> {
         let subjects: Vec<String> = match &self.settings.tenants {
             None => vec![subject::generate_wildcard()],
-            Some(ts) => ts.iter().map(|t| subject::generate(t)).collect::<Result<_, _>>()?,
+            Some(ts) => ts
+                .iter()
+                .map(|t| subject::generate(t))
+                .collect::<Result<_, _>>()?,
         };
         let mut subs = Vec::new();
         for s in &subjects {
-            subs.push(self.client.queue_subscribe(s.clone(), self.settings.queue_group.clone()).await?);
+            subs.push(
+                self.client
+                    .queue_subscribe(s.clone(), self.settings.queue_group.clone())
+                    .await?,
+            );
         }
         self.client.flush().await?;
         info!(subjects = ?subjects, "serving generate requests");
@@ -98,8 +109,14 @@ impl Api {
     }
 
     async fn handle(&self, msg: async_nats::Message) {
-        let Some(reply) = msg.reply.clone() else { return };
-        let content_type = msg.headers.as_ref().and_then(|h| h.get(CONTENT_TYPE)).map(|v| v.as_str().to_string());
+        let Some(reply) = msg.reply.clone() else {
+            return;
+        };
+        let content_type = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(CONTENT_TYPE))
+            .map(|v| v.as_str().to_string());
         let ct = content_type.as_deref();
         let tenant = subject::parse_generate(&msg.subject).unwrap_or_default();
         if !reply_allowed(self.client.server_info().auth_required, &tenant, &reply) {
@@ -117,7 +134,10 @@ impl Api {
                 Err(e) => return self.reply_error(&reply, ct, e, false).await,
             };
             let stream = req.stream.unwrap_or(false);
-            if let Err(e) = self.generate(&id, &tenant, req, &reply, ct, submitted).await {
+            if let Err(e) = self
+                .generate(&id, &tenant, req, &reply, ct, submitted)
+                .await
+            {
                 warn!(code = %e.code, message = %e.message, "request failed");
                 self.reply_error(&reply, ct, e, stream).await;
             }
@@ -126,25 +146,50 @@ impl Api {
         .await
     }
 
-    async fn reply_error(&self, reply: &async_nats::Subject, ct: Option<&str>, e: ClientError, stream: bool) {
-        let body = if stream { encode_body(&StreamMessage::Error(e), ct) } else { encode_body(&ErrorReply { error: e }, ct) };
+    async fn reply_error(
+        &self,
+        reply: &async_nats::Subject,
+        ct: Option<&str>,
+        e: ClientError,
+        stream: bool,
+    ) {
+        let body = if stream {
+            encode_body(&StreamMessage::Error(e), ct)
+        } else {
+            encode_body(&ErrorReply { error: e }, ct)
+        };
         let _ = self.client.publish(reply.clone(), body).await;
     }
 
     fn prompt_ids(&self, req: &GenerateRequest) -> Result<Vec<u32>, ClientError> {
-        let tok = || self.tokenizer.as_ref().ok_or_else(|| ClientError::bad_request("this model has no tokenizer.json: send `input_ids`"));
+        let tok = || {
+            self.tokenizer.as_ref().ok_or_else(|| {
+                ClientError::bad_request("this model has no tokenizer.json: send `input_ids`")
+            })
+        };
         let ids = if let Some(ids) = &req.input_ids {
-            if let Some(&t) = ids.iter().find(|&&t| t as usize >= self.settings.vocab_size) {
-                return Err(ClientError::bad_request(format!("input id {t} is outside the vocabulary of {}", self.settings.vocab_size)));
+            if let Some(&t) = ids
+                .iter()
+                .find(|&&t| t as usize >= self.settings.vocab_size)
+            {
+                return Err(ClientError::bad_request(format!(
+                    "input id {t} is outside the vocabulary of {}",
+                    self.settings.vocab_size
+                )));
             }
             ids.clone()
         } else if let Some(p) = &req.prompt {
             let t = tok()?;
             self.check_text_bytes(t, p.len())?;
-            t.encode(p).map_err(|e| ClientError::bad_request(e.to_string()))?
+            t.encode(p)
+                .map_err(|e| ClientError::bad_request(e.to_string()))?
         } else if let Some(m) = &req.messages {
             let t = tok()?;
-            if let Some((i, bad)) = m.iter().enumerate().find(|(_, m)| !CHAT_ROLES.contains(&m.role.as_str())) {
+            if let Some((i, bad)) = m
+                .iter()
+                .enumerate()
+                .find(|(_, m)| !CHAT_ROLES.contains(&m.role.as_str()))
+            {
                 return Err(ClientError::bad_request(format!(
                     "messages[{i}] has role `{}`; the roles are {}",
                     bad.role,
@@ -152,10 +197,16 @@ impl Api {
                 )));
             }
             self.check_text_bytes(t, m.iter().map(|m| m.content.len()).sum())?;
-            let pairs: Vec<(&str, &str)> = m.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
-            t.encode(&t.render_chat(&pairs)).map_err(|e| ClientError::bad_request(e.to_string()))?
+            let pairs: Vec<(&str, &str)> = m
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str()))
+                .collect();
+            t.encode(&t.render_chat(&pairs))
+                .map_err(|e| ClientError::bad_request(e.to_string()))?
         } else {
-            return Err(ClientError::bad_request("one of `prompt`, `messages` or `input_ids` is required"));
+            return Err(ClientError::bad_request(
+                "one of `prompt`, `messages` or `input_ids` is required",
+            ));
         };
         if ids.is_empty() {
             return Err(ClientError::bad_request("the prompt encodes to no tokens"));
@@ -174,7 +225,10 @@ impl Api {
     /// one token covers at most [`QwenTokenizer::max_token_bytes`] bytes, so such a text
     /// has more tokens than the context holds (tokenizing a 7 MB prompt takes seconds).
     fn check_text_bytes(&self, tok: &QwenTokenizer, bytes: usize) -> Result<(), ClientError> {
-        let limit = self.settings.max_context.saturating_mul(tok.max_token_bytes());
+        let limit = self
+            .settings
+            .max_context
+            .saturating_mul(tok.max_token_bytes());
         if bytes > limit {
             return Err(ClientError::bad_request(format!(
                 "the prompt has {bytes} bytes: more than the {} tokens of the context can hold (at most {} bytes per token)",
@@ -213,11 +267,24 @@ impl Api {
         let g = &self.settings.generation;
         let sampling_default = g.do_sample.unwrap_or(false);
         let sampling = SamplingParams {
-            temperature: req.temperature.unwrap_or(if sampling_default { g.temperature.unwrap_or(1.0) } else { 0.0 }),
-            top_k: req.top_k.or(if sampling_default { g.top_k } else { None }).unwrap_or(0) as usize,
-            top_p: req.top_p.or(if sampling_default { g.top_p } else { None }).unwrap_or(1.0),
+            temperature: req.temperature.unwrap_or(if sampling_default {
+                g.temperature.unwrap_or(1.0)
+            } else {
+                0.0
+            }),
+            top_k: req
+                .top_k
+                .or(if sampling_default { g.top_k } else { None })
+                .unwrap_or(0) as usize,
+            top_p: req
+                .top_p
+                .or(if sampling_default { g.top_p } else { None })
+                .unwrap_or(1.0),
         };
-        let ticket = self.quota.admit(tenant, prompt.len() as u32, max_tokens).await?;
+        let ticket = self
+            .quota
+            .admit(tenant, prompt.len() as u32, max_tokens)
+            .await?;
         let stream = req.stream.unwrap_or(false);
         let stops = req.stop.clone().unwrap_or_default();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -246,7 +313,11 @@ impl Api {
         let mut failure = None;
         let mut chunk_index = 0u32;
         let gone = Arc::new(AtomicBool::new(false));
-        let probe = if stream { self.watch_client(&cancel, &gone).await } else { None };
+        let probe = if stream {
+            self.watch_client(&cancel, &gone).await
+        } else {
+            None
+        };
         let expired = Arc::new(AtomicBool::new(false));
         let lifetime = self.settings.max_request.map(|limit| {
             let (cancel, expired) = (cancel.clone(), expired.clone());
@@ -280,18 +351,35 @@ impl Api {
                         // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) and any
                         // tail that may still grow into a stop string.
                         let stable = text.trim_end_matches('\u{FFFD}');
-                        let hold = if finish.is_some() { 0 } else { stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0) };
+                        let hold = if finish.is_some() {
+                            0
+                        } else {
+                            stops
+                                .iter()
+                                .map(|s| s.len().saturating_sub(1))
+                                .max()
+                                .unwrap_or(0)
+                        };
                         let mut end = stable.len().saturating_sub(hold).max(sent_chars);
                         while !stable.is_char_boundary(end) {
                             end -= 1;
                         }
                         let delta = &stable[sent_chars.min(end)..end];
-                        let chunk = StreamMessage::Chunk(StreamChunk { id: id.to_string(), index: chunk_index, text: delta.to_string(), token_ids: vec![t] });
+                        let chunk = StreamMessage::Chunk(StreamChunk {
+                            id: id.to_string(),
+                            index: chunk_index,
+                            text: delta.to_string(),
+                            token_ids: vec![t],
+                        });
                         sent_chars = end;
                         chunk_index += 1;
                         let body = encode_body(&chunk, ct);
                         let sent = match &probe {
-                            Some((p, _)) => self.client.publish_with_reply(reply.clone(), p.clone(), body).await,
+                            Some((p, _)) => {
+                                self.client
+                                    .publish_with_reply(reply.clone(), p.clone(), body)
+                                    .await
+                            }
                             None => self.client.publish(reply.clone(), body).await,
                         };
                         if sent.is_err() {
@@ -322,14 +410,24 @@ impl Api {
             timer.abort();
         }
         if expired.load(Ordering::Relaxed) && failure.is_none() {
-            warn!(limit_ms = self.settings.max_request.unwrap_or_default().as_millis() as u64, completion_tokens = ids.len(), "request reached its lifetime limit (--max-request-ms): cancelled");
+            warn!(
+                limit_ms = self.settings.max_request.unwrap_or_default().as_millis() as u64,
+                completion_tokens = ids.len(),
+                "request reached its lifetime limit (--max-request-ms): cancelled"
+            );
         }
-        let processed = if failure.is_some() { ids.len() } else { prompt.len() + ids.len() };
+        let processed = if failure.is_some() {
+            ids.len()
+        } else {
+            prompt.len() + ids.len()
+        };
         self.quota.settle(ticket, processed as u32).await;
         if let Some(e) = failure {
             return Err(match e {
                 DispatchError::Unavailable(m) => err(ClientErrorCode::Unavailable, m),
-                DispatchError::Internal(m) | DispatchError::PayloadTooLarge(m) => err(ClientErrorCode::Internal, m),
+                DispatchError::Internal(m) | DispatchError::PayloadTooLarge(m) => {
+                    err(ClientErrorCode::Internal, m)
+                }
             });
         }
         let total_ms = submitted.elapsed().as_secs_f64() * 1e3;
@@ -338,17 +436,38 @@ impl Api {
             text: text.clone(),
             token_ids: ids.clone(),
             finish_reason: finish.unwrap_or(FinishReason::Cancelled),
-            usage: Usage { prompt_tokens: prompt.len() as u32, completion_tokens: ids.len() as u32 },
-            timings: Timings { queue_ms, ttft_ms, total_ms },
+            usage: Usage {
+                prompt_tokens: prompt.len() as u32,
+                completion_tokens: ids.len() as u32,
+            },
+            timings: Timings {
+                queue_ms,
+                ttft_ms,
+                total_ms,
+            },
         };
-        info!(prompt_tokens = prompt.len(), completion_tokens = ids.len(), ttft_ms, total_ms, "request done");
+        info!(
+            prompt_tokens = prompt.len(),
+            completion_tokens = ids.len(),
+            ttft_ms,
+            total_ms,
+            "request done"
+        );
         if gone.load(Ordering::Relaxed) {
             return Ok(());
         }
         let body = if stream {
             if sent_chars < text.len() {
-                let tail = StreamMessage::Chunk(StreamChunk { id: id.to_string(), index: chunk_index, text: text[sent_chars..].to_string(), token_ids: vec![] });
-                let _ = self.client.publish(reply.clone(), encode_body(&tail, ct)).await;
+                let tail = StreamMessage::Chunk(StreamChunk {
+                    id: id.to_string(),
+                    index: chunk_index,
+                    text: text[sent_chars..].to_string(),
+                    token_ids: vec![],
+                });
+                let _ = self
+                    .client
+                    .publish(reply.clone(), encode_body(&tail, ct))
+                    .await;
             }
             encode_body(&StreamMessage::Done(response), ct)
         } else {
@@ -360,7 +479,11 @@ impl Api {
 
     /// Watches the probe inbox that stream chunks name as their reply subject: the server
     /// answers a chunk nobody receives with *no responders*, so the sequence is cancelled.
-    async fn watch_client(&self, cancel: &Arc<AtomicBool>, gone: &Arc<AtomicBool>) -> Option<(async_nats::Subject, tokio::task::JoinHandle<()>)> {
+    async fn watch_client(
+        &self,
+        cancel: &Arc<AtomicBool>,
+        gone: &Arc<AtomicBool>,
+    ) -> Option<(async_nats::Subject, tokio::task::JoinHandle<()>)> {
         let inbox = self.client.new_inbox();
         let mut sub = self.client.subscribe(inbox.clone()).await.ok()?;
         let (cancel, gone) = (cancel.clone(), gone.clone());

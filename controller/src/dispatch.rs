@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State as ConnectionState;
 use async_nats::{RequestError, RequestErrorKind};
 use candle_core::{Device, Tensor};
-use faasmoe_model::{InProcessBackend, RoutedBatch};
 use faasmoe_model::qwen2_moe::ExpertBackend;
+use faasmoe_model::{InProcessBackend, RoutedBatch};
 use faasmoe_proto::activation::{ActivateReply, ActivateRequest, ActivateResult};
 use faasmoe_proto::expert::{decode_reply, encode, ExpertRequest, ExpertResult, RowRoutes};
 use faasmoe_proto::layout::Layout;
@@ -97,7 +97,11 @@ pub struct DispatchContext {
 /// Computes the routed experts of a layer: `[n, hidden]` weighted sums.
 pub trait Dispatch: Send + Sync {
     /// Returns row `i` = `Σ w · expert_e(hidden[i])` over `batch.routes[i]`.
-    fn routed<'a>(&'a self, batch: &'a RoutedBatch, ctx: &'a DispatchContext) -> BoxFuture<'a, Result<Tensor, DispatchError>>;
+    fn routed<'a>(
+        &'a self,
+        batch: &'a RoutedBatch,
+        ctx: &'a DispatchContext,
+    ) -> BoxFuture<'a, Result<Tensor, DispatchError>>;
     /// Counters so far.
     fn stats(&self) -> DispatchStats {
         DispatchStats::default()
@@ -146,9 +150,15 @@ pub struct DispatchStats {
 pub struct LocalDispatch(pub InProcessBackend);
 
 impl Dispatch for LocalDispatch {
-    fn routed<'a>(&'a self, batch: &'a RoutedBatch, _ctx: &'a DispatchContext) -> BoxFuture<'a, Result<Tensor, DispatchError>> {
+    fn routed<'a>(
+        &'a self,
+        batch: &'a RoutedBatch,
+        _ctx: &'a DispatchContext,
+    ) -> BoxFuture<'a, Result<Tensor, DispatchError>> {
         let mut b = self.0.clone();
-        let r = b.routed(batch).map_err(|e| DispatchError::Internal(e.to_string()));
+        let r = b
+            .routed(batch)
+            .map_err(|e| DispatchError::Internal(e.to_string()));
         Box::pin(async move { r })
     }
 }
@@ -256,12 +266,19 @@ async fn watch_link(dispatch: std::sync::Weak<NatsDispatch>, tx: watch::Sender<L
         drop(d);
         match (connected, down_since) {
             (false, None) => {
-                warn!(in_flight, "NATS connection lost: requests in flight are resent once it is back");
+                warn!(
+                    in_flight,
+                    "NATS connection lost: requests in flight are resent once it is back"
+                );
                 down_since = Some(Instant::now());
                 tx.send_modify(|l| l.connected = false);
             }
             (true, Some(t)) => {
-                info!(outage_ms = t.elapsed().as_secs_f64() * 1e3, in_flight, "NATS connection restored: resending the requests sent before the outage");
+                info!(
+                    outage_ms = t.elapsed().as_secs_f64() * 1e3,
+                    in_flight,
+                    "NATS connection restored: resending the requests sent before the outage"
+                );
                 down_since = None;
                 tx.send_modify(|l| {
                     l.connected = true;
@@ -278,9 +295,16 @@ impl NatsDispatch {
     /// it also follows the connection (resends on reconnect, outage logs) on a task of that
     /// runtime, which ends when the dispatcher is dropped; without one, requests are only
     /// retried after their timeout.
-    pub fn new(client: async_nats::Client, settings: NatsDispatchSettings, hidden_size: usize) -> Arc<Self> {
+    pub fn new(
+        client: async_nats::Client,
+        settings: NatsDispatchSettings,
+        hidden_size: usize,
+    ) -> Arc<Self> {
         let connected = client.connection_state() == ConnectionState::Connected;
-        let (tx, link) = watch::channel(Link { reconnects: 0, connected });
+        let (tx, link) = watch::channel(Link {
+            reconnects: 0,
+            connected,
+        });
         let functions = settings.layout.functions.len();
         let this = Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -320,24 +344,40 @@ impl NatsDispatch {
     ///
     /// Errors: as async-nats' `send_request` (`TimedOut` once `timeout` has passed,
     /// `NoResponders`, …).
-    async fn request(&self, subj: &str, payload: &bytes::Bytes, headers: Option<&async_nats::HeaderMap>, timeout: Duration) -> Result<async_nats::Message, RequestError> {
+    async fn request(
+        &self,
+        subj: &str,
+        payload: &bytes::Bytes,
+        headers: Option<&async_nats::HeaderMap>,
+        timeout: Duration,
+    ) -> Result<async_nats::Message, RequestError> {
         let _in_flight = InFlight::new(&self.in_flight);
         let deadline = Instant::now() + timeout;
         let mut link = self.link.clone();
         loop {
             let sent = *link.borrow_and_update();
-            let resend_after = if sent.connected { sent.reconnects } else { sent.reconnects + 1 };
+            let resend_after = if sent.connected {
+                sent.reconnects
+            } else {
+                sent.reconnects + 1
+            };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(RequestError::new(RequestErrorKind::TimedOut));
             }
-            let mut request = async_nats::Request::new().payload(payload.clone()).timeout(Some(left));
+            let mut request = async_nats::Request::new()
+                .payload(payload.clone())
+                .timeout(Some(left));
             if let Some(h) = headers {
                 request = request.headers(h.clone());
             }
             let reply = self.client.send_request(subj.to_string(), request);
             let reconnected = async {
-                if link.wait_for(|l| l.reconnects > resend_after).await.is_err() {
+                if link
+                    .wait_for(|l| l.reconnects > resend_after)
+                    .await
+                    .is_err()
+                {
                     // No connection watcher (no runtime at construction): only the timeout.
                     futures::future::pending::<()>().await;
                 }
@@ -361,7 +401,8 @@ impl NatsDispatch {
     /// refuses; [`DispatchError::Internal`] for an undecodable reply.
     async fn activate(&self, fidx: usize, deadline: Instant) -> Result<(), DispatchError> {
         let f = &self.settings.layout.functions[fidx];
-        let subj = subject::activate(&self.settings.model_id).map_err(|e| DispatchError::Internal(e.to_string()))?;
+        let subj = subject::activate(&self.settings.model_id)
+            .map_err(|e| DispatchError::Internal(e.to_string()))?;
         let t0 = Instant::now();
         let mut backoff = ACTIVATION_BACKOFF_MIN;
         let mut attempt = 0;
@@ -386,19 +427,38 @@ impl NatsDispatch {
                         t0.elapsed()
                     )))
                 }
-                Err(e) if e.kind() == RequestErrorKind::NoResponders => format!("nobody answers on {subj} (is the broker running?)"),
+                Err(e) if e.kind() == RequestErrorKind::NoResponders => {
+                    format!("nobody answers on {subj} (is the broker running?)")
+                }
                 Err(e) => e.to_string(),
-                Ok(msg) => match ActivateReply::decode(&msg.payload).map_err(|e| DispatchError::Internal(e.to_string()))?.result {
-                    ActivateResult::Ok { instance_id, cold_start_ms, already_running } => {
+                Ok(msg) => match ActivateReply::decode(&msg.payload)
+                    .map_err(|e| DispatchError::Internal(e.to_string()))?
+                    .result
+                {
+                    ActivateResult::Ok {
+                        instance_id,
+                        cold_start_ms,
+                        already_running,
+                    } => {
                         info!(function = %f.id, %instance_id, cold_start_ms, already_running, attempt, wait_ms = t0.elapsed().as_secs_f64() * 1e3, "function activated");
                         return Ok(());
                     }
-                    ActivateResult::Err(e) if e.code == ErrorCode::Unavailable => format!("{}: {}", e.code, e.message),
-                    ActivateResult::Err(e) => return Err(DispatchError::Unavailable(format!("activation of {}: {}: {}", f.id, e.code, e.message))),
+                    ActivateResult::Err(e) if e.code == ErrorCode::Unavailable => {
+                        format!("{}: {}", e.code, e.message)
+                    }
+                    ActivateResult::Err(e) => {
+                        return Err(DispatchError::Unavailable(format!(
+                            "activation of {}: {}: {}",
+                            f.id, e.code, e.message
+                        )))
+                    }
                 },
             };
             if attempt >= ACTIVATION_ATTEMPTS || Instant::now() + backoff >= deadline {
-                return Err(DispatchError::Unavailable(format!("activation of {}: {transient} ({attempt} attempt(s))", f.id)));
+                return Err(DispatchError::Unavailable(format!(
+                    "activation of {}: {transient} ({attempt} attempt(s))",
+                    f.id
+                )));
             }
             warn!(function = %f.id, reason = %transient, attempt, backoff_ms = backoff.as_millis() as u64, "activation failed; retrying");
             tokio::time::sleep(backoff).await;
@@ -420,7 +480,10 @@ impl NatsDispatch {
     /// Starts a background activation of function `fidx` from a prediction, unless it
     /// answered recently, one is already running for it, or the in-flight budget is spent.
     fn prefetch_function(&self, fidx: usize) {
-        if self.answered_within(fidx, WARM_FRESH) || self.prefetch_in_flight.load(Ordering::Relaxed) >= self.settings.prefetch_max_in_flight as u64 {
+        if self.answered_within(fidx, WARM_FRESH)
+            || self.prefetch_in_flight.load(Ordering::Relaxed)
+                >= self.settings.prefetch_max_in_flight as u64
+        {
             return;
         }
         if self.prefetching[fidx].swap(true, Ordering::AcqRel) {
@@ -446,9 +509,15 @@ impl NatsDispatch {
     }
 
     /// One function call with retries and activation; returns the `[rows, hidden]` output.
-    async fn call(&self, fidx: usize, req: ExpertRequest, traceparent: Option<&str>) -> Result<Vec<f32>, DispatchError> {
+    async fn call(
+        &self,
+        fidx: usize,
+        req: ExpertRequest,
+        traceparent: Option<&str>,
+    ) -> Result<Vec<f32>, DispatchError> {
         let f = &self.settings.layout.functions[fidx];
-        let subj = subject::expert(&self.settings.model_id, f.layer, f.experts[0]).map_err(|e| DispatchError::Internal(e.to_string()))?;
+        let subj = subject::expert(&self.settings.model_id, f.layer, f.experts[0])
+            .map_err(|e| DispatchError::Internal(e.to_string()))?;
         let payload = encode(&req);
         let mut headers = async_nats::HeaderMap::new();
         if let Some(tp) = traceparent {
@@ -464,24 +533,49 @@ impl NatsDispatch {
         let mut attempt = 0;
         loop {
             self.invocations.fetch_add(1, Ordering::Relaxed);
-            self.bytes_sent.fetch_add(payload.len() as u64, Ordering::Relaxed);
-            let outcome = self.request(&subj, &payload, Some(&headers), self.settings.request_timeout).await;
+            self.bytes_sent
+                .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            let outcome = self
+                .request(
+                    &subj,
+                    &payload,
+                    Some(&headers),
+                    self.settings.request_timeout,
+                )
+                .await;
             let retry_reason = match outcome {
                 Ok(msg) => {
-                    self.bytes_received.fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
-                    let reply = decode_reply(&msg.payload).map_err(|e| DispatchError::Internal(format!("{}: {e}", f.id)))?;
+                    self.bytes_received
+                        .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
+                    let reply = decode_reply(&msg.payload)
+                        .map_err(|e| DispatchError::Internal(format!("{}: {e}", f.id)))?;
                     match reply.result {
                         ExpertResult::Ok { output } => {
-                            let (rows, cols) = output.dims2().map_err(|e| DispatchError::Internal(e.to_string()))?;
+                            let (rows, cols) = output
+                                .dims2()
+                                .map_err(|e| DispatchError::Internal(e.to_string()))?;
                             if rows != req.routes.len() || cols != self.hidden_size {
-                                return Err(DispatchError::Internal(format!("{} replied [{rows}, {cols}] for [{}, {}]", f.id, req.routes.len(), self.hidden_size)));
+                                return Err(DispatchError::Internal(format!(
+                                    "{} replied [{rows}, {cols}] for [{}, {}]",
+                                    f.id,
+                                    req.routes.len(),
+                                    self.hidden_size
+                                )));
                             }
                             self.last_ok[fidx].store(self.stamp(), Ordering::Relaxed);
-                            return output.to_f32_vec().map_err(|e| DispatchError::Internal(e.to_string()));
+                            return output
+                                .to_f32_vec()
+                                .map_err(|e| DispatchError::Internal(e.to_string()));
                         }
                         // Errors about the request itself are ours: retrying will not help.
-                        ExpertResult::Err(e) if e.code != ErrorCode::Internal && e.code != ErrorCode::Unavailable => {
-                            return Err(DispatchError::Internal(format!("{}: {}: {}", f.id, e.code, e.message)));
+                        ExpertResult::Err(e)
+                            if e.code != ErrorCode::Internal
+                                && e.code != ErrorCode::Unavailable =>
+                        {
+                            return Err(DispatchError::Internal(format!(
+                                "{}: {}: {}",
+                                f.id, e.code, e.message
+                            )));
                         }
                         ExpertResult::Err(e) => format!("{}: {}", e.code, e.message),
                     }
@@ -492,7 +586,9 @@ impl NatsDispatch {
                             self.cold_misses.fetch_add(1, Ordering::Relaxed);
                         }
                         self.last_cold.store(self.stamp(), Ordering::Relaxed);
-                        let deadline = *activation_deadline.get_or_insert_with(|| Instant::now() + self.settings.activation_timeout);
+                        let deadline = *activation_deadline.get_or_insert_with(|| {
+                            Instant::now() + self.settings.activation_timeout
+                        });
                         if activated {
                             // The broker said an instance serves, yet none is subscribed: it
                             // is draining without having said so yet, or resubscribing after
@@ -522,7 +618,10 @@ impl NatsDispatch {
             };
             attempt += 1;
             if attempt > self.settings.max_retries {
-                return Err(DispatchError::Unavailable(format!("{}: {retry_reason} after {attempt} attempts", f.id)));
+                return Err(DispatchError::Unavailable(format!(
+                    "{}: {retry_reason} after {attempt} attempts",
+                    f.id
+                )));
             }
             self.retries.fetch_add(1, Ordering::Relaxed);
             warn!(function = %f.id, reason = %retry_reason, attempt, "retrying expert request");
@@ -531,11 +630,18 @@ impl NatsDispatch {
 }
 
 impl Dispatch for NatsDispatch {
-    fn routed<'a>(&'a self, batch: &'a RoutedBatch, ctx: &'a DispatchContext) -> BoxFuture<'a, Result<Tensor, DispatchError>> {
+    fn routed<'a>(
+        &'a self,
+        batch: &'a RoutedBatch,
+        ctx: &'a DispatchContext,
+    ) -> BoxFuture<'a, Result<Tensor, DispatchError>> {
         Box::pin(
             async move {
                 let h = self.hidden_size;
-                let (n, cols) = batch.hidden.dims2().map_err(|e| DispatchError::Internal(e.to_string()))?;
+                let (n, cols) = batch
+                    .hidden
+                    .dims2()
+                    .map_err(|e| DispatchError::Internal(e.to_string()))?;
                 if cols != h {
                     return Err(DispatchError::Internal(format!("hidden {cols} != {h}")));
                 }
@@ -546,18 +652,27 @@ impl Dispatch for NatsDispatch {
                     .and_then(|t| t.to_vec1())
                     .map_err(|e| DispatchError::Internal(e.to_string()))?;
                 // function index → (row indices, routes)
-                let mut groups: std::collections::BTreeMap<usize, (Vec<usize>, Vec<RowRoutes>)> = Default::default();
+                let mut groups: std::collections::BTreeMap<usize, (Vec<usize>, Vec<RowRoutes>)> =
+                    Default::default();
                 for (row, routes) in batch.routes.iter().enumerate() {
                     for &(e, w) in routes {
                         let fidx = self
                             .settings
                             .layout
                             .function_of(batch.layer as u32, e as u32)
-                            .ok_or_else(|| DispatchError::Internal(format!("no function holds expert {e} of layer {}", batch.layer)))?;
+                            .ok_or_else(|| {
+                                DispatchError::Internal(format!(
+                                    "no function holds expert {e} of layer {}",
+                                    batch.layer
+                                ))
+                            })?;
                         let g = groups.entry(fidx).or_default();
                         if g.0.last() != Some(&row) {
                             g.0.push(row);
-                            g.1.push(RowRoutes { experts: vec![], weights: vec![] });
+                            g.1.push(RowRoutes {
+                                experts: vec![],
+                                weights: vec![],
+                            });
                         }
                         let r = g.1.last_mut().expect("pushed");
                         r.experts.push(e as u32);
@@ -565,7 +680,8 @@ impl Dispatch for NatsDispatch {
                     }
                 }
                 // Expert requests are children of this layer's dispatch span.
-                let traceparent = faasmoe_telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());
+                let traceparent =
+                    faasmoe_telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());
                 let traceparent = traceparent.as_deref();
                 // The server's limit, read per layer: after a reconnect it may be another server's.
                 let max_payload = self.client.max_payload();
@@ -575,8 +691,12 @@ impl Dispatch for NatsDispatch {
                     for &r in &rows {
                         buf.extend_from_slice(&data[r * h..(r + 1) * h]);
                     }
-                    let hidden = WireTensor::from_f32(vec![rows.len() as u32, h as u32], &buf, self.settings.wire_dtype)
-                        .map_err(|e| DispatchError::Internal(e.to_string()))?;
+                    let hidden = WireTensor::from_f32(
+                        vec![rows.len() as u32, h as u32],
+                        &buf,
+                        self.settings.wire_dtype,
+                    )
+                    .map_err(|e| DispatchError::Internal(e.to_string()))?;
                     let req = ExpertRequest {
                         version: PROTOCOL_VERSION,
                         request_id: uuid::Uuid::new_v4(),
@@ -588,11 +708,15 @@ impl Dispatch for NatsDispatch {
                         reply_dtype: self.settings.wire_dtype,
                         combine: true,
                     };
-                    let parts = req
-                        .split_to_fit(max_payload)
-                        .map_err(|e| DispatchError::PayloadTooLarge(format!("{}: {}", self.settings.layout.functions[fidx].id, e.message)))?;
+                    let parts = req.split_to_fit(max_payload).map_err(|e| {
+                        DispatchError::PayloadTooLarge(format!(
+                            "{}: {}",
+                            self.settings.layout.functions[fidx].id, e.message
+                        ))
+                    })?;
                     if parts.len() > 1 {
-                        self.split_requests.fetch_add(parts.len() as u64 - 1, Ordering::Relaxed);
+                        self.split_requests
+                            .fetch_add(parts.len() as u64 - 1, Ordering::Relaxed);
                     }
                     let rows = Arc::new(rows);
                     for (first, part) in parts {
@@ -616,7 +740,8 @@ impl Dispatch for NatsDispatch {
                     }
                 }
                 debug!(layer = batch.layer, rows = n, "layer dispatched");
-                Tensor::from_vec(acc, (n, h), &Device::Cpu).map_err(|e| DispatchError::Internal(e.to_string()))
+                Tensor::from_vec(acc, (n, h), &Device::Cpu)
+                    .map_err(|e| DispatchError::Internal(e.to_string()))
             }
             .instrument(tracing::info_span!("layer.dispatch", layer = batch.layer)),
         )
@@ -644,7 +769,9 @@ impl Dispatch for NatsDispatch {
         }
         let cold = self.last_cold.load(Ordering::Relaxed);
         let never_answered = self.last_ok.iter().all(|t| t.load(Ordering::Relaxed) == 0);
-        if never_answered || (cold != 0 && self.stamp().saturating_sub(cold) <= COLD_WINDOW.as_millis() as u64) {
+        if never_answered
+            || (cold != 0 && self.stamp().saturating_sub(cold) <= COLD_WINDOW.as_millis() as u64)
+        {
             return usize::MAX;
         }
         if (0..self.last_ok.len()).all(|f| self.answered_within(f, WARM_FRESH)) {
@@ -655,7 +782,10 @@ impl Dispatch for NatsDispatch {
 
     fn prefetch(&self, predicted: &[(usize, Vec<u32>)]) {
         for (layer, experts) in predicted {
-            let mut fns: Vec<usize> = experts.iter().filter_map(|&e| self.settings.layout.function_of(*layer as u32, e)).collect();
+            let mut fns: Vec<usize> = experts
+                .iter()
+                .filter_map(|&e| self.settings.layout.function_of(*layer as u32, e))
+                .collect();
             fns.dedup();
             for f in fns {
                 self.prefetch_function(f);

@@ -50,7 +50,12 @@ pub struct EngineSettings {
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        Self { max_batch_seqs: 32, max_step_tokens: Self::DEFAULT_MAX_STEP_TOKENS, pipeline: true, eos_token_ids: vec![] }
+        Self {
+            max_batch_seqs: 32,
+            max_step_tokens: Self::DEFAULT_MAX_STEP_TOKENS,
+            pipeline: true,
+            eos_token_ids: vec![],
+        }
     }
 }
 
@@ -171,19 +176,31 @@ fn plan_step(running: &mut [Seq], budget: usize) -> usize {
 }
 
 /// Starts the engine on a dedicated thread (its compute must not stall the NATS runtime).
-pub fn spawn(cp: Arc<ControlPlane>, dispatch: Arc<dyn Dispatch>, settings: EngineSettings) -> EngineHandle {
+pub fn spawn(
+    cp: Arc<ControlPlane>,
+    dispatch: Arc<dyn Dispatch>,
+    settings: EngineSettings,
+) -> EngineHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("faasmoe-engine".into())
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("engine runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("engine runtime");
             rt.block_on(run(cp, dispatch, settings, rx));
         })
         .expect("engine thread");
     EngineHandle { tx }
 }
 
-async fn run(cp: Arc<ControlPlane>, dispatch: Arc<dyn Dispatch>, settings: EngineSettings, mut rx: mpsc::UnboundedReceiver<Submission>) {
+async fn run(
+    cp: Arc<ControlPlane>,
+    dispatch: Arc<dyn Dispatch>,
+    settings: EngineSettings,
+    mut rx: mpsc::UnboundedReceiver<Submission>,
+) {
     let mut waiting: BTreeMap<String, VecDeque<Submission>> = BTreeMap::new();
     let mut turn: VecDeque<String> = VecDeque::new();
     let mut running: Vec<Seq> = Vec::new();
@@ -210,8 +227,12 @@ async fn run(cp: Arc<ControlPlane>, dispatch: Arc<dyn Dispatch>, settings: Engin
         });
         // Admit round-robin across tenants.
         while running.len() < settings.max_batch_seqs {
-            let Some(tenant) = turn.pop_front() else { break };
-            let q = waiting.get_mut(&tenant).expect("tenant in turn has a queue");
+            let Some(tenant) = turn.pop_front() else {
+                break;
+            };
+            let q = waiting
+                .get_mut(&tenant)
+                .expect("tenant in turn has a queue");
             let sub = q.pop_front().expect("front exists");
             if q.is_empty() {
                 waiting.remove(&tenant);
@@ -241,10 +262,13 @@ async fn run(cp: Arc<ControlPlane>, dispatch: Arc<dyn Dispatch>, settings: Engin
         step_no += 1;
         let step_tokens = plan_step(&mut running, settings.max_step_tokens);
         // Prefilling prompts left out of this step's budget wait for the next one.
-        let (mut active, mut keep): (Vec<Seq>, Vec<Seq>) = running.drain(..).partition(|s| !s.feed.is_empty());
+        let (mut active, mut keep): (Vec<Seq>, Vec<Seq>) =
+            running.drain(..).partition(|s| !s.feed.is_empty());
         let tenants: Vec<&str> = active.iter().map(|s| s.sub.tenant.as_str()).collect();
         let span = info_span!("engine.step", step = step_no, seqs = active.len(), tokens = step_tokens, waiting_prefill = keep.len(), tenants = %tenants.join(","));
-        let results = step(&cp, dispatch.as_ref(), &mut active, settings.pipeline).instrument(span).await;
+        let results = step(&cp, dispatch.as_ref(), &mut active, settings.pipeline)
+            .instrument(span)
+            .await;
         // Sample and report.
         for (seq, r) in active.drain(..).zip(results) {
             let mut seq = seq;
@@ -288,7 +312,11 @@ async fn run(cp: Arc<ControlPlane>, dispatch: Arc<dyn Dispatch>, settings: Engin
     }
 }
 
-fn enqueue(waiting: &mut BTreeMap<String, VecDeque<Submission>>, turn: &mut VecDeque<String>, s: Submission) {
+fn enqueue(
+    waiting: &mut BTreeMap<String, VecDeque<Submission>>,
+    turn: &mut VecDeque<String>,
+    s: Submission,
+) {
     let q = waiting.entry(s.tenant.clone()).or_default();
     if q.is_empty() {
         turn.push_back(s.tenant.clone());
@@ -299,11 +327,17 @@ fn enqueue(waiting: &mut BTreeMap<String, VecDeque<Submission>>, turn: &mut VecD
 type StepResult = Vec<Result<Vec<f32>, DispatchError>>;
 
 /// One step over all running sequences; per sequence the logits of its last fed token.
-async fn step(cp: &ControlPlane, dispatch: &dyn Dispatch, running: &mut [Seq], pipeline: bool) -> StepResult {
+async fn step(
+    cp: &ControlPlane,
+    dispatch: &dyn Dispatch,
+    running: &mut [Seq],
+    pipeline: bool,
+) -> StepResult {
     if pipeline && running.len() >= 2 {
         let mid = running.len() / 2;
         let (a, b) = running.split_at_mut(mid);
-        let (ra, rb) = futures::future::join(micro_batch(cp, dispatch, a), micro_batch(cp, dispatch, b)).await;
+        let (ra, rb) =
+            futures::future::join(micro_batch(cp, dispatch, a), micro_batch(cp, dispatch, b)).await;
         ra.into_iter().chain(rb).collect()
     } else {
         micro_batch(cp, dispatch, running).await
@@ -318,18 +352,27 @@ async fn micro_batch(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq
     }
 }
 
-async fn forward(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq]) -> Result<Vec<Vec<f32>>, DispatchError> {
+async fn forward(
+    cp: &ControlPlane,
+    dispatch: &dyn Dispatch,
+    seqs: &mut [Seq],
+) -> Result<Vec<Vec<f32>>, DispatchError> {
     let feeds: Vec<(usize, Vec<u32>)> = seqs.iter().map(|s| (s.len, s.feed.clone())).collect();
     let batch: Vec<(usize, &[u32])> = feeds.iter().map(|(o, f)| (*o, f.as_slice())).collect();
     let mut tenants: Vec<&str> = seqs.iter().map(|s| s.sub.tenant.as_str()).collect();
     tenants.sort();
     tenants.dedup();
-    let ctx = DispatchContext { tenants: tenants.join(","), traceparent: None };
+    let ctx = DispatchContext {
+        tenants: tenants.join(","),
+        traceparent: None,
+    };
     let span = tracing::info_span!("engine.micro_batch", seqs = seqs.len());
     if let Some(tp) = seqs.iter().find_map(|s| s.sub.traceparent.as_deref()) {
         faasmoe_telemetry::set_parent(&span, tp);
     }
-    forward_in(cp, dispatch, seqs, &batch, &ctx).instrument(span).await
+    forward_in(cp, dispatch, seqs, &batch, &ctx)
+        .instrument(span)
+        .await
 }
 
 /// Rows of a pass that pre-gating looks at, at most (evenly spaced over a long prefill).
@@ -338,7 +381,11 @@ const PREDICT_MAX_ROWS: usize = 64;
 /// Activation ahead of the pass: while this MoE layer's expert requests are out, predict
 /// the experts of the layers the dispatcher asks for and hand them over. A failed
 /// prediction is only logged: it never fails the pass.
-fn prefetch_ahead(cp: &ControlPlane, dispatch: &dyn Dispatch, pass: &faasmoe_model::qwen2_moe::ForwardPass) {
+fn prefetch_ahead(
+    cp: &ControlPlane,
+    dispatch: &dyn Dispatch,
+    pass: &faasmoe_model::qwen2_moe::ForwardPass,
+) {
     let depth = dispatch.prefetch_depth();
     if depth == 0 {
         return;
@@ -349,7 +396,13 @@ fn prefetch_ahead(cp: &ControlPlane, dispatch: &dyn Dispatch, pass: &faasmoe_mod
     }
 }
 
-async fn forward_in(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq], batch: &[(usize, &[u32])], ctx: &DispatchContext) -> Result<Vec<Vec<f32>>, DispatchError> {
+async fn forward_in(
+    cp: &ControlPlane,
+    dispatch: &dyn Dispatch,
+    seqs: &mut [Seq],
+    batch: &[(usize, &[u32])],
+    ctx: &DispatchContext,
+) -> Result<Vec<Vec<f32>>, DispatchError> {
     let internal = |e: faasmoe_model::ModelError| DispatchError::Internal(e.to_string());
     let mut pass = cp.start(batch).map_err(internal)?;
     let t0 = Instant::now();
@@ -376,8 +429,14 @@ async fn forward_in(cp: &ControlPlane, dispatch: &dyn Dispatch, seqs: &mut [Seq]
             }
             Step::Done(h) => {
                 let logits = last_logits(cp, &pass, &h).map_err(internal)?;
-                debug!(seqs = seqs.len(), ms = t0.elapsed().as_secs_f64() * 1e3, "micro-batch done");
-                return logits.to_vec2::<f32>().map_err(|e| DispatchError::Internal(e.to_string()));
+                debug!(
+                    seqs = seqs.len(),
+                    ms = t0.elapsed().as_secs_f64() * 1e3,
+                    "micro-batch done"
+                );
+                return logits
+                    .to_vec2::<f32>()
+                    .map_err(|e| DispatchError::Internal(e.to_string()));
             }
         }
     }

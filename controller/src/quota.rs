@@ -20,7 +20,12 @@ impl std::fmt::Debug for QuotaTicket {
 pub trait QuotaGate: Send + Sync {
     /// Reserves `prompt_tokens + max_tokens` for `tenant` before any work starts.
     /// Errors: `quota_exceeded` (over a limit or unknown tenant) or `unavailable` (store down).
-    fn admit<'a>(&'a self, tenant: &'a str, prompt_tokens: u32, max_tokens: u32) -> BoxFuture<'a, Result<QuotaTicket, ClientError>>;
+    fn admit<'a>(
+        &'a self,
+        tenant: &'a str,
+        prompt_tokens: u32,
+        max_tokens: u32,
+    ) -> BoxFuture<'a, Result<QuotaTicket, ClientError>>;
     /// Ends the request, charging only `tokens` actually processed (prompt + generated).
     fn settle(&self, ticket: QuotaTicket, tokens: u32) -> BoxFuture<'_, ()>;
 }
@@ -30,7 +35,12 @@ pub trait QuotaGate: Send + Sync {
 pub struct Unlimited;
 
 impl QuotaGate for Unlimited {
-    fn admit<'a>(&'a self, _tenant: &'a str, _p: u32, _m: u32) -> BoxFuture<'a, Result<QuotaTicket, ClientError>> {
+    fn admit<'a>(
+        &'a self,
+        _tenant: &'a str,
+        _p: u32,
+        _m: u32,
+    ) -> BoxFuture<'a, Result<QuotaTicket, ClientError>> {
         Box::pin(async { Ok(QuotaTicket(Box::new(()))) })
     }
     fn settle(&self, _ticket: QuotaTicket, _tokens: u32) -> BoxFuture<'_, ()> {

@@ -38,12 +38,19 @@ impl Sampler {
             return faasmoe_model::qwen2_moe::argmax(logits);
         }
         let mut idx: Vec<usize> = (0..logits.len()).collect();
-        idx.sort_unstable_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
+        idx.sort_unstable_by(|&a, &b| {
+            logits[b]
+                .partial_cmp(&logits[a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         if p.top_k > 0 && p.top_k < idx.len() {
             idx.truncate(p.top_k);
         }
         let max = logits[idx[0]] / p.temperature;
-        let mut probs: Vec<f32> = idx.iter().map(|&i| (logits[i] / p.temperature - max).exp()).collect();
+        let mut probs: Vec<f32> = idx
+            .iter()
+            .map(|&i| (logits[i] / p.temperature - max).exp())
+            .collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
         if p.top_p < 1.0 {
@@ -79,15 +86,45 @@ mod tests {
     #[test]
     fn greedy_and_seeded_sampling() {
         let logits = vec![0.1, 3.0, 2.9, -1.0];
-        let mut g = Sampler::new(SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0 }, None);
+        let mut g = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+            None,
+        );
         assert_eq!(g.sample(&logits), 1);
-        let p = SamplingParams { temperature: 1.0, top_k: 2, top_p: 1.0 };
-        let a: Vec<u32> = { let mut s = Sampler::new(p.clone(), Some(5)); (0..50).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(p, Some(5)); (0..50).map(|_| s.sample(&logits)).collect() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p.clone(), Some(5));
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p, Some(5));
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
-        assert!(a.iter().all(|&t| t == 1 || t == 2), "top-k 2 keeps tokens 1 and 2");
+        assert!(
+            a.iter().all(|&t| t == 1 || t == 2),
+            "top-k 2 keeps tokens 1 and 2"
+        );
         assert!(a.contains(&1) && a.contains(&2));
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.3 }, Some(1));
-        assert!((0..20).all(|_| s.sample(&logits) == 1), "top-p 0.3 keeps only the best token");
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 0.3,
+            },
+            Some(1),
+        );
+        assert!(
+            (0..20).all(|_| s.sample(&logits) == 1),
+            "top-p 0.3 keeps only the best token"
+        );
     }
 }

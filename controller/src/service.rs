@@ -87,7 +87,9 @@ pub struct ControllerSettings {
 impl ControllerSettings {
     /// The model id for subjects: `--model-id`, else [`faasmoe_proto::subject::model_id_for_dir`].
     pub fn model_id(&self) -> String {
-        self.model_id.clone().unwrap_or_else(|| faasmoe_proto::subject::model_id_for_dir(&self.model_dir))
+        self.model_id
+            .clone()
+            .unwrap_or_else(|| faasmoe_proto::subject::model_id_for_dir(&self.model_dir))
     }
 }
 
@@ -107,7 +109,8 @@ impl ControllerSettings {
             #[command(flatten)]
             settings: ControllerSettings,
         }
-        let args = std::iter::once(std::ffi::OsString::from("faasmoe-controller")).chain(flags.into_iter().map(Into::into));
+        let args = std::iter::once(std::ffi::OsString::from("faasmoe-controller"))
+            .chain(flags.into_iter().map(Into::into));
         Ok(<Flags as clap::Parser>::try_parse_from(args)?.settings)
     }
 }
@@ -132,7 +135,12 @@ impl ControllerTask {
     /// a bad request: nothing is admitted or activated), polling every 50 ms.
     ///
     /// Errors: the controller stopped (with [`run`]'s error as the cause), or `limit` passed.
-    pub async fn wait_serving(&mut self, client: &async_nats::Client, tenant: &str, limit: Duration) -> anyhow::Result<()> {
+    pub async fn wait_serving(
+        &mut self,
+        client: &async_nats::Client,
+        tenant: &str,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
         let subject = faasmoe_proto::subject::generate(tenant)?;
         let t0 = std::time::Instant::now();
         loop {
@@ -143,10 +151,20 @@ impl ControllerTask {
                     Err(e) => anyhow::anyhow!("the controller task failed before serving: {e}"),
                 });
             }
-            if faasmoe_proto::connection::answers(client, subject.clone(), b"{}", Duration::from_secs(2)).await {
+            if faasmoe_proto::connection::answers(
+                client,
+                subject.clone(),
+                b"{}",
+                Duration::from_secs(2),
+            )
+            .await
+            {
                 return Ok(());
             }
-            anyhow::ensure!(t0.elapsed() < limit, "the controller did not serve {subject} within {limit:?}");
+            anyhow::ensure!(
+                t0.elapsed() < limit,
+                "the controller did not serve {subject} within {limit:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -185,13 +203,18 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
     let generation = GenerationConfig::from_dir(&settings.model_dir)?;
     let eos = faasmoe_model::config::eos_token_ids(&cfg, &generation);
     let tokenizer = if settings.model_dir.join("tokenizer.json").exists() {
-        Some(Arc::new(QwenTokenizer::from_checkpoint_dir(&settings.model_dir)?))
+        Some(Arc::new(QwenTokenizer::from_checkpoint_dir(
+            &settings.model_dir,
+        )?))
     } else {
         tracing::warn!("no tokenizer.json: only `input_ids` requests will work");
         None
     };
     let client = settings.nats.connect("faasmoe-controller").await?;
-    let controller_id = format!("controller-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let controller_id = format!(
+        "controller-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let dispatch: Arc<dyn Dispatch> = match local_backend {
         Some(b) => Arc::new(LocalDispatch(b)),
         None => {
@@ -204,7 +227,11 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
                     request_timeout: Duration::from_millis(settings.request_timeout_ms),
                     max_retries: settings.max_retries,
                     activation_timeout: Duration::from_millis(settings.activation_timeout_ms),
-                    wire_dtype: if settings.wire_dtype == "bf16" { WireDType::BF16 } else { WireDType::F32 },
+                    wire_dtype: if settings.wire_dtype == "bf16" {
+                        WireDType::BF16
+                    } else {
+                        WireDType::F32
+                    },
                     controller_id,
                     prefetch_layers: settings.prefetch_layers,
                     prefetch_max_in_flight: settings.prefetch_max_in_flight,
@@ -218,7 +245,9 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
     {
         use futures::StreamExt;
         let (c, d, tenants) = (client.clone(), dispatch.clone(), settings.tenants.clone());
-        let mut sub = c.subscribe(faasmoe_proto::subject::admin("controller_stats")?).await?;
+        let mut sub = c
+            .subscribe(faasmoe_proto::subject::admin("controller_stats")?)
+            .await?;
         tokio::spawn(async move {
             while let Some(m) = sub.next().await {
                 let Some(reply) = m.reply else { continue };
@@ -230,7 +259,12 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
     let engine = engine::spawn(
         Arc::new(cp),
         dispatch,
-        EngineSettings { max_batch_seqs: settings.max_batch_seqs, max_step_tokens: settings.max_step_tokens, pipeline: !settings.no_pipeline, eos_token_ids: eos },
+        EngineSettings {
+            max_batch_seqs: settings.max_batch_seqs,
+            max_step_tokens: settings.max_step_tokens,
+            pipeline: !settings.no_pipeline,
+            eos_token_ids: eos,
+        },
     );
     let api = Arc::new(Api {
         client,
@@ -244,7 +278,8 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
             max_context: cfg.max_position_embeddings,
             vocab_size: cfg.vocab_size,
             generation,
-            max_request: (settings.max_request_ms > 0).then(|| Duration::from_millis(settings.max_request_ms)),
+            max_request: (settings.max_request_ms > 0)
+                .then(|| Duration::from_millis(settings.max_request_ms)),
         },
     });
     api.serve().await

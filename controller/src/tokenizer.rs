@@ -240,7 +240,13 @@ impl QwenTokenizer {
         // Byte-level BPE spells each byte of a token as one character; an added (special)
         // token is its content. Either way the text's bytes are at most the spelling's
         // UTF-8 bytes.
-        let max_token_bytes = inner.get_vocab(true).keys().map(|t| t.len()).max().unwrap_or(1).max(1);
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Self {
             inner,
             has_chat_template,

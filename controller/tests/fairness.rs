@@ -21,7 +21,9 @@ async fn ask(client: async_nats::Client, tenant: &str, body: Value) -> Value {
     let m = client
         .send_request(
             format!("faasmoe.v1.generate.{tenant}"),
-            async_nats::Request::new().payload(body.to_string().into()).timeout(Some(Duration::from_secs(120))),
+            async_nats::Request::new()
+                .payload(body.to_string().into())
+                .timeout(Some(Duration::from_secs(120))),
         )
         .await
         .unwrap();
@@ -30,12 +32,22 @@ async fn ask(client: async_nats::Client, tenant: &str, body: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tenants_flood_does_not_starve_another_tenants_single_request() {
-    let Some(dir) = fixture("qwen15-moe-tiny") else { return };
+    let Some(dir) = fixture("qwen15-moe-tiny") else {
+        return;
+    };
     let server = NatsServer::start();
     // One sequence per step: admission order is completion order.
     let w = Wrapper::try_parse_from([
-        "t", "--nats-url", &server.url(), "--model-dir", dir.to_str().unwrap(), "--model-id", "tiny",
-        "--local-experts", "--max-batch-seqs", "1",
+        "t",
+        "--nats-url",
+        &server.url(),
+        "--model-dir",
+        dir.to_str().unwrap(),
+        "--model-id",
+        "tiny",
+        "--local-experts",
+        "--max-batch-seqs",
+        "1",
     ])
     .unwrap();
     tokio::spawn(service::run(w.settings, Arc::new(Unlimited)));
@@ -77,6 +89,13 @@ async fn one_tenants_flood_does_not_starve_another_tenants_single_request() {
     eprintln!("completion order: {order:?}");
     // FIFO would finish it after every queued flood request; round-robin admits it as soon as
     // the flood's running request and at most one more have finished.
-    assert!(done_before < 6, "the flood finished too fast to test anything: {order:?}");
-    assert!(pos - done_before <= 2, "{} flood requests finished before the single one: {order:?}", pos - done_before);
+    assert!(
+        done_before < 6,
+        "the flood finished too fast to test anything: {order:?}"
+    );
+    assert!(
+        pos - done_before <= 2,
+        "{} flood requests finished before the single one: {order:?}",
+        pos - done_before
+    );
 }

@@ -33,7 +33,10 @@ struct Cli {
 async fn worker_execution_span_descends_from_the_controller_request_span() {
     let Some(dir) = faasmoe_model::fixtures::fixture("qwen15-moe-tiny") else {
         use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: fixture qwen15-moe-tiny not found (set FAASMOE_FIXTURES) ***\n");
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED: fixture qwen15-moe-tiny not found (set FAASMOE_FIXTURES) ***\n"
+        );
         return;
     };
     let exporter = InMemorySpanExporter::default();
@@ -41,10 +44,15 @@ async fn worker_execution_span_descends_from_the_controller_request_span() {
 
     let server = faasmoe_e2e::NatsServer::start();
     let url = server.url();
-    let client = async_nats::connect(url.as_str()).await.expect("connect to nats-server");
+    let client = async_nats::connect(url.as_str())
+        .await
+        .expect("connect to nats-server");
 
     // Workers announce themselves on the events subject once subscribed.
-    let mut events = client.subscribe(faasmoe_proto::subject::events(MODEL_ID).unwrap()).await.unwrap();
+    let mut events = client
+        .subscribe(faasmoe_proto::subject::events(MODEL_ID).unwrap())
+        .await
+        .unwrap();
     client.flush().await.unwrap();
 
     let layout = Layout::new(&[0, 1, 2, 3], 16, GRANULARITY);
@@ -68,7 +76,10 @@ async fn worker_execution_span_descends_from_the_controller_request_span() {
             "0",
         ])
         .expect("worker settings");
-        workers.push(tokio::spawn(faasmoe_expert_worker::run(settings, std::future::pending::<()>())));
+        workers.push(tokio::spawn(faasmoe_expert_worker::run(
+            settings,
+            std::future::pending::<()>(),
+        )));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     for n in 0..layout.functions.len() {
@@ -80,7 +91,10 @@ async fn worker_execution_span_descends_from_the_controller_request_span() {
                         panic!("a worker ended early");
                     }
                 }
-                panic!("only {n} of {} workers became ready", layout.functions.len());
+                panic!(
+                    "only {n} of {} workers became ready",
+                    layout.functions.len()
+                );
             }
         }
     }
@@ -100,16 +114,24 @@ async fn worker_execution_span_descends_from_the_controller_request_span() {
     ])
     .expect("controller settings")
     .settings;
-    let controller = tokio::spawn(faasmoe_controller::service::run(controller_settings, Arc::new(Unlimited)));
+    let controller = tokio::spawn(faasmoe_controller::service::run(
+        controller_settings,
+        Arc::new(Unlimited),
+    ));
 
     // Retry until the controller has loaded and subscribed (no responders before that).
     let body = serde_json::json!({"input_ids": [1, 2, 3], "max_tokens": 2, "temperature": 0});
     let payload = bytes::Bytes::from(serde_json::to_vec(&body).unwrap());
     let reply = loop {
-        let req = async_nats::Request::new().payload(payload.clone()).timeout(Some(Duration::from_secs(30)));
+        let req = async_nats::Request::new()
+            .payload(payload.clone())
+            .timeout(Some(Duration::from_secs(30)));
         match client.send_request("faasmoe.v1.generate.acme", req).await {
             Ok(m) => break m,
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders && Instant::now() < deadline => {
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && Instant::now() < deadline =>
+            {
                 assert!(!controller.is_finished(), "the controller ended early");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -125,16 +147,31 @@ async fn worker_execution_span_descends_from_the_controller_request_span() {
     loop {
         guard.flush();
         let spans = exporter.get_finished_spans().expect("finished spans");
-        let requests: Vec<_> = spans.iter().filter(|s| s.name == "generate.request").collect();
-        let executes: Vec<_> = spans.iter().filter(|s| s.name == "expert.execute").collect();
-        let by_id: HashMap<_, _> = spans.iter().map(|s| (s.span_context.span_id(), s)).collect();
+        let requests: Vec<_> = spans
+            .iter()
+            .filter(|s| s.name == "generate.request")
+            .collect();
+        let executes: Vec<_> = spans
+            .iter()
+            .filter(|s| s.name == "expert.execute")
+            .collect();
+        let by_id: HashMap<_, _> = spans
+            .iter()
+            .map(|s| (s.span_context.span_id(), s))
+            .collect();
         let chains: Vec<Vec<&str>> = executes
             .iter()
             .map(|e| {
                 let mut chain = vec![e.name.as_ref()];
                 let mut cur = *e;
                 while let Some(p) = by_id.get(&cur.parent_span_id) {
-                    assert_eq!(p.span_context.trace_id(), e.span_context.trace_id(), "{} and its parent {} are in different traces", cur.name, p.name);
+                    assert_eq!(
+                        p.span_context.trace_id(),
+                        e.span_context.trace_id(),
+                        "{} and its parent {} are in different traces",
+                        cur.name,
+                        p.name
+                    );
                     chain.push(p.name.as_ref());
                     cur = p;
                 }
@@ -153,12 +190,30 @@ async fn worker_execution_span_descends_from_the_controller_request_span() {
                 }
             }
             // One expert call per MoE layer per step: 4 layers, 2 steps (prefill + decode).
-            assert!(executes.len() >= 4, "only {} expert.execute spans", executes.len());
-            eprintln!("{} expert.execute spans, e.g. {:?}", executes.len(), chains[0]);
+            assert!(
+                executes.len() >= 4,
+                "only {} expert.execute spans",
+                executes.len()
+            );
+            eprintln!(
+                "{} expert.execute spans, e.g. {:?}",
+                executes.len(),
+                chains[0]
+            );
             break;
         }
         if Instant::now() >= deadline {
-            let names: Vec<_> = spans.iter().map(|s| (s.name.to_string(), s.span_context.trace_id(), s.span_context.span_id(), s.parent_span_id)).collect();
+            let names: Vec<_> = spans
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.to_string(),
+                        s.span_context.trace_id(),
+                        s.span_context.span_id(),
+                        s.parent_span_id,
+                    )
+                })
+                .collect();
             panic!("no complete chain: {} generate.request, {} expert.execute spans; chains {chains:?}; spans {names:#?}", requests.len(), executes.len());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

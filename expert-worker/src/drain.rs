@@ -87,7 +87,11 @@ pub enum FenceError {
 ///
 /// Errors: [`FenceError`]: not connected (not tried), no answer within `within`, or the
 /// request failed.
-pub async fn fence(client: &Client, subject: &str, within: Duration) -> Result<Duration, FenceError> {
+pub async fn fence(
+    client: &Client,
+    subject: &str,
+    within: Duration,
+) -> Result<Duration, FenceError> {
     let state = client.connection_state();
     if state != State::Connected {
         return Err(FenceError::NotConnected(state));
@@ -129,10 +133,18 @@ impl Intake {
     /// of the server as described in the [module docs](self), using a round trip to
     /// `fence_subject` on `client` (the connection of `subs`), then drops `tx` once every
     /// request delivered before is forwarded.
-    pub fn start(client: Client, subs: Vec<Subscriber>, tx: mpsc::Sender<Message>, fence_subject: String) -> Intake {
+    pub fn start(
+        client: Client,
+        subs: Vec<Subscriber>,
+        tx: mpsc::Sender<Message>,
+        fence_subject: String,
+    ) -> Intake {
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(forward(client, subs, tx, stop_rx, fence_subject));
-        Intake { stop: Some(stop_tx), task }
+        Intake {
+            stop: Some(stop_tx),
+            task,
+        }
     }
 
     /// Asks for the drain (once; later calls do nothing). Returns at once: the batching loop
@@ -151,7 +163,13 @@ impl Intake {
     }
 }
 
-async fn forward(client: Client, subs: Vec<Subscriber>, tx: mpsc::Sender<Message>, mut stop: oneshot::Receiver<()>, fence_subject: String) -> DrainReport {
+async fn forward(
+    client: Client,
+    subs: Vec<Subscriber>,
+    tx: mpsc::Sender<Message>,
+    mut stop: oneshot::Receiver<()>,
+    fence_subject: String,
+) -> DrainReport {
     let mut report = DrainReport::default();
     let mut subs = futures::stream::select_all(subs);
     // Serving. (A dropped stop sender also means drain: the worker is ending.)
@@ -177,10 +195,13 @@ async fn forward(client: Client, subs: Vec<Subscriber>, tx: mpsc::Sender<Message
 
     // 1. The server stops routing to this instance; the client keeps receiving.
     for sub in subs.iter_mut() {
-        match tokio::time::timeout(STEP_TIMEOUT, sub.unsubscribe_after(UNSUB_KEEP_RECEIVING)).await {
+        match tokio::time::timeout(STEP_TIMEOUT, sub.unsubscribe_after(UNSUB_KEEP_RECEIVING)).await
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "drain: UNSUB not sent"),
-            Err(_) => warn!(timeout = ?STEP_TIMEOUT, "drain: UNSUB not accepted by the client in time (connection down?)"),
+            Err(_) => {
+                warn!(timeout = ?STEP_TIMEOUT, "drain: UNSUB not accepted by the client in time (connection down?)")
+            }
         }
     }
 
@@ -213,7 +234,10 @@ async fn forward(client: Client, subs: Vec<Subscriber>, tx: mpsc::Sender<Message
     match &fenced {
         Ok(rtt) => {
             report.confirmed = true;
-            info!(round_trip_ms = rtt.as_secs_f64() * 1e3, "drain: the server confirmed the unsubscriptions");
+            info!(
+                round_trip_ms = rtt.as_secs_f64() * 1e3,
+                "drain: the server confirmed the unsubscriptions"
+            );
         }
         Err(e) => warn!(error = %e, "drain: unconfirmed; forwarding what has arrived"),
     }
@@ -223,7 +247,9 @@ async fn forward(client: Client, subs: Vec<Subscriber>, tx: mpsc::Sender<Message
         match tokio::time::timeout(STEP_TIMEOUT, sub.unsubscribe()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "drain: final UNSUB not sent"),
-            Err(_) => warn!(timeout = ?STEP_TIMEOUT, "drain: final UNSUB not accepted by the client in time (connection down?)"),
+            Err(_) => {
+                warn!(timeout = ?STEP_TIMEOUT, "drain: final UNSUB not accepted by the client in time (connection down?)")
+            }
         }
     }
     // A fresh set: closing a channel wakes nobody, and `SelectAll` polls only the streams
@@ -241,7 +267,10 @@ async fn forward(client: Client, subs: Vec<Subscriber>, tx: mpsc::Sender<Message
             }
             Ok(None) => break,
             Err(_) => {
-                warn!(left = subs.len(), "drain: subscriptions did not end; stopping");
+                warn!(
+                    left = subs.len(),
+                    "drain: subscriptions did not end; stopping"
+                );
                 break;
             }
         }

@@ -31,7 +31,10 @@ impl OutageLog {
 
     /// How long the connection has been down, `None` while it is up.
     pub fn down_for(&self) -> Option<Duration> {
-        self.down_since.lock().unwrap_or_else(|e| e.into_inner()).map(|t| t.elapsed())
+        self.down_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
     }
 
     /// Records and logs one connection event.
@@ -45,7 +48,11 @@ impl OutageLog {
                 warn!("NATS connection lost; reconnecting");
             }
             Event::Connected => match down.take() {
-                Some(since) => info!(outage_ms = since.elapsed().as_secs_f64() * 1e3, "NATS connection back after {:?}", since.elapsed()),
+                Some(since) => info!(
+                    outage_ms = since.elapsed().as_secs_f64() * 1e3,
+                    "NATS connection back after {:?}",
+                    since.elapsed()
+                ),
                 None => info!("NATS connected"),
             },
             Event::SlowConsumer(sid) => warn!(sid, "NATS slow consumer: messages dropped"),

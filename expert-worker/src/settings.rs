@@ -59,6 +59,8 @@ impl Settings {
 
     /// The model id for subjects: `--model-id`, else [`faasmoe_proto::subject::model_id_for_dir`].
     pub fn model_id(&self) -> String {
-        self.model_id.clone().unwrap_or_else(|| faasmoe_proto::subject::model_id_for_dir(&self.model_dir))
+        self.model_id
+            .clone()
+            .unwrap_or_else(|| faasmoe_proto::subject::model_id_for_dir(&self.model_dir))
     }
 }

@@ -62,7 +62,13 @@ impl WorkerStats {
     }
 
     /// Counts a computed batch.
-    pub fn batch<'a>(&mut self, tenants: impl Iterator<Item = &'a str>, requests: usize, rows: usize, busy_ms: f64) {
+    pub fn batch<'a>(
+        &mut self,
+        tenants: impl Iterator<Item = &'a str>,
+        requests: usize,
+        rows: usize,
+        busy_ms: f64,
+    ) {
         let tenants: BTreeSet<&str> = tenants.collect();
         self.batches += 1;
         self.max_batch_requests = self.max_batch_requests.max(requests as u64);
@@ -75,7 +81,10 @@ impl WorkerStats {
     /// A snapshot with `uptime_s` filled in.
     pub fn snapshot(&self) -> Self {
         let mut s = self.clone();
-        s.uptime_s = self.started.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        s.uptime_s = self
+            .started
+            .map(|t| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
         s
     }
 }

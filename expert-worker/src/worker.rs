@@ -30,7 +30,10 @@ pub enum ExitReason {
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 struct Pending {
@@ -46,21 +49,29 @@ struct Pending {
 ///
 /// Errors: the experts could not be loaded, the ids are not valid subject tokens, or
 /// connecting, subscribing or announcing the instance failed.
-pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<ExitReason> {
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<ExitReason> {
     let started = Instant::now();
     let model = settings.model_id();
     subject::validate_token("model", &model).with_context(|| format!("model id `{model}`"))?;
-    let instance_id = settings.instance_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_string());
+    let instance_id = settings
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_string());
 
     // Load only this function's experts.
     let dir = settings.model_dir.clone();
     let spec = settings.experts.clone();
-    let (experts, selection) = tokio::task::spawn_blocking(move || -> anyhow::Result<(ExpertSet, ExpertSelection)> {
-        let mut ckpt = Checkpoint::open(&dir, DType::F32)?;
-        let sel = ExpertSelection::parse(&spec, ckpt.config().num_experts).map_err(anyhow::Error::msg)?;
-        Ok((ExpertSet::load(&mut ckpt, &sel)?, sel))
-    })
-    .await??;
+    let (experts, selection) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(ExpertSet, ExpertSelection)> {
+            let mut ckpt = Checkpoint::open(&dir, DType::F32)?;
+            let sel = ExpertSelection::parse(&spec, ckpt.config().num_experts)
+                .map_err(anyhow::Error::msg)?;
+            Ok((ExpertSet::load(&mut ckpt, &sel)?, sel))
+        })
+        .await??;
     let function_id = match &settings.function_id {
         Some(f) => f.clone(),
         None => default_function_id(&selection),
@@ -74,11 +85,22 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     let outage = OutageLog::new();
     let client = settings
         .nats
-        .connect_with(&format!("faasmoe-expert-worker {function_id} {instance_id}"), outage.options(async_nats::ConnectOptions::new()))
+        .connect_with(
+            &format!("faasmoe-expert-worker {function_id} {instance_id}"),
+            outage.options(async_nats::ConnectOptions::new()),
+        )
         .await?;
 
-    let experts_named: Vec<String> = selection.0.iter().map(|id| format!("{}:{}", id.layer, id.expert)).collect();
-    let stats = Arc::new(Mutex::new(WorkerStats::new(function_id.clone(), instance_id.clone(), experts_named.clone())));
+    let experts_named: Vec<String> = selection
+        .0
+        .iter()
+        .map(|id| format!("{}:{}", id.layer, id.expert))
+        .collect();
+    let stats = Arc::new(Mutex::new(WorkerStats::new(
+        function_id.clone(),
+        instance_id.clone(),
+        experts_named.clone(),
+    )));
 
     // Subscribe every expert subject in the function's queue group; the intake forwards
     // their requests to the batching loop and drains them on scale-to-zero.
@@ -107,7 +129,9 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         .service_builder()
         .description(format!("faasmoe expert function {function_id} of {model}"))
         .metadata(metadata)
-        .stats_handler(move |_endpoint, _stats| serde_json::to_value(stats_for_srv.lock().unwrap().snapshot()).unwrap_or_default())
+        .stats_handler(move |_endpoint, _stats| {
+            serde_json::to_value(stats_for_srv.lock().unwrap().snapshot()).unwrap_or_default()
+        })
         .start("faasmoe-expert", env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| anyhow::anyhow!("starting the micro service: {e}"))?;
@@ -120,13 +144,16 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     let stats_for_status = stats.clone();
     let status_task = tokio::spawn(async move {
         while let Some(req) = status.next().await {
-            let body = serde_json::to_vec(&stats_for_status.lock().unwrap().snapshot()).unwrap_or_default();
+            let body = serde_json::to_vec(&stats_for_status.lock().unwrap().snapshot())
+                .unwrap_or_default();
             let _ = req.respond(Ok(body.into())).await;
         }
     });
     // A round trip: the server has every subscription before anyone is told this instance is
     // ready (a flush only writes the socket).
-    fence(&client, &status_subject, FENCE_TIMEOUT).await.context("confirming the subscriptions with the NATS server")?;
+    fence(&client, &status_subject, FENCE_TIMEOUT)
+        .await
+        .context("confirming the subscriptions with the NATS server")?;
 
     let events = subject::events(&model)?;
     let event = |kind| FunctionEvent {
@@ -139,8 +166,13 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         cold_start_ms: Some(started.elapsed().as_secs_f64() * 1e3),
         exit_status: None,
     };
-    client.publish(events.clone(), event(EventKind::Ready).encode()).await?;
-    if tokio::time::timeout(STEP_TIMEOUT, client.flush()).await.is_err() {
+    client
+        .publish(events.clone(), event(EventKind::Ready).encode())
+        .await?;
+    if tokio::time::timeout(STEP_TIMEOUT, client.flush())
+        .await
+        .is_err()
+    {
         warn!("the ready event was not written in time (connection down?)");
     }
     info!(%queue, ready_ms = started.elapsed().as_secs_f64() * 1e3, "ready");
@@ -149,7 +181,8 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     // Batching loop.
     let idle = settings.idle_timeout();
     let max_wait = Duration::from_micros(settings.batch_max_wait_us);
-    let mut idle_deadline = tokio::time::Instant::now() + idle.unwrap_or(Duration::from_secs(86400 * 365));
+    let mut idle_deadline =
+        tokio::time::Instant::now() + idle.unwrap_or(Duration::from_secs(86400 * 365));
     let mut reason = None;
     tokio::pin!(shutdown);
     loop {
@@ -218,7 +251,10 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     let mut ev = event(EventKind::Stopped);
     ev.cold_start_ms = None;
     ev.exit_status = Some(0);
-    if tokio::time::timeout(STEP_TIMEOUT, client.publish(events, ev.encode())).await.is_err() {
+    if tokio::time::timeout(STEP_TIMEOUT, client.publish(events, ev.encode()))
+        .await
+        .is_err()
+    {
         warn!("the stopped event was not accepted in time (connection down?)");
     }
     // A last round trip: the server has every reply and the stopped event before the
@@ -243,7 +279,11 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
 
 /// Publishes `body` to `subject`, bounded by [`STEP_TIMEOUT`] (the client only waits when
 /// its command queue is full, i.e. the connection is down); a failure is logged.
-async fn publish_bounded(client: &async_nats::Client, subject: async_nats::Subject, body: bytes::Bytes) {
+async fn publish_bounded(
+    client: &async_nats::Client,
+    subject: async_nats::Subject,
+    body: bytes::Bytes,
+) {
     match tokio::time::timeout(STEP_TIMEOUT, client.publish(subject, body)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!(error = %e, "reply failed"),
@@ -267,7 +307,13 @@ pub fn default_function_id(sel: &ExpertSelection) -> String {
     }
 }
 
-async fn reply_error(client: &async_nats::Client, stats: &Mutex<WorkerStats>, msg: &async_nats::Message, id: uuid::Uuid, err: WireError) {
+async fn reply_error(
+    client: &async_nats::Client,
+    stats: &Mutex<WorkerStats>,
+    msg: &async_nats::Message,
+    id: uuid::Uuid,
+    err: WireError,
+) {
     stats.lock().unwrap().error(err.code.as_str());
     debug!(code = %err.code, message = %err.message, "error reply");
     if let Some(reply) = &msg.reply {
@@ -276,10 +322,22 @@ async fn reply_error(client: &async_nats::Client, stats: &Mutex<WorkerStats>, ms
 }
 
 /// Decodes and checks one message; a bad one is answered with a typed error at once.
-async fn admit(client: &async_nats::Client, function: &Function, stats: &Mutex<WorkerStats>, msg: async_nats::Message) -> Option<Pending> {
+async fn admit(
+    client: &async_nats::Client,
+    function: &Function,
+    stats: &Mutex<WorkerStats>,
+    msg: async_nats::Message,
+) -> Option<Pending> {
     stats.lock().unwrap().requests += 1;
     if msg.payload.len() > function.max_request_bytes {
-        let e = WireError::new(ErrorCode::PayloadTooLarge, format!("{} bytes > limit {}", msg.payload.len(), function.max_request_bytes));
+        let e = WireError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "{} bytes > limit {}",
+                msg.payload.len(),
+                function.max_request_bytes
+            ),
+        );
         reply_error(client, stats, &msg, uuid::Uuid::nil(), e).await;
         return None;
     }
@@ -298,12 +356,23 @@ async fn admit(client: &async_nats::Client, function: &Function, stats: &Mutex<W
         stats.lock().unwrap().error("no_reply_subject");
         return None;
     }
-    Some(Pending { msg, req, received: Instant::now() })
+    Some(Pending {
+        msg,
+        req,
+        received: Instant::now(),
+    })
 }
 
 /// Computes one batch on a blocking thread and replies to every request.
-async fn execute(client: &async_nats::Client, function: &Arc<Function>, stats: &Mutex<WorkerStats>, batch: Vec<Pending>) {
-    let traceparent = batch.iter().find_map(|p| faasmoe_proto::trace::extract(p.msg.headers.as_ref()));
+async fn execute(
+    client: &async_nats::Client,
+    function: &Arc<Function>,
+    stats: &Mutex<WorkerStats>,
+    batch: Vec<Pending>,
+) {
+    let traceparent = batch
+        .iter()
+        .find_map(|p| faasmoe_proto::trace::extract(p.msg.headers.as_ref()));
     let tenants: Vec<String> = batch.iter().map(|p| p.req.tenant.clone()).collect();
     let rows: usize = batch.iter().map(|p| p.req.routes.len()).sum();
     let span = info_span!("expert.execute", requests = batch.len(), rows);

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use faasmoe_e2e::NatsServer;
-use faasmoe_model::generator::{preset, write_checkpoint, write_checkpoint_filled, Fill, DEFAULT_MAX_SHARD_BYTES};
+use faasmoe_model::generator::{
+    preset, write_checkpoint, write_checkpoint_filled, Fill, DEFAULT_MAX_SHARD_BYTES,
+};
 use faasmoe_model::{Checkpoint, ExpertId, ExpertSelection, ExpertSet};
 use faasmoe_proto::events::{EventKind, FunctionEvent};
 use faasmoe_proto::expert::{decode_reply, encode, ExpertRequest, ExpertResult, RowRoutes};
@@ -87,14 +89,27 @@ impl Rng {
                 for _ in 0..k.min(pool.len()) {
                     chosen.push(pool.swap_remove(self.below(pool.len())));
                 }
-                let weights = chosen.iter().map(|_| (self.f32() + 1.0) / 2.0 + 0.01).collect();
-                RowRoutes { experts: chosen, weights }
+                let weights = chosen
+                    .iter()
+                    .map(|_| (self.f32() + 1.0) / 2.0 + 0.01)
+                    .collect();
+                RowRoutes {
+                    experts: chosen,
+                    weights,
+                }
             })
             .collect()
     }
 }
 
-fn request(tenant: &str, layer: u32, h: usize, rows: &[f32], routes: Vec<RowRoutes>, combine: bool) -> ExpertRequest {
+fn request(
+    tenant: &str,
+    layer: u32,
+    h: usize,
+    rows: &[f32],
+    routes: Vec<RowRoutes>,
+    combine: bool,
+) -> ExpertRequest {
     let n = rows.len() / h;
     ExpertRequest {
         version: PROTOCOL_VERSION,
@@ -123,7 +138,13 @@ fn expected(set: &ExpertSet, req: &ExpertRequest) -> Vec<f32> {
         let routes: Vec<Vec<(usize, f32)>> = req
             .routes
             .iter()
-            .map(|r| r.experts.iter().zip(&r.weights).map(|(&e, &w)| (e as usize, w)).collect())
+            .map(|r| {
+                r.experts
+                    .iter()
+                    .zip(&r.weights)
+                    .map(|(&e, &w)| (e as usize, w))
+                    .collect()
+            })
             .collect();
         let ys = set.forward_routed(layer, &xs, &routes).unwrap();
         return ys.flatten_all().unwrap().to_vec1().unwrap();
@@ -148,7 +169,13 @@ fn expected(set: &ExpertSet, req: &ExpertRequest) -> Vec<f32> {
         }
         let x = Tensor::from_vec(x, (ps.len(), h), &Device::Cpu).unwrap();
         let y: Vec<f32> = set
-            .forward(ExpertId { layer, expert: e as usize }, &x)
+            .forward(
+                ExpertId {
+                    layer,
+                    expert: e as usize,
+                },
+                &x,
+            )
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -164,11 +191,18 @@ fn expected(set: &ExpertSet, req: &ExpertRequest) -> Vec<f32> {
 /// The f32 output of an OK reply (panics, naming the error, otherwise).
 fn reply_output(payload: &[u8], req: &ExpertRequest, h: usize) -> Vec<f32> {
     let reply = decode_reply(payload).expect("reply decodes");
-    assert_eq!(reply.request_id, req.request_id, "reply echoes the request id");
+    assert_eq!(
+        reply.request_id, req.request_id,
+        "reply echoes the request id"
+    );
     match reply.result {
         ExpertResult::Ok { output } => {
             assert_eq!(output.dtype, WireDType::F32);
-            assert_eq!(output.shape, vec![req.output_rows() as u32, h as u32], "output shape");
+            assert_eq!(
+                output.shape,
+                vec![req.output_rows() as u32, h as u32],
+                "output shape"
+            );
             output.to_f32_vec().unwrap()
         }
         ExpertResult::Err(e) => panic!("expected an output, got error {e}"),
@@ -177,10 +211,20 @@ fn reply_output(payload: &[u8], req: &ExpertRequest, h: usize) -> Vec<f32> {
 
 fn assert_bits_equal(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let diff = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits());
+    let diff = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a.to_bits() != b.to_bits());
     if let Some(i) = diff {
-        let max = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        panic!("{what}: element {i} differs: got {} want {} (max abs diff {max:e})", got[i], want[i]);
+        let max = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        panic!(
+            "{what}: element {i} differs: got {} want {} (max abs diff {max:e})",
+            got[i], want[i]
+        );
     }
 }
 
@@ -188,7 +232,11 @@ fn assert_bits_equal(got: &[f32], want: &[f32], what: &str) {
 /// number of rows per matmul may round differently).
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let max = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(max <= 1e-5, "{what}: max abs diff {max:e}");
 }
 
@@ -198,7 +246,10 @@ fn reply_error_code(payload: &[u8]) -> (ErrorCode, Uuid, String) {
     assert_eq!(reply.version, PROTOCOL_VERSION);
     match reply.result {
         ExpertResult::Err(e) => (e.code, reply.request_id, e.message),
-        ExpertResult::Ok { output } => panic!("expected an error, got an output of shape {:?}", output.shape),
+        ExpertResult::Ok { output } => panic!(
+            "expected an error, got an output of shape {:?}",
+            output.shape
+        ),
     }
 }
 
@@ -227,7 +278,11 @@ impl Worker {
 
     /// Spawns the worker without waiting for it.
     fn spawn(nats_url: &str, model_dir: &Path, args: &[&str]) -> Worker {
-        let log = tempfile::Builder::new().prefix("faasmoe-worker-").suffix(".log").tempfile().unwrap();
+        let log = tempfile::Builder::new()
+            .prefix("faasmoe-worker-")
+            .suffix(".log")
+            .tempfile()
+            .unwrap();
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_faasmoe-expert-worker"));
         // Killed with its test (the test's thread spawns it), even one killed by a timeout.
         faasmoe_e2e::die_with_spawning_thread(cmd.as_std_mut());
@@ -246,12 +301,19 @@ impl Worker {
             .spawn()
             .expect("spawn faasmoe-expert-worker");
         let pid = child.id().expect("pid");
-        Worker { child, pid, function_id: String::new(), instance_id: String::new(), log }
+        Worker {
+            child,
+            pid,
+            function_id: String::new(),
+            instance_id: String::new(),
+            log,
+        }
     }
 
     /// Waits (bounded) for the READY line; sets the function and instance ids.
     async fn ready(&mut self) {
-        let mut lines = BufReader::new(self.child.stdout.take().expect("stdout not yet read")).lines();
+        let mut lines =
+            BufReader::new(self.child.stdout.take().expect("stdout not yet read")).lines();
         let ready = tokio::time::timeout(READY_TIMEOUT, async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 if let Some(rest) = line.strip_prefix("READY ") {
@@ -264,7 +326,10 @@ impl Worker {
         let rest = match ready {
             Ok(Some(rest)) => rest,
             Ok(None) => panic!("worker exited before READY; log:\n{}", self.log()),
-            Err(_) => panic!("worker not READY within {READY_TIMEOUT:?}; log:\n{}", self.log()),
+            Err(_) => panic!(
+                "worker not READY within {READY_TIMEOUT:?}; log:\n{}",
+                self.log()
+            ),
         };
         // Keep draining stdout so the worker never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -275,7 +340,8 @@ impl Worker {
 
     /// Whether the process has a handler installed for SIGTERM (SigCgt in /proc).
     fn catches_sigterm(&self) -> bool {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("SigCgt:"))
@@ -290,14 +356,20 @@ impl Worker {
     /// VmRSS from /proc/<pid>/status, bytes.
     fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .expect("VmRSS line");
         let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kb * 1024
     }
 
     /// Sends SIGTERM (without nix: the `kill` command).
     fn sigterm(&self) {
-        let st = std::process::Command::new("kill").args(["-TERM", &self.pid.to_string()]).status().unwrap();
+        let st = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .unwrap();
         assert!(st.success(), "kill -TERM {}", self.pid);
     }
 
@@ -305,7 +377,11 @@ impl Worker {
     async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         match tokio::time::timeout(within, self.child.wait()).await {
             Ok(st) => st.unwrap(),
-            Err(_) => panic!("worker {} did not exit within {within:?}; log:\n{}", self.instance_id, self.log()),
+            Err(_) => panic!(
+                "worker {} did not exit within {within:?}; log:\n{}",
+                self.instance_id,
+                self.log()
+            ),
         }
     }
 }
@@ -313,7 +389,13 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- log of worker {} {} (pid {}) ---\n{}", self.function_id, self.instance_id, self.pid, self.log());
+            eprintln!(
+                "--- log of worker {} {} (pid {}) ---\n{}",
+                self.function_id,
+                self.instance_id,
+                self.pid,
+                self.log()
+            );
         }
         let _ = self.child.start_kill();
         let _ = self.child.try_wait();
@@ -321,12 +403,20 @@ impl Drop for Worker {
 }
 
 async fn connect(server: &NatsServer) -> async_nats::Client {
-    async_nats::ConnectOptions::new().request_timeout(Some(REQUEST_TIMEOUT)).connect(server.url()).await.unwrap()
+    async_nats::ConnectOptions::new()
+        .request_timeout(Some(REQUEST_TIMEOUT))
+        .connect(server.url())
+        .await
+        .unwrap()
 }
 
 /// Sends one request on `subject` and returns the reply payload.
 async fn call(client: &async_nats::Client, subject: String, body: Bytes) -> Bytes {
-    client.request(subject, body).await.expect("a reply").payload
+    client
+        .request(subject, body)
+        .await
+        .expect("a reply")
+        .payload
 }
 
 fn expert_subject(layer: u32, expert: u32) -> String {
@@ -336,17 +426,30 @@ fn expert_subject(layer: u32, expert: u32) -> String {
 /// The subject a request goes to: that of its first routed expert (any of the function's
 /// experts would do: they share the queue group).
 fn subject_for(req: &ExpertRequest, fallback: u32) -> String {
-    let e = req.routes.iter().flat_map(|r| r.experts.first()).next().copied().unwrap_or(fallback);
+    let e = req
+        .routes
+        .iter()
+        .flat_map(|r| r.experts.first())
+        .next()
+        .copied()
+        .unwrap_or(fallback);
     expert_subject(req.layer, e)
 }
 
 /// `$SRV.STATS.faasmoe-expert`: every instance answers; returns the stats data (our
 /// `WorkerStats` JSON) of the instances of `function_id`, by instance id. Collects until
 /// `expect` of them answered or 2 s passed.
-async fn stats_by_instance(client: &async_nats::Client, function_id: &str, expect: usize) -> BTreeMap<String, serde_json::Value> {
+async fn stats_by_instance(
+    client: &async_nats::Client,
+    function_id: &str,
+    expect: usize,
+) -> BTreeMap<String, serde_json::Value> {
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await.unwrap();
-    client.publish_with_reply("$SRV.STATS.faasmoe-expert", inbox, Bytes::new()).await.unwrap();
+    client
+        .publish_with_reply("$SRV.STATS.faasmoe-expert", inbox, Bytes::new())
+        .await
+        .unwrap();
     client.flush().await.unwrap();
     let mut out = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -358,7 +461,10 @@ async fn stats_by_instance(client: &async_nats::Client, function_id: &str, expec
         let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
         let data = v["endpoints"]
             .as_array()
-            .and_then(|eps| eps.iter().find_map(|ep| ep.get("data").filter(|d| d.get("instance_id").is_some())))
+            .and_then(|eps| {
+                eps.iter()
+                    .find_map(|ep| ep.get("data").filter(|d| d.get("instance_id").is_some()))
+            })
             .unwrap_or_else(|| panic!("no stats data in {v}"))
             .clone();
         if data["function_id"] == function_id {
@@ -369,7 +475,9 @@ async fn stats_by_instance(client: &async_nats::Client, function_id: &str, expec
 }
 
 fn counter(stats: &serde_json::Value, key: &str) -> u64 {
-    stats[key].as_u64().unwrap_or_else(|| panic!("no counter `{key}` in {stats}"))
+    stats[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter `{key}` in {stats}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -383,9 +491,24 @@ async fn outputs_over_nats_equal_in_process_experts_bit_for_bit() {
     let reference = reference_experts(&dir, "0:0-3;1:4-7");
     let h = reference.hidden_size();
     let idle = ["--idle-timeout-ms", "0"];
-    let a1 = Worker::start(&server.url(), &dir, &[&["--experts", "0:0-3"][..], &idle[..]].concat()).await;
-    let a2 = Worker::start(&server.url(), &dir, &[&["--experts", "0:0-3"][..], &idle[..]].concat()).await;
-    let b = Worker::start(&server.url(), &dir, &[&["--experts", "1:4-7"][..], &idle[..]].concat()).await;
+    let a1 = Worker::start(
+        &server.url(),
+        &dir,
+        &[&["--experts", "0:0-3"][..], &idle[..]].concat(),
+    )
+    .await;
+    let a2 = Worker::start(
+        &server.url(),
+        &dir,
+        &[&["--experts", "0:0-3"][..], &idle[..]].concat(),
+    )
+    .await;
+    let b = Worker::start(
+        &server.url(),
+        &dir,
+        &[&["--experts", "1:4-7"][..], &idle[..]].concat(),
+    )
+    .await;
     assert_eq!(a1.function_id, a2.function_id);
     assert_ne!(a1.instance_id, a2.instance_id);
     assert_ne!(a1.function_id, b.function_id);
@@ -393,41 +516,91 @@ async fn outputs_over_nats_equal_in_process_experts_bit_for_bit() {
 
     let mut rng = Rng(42);
     let mut checked = BTreeMap::<&str, usize>::new();
-    for (layer, experts, fid) in [(0u32, [0u32, 1, 2, 3], &a1.function_id), (1, [4, 5, 6, 7], &b.function_id)] {
+    for (layer, experts, fid) in [
+        (0u32, [0u32, 1, 2, 3], &a1.function_id),
+        (1, [4, 5, 6, 7], &b.function_id),
+    ] {
         for (i, n) in [1usize, 2, 5, 17, 64].into_iter().enumerate() {
             for combine in [false, true] {
                 let rows = rng.rows(n, h);
                 let mut routes = rng.routes(n, &experts, 4);
                 if i == 0 && routes[0].experts.is_empty() {
-                    routes[0] = RowRoutes { experts: vec![experts[1]], weights: vec![0.5] };
+                    routes[0] = RowRoutes {
+                        experts: vec![experts[1]],
+                        weights: vec![0.5],
+                    };
                 }
                 let req = request("acme", layer, h, &rows, routes, combine);
-                let got = reply_output(&call(&client, subject_for(&req, experts[0]), encode(&req)).await, &req, h);
-                assert_bits_equal(&got, &expected(&reference, &req), &format!("function {fid}, {n} rows, combine={combine}"));
-                *checked.entry(if layer == 0 { "A" } else { "B" }).or_default() += 1;
+                let got = reply_output(
+                    &call(&client, subject_for(&req, experts[0]), encode(&req)).await,
+                    &req,
+                    h,
+                );
+                assert_bits_equal(
+                    &got,
+                    &expected(&reference, &req),
+                    &format!("function {fid}, {n} rows, combine={combine}"),
+                );
+                *checked
+                    .entry(if layer == 0 { "A" } else { "B" })
+                    .or_default() += 1;
             }
         }
     }
     // Every expert subject of the function reaches it (not only the first).
     for e in 0..4u32 {
         let rows = rng.rows(3, h);
-        let routes = vec![RowRoutes { experts: vec![e], weights: vec![1.0] }; 3];
+        let routes = vec![
+            RowRoutes {
+                experts: vec![e],
+                weights: vec![1.0]
+            };
+            3
+        ];
         let req = request("acme", 0, h, &rows, routes, true);
-        let got = reply_output(&call(&client, expert_subject(0, e), encode(&req)).await, &req, h);
-        assert_bits_equal(&got, &expected(&reference, &req), &format!("expert subject 0.{e}"));
+        let got = reply_output(
+            &call(&client, expert_subject(0, e), encode(&req)).await,
+            &req,
+            h,
+        );
+        assert_bits_equal(
+            &got,
+            &expected(&reference, &req),
+            &format!("expert subject 0.{e}"),
+        );
     }
     // bf16 on the wire: bf16 hidden states are widened exactly, a bf16 reply is the f32
     // output rounded to nearest even (what `WireTensor::from_f32` does).
-    for (hidden_dtype, reply_dtype) in [(WireDType::BF16, WireDType::F32), (WireDType::F32, WireDType::BF16), (WireDType::BF16, WireDType::BF16)] {
+    for (hidden_dtype, reply_dtype) in [
+        (WireDType::BF16, WireDType::F32),
+        (WireDType::F32, WireDType::BF16),
+        (WireDType::BF16, WireDType::BF16),
+    ] {
         for combine in [false, true] {
             let rows = rng.rows(6, h);
-            let mut req = request("acme", 0, h, &rows, rng.routes(6, &[0, 1, 2, 3], 4), combine);
+            let mut req = request(
+                "acme",
+                0,
+                h,
+                &rows,
+                rng.routes(6, &[0, 1, 2, 3], 4),
+                combine,
+            );
             req.hidden = WireTensor::from_f32(vec![6, h as u32], &rows, hidden_dtype).unwrap();
             req.reply_dtype = reply_dtype;
-            let reply = decode_reply(&call(&client, subject_for(&req, 0), encode(&req)).await).unwrap();
-            let want = WireTensor::from_f32(vec![req.output_rows() as u32, h as u32], &expected(&reference, &req), reply_dtype).unwrap();
+            let reply =
+                decode_reply(&call(&client, subject_for(&req, 0), encode(&req)).await).unwrap();
+            let want = WireTensor::from_f32(
+                vec![req.output_rows() as u32, h as u32],
+                &expected(&reference, &req),
+                reply_dtype,
+            )
+            .unwrap();
             match reply.result {
-                ExpertResult::Ok { output } => assert!(output == want, "{hidden_dtype:?} in, {reply_dtype:?} out, combine={combine}: outputs differ"),
+                ExpertResult::Ok { output } => assert!(
+                    output == want,
+                    "{hidden_dtype:?} in, {reply_dtype:?} out, combine={combine}: outputs differ"
+                ),
                 ExpertResult::Err(e) => panic!("{hidden_dtype:?} in, {reply_dtype:?} out: {e}"),
             }
         }
@@ -435,11 +608,28 @@ async fn outputs_over_nats_equal_in_process_experts_bit_for_bit() {
     // Degenerate requests: no rows at all; rows routed to no expert of this function.
     for (n, combine) in [(0usize, true), (0, false), (3, true), (3, false)] {
         let rows = rng.rows(n, h);
-        let routes = vec![RowRoutes { experts: vec![], weights: vec![] }; n];
+        let routes = vec![
+            RowRoutes {
+                experts: vec![],
+                weights: vec![]
+            };
+            n
+        ];
         let req = request("acme", 0, h, &rows, routes, combine);
-        let got = reply_output(&call(&client, expert_subject(0, 0), encode(&req)).await, &req, h);
-        assert_bits_equal(&got, &expected(&reference, &req), &format!("{n} rows without experts, combine={combine}"));
-        assert!(got.iter().all(|&v| v == 0.0), "rows without experts give zeros");
+        let got = reply_output(
+            &call(&client, expert_subject(0, 0), encode(&req)).await,
+            &req,
+            h,
+        );
+        assert_bits_equal(
+            &got,
+            &expected(&reference, &req),
+            &format!("{n} rows without experts, combine={combine}"),
+        );
+        assert!(
+            got.iter().all(|&v| v == 0.0),
+            "rows without experts give zeros"
+        );
     }
     eprintln!("bit-exact replies checked: {checked:?} (+4 per-subject, +6 bf16, +4 degenerate)");
 }
@@ -463,31 +653,75 @@ async fn both_instances_of_a_function_receive_work() {
             request(&format!("tenant{}", i % 3), 0, h, &rows, routes, i % 2 == 0)
         })
         .collect();
-    let replies = futures::future::join_all(reqs.iter().map(|r| call(&client, subject_for(r, 0), encode(r)))).await;
+    let replies = futures::future::join_all(
+        reqs.iter()
+            .map(|r| call(&client, subject_for(r, 0), encode(r))),
+    )
+    .await;
     for (req, payload) in reqs.iter().zip(&replies) {
         let got = reply_output(payload, req, h);
         let want = expected(&reference, req);
         // Concurrent requests may be batched together: equal to the in-process experts
         // within float tolerance (bit-exactness is the first test's business).
-        let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(max <= 1e-5, "request {}: max abs diff {max:e}", req.request_id);
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max <= 1e-5,
+            "request {}: max abs diff {max:e}",
+            req.request_id
+        );
     }
 
     let stats = stats_by_instance(&client, &a1.function_id, 2).await;
-    let per_instance: BTreeMap<&str, u64> = stats.iter().map(|(id, s)| (id.as_str(), counter(s, "requests"))).collect();
-    eprintln!("requests per instance of {}: {per_instance:?}", a1.function_id);
-    assert_eq!(stats.len(), 2, "both instances answer $SRV.STATS: {per_instance:?}");
+    let per_instance: BTreeMap<&str, u64> = stats
+        .iter()
+        .map(|(id, s)| (id.as_str(), counter(s, "requests")))
+        .collect();
+    eprintln!(
+        "requests per instance of {}: {per_instance:?}",
+        a1.function_id
+    );
+    assert_eq!(
+        stats.len(),
+        2,
+        "both instances answer $SRV.STATS: {per_instance:?}"
+    );
     for w in [&a1, &a2] {
-        let n = per_instance.get(w.instance_id.as_str()).copied().unwrap_or(0);
-        assert!(n > 0, "instance {} received no request: {per_instance:?}", w.instance_id);
+        let n = per_instance
+            .get(w.instance_id.as_str())
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            n > 0,
+            "instance {} received no request: {per_instance:?}",
+            w.instance_id
+        );
     }
-    assert_eq!(per_instance.values().sum::<u64>(), 40, "each request delivered to exactly one instance");
+    assert_eq!(
+        per_instance.values().sum::<u64>(),
+        40,
+        "each request delivered to exactly one instance"
+    );
 
     // The status endpoint answers too (one instance per request: a queue group).
-    let status = client.request(subject::status(MODEL, &a1.function_id).unwrap(), Bytes::new()).await.unwrap();
+    let status = client
+        .request(
+            subject::status(MODEL, &a1.function_id).unwrap(),
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
     let s: serde_json::Value = serde_json::from_slice(&status.payload).unwrap();
     assert_eq!(s["function_id"], a1.function_id.as_str());
-    assert!([&a1.instance_id, &a2.instance_id].iter().any(|id| s["instance_id"] == id.as_str()), "{s}");
+    assert!(
+        [&a1.instance_id, &a2.instance_id]
+            .iter()
+            .any(|id| s["instance_id"] == id.as_str()),
+        "{s}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -496,7 +730,19 @@ async fn requests_from_two_tenants_arriving_together_are_batched_into_one_comput
     let server = NatsServer::start();
     let reference = reference_experts(&dir, "0:0-3");
     let h = reference.hidden_size();
-    let w = Worker::start(&server.url(), &dir, &["--experts", "0:0-3", "--idle-timeout-ms", "0", "--batch-max-wait-us", "50000"]).await;
+    let w = Worker::start(
+        &server.url(),
+        &dir,
+        &[
+            "--experts",
+            "0:0-3",
+            "--idle-timeout-ms",
+            "0",
+            "--batch-max-wait-us",
+            "50000",
+        ],
+    )
+    .await;
     let client = connect(&server).await;
 
     let mut rng = Rng(99);
@@ -507,14 +753,27 @@ async fn requests_from_two_tenants_arriving_together_are_batched_into_one_comput
         let qa = request("acme", 0, h, &ra, rng.routes(3, &[0, 1, 2, 3], 4), true);
         let qb = request("globex", 0, h, &rb, rng.routes(5, &[0, 1, 2, 3], 4), false);
         let t0 = Instant::now();
-        let (pa, pb) = tokio::join!(call(&client, subject_for(&qa, 0), encode(&qa)), call(&client, subject_for(&qb, 1), encode(&qb)));
+        let (pa, pb) = tokio::join!(
+            call(&client, subject_for(&qa, 0), encode(&qa)),
+            call(&client, subject_for(&qb, 1), encode(&qb))
+        );
         eprintln!("two-tenant round trip: {:?}", t0.elapsed());
         for (req, payload) in [(&qa, &pa), (&qb, &pb)] {
             let got = reply_output(payload, req, h);
             let want = expected(&reference, req);
-            let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            let exact = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-            eprintln!("tenant {}: batched output vs in-process: bit-exact={exact}, max abs diff {max:e}", req.tenant);
+            let max = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let exact = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            eprintln!(
+                "tenant {}: batched output vs in-process: bit-exact={exact}, max abs diff {max:e}",
+                req.tenant
+            );
             assert!(max <= 1e-5, "tenant {}: max abs diff {max:e}", req.tenant);
         }
         let stats = stats_by_instance(&client, &w.function_id, 1).await;
@@ -526,13 +785,19 @@ async fn requests_from_two_tenants_arriving_together_are_batched_into_one_comput
             assert_eq!(counter(s, "requests"), 2 * attempts, "{s}");
             break;
         }
-        assert!(attempts < 3, "no cross-tenant batch after {attempts} attempts: {s}");
+        assert!(
+            attempts < 3,
+            "no cross-tenant batch after {attempts} attempts: {s}"
+        );
     }
 }
 
 /// Subscribes to the model's lifecycle events; returns the subscription.
 async fn events(client: &async_nats::Client) -> async_nats::Subscriber {
-    let sub = client.subscribe(subject::events(MODEL).unwrap()).await.unwrap();
+    let sub = client
+        .subscribe(subject::events(MODEL).unwrap())
+        .await
+        .unwrap();
     client.flush().await.unwrap();
     sub
 }
@@ -561,11 +826,31 @@ async fn idle_worker_exits_after_timeout_without_losing_requests() {
     let client = connect(&server).await;
     let mut ev_sub = events(&client).await;
     const IDLE_MS: u64 = 1500;
-    let mut w = Worker::start(&server.url(), &dir, &["--experts", "0:0-3", "--idle-timeout-ms", &IDLE_MS.to_string()]).await;
+    let mut w = Worker::start(
+        &server.url(),
+        &dir,
+        &[
+            "--experts",
+            "0:0-3",
+            "--idle-timeout-ms",
+            &IDLE_MS.to_string(),
+        ],
+    )
+    .await;
 
     // A ready event was published before READY.
-    let ready = FunctionEvent::decode(&tokio::time::timeout(Duration::from_secs(2), ev_sub.next()).await.unwrap().unwrap().payload).unwrap();
-    assert_eq!((ready.kind, ready.instance_id.as_str()), (EventKind::Ready, w.instance_id.as_str()));
+    let ready = FunctionEvent::decode(
+        &tokio::time::timeout(Duration::from_secs(2), ev_sub.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
+    assert_eq!(
+        (ready.kind, ready.instance_id.as_str()),
+        (EventKind::Ready, w.instance_id.as_str())
+    );
 
     // Busy for ~1 s: every request answered correctly, and the worker does not go idle.
     let mut rng = Rng(5);
@@ -573,8 +858,19 @@ async fn idle_worker_exits_after_timeout_without_losing_requests() {
     let mut sent = 0;
     while t0.elapsed() < Duration::from_secs(1) {
         let rows = rng.rows(2, h);
-        let req = request("acme", 0, h, &rows, rng.routes(2, &[0, 1, 2, 3], 4), sent % 2 == 0);
-        let got = reply_output(&call(&client, subject_for(&req, 0), encode(&req)).await, &req, h);
+        let req = request(
+            "acme",
+            0,
+            h,
+            &rows,
+            rng.routes(2, &[0, 1, 2, 3], 4),
+            sent % 2 == 0,
+        );
+        let got = reply_output(
+            &call(&client, subject_for(&req, 0), encode(&req)).await,
+            &req,
+            h,
+        );
         assert_bits_equal(&got, &expected(&reference, &req), "request while busy");
         sent += 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -585,25 +881,60 @@ async fn idle_worker_exits_after_timeout_without_losing_requests() {
     let mut last_answer = Instant::now();
     for _ in 0..2 {
         tokio::time::sleep_until((last_answer + Duration::from_millis(IDLE_MS - 300)).into()).await;
-        assert!(w.child.try_wait().unwrap().is_none(), "worker exited before its idle timeout; log:\n{}", w.log());
+        assert!(
+            w.child.try_wait().unwrap().is_none(),
+            "worker exited before its idle timeout; log:\n{}",
+            w.log()
+        );
         let rows = rng.rows(1, h);
-        let req = request("acme", 0, h, &rows, vec![RowRoutes { experts: vec![2], weights: vec![0.25] }], true);
-        let got = reply_output(&call(&client, expert_subject(0, 2), encode(&req)).await, &req, h);
-        assert_bits_equal(&got, &expected(&reference, &req), "request shortly before the idle deadline");
+        let req = request(
+            "acme",
+            0,
+            h,
+            &rows,
+            vec![RowRoutes {
+                experts: vec![2],
+                weights: vec![0.25],
+            }],
+            true,
+        );
+        let got = reply_output(
+            &call(&client, expert_subject(0, 2), encode(&req)).await,
+            &req,
+            h,
+        );
+        assert_bits_equal(
+            &got,
+            &expected(&reference, &req),
+            "request shortly before the idle deadline",
+        );
         last_answer = Instant::now();
     }
     // (Requests racing the drain itself: see `requests_racing_a_drain_are_answered_or_refused_never_lost`.)
     let exited = w.wait_exit(Duration::from_millis(IDLE_MS + 5000)).await;
     let exit_after = last_answer.elapsed();
     eprintln!("idle exit {exit_after:?} after the last answer (idle timeout {IDLE_MS} ms)");
-    assert!(exited.success(), "exit status {exited:?}; log:\n{}", w.log());
-    assert!(exit_after >= Duration::from_millis(IDLE_MS), "exited after {exit_after:?}");
-    assert!(exit_after <= Duration::from_millis(IDLE_MS + 3000), "exited only after {exit_after:?}");
+    assert!(
+        exited.success(),
+        "exit status {exited:?}; log:\n{}",
+        w.log()
+    );
+    assert!(
+        exit_after >= Duration::from_millis(IDLE_MS),
+        "exited after {exit_after:?}"
+    );
+    assert!(
+        exit_after <= Duration::from_millis(IDLE_MS + 3000),
+        "exited only after {exit_after:?}"
+    );
     let ev = wait_stopped(&mut ev_sub, &w.instance_id).await;
     assert_eq!(ev.exit_status, Some(0));
     assert_eq!(ev.function_id, w.function_id);
     assert_eq!(ev.pid, Some(w.pid));
-    assert!(w.log().contains("idle: scaling to zero"), "the worker exited because idle");
+    assert!(
+        w.log().contains("idle: scaling to zero"),
+        "the worker exited because idle"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -618,7 +949,16 @@ async fn sigterm_drains_requests_in_flight_then_exits_zero() {
     let mut w = Worker::start(
         &server.url(),
         &dir,
-        &["--experts", "0:0-3", "--idle-timeout-ms", "0", "--batch-max-wait-us", "300000", "--batch-max-tokens", "4096"],
+        &[
+            "--experts",
+            "0:0-3",
+            "--idle-timeout-ms",
+            "0",
+            "--batch-max-wait-us",
+            "300000",
+            "--batch-max-tokens",
+            "4096",
+        ],
     )
     .await;
 
@@ -626,18 +966,31 @@ async fn sigterm_drains_requests_in_flight_then_exits_zero() {
     let reqs: Vec<ExpertRequest> = (0..40)
         .map(|i| {
             let rows = rng.rows(16, h);
-            request(&format!("t{}", i % 4), 0, h, &rows, rng.routes(16, &[0, 1, 2, 3], 4), i % 2 == 1)
+            request(
+                &format!("t{}", i % 4),
+                0,
+                h,
+                &rows,
+                rng.routes(16, &[0, 1, 2, 3], 4),
+                i % 2 == 1,
+            )
         })
         .collect();
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(format!("{inbox}.*")).await.unwrap();
     for (i, req) in reqs.iter().enumerate() {
-        client.publish_with_reply(subject_for(req, 0), format!("{inbox}.{i}"), encode(req)).await.unwrap();
+        client
+            .publish_with_reply(subject_for(req, 0), format!("{inbox}.{i}"), encode(req))
+            .await
+            .unwrap();
     }
     client.flush().await.unwrap(); // the server has routed the whole burst to the worker
-    // Nothing answered yet: the burst sits in the worker's 300 ms batching window.
+                                   // Nothing answered yet: the burst sits in the worker's 300 ms batching window.
     use futures::FutureExt;
-    assert!(replies.next().now_or_never().is_none(), "a reply came before SIGTERM");
+    assert!(
+        replies.next().now_or_never().is_none(),
+        "a reply came before SIGTERM"
+    );
     w.sigterm();
     let sent_at = Instant::now();
 
@@ -649,13 +1002,22 @@ async fn sigterm_drains_requests_in_flight_then_exits_zero() {
                 let i: usize = m.subject.rsplit('.').next().unwrap().parse().unwrap();
                 got.insert(i, m.payload);
             }
-            _ => panic!("only {} of {} replies after SIGTERM; log:\n{}", got.len(), reqs.len(), w.log()),
+            _ => panic!(
+                "only {} of {} replies after SIGTERM; log:\n{}",
+                got.len(),
+                reqs.len(),
+                w.log()
+            ),
         }
     }
     for (i, req) in reqs.iter().enumerate() {
         let out = reply_output(&got[&i], req, h);
         let want = expected(&reference, req);
-        let max = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let max = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(max <= 1e-5, "request {i}: max abs diff {max:e}");
     }
     let st = w.wait_exit(Duration::from_secs(10)).await;
@@ -663,7 +1025,10 @@ async fn sigterm_drains_requests_in_flight_then_exits_zero() {
     assert!(st.success(), "exit status {st:?}; log:\n{}", w.log());
     let ev = wait_stopped(&mut ev_sub, &w.instance_id).await;
     assert_eq!(ev.exit_status, Some(0));
-    assert!(w.log().contains("shutdown requested"), "the worker saw SIGTERM");
+    assert!(
+        w.log().contains("shutdown requested"),
+        "the worker saw SIGTERM"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -679,17 +1044,31 @@ async fn sigterm_during_cold_start_still_exits_cleanly() {
         }
     }
     let fifo = dir.path().join("config.json");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success(), "mkfifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success(),
+        "mkfifo"
+    );
     let config = std::fs::read(src.join("config.json")).unwrap();
 
     let server = NatsServer::start();
     let client = connect(&server).await;
     let mut ev_sub = events(&client).await;
-    let mut w = Worker::spawn(&server.url(), dir.path(), &["--experts", "0:0-3", "--idle-timeout-ms", "0"]);
+    let mut w = Worker::spawn(
+        &server.url(),
+        dir.path(),
+        &["--experts", "0:0-3", "--idle-timeout-ms", "0"],
+    );
     let t0 = Instant::now();
     while !w.catches_sigterm() {
         if let Some(st) = w.child.try_wait().unwrap() {
-            panic!("worker exited during the cold start: {st:?}; log:\n{}", w.log());
+            panic!(
+                "worker exited during the cold start: {st:?}; log:\n{}",
+                w.log()
+            );
         }
         assert!(
             t0.elapsed() < Duration::from_secs(5),
@@ -702,13 +1081,23 @@ async fn sigterm_during_cold_start_still_exits_cleanly() {
     w.sigterm();
     tokio::time::sleep(Duration::from_millis(100)).await;
     if let Some(st) = w.child.try_wait().unwrap() {
-        panic!("SIGTERM during the cold start killed the worker: {st:?}; log:\n{}", w.log());
+        panic!(
+            "SIGTERM during the cold start killed the worker: {st:?}; log:\n{}",
+            w.log()
+        );
     }
     // Let the load finish: the worker completes its start, then honours the SIGTERM.
-    tokio::task::spawn_blocking(move || std::fs::write(&fifo, config)).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || std::fs::write(&fifo, config))
+        .await
+        .unwrap()
+        .unwrap();
     let st = w.wait_exit(Duration::from_secs(10)).await;
     assert!(st.success(), "exit status {st:?}; log:\n{}", w.log());
-    assert!(w.log().contains("shutdown requested"), "the worker saw SIGTERM; log:\n{}", w.log());
+    assert!(
+        w.log().contains("shutdown requested"),
+        "the worker saw SIGTERM; log:\n{}",
+        w.log()
+    );
     // It announced itself and its end.
     let mut kinds = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), ev_sub.next()).await {
@@ -732,8 +1121,24 @@ async fn requests_racing_a_drain_are_answered_or_refused_never_lost() {
     let server = NatsServer::start();
     let reference = reference_experts(&dir, "0:0-3");
     let h = reference.hidden_size();
-    let w = Worker::start(&server.url(), &dir, &["--experts", "0:0-3", "--idle-timeout-ms", "0", "--batch-max-wait-us", "0"]).await;
-    let client = async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(2))).connect(server.url()).await.unwrap();
+    let w = Worker::start(
+        &server.url(),
+        &dir,
+        &[
+            "--experts",
+            "0:0-3",
+            "--idle-timeout-ms",
+            "0",
+            "--batch-max-wait-us",
+            "0",
+        ],
+    )
+    .await;
+    let client = async_nats::ConnectOptions::new()
+        .request_timeout(Some(Duration::from_secs(2)))
+        .connect(server.url())
+        .await
+        .unwrap();
     let stop_at = Instant::now() + Duration::from_secs(8);
     let loops: Vec<_> = (0..4u64)
         .map(|k| {
@@ -748,10 +1153,16 @@ async fn requests_racing_a_drain_are_answered_or_refused_never_lost() {
                     match client.request(subject_for(&req, 0), encode(&req)).await {
                         Ok(m) => {
                             // Concurrent requests share batches: equal within float tolerance.
-                            assert_close(&reply_output(&m.payload, &req, h), &expected(&reference, &req), "racing request");
+                            assert_close(
+                                &reply_output(&m.payload, &req, h),
+                                &expected(&reference, &req),
+                                "racing request",
+                            );
                             ok += 1;
                         }
-                        Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                        Err(e)
+                            if e.kind() == async_nats::client::RequestErrorKind::NoResponders =>
+                        {
                             refused += 1;
                             break;
                         }
@@ -769,7 +1180,10 @@ async fn requests_racing_a_drain_are_answered_or_refused_never_lost() {
         let (ok, refused, lost) = l.await.unwrap();
         totals = (totals.0 + ok, totals.1 + refused, totals.2 + lost);
     }
-    eprintln!("racing a drain: {} answered, {} refused (no responders), {} lost (timed out)", totals.0, totals.1, totals.2);
+    eprintln!(
+        "racing a drain: {} answered, {} refused (no responders), {} lost (timed out)",
+        totals.0, totals.1, totals.2
+    );
     assert_eq!(totals.2, 0, "requests lost in the drain");
 }
 
@@ -801,28 +1215,75 @@ async fn bad_input_gets_typed_errors_and_the_worker_survives() {
     let server = NatsServer::start();
     let reference = reference_experts(&dir, "0:0-3");
     let h = reference.hidden_size();
-    let mut w = Worker::start(&server.url(), &dir, &["--experts", "0:0-3", "--idle-timeout-ms", "0", "--max-request-bytes", "1000"]).await;
+    let mut w = Worker::start(
+        &server.url(),
+        &dir,
+        &[
+            "--experts",
+            "0:0-3",
+            "--idle-timeout-ms",
+            "0",
+            "--max-request-bytes",
+            "1000",
+        ],
+    )
+    .await;
     let client = connect(&server).await;
     let subj = expert_subject(0, 0);
     let mut rng = Rng(3);
     let good = |rng: &mut Rng| {
         let rows = rng.rows(1, h);
-        request("acme", 0, h, &rows, vec![RowRoutes { experts: vec![0, 3], weights: vec![0.6, 0.4] }], true)
+        request(
+            "acme",
+            0,
+            h,
+            &rows,
+            vec![RowRoutes {
+                experts: vec![0, 3],
+                weights: vec![0.6, 0.4],
+            }],
+            true,
+        )
     };
 
     let mut cases: Vec<(&str, Bytes, ErrorCode, Option<Uuid>)> = Vec::new();
-    cases.push(("garbage bytes", Bytes::from_static(b"\xc1\xc1 not msgpack"), ErrorCode::Malformed, None));
-    cases.push(("a msgpack string", encode(&"hello"), ErrorCode::Malformed, None));
+    cases.push((
+        "garbage bytes",
+        Bytes::from_static(b"\xc1\xc1 not msgpack"),
+        ErrorCode::Malformed,
+        None,
+    ));
+    cases.push((
+        "a msgpack string",
+        encode(&"hello"),
+        ErrorCode::Malformed,
+        None,
+    ));
     let mut r = good(&mut rng);
     r.hidden = WireTensor::from_f32(vec![1, 32], &rng.rows(1, 32), WireDType::F32).unwrap();
-    cases.push(("cols != hidden", encode(&r), ErrorCode::WrongShape, Some(r.request_id)));
+    cases.push((
+        "cols != hidden",
+        encode(&r),
+        ErrorCode::WrongShape,
+        Some(r.request_id),
+    ));
     let mut r = good(&mut rng);
     r.hidden.shape = vec![2, h as u32]; // data holds one row
     r.routes.push(r.routes[0].clone());
-    cases.push(("data length != shape", encode(&r), ErrorCode::WrongShape, Some(r.request_id)));
+    cases.push((
+        "data length != shape",
+        encode(&r),
+        ErrorCode::WrongShape,
+        Some(r.request_id),
+    ));
     let mut r = good(&mut rng);
     r.routes.push(r.routes[0].clone());
-    cases.push(("routes != rows", encode(&r), ErrorCode::WrongShape, Some(r.request_id)));
+    cases.push((
+        "routes != rows",
+        encode(&r),
+        ErrorCode::WrongShape,
+        Some(r.request_id),
+    ));
     let r = good(&mut rng);
     let loose = |hidden_dtype: &str, reply_dtype: &str| LooseRequest {
         version: PROTOCOL_VERSION,
@@ -833,26 +1294,71 @@ async fn bad_input_gets_typed_errors_and_the_worker_survives() {
         // f32 data of one row: `h` f32 values, or `2h` values of a 2-byte dtype.
         hidden: LooseTensor {
             dtype: hidden_dtype.into(),
-            shape: vec![1, if hidden_dtype == "f32" { h as u32 } else { 2 * h as u32 }],
+            shape: vec![
+                1,
+                if hidden_dtype == "f32" {
+                    h as u32
+                } else {
+                    2 * h as u32
+                },
+            ],
             data: r.hidden.data.clone(),
         },
         routes: r.routes.clone(),
         reply_dtype: reply_dtype.into(),
         combine: true,
     };
-    cases.push(("hidden dtype f16", encode(&loose("f16", "f32")), ErrorCode::UnsupportedDType, None));
-    cases.push(("reply dtype f64", encode(&loose("f32", "f64")), ErrorCode::UnsupportedDType, None));
+    cases.push((
+        "hidden dtype f16",
+        encode(&loose("f16", "f32")),
+        ErrorCode::UnsupportedDType,
+        None,
+    ));
+    cases.push((
+        "reply dtype f64",
+        encode(&loose("f32", "f64")),
+        ErrorCode::UnsupportedDType,
+        None,
+    ));
     let mut r = good(&mut rng);
     r.routes[0].experts[1] = 9;
-    cases.push(("expert 9 on function A", encode(&r), ErrorCode::UnknownExpert, Some(r.request_id)));
+    cases.push((
+        "expert 9 on function A",
+        encode(&r),
+        ErrorCode::UnknownExpert,
+        Some(r.request_id),
+    ));
     let mut r = good(&mut rng);
     r.layer = 2;
-    cases.push(("layer 2 on function A", encode(&r), ErrorCode::WrongLayer, Some(r.request_id)));
+    cases.push((
+        "layer 2 on function A",
+        encode(&r),
+        ErrorCode::WrongLayer,
+        Some(r.request_id),
+    ));
     let mut r = good(&mut rng);
     r.version = PROTOCOL_VERSION + 1;
-    cases.push(("protocol version + 1", encode(&r), ErrorCode::VersionMismatch, None));
+    cases.push((
+        "protocol version + 1",
+        encode(&r),
+        ErrorCode::VersionMismatch,
+        None,
+    ));
     let rows = rng.rows(16, h); // 4 KiB of hidden states > --max-request-bytes 1000
-    let r = request("acme", 0, h, &rows, vec![RowRoutes { experts: vec![1], weights: vec![1.0] }; 16], true);
+    let r = request(
+        "acme",
+        0,
+        h,
+        &rows,
+        vec![
+            RowRoutes {
+                experts: vec![1],
+                weights: vec![1.0]
+            };
+            16
+        ],
+        true,
+    );
     let big = encode(&r);
     assert!(big.len() > 4096, "{} bytes", big.len());
     cases.push(("4 KiB payload", big, ErrorCode::PayloadTooLarge, None));
@@ -861,20 +1367,32 @@ async fn bad_input_gets_typed_errors_and_the_worker_survives() {
 
     let mut want_errors: BTreeMap<String, u64> = BTreeMap::new();
     for (what, body, code, id) in &cases {
-        let (got, reply_id, message) = reply_error_code(&call(&client, subj.clone(), body.clone()).await);
+        let (got, reply_id, message) =
+            reply_error_code(&call(&client, subj.clone(), body.clone()).await);
         eprintln!("{what}: {got}: {message}");
         assert_eq!(got, *code, "{what}: {message}");
         if let Some(id) = id {
-            assert_eq!(reply_id, *id, "{what}: the error reply echoes the request id");
+            assert_eq!(
+                reply_id, *id,
+                "{what}: the error reply echoes the request id"
+            );
         }
         *want_errors.entry(code.as_str().to_string()).or_default() += 1;
-        assert!(w.child.try_wait().unwrap().is_none(), "worker died on {what}; log:\n{}", w.log());
+        assert!(
+            w.child.try_wait().unwrap().is_none(),
+            "worker died on {what}; log:\n{}",
+            w.log()
+        );
     }
 
     // Still alive and correct.
     let req = good(&mut rng);
     let got = reply_output(&call(&client, subj.clone(), encode(&req)).await, &req, h);
-    assert_bits_equal(&got, &expected(&reference, &req), "good request after the bad ones");
+    assert_bits_equal(
+        &got,
+        &expected(&reference, &req),
+        "good request after the bad ones",
+    );
 
     let stats = stats_by_instance(&client, &w.function_id, 1).await;
     let s = &stats[&w.instance_id];
@@ -882,7 +1400,11 @@ async fn bad_input_gets_typed_errors_and_the_worker_survives() {
     let errors: BTreeMap<String, u64> = serde_json::from_value(s["errors"].clone()).unwrap();
     assert_eq!(errors, want_errors, "errors counted by code");
     assert_eq!(counter(s, "requests"), cases.len() as u64 + 1);
-    assert_eq!(counter(s, "batches"), 1, "only the good request was computed");
+    assert_eq!(
+        counter(s, "batches"),
+        1,
+        "only the good request was computed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -893,18 +1415,39 @@ async fn worker_memory_is_proportional_to_its_experts_on_the_a27b_preset() {
     g.vocab_size = 1024;
     let t0 = Instant::now();
     // Zero weights as file holes: the real sizes without 1.15 GB of disk (CI disks are small).
-    let written = write_checkpoint_filled(tmp.path(), &g, Fill::Zeros, 1, DEFAULT_MAX_SHARD_BYTES, |_, _| {}).unwrap();
-    eprintln!("generated a2.7b geometry, 1 layer, vocab 1024: {:.2} GB in {:?}", written.bytes as f64 / 1e9, t0.elapsed());
+    let written = write_checkpoint_filled(
+        tmp.path(),
+        &g,
+        Fill::Zeros,
+        1,
+        DEFAULT_MAX_SHARD_BYTES,
+        |_, _| {},
+    )
+    .unwrap();
+    eprintln!(
+        "generated a2.7b geometry, 1 layer, vocab 1024: {:.2} GB in {:?}",
+        written.bytes as f64 / 1e9,
+        t0.elapsed()
+    );
     let server = NatsServer::start();
 
     let mut rss = Vec::new();
     for spec in ["0:0-0", "0:all"] {
         let t = Instant::now();
-        let mut w = Worker::start(&server.url(), tmp.path(), &["--experts", spec, "--idle-timeout-ms", "0"]).await;
+        let mut w = Worker::start(
+            &server.url(),
+            tmp.path(),
+            &["--experts", spec, "--idle-timeout-ms", "0"],
+        )
+        .await;
         // Let the allocator settle (freed conversion buffers returned).
         tokio::time::sleep(Duration::from_millis(200)).await;
         let bytes = w.rss_bytes();
-        eprintln!("worker --experts {spec}: VmRSS {:.1} MB (ready in {:?})", bytes as f64 / 1e6, t.elapsed());
+        eprintln!(
+            "worker --experts {spec}: VmRSS {:.1} MB (ready in {:?})",
+            bytes as f64 / 1e6,
+            t.elapsed()
+        );
         rss.push(bytes);
         w.sigterm();
         assert!(w.wait_exit(Duration::from_secs(10)).await.success());
@@ -919,8 +1462,17 @@ async fn worker_memory_is_proportional_to_its_experts_on_the_a27b_preset() {
         want / 1e6,
         diff / want
     );
-    assert!((diff - want).abs() <= 0.05 * want, "difference {:.1} MB not within 5% of {:.1} MB", diff / 1e6, want / 1e6);
-    assert!(rss[0] < 150_000_000, "1-expert worker RSS {:.1} MB >= 150 MB", rss[0] as f64 / 1e6);
+    assert!(
+        (diff - want).abs() <= 0.05 * want,
+        "difference {:.1} MB not within 5% of {:.1} MB",
+        diff / 1e6,
+        want / 1e6
+    );
+    assert!(
+        rss[0] < 150_000_000,
+        "1-expert worker RSS {:.1} MB >= 150 MB",
+        rss[0] as f64 / 1e6
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -938,7 +1490,9 @@ async fn unsub_with_an_oversized_max_stops_routing_but_keeps_receiving() {
     let a = connect(&server).await;
     let b = connect(&server).await;
     let mut sub = a.subscribe("guard.work").await.unwrap();
-    fence(&a, "guard.fence", FENCE_TIMEOUT).await.expect("round trip on a");
+    fence(&a, "guard.fence", FENCE_TIMEOUT)
+        .await
+        .expect("round trip on a");
     // A burst the server routes to `a` before it sees the UNSUB (b's round trip returns only
     // once the server has processed, i.e. routed, all of it): 24 MiB, much of it still in
     // flight when `a` unsubscribes.
@@ -947,9 +1501,13 @@ async fn unsub_with_an_oversized_max_stops_routing_but_keeps_receiving() {
     for _ in 0..N {
         b.publish("guard.work", body.clone()).await.unwrap();
     }
-    fence(&b, "guard.fence", FENCE_TIMEOUT).await.expect("round trip on b");
+    fence(&b, "guard.fence", FENCE_TIMEOUT)
+        .await
+        .expect("round trip on b");
     sub.unsubscribe_after(UNSUB_KEEP_RECEIVING).await.unwrap();
-    fence(&a, "guard.fence", FENCE_TIMEOUT).await.expect("round trip on a after the UNSUB");
+    fence(&a, "guard.fence", FENCE_TIMEOUT)
+        .await
+        .expect("round trip on a after the UNSUB");
     // The server has no subscription left: a request is refused at once.
     match b.request("guard.work", Bytes::new()).await {
         Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {}
@@ -962,7 +1520,10 @@ async fn unsub_with_an_oversized_max_stops_routing_but_keeps_receiving() {
         assert_eq!(m.payload.len(), body.len());
         got += 1;
     }
-    assert_eq!(got, N, "messages routed before the UNSUB that reached the subscriber");
+    assert_eq!(
+        got, N,
+        "messages routed before the UNSUB that reached the subscriber"
+    );
 }
 
 /// Whether process `pid` is gone (or a zombie nobody reaped yet: it runs no more).
@@ -970,7 +1531,10 @@ fn process_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         // `pid (comm) state ...`: the state follows the last ')'.
-        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])).unwrap_or(true),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+            .unwrap_or(true),
     }
 }
 
@@ -994,36 +1558,73 @@ async fn a_worker_whose_server_is_gone_still_exits_on_its_idle_timeout() {
     let (dir, _tmp) = tiny_checkpoint();
     let server = NatsServer::start();
     const IDLE_MS: u64 = 2000;
-    let mut w = Worker::start(&server.url(), &dir, &["--experts", "0:0-3", "--idle-timeout-ms", &IDLE_MS.to_string()]).await;
+    let mut w = Worker::start(
+        &server.url(),
+        &dir,
+        &[
+            "--experts",
+            "0:0-3",
+            "--idle-timeout-ms",
+            &IDLE_MS.to_string(),
+        ],
+    )
+    .await;
     server.stop();
     let t0 = Instant::now();
-    let st = w.wait_exit(Duration::from_millis(IDLE_MS) + PROMPT_EXIT).await;
-    eprintln!("server killed: the worker exited {:?} later (idle timeout {IDLE_MS} ms): {st:?}", t0.elapsed());
+    let st = w
+        .wait_exit(Duration::from_millis(IDLE_MS) + PROMPT_EXIT)
+        .await;
+    eprintln!(
+        "server killed: the worker exited {:?} later (idle timeout {IDLE_MS} ms): {st:?}",
+        t0.elapsed()
+    );
     assert!(st.success(), "exit status {st:?}; log:\n{}", w.log());
     let log = w.log();
-    assert!(log.contains("idle: scaling to zero"), "the worker exited because idle; log:\n{log}");
-    assert!(log.contains("NATS connection lost"), "the worker logged the outage; log:\n{log}");
+    assert!(
+        log.contains("idle: scaling to zero"),
+        "the worker exited because idle; log:\n{log}"
+    );
+    assert!(
+        log.contains("NATS connection lost"),
+        "the worker logged the outage; log:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_server_is_gone_exits_promptly_on_sigterm() {
     let (dir, _tmp) = tiny_checkpoint();
     let server = NatsServer::start();
-    let mut w = Worker::start(&server.url(), &dir, &["--experts", "0:0-3", "--idle-timeout-ms", "0"]).await;
+    let mut w = Worker::start(
+        &server.url(),
+        &dir,
+        &["--experts", "0:0-3", "--idle-timeout-ms", "0"],
+    )
+    .await;
     server.stop();
     // Let it notice the outage and start reconnecting (the state in which a drain used to
     // wait forever).
     let t_lost = Instant::now();
     while !w.log().contains("NATS connection lost") {
-        assert!(t_lost.elapsed() < PROMPT_EXIT, "the worker did not log the outage; log:\n{}", w.log());
+        assert!(
+            t_lost.elapsed() < PROMPT_EXIT,
+            "the worker did not log the outage; log:\n{}",
+            w.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     w.sigterm();
     let t0 = Instant::now();
     let st = w.wait_exit(PROMPT_EXIT).await;
-    eprintln!("server killed, then SIGTERM: the worker exited {:?} after the signal: {st:?}", t0.elapsed());
+    eprintln!(
+        "server killed, then SIGTERM: the worker exited {:?} after the signal: {st:?}",
+        t0.elapsed()
+    );
     assert!(st.success(), "exit status {st:?}; log:\n{}", w.log());
-    assert!(w.log().contains("shutdown requested"), "the worker saw SIGTERM; log:\n{}", w.log());
+    assert!(
+        w.log().contains("shutdown requested"),
+        "the worker saw SIGTERM; log:\n{}",
+        w.log()
+    );
 }
 
 /// Environment of [`spawner_parent_process`] (set only when a test runs it as a child).
@@ -1039,7 +1640,11 @@ const PARENT_ENV_LOG_DIR: &str = "FAASMOE_TEST_PARENT_LOG_DIR";
 #[ignore = "helper process of a_worker_dies_with_the_process_that_started_it"]
 async fn spawner_parent_process() {
     use faasmoe_broker::{InstanceBackend, LocalProcessBackend};
-    let (Ok(url), Ok(dir), Ok(log_dir)) = (std::env::var(PARENT_ENV_URL), std::env::var(PARENT_ENV_DIR), std::env::var(PARENT_ENV_LOG_DIR)) else {
+    let (Ok(url), Ok(dir), Ok(log_dir)) = (
+        std::env::var(PARENT_ENV_URL),
+        std::env::var(PARENT_ENV_DIR),
+        std::env::var(PARENT_ENV_LOG_DIR),
+    ) else {
         eprintln!("not started by a_worker_dies_with_the_process_that_started_it: nothing to do");
         return;
     };
@@ -1054,8 +1659,13 @@ async fn spawner_parent_process() {
     };
     let spec = faasmoe_proto::layout::FunctionSpec::new(0, 0, 3);
     let mut instance = backend.spawn(&spec, "orphan").expect("spawn the worker");
-    let ready = instance.take_ready_signal().expect("the local backend reports READY");
-    tokio::time::timeout(READY_TIMEOUT, ready).await.expect("worker ready in time").expect("worker ready");
+    let ready = instance
+        .take_ready_signal()
+        .expect("the local backend reports READY");
+    tokio::time::timeout(READY_TIMEOUT, ready)
+        .await
+        .expect("worker ready in time")
+        .expect("worker ready");
     println!("WORKER {}", instance.pid().expect("a pid"));
     tokio::time::sleep(Duration::from_secs(300)).await;
 }
@@ -1066,7 +1676,14 @@ async fn a_worker_dies_with_the_process_that_started_it() {
     let server = NatsServer::start();
     let logs = tempfile::tempdir().unwrap();
     let mut parent = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "spawner_parent_process", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "spawner_parent_process",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env(PARENT_ENV_URL, server.url())
         .env(PARENT_ENV_DIR, &dir)
         .env(PARENT_ENV_LOG_DIR, logs.path())
@@ -1088,18 +1705,32 @@ async fn a_worker_dies_with_the_process_that_started_it() {
     .await
     .expect("the parent started a worker in time");
     let worker_log = || {
-        std::fs::read_dir(logs.path()).unwrap().filter_map(Result::ok).map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect::<String>()
+        std::fs::read_dir(logs.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<String>()
     };
     assert!(!process_gone(pid), "the worker runs while its parent does");
     parent.start_kill().unwrap(); // SIGKILL: the parent runs no handler at all
     parent.wait().await.unwrap();
     let gone = wait_gone(pid, PROMPT_EXIT).await;
     if gone.is_none() {
-        let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
     }
     let log = worker_log();
-    let after = gone.unwrap_or_else(|| panic!("worker {pid} still runs {PROMPT_EXIT:?} after its parent was killed; log:\n{log}"));
+    let after = gone.unwrap_or_else(|| {
+        panic!("worker {pid} still runs {PROMPT_EXIT:?} after its parent was killed; log:\n{log}")
+    });
     eprintln!("parent SIGKILLed: its worker exited {after:?} later");
-    assert!(log.contains("shutdown requested"), "the worker drained on its parent-death signal (SIGTERM); log:\n{log}");
-    assert!(log.contains("exiting"), "the worker exited cleanly; log:\n{log}");
+    assert!(
+        log.contains("shutdown requested"),
+        "the worker drained on its parent-death signal (SIGTERM); log:\n{log}"
+    );
+    assert!(
+        log.contains("exiting"),
+        "the worker exited cleanly; log:\n{log}"
+    );
 }

@@ -28,6 +28,7 @@ impl InProcessBackend {
 
 impl ExpertBackend for InProcessBackend {
     fn routed(&mut self, batch: &RoutedBatch) -> Result<Tensor> {
-        self.experts.forward_routed(batch.layer, &batch.hidden, &batch.routes)
+        self.experts
+            .forward_routed(batch.layer, &batch.hidden, &batch.routes)
     }
 }

@@ -25,12 +25,21 @@ pub struct Baseline {
 fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let index = dir.join(INDEX_FILE);
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Index { path: index.clone(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Index {
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
         let mut files: Vec<_> = json["weight_map"]
             .as_object()
-            .ok_or_else(|| ModelError::Index { path: index.clone(), message: "no `weight_map` object".into() })?
+            .ok_or_else(|| ModelError::Index {
+                path: index.clone(),
+                message: "no `weight_map` object".into(),
+            })?
             .values()
             .filter_map(|v| v.as_str().map(|s| dir.join(s)))
             .collect();
@@ -48,16 +57,26 @@ impl Baseline {
     pub fn load(dir: &Path, dtype: DType) -> Result<Self> {
         let config = Config::from_dir(dir)?;
         if !config.mlp_only_layers.is_empty() {
-            return Err(ModelError::config("mlp_only_layers", "not supported by candle-transformers' qwen2_moe baseline"));
+            return Err(ModelError::config(
+                "mlp_only_layers",
+                "not supported by candle-transformers' qwen2_moe baseline",
+            ));
         }
         if !config.qkv_bias {
-            return Err(ModelError::config("qkv_bias", "false is not supported by candle-transformers' qwen2_moe baseline"));
+            return Err(ModelError::config(
+                "qkv_bias",
+                "false is not supported by candle-transformers' qwen2_moe baseline",
+            ));
         }
         let files = safetensors_files(dir)?;
         // SAFETY: read-only checkpoint files, as in candle's own examples.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &Device::Cpu)? };
         let model = qwen2_moe::Model::new(&config.to_candle_transformers(), vb)?;
-        Ok(Self { model, config, seq_len: 0 })
+        Ok(Self {
+            model,
+            config,
+            seq_len: 0,
+        })
     }
 
     /// The checkpoint config.
@@ -68,8 +87,14 @@ impl Baseline {
     /// Feeds `tokens` (appended to the cached sequence); returns the logits of the last
     /// token, `[vocab]` f32.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { token: t, vocab_size: self.config.vocab_size });
+        if let Some(&t) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(ModelError::TokenOutOfRange {
+                token: t,
+                vocab_size: self.config.vocab_size,
+            });
         }
         let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
         let logits = self.model.forward(&ids, self.seq_len)?;

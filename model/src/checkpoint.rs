@@ -59,12 +59,11 @@ fn map_file(path: &Path) -> Result<MappedFile> {
         path: path.to_path_buf(),
         source,
     })?;
-    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-        ModelError::Safetensors {
+    let (header_len, metadata) =
+        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::Safetensors {
             path: path.to_path_buf(),
             message: format!("{e:?} (truncated or not a safetensors file?)"),
-        }
-    })?;
+        })?;
     Ok(MappedFile {
         mmap,
         header_len,
@@ -168,7 +167,11 @@ impl Checkpoint {
 
     /// Maps the file of tensor `name` if needed and checks its shape and stored dtype;
     /// returns the file, the stored dtype and the byte range of the data in the mapping.
-    fn locate(&mut self, name: &str, shape: &[usize]) -> Result<(PathBuf, DType, std::ops::Range<usize>)> {
+    fn locate(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<(PathBuf, DType, std::ops::Range<usize>)> {
         let path = self
             .weight_map
             .get(name)
@@ -250,9 +253,18 @@ impl Checkpoint {
     /// pass). They keep their stored dtype when they share one; a mix is widened to f32.
     ///
     /// Errors: as [`Checkpoint::load`].
-    pub fn load_weight_rows(&mut self, names: &[&str], rows: &[usize], cols: usize) -> Result<Weight> {
+    pub fn load_weight_rows(
+        &mut self,
+        names: &[&str],
+        rows: &[usize],
+        cols: usize,
+    ) -> Result<Weight> {
         if names.len() != rows.len() {
-            return Err(ModelError::InvalidInput(format!("{} weight names for {} row counts", names.len(), rows.len())));
+            return Err(ModelError::InvalidInput(format!(
+                "{} weight names for {} row counts",
+                names.len(),
+                rows.len()
+            )));
         }
         let mut parts = Vec::with_capacity(names.len());
         for (name, &r) in names.iter().zip(rows) {
@@ -260,14 +272,27 @@ impl Checkpoint {
         }
         let first = parts.first().map(|p| p.1 .1).unwrap_or(DType::F32);
         if parts.iter().all(|p| p.1 .1 == first) {
-            let slices: Vec<(usize, &[u8])> =
-                parts.iter().map(|(r, (path, _, range))| (*r, &self.files[path].mmap[range.clone()])).collect();
+            let slices: Vec<(usize, &[u8])> = parts
+                .iter()
+                .map(|(r, (path, _, range))| (*r, &self.files[path].mmap[range.clone()]))
+                .collect();
             return Weight::from_le_parts(first, cols, &slices);
         }
         let mut widened = Vec::with_capacity(parts.len());
         for (r, (path, dtype, range)) in &parts {
-            let t = Tensor::from_raw_buffer(&self.files[path].mmap[range.clone()], *dtype, &[*r, cols], &Device::Cpu)?;
-            let v: Vec<u8> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let t = Tensor::from_raw_buffer(
+                &self.files[path].mmap[range.clone()],
+                *dtype,
+                &[*r, cols],
+                &Device::Cpu,
+            )?;
+            let v: Vec<u8> = t
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
             widened.push((*r, v));
         }
         let slices: Vec<(usize, &[u8])> = widened.iter().map(|(r, v)| (*r, v.as_slice())).collect();

@@ -149,40 +149,57 @@ impl Config {
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text)
-            .map_err(|e| ModelError::config("(json)", e.to_string()))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| ModelError::config("(json)", e.to_string()))?;
         Self::from_raw(raw)
     }
 
     fn from_raw(raw: RawConfig) -> Result<Self> {
         match raw.model_type.as_deref() {
             Some(MODEL_TYPE) => {}
-            Some(other) => return Err(ModelError::UnsupportedArchitecture(format!("model_type `{other}`"))),
+            Some(other) => {
+                return Err(ModelError::UnsupportedArchitecture(format!(
+                    "model_type `{other}`"
+                )))
+            }
             None => return Err(ModelError::config("model_type", "missing")),
         }
         if let Some(archs) = &raw.architectures {
             if let Some(a) = archs.iter().find(|a| a.as_str() != ARCHITECTURE) {
-                return Err(ModelError::UnsupportedArchitecture(format!("architecture `{a}`")));
+                return Err(ModelError::UnsupportedArchitecture(format!(
+                    "architecture `{a}`"
+                )));
             }
         }
         if let Some(act) = raw.hidden_act.as_deref() {
             if act != "silu" {
-                return Err(ModelError::config("hidden_act", format!("`{act}` is not supported (silu)")));
+                return Err(ModelError::config(
+                    "hidden_act",
+                    format!("`{act}` is not supported (silu)"),
+                ));
             }
         }
         if let Some(s) = &raw.rope_scaling {
             if !s.is_null() {
-                return Err(ModelError::config("rope_scaling", "RoPE scaling is not supported"));
+                return Err(ModelError::config(
+                    "rope_scaling",
+                    "RoPE scaling is not supported",
+                ));
             }
         }
         let rope_theta = match (&raw.rope_parameters, raw.rope_theta) {
             (Some(p), _) => {
                 if let Some(t) = p.rope_type.as_deref() {
                     if t != "default" {
-                        return Err(ModelError::config("rope_parameters.rope_type", format!("`{t}` is not supported (default)")));
+                        return Err(ModelError::config(
+                            "rope_parameters.rope_type",
+                            format!("`{t}` is not supported (default)"),
+                        ));
                     }
                 }
-                p.rope_theta.or(raw.rope_theta).ok_or_else(|| ModelError::config("rope_parameters.rope_theta", "missing"))?
+                p.rope_theta
+                    .or(raw.rope_theta)
+                    .ok_or_else(|| ModelError::config("rope_parameters.rope_theta", "missing"))?
             }
             (None, Some(t)) => t,
             // transformers' Qwen2MoeConfig default
@@ -196,39 +213,66 @@ impl Config {
         let hidden_size = required(raw.hidden_size, "hidden_size")?;
         let num_hidden_layers = required(raw.num_hidden_layers, "num_hidden_layers")?;
         let num_attention_heads = required(raw.num_attention_heads, "num_attention_heads")?;
-        let num_key_value_heads = required(raw.num_key_value_heads.or(Some(num_attention_heads)), "num_key_value_heads")?;
+        let num_key_value_heads = required(
+            raw.num_key_value_heads.or(Some(num_attention_heads)),
+            "num_key_value_heads",
+        )?;
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(ModelError::config("num_key_value_heads", format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}")));
         }
         let head_dim = match raw.head_dim {
             Some(d) if d * num_attention_heads != hidden_size => {
-                return Err(ModelError::config("head_dim", format!("{d} × {num_attention_heads} heads != hidden_size {hidden_size}")));
+                return Err(ModelError::config(
+                    "head_dim",
+                    format!("{d} × {num_attention_heads} heads != hidden_size {hidden_size}"),
+                ));
             }
             _ => {
                 if hidden_size % num_attention_heads != 0 {
-                    return Err(ModelError::config("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}")));
+                    return Err(ModelError::config(
+                        "num_attention_heads",
+                        format!("{num_attention_heads} does not divide hidden_size {hidden_size}"),
+                    ));
                 }
                 hidden_size / num_attention_heads
             }
         };
         if head_dim % 2 != 0 {
-            return Err(ModelError::config("hidden_size", format!("head dim {head_dim} must be even for RoPE")));
+            return Err(ModelError::config(
+                "hidden_size",
+                format!("head dim {head_dim} must be even for RoPE"),
+            ));
         }
-        let num_experts = raw.num_experts.ok_or_else(|| ModelError::config("num_experts", "missing"))?;
+        let num_experts = raw
+            .num_experts
+            .ok_or_else(|| ModelError::config("num_experts", "missing"))?;
         let num_experts_per_tok = required(raw.num_experts_per_tok, "num_experts_per_tok")?;
         if num_experts > 0 && num_experts_per_tok > num_experts {
-            return Err(ModelError::config("num_experts_per_tok", format!("{num_experts_per_tok} > num_experts {num_experts}")));
+            return Err(ModelError::config(
+                "num_experts_per_tok",
+                format!("{num_experts_per_tok} > num_experts {num_experts}"),
+            ));
         }
-        let decoder_sparse_step = required(raw.decoder_sparse_step.or(Some(1)), "decoder_sparse_step")?;
+        let decoder_sparse_step =
+            required(raw.decoder_sparse_step.or(Some(1)), "decoder_sparse_step")?;
         let mlp_only_layers = raw.mlp_only_layers.unwrap_or_default();
         if let Some(&l) = mlp_only_layers.iter().find(|&&l| l >= num_hidden_layers) {
-            return Err(ModelError::config("mlp_only_layers", format!("layer {l} >= num_hidden_layers {num_hidden_layers}")));
+            return Err(ModelError::config(
+                "mlp_only_layers",
+                format!("layer {l} >= num_hidden_layers {num_hidden_layers}"),
+            ));
         }
-        let max_position_embeddings = required(raw.max_position_embeddings, "max_position_embeddings")?;
-        let rms_norm_eps = raw.rms_norm_eps.ok_or_else(|| ModelError::config("rms_norm_eps", "missing"))?;
+        let max_position_embeddings =
+            required(raw.max_position_embeddings, "max_position_embeddings")?;
+        let rms_norm_eps = raw
+            .rms_norm_eps
+            .ok_or_else(|| ModelError::config("rms_norm_eps", "missing"))?;
         if let Some(types) = &raw.layer_types {
             if types.len() != num_hidden_layers {
-                return Err(ModelError::config("layer_types", format!("{} entries for {num_hidden_layers} layers", types.len())));
+                return Err(ModelError::config(
+                    "layer_types",
+                    format!("{} entries for {num_hidden_layers} layers", types.len()),
+                ));
             }
         }
         // Sliding window: on only where `use_sliding_window` is true and the window is non-zero
@@ -269,11 +313,17 @@ impl Config {
         };
         if cfg.moe_layers().next().is_some() {
             if cfg.moe_intermediate_size == 0 {
-                return Err(ModelError::config("moe_intermediate_size", "missing or 0 with MoE layers present"));
+                return Err(ModelError::config(
+                    "moe_intermediate_size",
+                    "missing or 0 with MoE layers present",
+                ));
             }
         }
         if cfg.dense_layers().next().is_some() && cfg.intermediate_size == 0 {
-            return Err(ModelError::config("intermediate_size", "missing or 0 with dense layers present"));
+            return Err(ModelError::config(
+                "intermediate_size",
+                "missing or 0 with dense layers present",
+            ));
         }
         cfg.eos_token_ids.dedup();
         Ok(cfg)
@@ -299,7 +349,8 @@ impl Config {
 
     /// The sliding window for `layer`, if that layer uses one.
     pub fn sliding_window_for(&self, layer: usize) -> Option<usize> {
-        self.sliding_window.filter(|_| layer >= self.max_window_layers)
+        self.sliding_window
+            .filter(|_| layer >= self.max_window_layers)
     }
 
     /// The config in candle-transformers' `qwen2_moe::Config` form, for the full-model baseline.

@@ -50,10 +50,16 @@ fn silu(v: f32) -> f32 {
 impl SwiGlu {
     /// Loads `{prefix}.{gate,up,down}_proj.weight` with gate/up `[intermediate, hidden]` and
     /// down `[hidden, intermediate]`.
-    pub fn load(ckpt: &mut Checkpoint, prefix: &str, hidden: usize, intermediate: usize) -> Result<Self> {
+    pub fn load(
+        ckpt: &mut Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self> {
         let gate = format!("{prefix}.gate_proj.weight");
         let up = format!("{prefix}.up_proj.weight");
-        let gate_up = ckpt.load_weight_rows(&[&gate, &up], &[intermediate, intermediate], hidden)?;
+        let gate_up =
+            ckpt.load_weight_rows(&[&gate, &up], &[intermediate, intermediate], hidden)?;
         let down = ckpt.load_weight(&format!("{prefix}.down_proj.weight"), hidden, intermediate)?;
         Ok(Self {
             gate_up: Linear::new(Arc::new(gate_up), None)?,
@@ -72,7 +78,10 @@ impl SwiGlu {
         let i = self.intermediate;
         let gu = self.gate_up.forward_vec(x, m)?;
         let mut act = vec![0f32; m * i];
-        for (a, g) in act.chunks_exact_mut(i.max(1)).zip(gu.chunks_exact((2 * i).max(1))) {
+        for (a, g) in act
+            .chunks_exact_mut(i.max(1))
+            .zip(gu.chunks_exact((2 * i).max(1)))
+        {
             let (gate, up) = g.split_at(i);
             for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
                 *a = silu(g) * u;
@@ -85,7 +94,10 @@ impl SwiGlu {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (n, h) = xs.dims2()?;
         if h != self.hidden_size() {
-            return Err(ModelError::InvalidInput(format!("rows [{n}, {h}] for hidden size {}", self.hidden_size())));
+            return Err(ModelError::InvalidInput(format!(
+                "rows [{n}, {h}] for hidden size {}",
+                self.hidden_size()
+            )));
         }
         let y = with_f32(xs, |x| self.forward_f32(x, n))?;
         Ok(Tensor::from_vec(y, (n, h), &Device::Cpu)?)
@@ -120,7 +132,10 @@ impl ExpertSelection {
             let (layer, experts) = part
                 .split_once(':')
                 .ok_or_else(|| format!("`{part}`: expected LAYER:EXPERTS (e.g. 0:0-3)"))?;
-            let layer: usize = layer.trim().parse().map_err(|_| format!("`{part}`: bad layer `{layer}`"))?;
+            let layer: usize = layer
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{part}`: bad layer `{layer}`"))?;
             let bad = |x: &str| format!("`{part}`: bad expert `{x}`");
             let experts = experts.trim();
             let list: Vec<usize> = if experts == "all" {
@@ -133,7 +148,10 @@ impl ExpertSelection {
                 }
                 (a..=b).collect()
             } else {
-                experts.split(',').map(|x| x.trim().parse().map_err(|_| bad(x))).collect::<std::result::Result<_, _>>()?
+                experts
+                    .split(',')
+                    .map(|x| x.trim().parse().map_err(|_| bad(x)))
+                    .collect::<std::result::Result<_, _>>()?
             };
             ids.extend(list.into_iter().map(|expert| ExpertId { layer, expert }));
         }
@@ -147,7 +165,12 @@ impl ExpertSelection {
 
     /// Experts `experts` of one layer.
     pub fn of_layer(layer: usize, experts: impl IntoIterator<Item = usize>) -> Self {
-        Self(experts.into_iter().map(|expert| ExpertId { layer, expert }).collect())
+        Self(
+            experts
+                .into_iter()
+                .map(|expert| ExpertId { layer, expert })
+                .collect(),
+        )
     }
 }
 
@@ -170,14 +193,28 @@ impl ExpertSet {
         let cfg = ckpt.config().clone();
         let mut experts = BTreeMap::new();
         for &id in &selection.0 {
-            if id.layer >= cfg.num_hidden_layers || !cfg.is_moe_layer(id.layer) || id.expert >= cfg.num_experts {
-                return Err(ModelError::UnknownExpert { layer: id.layer, expert: id.expert });
+            if id.layer >= cfg.num_hidden_layers
+                || !cfg.is_moe_layer(id.layer)
+                || id.expert >= cfg.num_experts
+            {
+                return Err(ModelError::UnknownExpert {
+                    layer: id.layer,
+                    expert: id.expert,
+                });
             }
-            let mlp = SwiGlu::load(ckpt, &expert_prefix(id), cfg.hidden_size, cfg.moe_intermediate_size)?;
+            let mlp = SwiGlu::load(
+                ckpt,
+                &expert_prefix(id),
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+            )?;
             experts.insert(id, mlp);
         }
         ckpt.release_files();
-        Ok(Self { hidden_size: cfg.hidden_size, experts })
+        Ok(Self {
+            hidden_size: cfg.hidden_size,
+            experts,
+        })
     }
 
     /// Hidden size `h` of the rows this set takes.
@@ -202,10 +239,10 @@ impl ExpertSet {
 
     /// One expert on `xs: [n, hidden]` → `[n, hidden]` (unweighted).
     pub fn forward(&self, id: ExpertId, xs: &Tensor) -> Result<Tensor> {
-        let mlp = self
-            .experts
-            .get(&id)
-            .ok_or(ModelError::UnknownExpert { layer: id.layer, expert: id.expert })?;
+        let mlp = self.experts.get(&id).ok_or(ModelError::UnknownExpert {
+            layer: id.layer,
+            expert: id.expert,
+        })?;
         mlp.forward(xs)
     }
 
@@ -215,7 +252,12 @@ impl ExpertSet {
     /// expert so each expert runs one kernel pass over all its rows; experts are visited in
     /// ascending order and each row's sum starts at 0 and adds `w · y` in that order, so a
     /// row's result does not depend on the other rows. Returns `[n, hidden]` f32.
-    pub fn forward_routed(&self, layer: usize, xs: &Tensor, routes: &[RowRoutes]) -> Result<Tensor> {
+    pub fn forward_routed(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routes: &[RowRoutes],
+    ) -> Result<Tensor> {
         let (n, h) = xs.dims2()?;
         if h != self.hidden_size || routes.len() != n {
             return Err(ModelError::InvalidInput(format!(
@@ -229,10 +271,18 @@ impl ExpertSet {
     }
 
     /// [`ExpertSet::forward_routed`] on f32 rows `x: [routes.len(), hidden]` row-major.
-    pub fn forward_routed_f32(&self, layer: usize, x: &[f32], routes: &[RowRoutes]) -> Result<Vec<f32>> {
+    pub fn forward_routed_f32(
+        &self,
+        layer: usize,
+        x: &[f32],
+        routes: &[RowRoutes],
+    ) -> Result<Vec<f32>> {
         let (n, h) = (routes.len(), self.hidden_size);
         if x.len() != n * h {
-            return Err(ModelError::InvalidInput(format!("{} values for {n} routed rows of {h}", x.len())));
+            return Err(ModelError::InvalidInput(format!(
+                "{} values for {n} routed rows of {h}",
+                x.len()
+            )));
         }
         let mut groups: BTreeMap<usize, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
         for (row, r) in routes.iter().enumerate() {

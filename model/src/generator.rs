@@ -95,7 +95,13 @@ impl Geometry {
     /// The hub-form `config.json` (the keys of Qwen/Qwen1.5-MoE-A2.7B's).
     pub fn config_json(&self) -> serde_json::Value {
         // The Qwen special ids exist only in the real vocabulary.
-        let special = |id: u32| if (id as usize) < self.vocab_size { serde_json::json!(id) } else { serde_json::Value::Null };
+        let special = |id: u32| {
+            if (id as usize) < self.vocab_size {
+                serde_json::json!(id)
+            } else {
+                serde_json::Value::Null
+            }
+        };
         serde_json::json!({
             "architectures": ["Qwen2MoeForCausalLM"],
             "attention_dropout": 0.0,
@@ -141,24 +147,60 @@ impl Geometry {
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
             t.push((format!("{p}.input_layernorm.weight"), vec![h], None));
-            t.push((format!("{p}.post_attention_layernorm.weight"), vec![h], None));
+            t.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                None,
+            ));
             for (n, out) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
                 t.push((format!("{p}.self_attn.{n}.weight"), vec![out, h], std));
                 t.push((format!("{p}.self_attn.{n}.bias"), vec![out], std));
             }
             t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q], std));
-            t.push((format!("{p}.mlp.gate.weight"), vec![self.num_experts, h], std));
+            t.push((
+                format!("{p}.mlp.gate.weight"),
+                vec![self.num_experts, h],
+                std,
+            ));
             for e in 0..self.num_experts {
                 let i = self.moe_intermediate_size;
-                t.push((format!("{p}.mlp.experts.{e}.gate_proj.weight"), vec![i, h], std));
-                t.push((format!("{p}.mlp.experts.{e}.up_proj.weight"), vec![i, h], std));
-                t.push((format!("{p}.mlp.experts.{e}.down_proj.weight"), vec![h, i], std));
+                t.push((
+                    format!("{p}.mlp.experts.{e}.gate_proj.weight"),
+                    vec![i, h],
+                    std,
+                ));
+                t.push((
+                    format!("{p}.mlp.experts.{e}.up_proj.weight"),
+                    vec![i, h],
+                    std,
+                ));
+                t.push((
+                    format!("{p}.mlp.experts.{e}.down_proj.weight"),
+                    vec![h, i],
+                    std,
+                ));
             }
             let s = self.shared_expert_intermediate_size;
-            t.push((format!("{p}.mlp.shared_expert.gate_proj.weight"), vec![s, h], std));
-            t.push((format!("{p}.mlp.shared_expert.up_proj.weight"), vec![s, h], std));
-            t.push((format!("{p}.mlp.shared_expert.down_proj.weight"), vec![h, s], std));
-            t.push((format!("{p}.mlp.shared_expert_gate.weight"), vec![1, h], std));
+            t.push((
+                format!("{p}.mlp.shared_expert.gate_proj.weight"),
+                vec![s, h],
+                std,
+            ));
+            t.push((
+                format!("{p}.mlp.shared_expert.up_proj.weight"),
+                vec![s, h],
+                std,
+            ));
+            t.push((
+                format!("{p}.mlp.shared_expert.down_proj.weight"),
+                vec![h, s],
+                std,
+            ));
+            t.push((
+                format!("{p}.mlp.shared_expert_gate.weight"),
+                vec![1, h],
+                std,
+            ));
         }
         t.push(("model.norm.weight".to_string(), vec![h], None));
         t.push(("lm_head.weight".to_string(), vec![v, h], std));
@@ -167,7 +209,10 @@ impl Geometry {
 
     /// Total bytes of the bf16 weights.
     pub fn total_bytes(&self) -> u64 {
-        self.tensors().iter().map(|(_, s, _)| 2 * s.iter().product::<usize>() as u64).sum()
+        self.tensors()
+            .iter()
+            .map(|(_, s, _)| 2 * s.iter().product::<usize>() as u64)
+            .sum()
     }
 }
 
@@ -183,7 +228,10 @@ pub struct Written {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io { path: path.to_path_buf(), source }
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What the weight tensors of a generated checkpoint hold (norms are always 1).
@@ -242,7 +290,9 @@ pub fn write_checkpoint_filled(
     let names: Vec<String> = if n == 1 {
         vec![SINGLE_FILE.to_string()]
     } else {
-        (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect()
+        (1..=n)
+            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+            .collect()
     };
     let mut done = 0u64;
     let mut weight_map = serde_json::Map::new();
@@ -264,14 +314,16 @@ pub fn write_checkpoint_filled(
         }
         let f = std::fs::File::create(&path).map_err(io(&path))?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(io(&path))?;
+        w.write_all(&(hbytes.len() as u64).to_le_bytes())
+            .map_err(io(&path))?;
         w.write_all(&hbytes).map_err(io(&path))?;
         let mut buf = Vec::new();
         for &i in shard {
             let (name, shape, init) = &tensors[i];
             let count: usize = shape.iter().product();
             if init.is_some() && fill == Fill::Zeros {
-                w.seek(SeekFrom::Current(2 * count as i64)).map_err(io(&path))?;
+                w.seek(SeekFrom::Current(2 * count as i64))
+                    .map_err(io(&path))?;
                 done += 2 * count as u64;
                 progress(done, total);
                 continue;
@@ -302,15 +354,21 @@ pub fn write_checkpoint_filled(
         w.flush().map_err(io(&path))?;
         // A trailing hole needs the length set explicitly.
         let f = w.into_inner().map_err(|e| io(&path)(e.into_error()))?;
-        f.set_len(8 + hbytes.len() as u64 + off as u64).map_err(io(&path))?;
+        f.set_len(8 + hbytes.len() as u64 + off as u64)
+            .map_err(io(&path))?;
     }
     if n > 1 {
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let p = dir.join(INDEX_FILE);
         std::fs::write(&p, serde_json::to_vec_pretty(&index).expect("json")).map_err(io(&p))?;
     }
     let p = dir.join("config.json");
-    std::fs::write(&p, serde_json::to_vec_pretty(&geometry.config_json()).expect("json")).map_err(io(&p))?;
+    std::fs::write(
+        &p,
+        serde_json::to_vec_pretty(&geometry.config_json()).expect("json"),
+    )
+    .map_err(io(&p))?;
     let gen = serde_json::json!({
         "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": true,
         "eos_token_id": [151645, 151643], "repetition_penalty": 1.05,
@@ -318,7 +376,11 @@ pub fn write_checkpoint_filled(
     });
     let p = dir.join("generation_config.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&gen).expect("json")).map_err(io(&p))?;
-    Ok(Written { files: names, bytes: total, tensors: tensors.len() })
+    Ok(Written {
+        files: names,
+        bytes: total,
+        tensors: tensors.len(),
+    })
 }
 
 /// Arguments of `init` (also used by the `faasmoe model init` command).
@@ -351,11 +413,14 @@ pub struct InitArgs {
     pub tokenizer: Option<PathBuf>,
 }
 
-
 /// Runs `init`: writes the checkpoint with a progress bar on stderr; returns the geometry.
 pub fn init(a: &InitArgs) -> anyhow::Result<Geometry> {
     let Some(mut g) = preset(&a.preset) else {
-        anyhow::bail!("unknown preset `{}` (known: {})", a.preset, PRESETS.join(", "));
+        anyhow::bail!(
+            "unknown preset `{}` (known: {})",
+            a.preset,
+            PRESETS.join(", ")
+        );
     };
     if let Some(l) = a.layers {
         g.num_hidden_layers = l;
@@ -366,18 +431,32 @@ pub fn init(a: &InitArgs) -> anyhow::Result<Geometry> {
     let total = g.total_bytes();
     eprintln!(
         "writing {} ({} layers, hidden {}, {} experts × {}, {:.2} GB bf16) to {}",
-        a.preset, g.num_hidden_layers, g.hidden_size, g.num_experts, g.moe_intermediate_size,
-        total as f64 / 1e9, a.out.display()
+        a.preset,
+        g.num_hidden_layers,
+        g.hidden_size,
+        g.num_experts,
+        g.moe_intermediate_size,
+        total as f64 / 1e9,
+        a.out.display()
     );
-    let bar = indicatif::ProgressBar::new(total).with_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")?,
-    );
+    let bar =
+        indicatif::ProgressBar::new(total).with_style(indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )?);
     let fill = if a.zeros { Fill::Zeros } else { Fill::Random };
-    let w = write_checkpoint_filled(&a.out, &g, fill, a.seed, a.max_shard_bytes, |d, _| bar.set_position(d))?;
+    let w = write_checkpoint_filled(&a.out, &g, fill, a.seed, a.max_shard_bytes, |d, _| {
+        bar.set_position(d)
+    })?;
     bar.finish_and_clear();
     if let Some(t) = &a.tokenizer {
-        std::fs::copy(t, a.out.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("copying {}: {e}", t.display()))?;
+        std::fs::copy(t, a.out.join("tokenizer.json"))
+            .map_err(|e| anyhow::anyhow!("copying {}: {e}", t.display()))?;
     }
-    eprintln!("wrote {} tensors in {} file(s): {}", w.tensors, w.files.len(), w.files.join(", "));
+    eprintln!(
+        "wrote {} tensors in {} file(s): {}",
+        w.tensors,
+        w.files.len(),
+        w.files.join(", ")
+    );
     Ok(g)
 }

@@ -37,12 +37,15 @@ pub use backend::InProcessBackend;
 pub use checkpoint::Checkpoint;
 pub use config::{Config, GenerationConfig};
 pub use error::{ModelError, Result};
-pub use linear::{Embedding, Linear, Weight};
 pub use experts::{ExpertId, ExpertSelection, ExpertSet, RowRoutes};
+pub use linear::{Embedding, Linear, Weight};
 pub use qwen2_moe::{ControlPlane, ExpertBackend, ForwardPass, KvCache, RoutedBatch, Step};
 
 /// Loads the control plane and all routed experts in-process (the local-split mode).
-pub fn load_local(dir: &std::path::Path, dtype: candle_core::DType) -> Result<(ControlPlane, InProcessBackend)> {
+pub fn load_local(
+    dir: &std::path::Path,
+    dtype: candle_core::DType,
+) -> Result<(ControlPlane, InProcessBackend)> {
     let mut ckpt = Checkpoint::open(dir, dtype)?;
     let cp = ControlPlane::load(&mut ckpt)?;
     let moe: Vec<usize> = cp.config().moe_layers().collect();

@@ -31,7 +31,11 @@ pub struct Weight {
 
 impl std::fmt::Debug for Weight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Weight").field("dtype", &self.dtype).field("rows", &self.rows).field("cols", &self.cols).finish()
+        f.debug_struct("Weight")
+            .field("dtype", &self.dtype)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
     }
 }
 
@@ -39,7 +43,9 @@ fn elem_bytes(dtype: DType) -> Result<usize> {
     match dtype {
         DType::BF16 | DType::F16 => Ok(2),
         DType::F32 => Ok(4),
-        other => Err(ModelError::InvalidInput(format!("weights are bf16, f16 or f32, not {other:?}"))),
+        other => Err(ModelError::InvalidInput(format!(
+            "weights are bf16, f16 or f32, not {other:?}"
+        ))),
     }
 }
 
@@ -71,7 +77,12 @@ impl Weight {
         for e in buf.chunks_exact_mut(eb) {
             e.reverse();
         }
-        Ok(Self { dtype, rows, cols, lines })
+        Ok(Self {
+            dtype,
+            rows,
+            cols,
+            lines,
+        })
     }
 
     /// An f32 matrix `[rows, cols]` from its values.
@@ -79,7 +90,10 @@ impl Weight {
     /// Errors: `data.len() != rows · cols`.
     pub fn from_f32(rows: usize, cols: usize, data: &[f32]) -> Result<Self> {
         if data.len() != rows * cols {
-            return Err(ModelError::InvalidInput(format!("{} values for a [{rows}, {cols}] weight", data.len())));
+            return Err(ModelError::InvalidInput(format!(
+                "{} values for a [{rows}, {cols}] weight",
+                data.len()
+            )));
         }
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         Self::from_le_parts(DType::F32, cols, &[(rows, &bytes)])
@@ -90,10 +104,29 @@ impl Weight {
         let (rows, cols) = t.dims2()?;
         let t = t.contiguous()?;
         let bytes: Vec<u8> = match t.dtype() {
-            DType::BF16 => t.flatten_all()?.to_vec1::<bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F16 => t.flatten_all()?.to_vec1::<f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F32 => t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            other => return Err(ModelError::InvalidInput(format!("weights are bf16, f16 or f32, not {other:?}"))),
+            DType::BF16 => t
+                .flatten_all()?
+                .to_vec1::<bf16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::F16 => t
+                .flatten_all()?
+                .to_vec1::<f16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::F32 => t
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            other => {
+                return Err(ModelError::InvalidInput(format!(
+                    "weights are bf16, f16 or f32, not {other:?}"
+                )))
+            }
         };
         Self::from_le_parts(t.dtype(), cols, &[(rows, &bytes)])
     }
@@ -126,7 +159,9 @@ impl Weight {
         // (≥ the alignment of bf16, f16, f32); `half`'s types are `repr(transparent)` u16.
         let data = unsafe {
             match self.dtype {
-                DType::BF16 => WeightData::Bf16(std::slice::from_raw_parts(ptr as *const bf16, len)),
+                DType::BF16 => {
+                    WeightData::Bf16(std::slice::from_raw_parts(ptr as *const bf16, len))
+                }
                 DType::F16 => WeightData::F16(std::slice::from_raw_parts(ptr as *const f16, len)),
                 _ => WeightData::F32(std::slice::from_raw_parts(ptr as *const f32, len)),
             }
@@ -155,7 +190,11 @@ impl Weight {
     /// The whole matrix widened to an f32 tensor `[rows, cols]` (for references and baselines).
     pub fn to_f32_tensor(&self) -> Result<Tensor> {
         let mut v = vec![0f32; self.rows * self.cols];
-        for (r, row) in v.chunks_exact_mut(self.cols.max(1)).enumerate().take(self.rows) {
+        for (r, row) in v
+            .chunks_exact_mut(self.cols.max(1))
+            .enumerate()
+            .take(self.rows)
+        {
             self.row_into(r, row);
         }
         Ok(Tensor::from_vec(v, (self.rows, self.cols), &Device::Cpu)?)
@@ -165,14 +204,20 @@ impl Weight {
 /// Runs `f` on the f32 values of a CPU tensor, row-major (converted and made contiguous
 /// first when needed; no copy when it already is f32 and contiguous).
 pub(crate) fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let x = if x.dtype() == DType::F32 { x.contiguous()? } else { x.to_dtype(DType::F32)?.contiguous()? };
+    let x = if x.dtype() == DType::F32 {
+        x.contiguous()?
+    } else {
+        x.to_dtype(DType::F32)?.contiguous()?
+    };
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(CpuStorage::F32(values)) = &*storage else {
-        return Err(ModelError::InvalidInput("the kernel takes CPU tensors".into()));
+        return Err(ModelError::InvalidInput(
+            "the kernel takes CPU tensors".into(),
+        ));
     };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| ModelError::InvalidInput("a non-contiguous tensor after contiguous()".into()))?;
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        ModelError::InvalidInput("a non-contiguous tensor after contiguous()".into())
+    })?;
     f(&values[start..end])
 }
 
@@ -191,10 +236,17 @@ impl Linear {
     pub fn new(weight: Arc<Weight>, bias: Option<Vec<f32>>) -> Result<Self> {
         if let Some(b) = &bias {
             if b.len() != weight.rows() {
-                return Err(ModelError::InvalidInput(format!("a bias of {} for {} outputs", b.len(), weight.rows())));
+                return Err(ModelError::InvalidInput(format!(
+                    "a bias of {} for {} outputs",
+                    b.len(),
+                    weight.rows()
+                )));
             }
         }
-        Ok(Self { weight, bias: bias.map(Into::into) })
+        Ok(Self {
+            weight,
+            bias: bias.map(Into::into),
+        })
     }
 
     /// The weight.
@@ -256,7 +308,9 @@ impl Linear {
         let dims = xs.dims().to_vec();
         let k = self.in_features();
         if dims.last() != Some(&k) {
-            return Err(ModelError::InvalidInput(format!("input {dims:?} for a linear layer of {k} inputs")));
+            return Err(ModelError::InvalidInput(format!(
+                "input {dims:?} for a linear layer of {k} inputs"
+            )));
         }
         let m = xs.elem_count() / k.max(1);
         let y = with_f32(xs, |x| self.forward_vec(x, m))?;
@@ -291,7 +345,10 @@ impl Embedding {
         let mut out = vec![0f32; ids.len() * h];
         for (row, &id) in out.chunks_exact_mut(h.max(1)).zip(ids) {
             if id as usize >= self.weight.rows() {
-                return Err(ModelError::TokenOutOfRange { token: id, vocab_size: self.weight.rows() });
+                return Err(ModelError::TokenOutOfRange {
+                    token: id,
+                    vocab_size: self.weight.rows(),
+                });
             }
             self.weight.row_into(id as usize, row);
         }

@@ -35,7 +35,9 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model of `num_layers` decoder layers.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self {
+            layers: vec![None; num_layers],
+        }
     }
 
     /// Tokens cached (as of the first layer).
@@ -83,7 +85,10 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn load(ckpt: &mut Checkpoint, name: &str, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: ckpt.load(&format!("{name}.weight"), &[size])?, eps: eps as f32 })
+        Ok(Self {
+            weight: ckpt.load(&format!("{name}.weight"), &[size])?,
+            eps: eps as f32,
+        })
     }
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
@@ -93,7 +98,14 @@ impl RmsNorm {
 /// `{name}.weight` `[out, inp]` in its stored dtype, and `{name}.bias` `[out]` (f32) if `bias`.
 fn linear(ckpt: &mut Checkpoint, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     let w = ckpt.load_weight(&format!("{name}.weight"), out, inp)?;
-    let b = if bias { Some(ckpt.load(&format!("{name}.bias"), &[out])?.to_vec1::<f32>()?) } else { None };
+    let b = if bias {
+        Some(
+            ckpt.load(&format!("{name}.bias"), &[out])?
+                .to_vec1::<f32>()?,
+        )
+    } else {
+        None
+    };
     Linear::new(Arc::new(w), b)
 }
 
@@ -118,7 +130,10 @@ impl Rotary {
             .to_dtype(DType::F32)?
             .reshape((max, 1))?;
         let freqs = t.matmul(&inv_freq)?;
-        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
     }
 }
 
@@ -138,10 +153,18 @@ impl Attention {
         let p = format!("model.layers.{layer}.self_attn");
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let names = [format!("{p}.q_proj"), format!("{p}.k_proj"), format!("{p}.v_proj")];
+        let names = [
+            format!("{p}.q_proj"),
+            format!("{p}.k_proj"),
+            format!("{p}.v_proj"),
+        ];
         let rows = [nh * hd, nkv * hd, nkv * hd];
         let weights: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
-        let w = ckpt.load_weight_rows(&weights.iter().map(String::as_str).collect::<Vec<_>>(), &rows, h)?;
+        let w = ckpt.load_weight_rows(
+            &weights.iter().map(String::as_str).collect::<Vec<_>>(),
+            &rows,
+            h,
+        )?;
         let bias = if cfg.qkv_bias {
             let mut b = Vec::with_capacity(rows.iter().sum());
             for (n, &r) in names.iter().zip(&rows) {
@@ -204,7 +227,10 @@ impl Attention {
                 att = att.broadcast_add(&mask)?;
             }
             let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let o = att.matmul(&v_all)?.transpose(1, 2)?.reshape((len, nh * hd))?;
+            let o = att
+                .matmul(&v_all)?
+                .transpose(1, 2)?
+                .reshape((len, nh * hd))?;
             outs.push(o);
         }
         let o = Tensor::cat(&outs, 0)?;
@@ -213,7 +239,13 @@ impl Attention {
 
     /// Additive mask `[len, total]`: query `i` (position `offset + i`) sees key `j` iff
     /// `j <= offset + i` and, with a sliding window `w`, `offset + i - j < w`.
-    fn mask(&self, offset: usize, len: usize, total: usize, dtype: DType) -> Result<Option<Tensor>> {
+    fn mask(
+        &self,
+        offset: usize,
+        len: usize,
+        total: usize,
+        dtype: DType,
+    ) -> Result<Option<Tensor>> {
         let window = self.sliding_window;
         let needs = len > 1 || window.is_some_and(|w| total > w);
         if !needs {
@@ -224,11 +256,17 @@ impl Attention {
                 let pos = offset + i;
                 (0..total).map(move |j| {
                     let hidden = j > pos || window.is_some_and(|w| pos - j.min(pos) >= w);
-                    if hidden { f32::NEG_INFINITY } else { 0.0 }
+                    if hidden {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
                 })
             })
             .collect();
-        Ok(Some(Tensor::from_vec(mask, (len, total), &Device::Cpu)?.to_dtype(dtype)?))
+        Ok(Some(
+            Tensor::from_vec(mask, (len, total), &Device::Cpu)?.to_dtype(dtype)?,
+        ))
     }
 }
 
@@ -250,13 +288,30 @@ impl MoeControl {
         let gate = linear(ckpt, &format!("{p}.gate"), cfg.num_experts, h, false)?;
         let (shared_expert, shared_expert_gate) = if cfg.shared_expert_intermediate_size > 0 {
             (
-                Some(SwiGlu::load(ckpt, &format!("{p}.shared_expert"), h, cfg.shared_expert_intermediate_size)?),
-                Some(linear(ckpt, &format!("{p}.shared_expert_gate"), 1, h, false)?),
+                Some(SwiGlu::load(
+                    ckpt,
+                    &format!("{p}.shared_expert"),
+                    h,
+                    cfg.shared_expert_intermediate_size,
+                )?),
+                Some(linear(
+                    ckpt,
+                    &format!("{p}.shared_expert_gate"),
+                    1,
+                    h,
+                    false,
+                )?),
             )
         } else {
             (None, None)
         };
-        Ok(Self { gate, shared_expert, shared_expert_gate, top_k: cfg.num_experts_per_tok, norm_topk_prob: cfg.norm_topk_prob })
+        Ok(Self {
+            gate,
+            shared_expert,
+            shared_expert_gate,
+            top_k: cfg.num_experts_per_tok,
+            norm_topk_prob: cfg.norm_topk_prob,
+        })
     }
 
     /// Router: softmax over all experts in f32, top-k, optional renormalisation
@@ -274,7 +329,16 @@ impl MoeControl {
                 idx.truncate(self.top_k);
                 let sum: f32 = idx.iter().map(|&e| p[e]).sum();
                 idx.into_iter()
-                    .map(|e| (e, if self.norm_topk_prob { p[e] / sum } else { p[e] }))
+                    .map(|e| {
+                        (
+                            e,
+                            if self.norm_topk_prob {
+                                p[e] / sum
+                            } else {
+                                p[e]
+                            },
+                        )
+                    })
                     .collect()
             })
             .collect())
@@ -392,7 +456,10 @@ pub struct ControlPlane {
 
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlPlane").field("layers", &self.layers.len()).field("dtype", &self.dtype).finish()
+        f.debug_struct("ControlPlane")
+            .field("layers", &self.layers.len())
+            .field("dtype", &self.dtype)
+            .finish()
     }
 }
 
@@ -410,12 +477,27 @@ impl ControlPlane {
             let ffn = if cfg.is_moe_layer(l) {
                 Ffn::Moe(MoeControl::load(ckpt, &cfg, l)?)
             } else {
-                Ffn::Dense(SwiGlu::load(ckpt, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
+                Ffn::Dense(SwiGlu::load(
+                    ckpt,
+                    &format!("{p}.mlp"),
+                    h,
+                    cfg.intermediate_size,
+                )?)
             };
             layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::load(ckpt, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps)?,
+                input_layernorm: RmsNorm::load(
+                    ckpt,
+                    &format!("{p}.input_layernorm"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
                 self_attn: Attention::load(ckpt, &cfg, l)?,
-                post_attention_layernorm: RmsNorm::load(ckpt, &format!("{p}.post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+                post_attention_layernorm: RmsNorm::load(
+                    ckpt,
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
                 ffn,
             });
         }
@@ -426,7 +508,15 @@ impl ControlPlane {
             linear(ckpt, "lm_head", v, h, false)?
         };
         ckpt.release_files();
-        Ok(Self { rotary: Rotary::new(&cfg, dtype)?, config: cfg, dtype, embed_tokens, layers, norm, lm_head })
+        Ok(Self {
+            rotary: Rotary::new(&cfg, dtype)?,
+            config: cfg,
+            dtype,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     /// The model config.
@@ -448,39 +538,67 @@ impl ControlPlane {
         let mut ids = Vec::new();
         for &(offset, tokens) in batch {
             if tokens.is_empty() {
-                return Err(ModelError::InvalidInput("a sequence with no new tokens".into()));
+                return Err(ModelError::InvalidInput(
+                    "a sequence with no new tokens".into(),
+                ));
             }
-            if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-                return Err(ModelError::TokenOutOfRange { token: t, vocab_size: self.config.vocab_size });
+            if let Some(&t) = tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
+                return Err(ModelError::TokenOutOfRange {
+                    token: t,
+                    vocab_size: self.config.vocab_size,
+                });
             }
             let end = offset + tokens.len();
             if end > self.config.max_position_embeddings {
-                return Err(ModelError::ContextOverflow { len: end, max: self.config.max_position_embeddings });
+                return Err(ModelError::ContextOverflow {
+                    len: end,
+                    max: self.config.max_position_embeddings,
+                });
             }
-            spans.push(Span { row: ids.len(), len: tokens.len(), offset });
+            spans.push(Span {
+                row: ids.len(),
+                len: tokens.len(),
+                offset,
+            });
             ids.extend_from_slice(tokens);
         }
         if ids.is_empty() {
             return Err(ModelError::InvalidInput("an empty batch".into()));
         }
         let hidden = self.embed_tokens.forward(&ids)?;
-        Ok(ForwardPass { spans, hidden, layer: 0, pending: None })
+        Ok(ForwardPass {
+            spans,
+            hidden,
+            layer: 0,
+            pending: None,
+        })
     }
 
     /// Runs layers until a MoE layer needs its routed experts or the stack is done.
     /// `caches[i]` is the cache of the pass's `i`-th sequence.
     pub fn advance(&self, pass: &mut ForwardPass, caches: &mut [&mut KvCache]) -> Result<Step> {
         if pass.pending.is_some() {
-            return Err(ModelError::InvalidInput("advance called before complete_moe".into()));
+            return Err(ModelError::InvalidInput(
+                "advance called before complete_moe".into(),
+            ));
         }
         if caches.len() != pass.spans.len() {
-            return Err(ModelError::InvalidInput(format!("{} caches for {} sequences", caches.len(), pass.spans.len())));
+            return Err(ModelError::InvalidInput(format!(
+                "{} caches for {} sequences",
+                caches.len(),
+                pass.spans.len()
+            )));
         }
         while pass.layer < self.layers.len() {
             let l = pass.layer;
             let layer = &self.layers[l];
             let xs = layer.input_layernorm.forward(&pass.hidden)?;
-            let attn = layer.self_attn.forward(l, &xs, &pass.spans, caches, &self.rotary)?;
+            let attn = layer
+                .self_attn
+                .forward(l, &xs, &pass.spans, caches, &self.rotary)?;
             let residual = (&pass.hidden + attn)?;
             let xs = layer.post_attention_layernorm.forward(&residual)?;
             match &layer.ffn {
@@ -490,8 +608,16 @@ impl ControlPlane {
                 }
                 Ffn::Moe(moe) => {
                     let routes = moe.route(&xs)?;
-                    pass.pending = Some(PendingMoe { residual, xs: xs.clone(), shared: None });
-                    return Ok(Step::Experts(RoutedBatch { layer: l, hidden: xs, routes }));
+                    pass.pending = Some(PendingMoe {
+                        residual,
+                        xs: xs.clone(),
+                        shared: None,
+                    });
+                    return Ok(Step::Experts(RoutedBatch {
+                        layer: l,
+                        hidden: xs,
+                        routes,
+                    }));
                 }
             }
         }
@@ -506,10 +632,9 @@ impl ControlPlane {
     /// Errors: no pending MoE layer.
     pub fn shared_expert(&self, pass: &mut ForwardPass) -> Result<()> {
         let layer = pass.layer;
-        let pending = pass
-            .pending
-            .as_mut()
-            .ok_or_else(|| ModelError::InvalidInput("shared_expert without a pending MoE layer".into()))?;
+        let pending = pass.pending.as_mut().ok_or_else(|| {
+            ModelError::InvalidInput("shared_expert without a pending MoE layer".into())
+        })?;
         if pending.shared.is_none() {
             let Ffn::Moe(moe) = &self.layers[layer].ffn else {
                 return Err(ModelError::InvalidInput("pending layer is not MoE".into()));
@@ -523,12 +648,19 @@ impl ControlPlane {
     /// `hidden = residual + (routed + sigmoid(g·x) · shared_expert(x))`, the order of
     /// HF `Qwen2MoeSparseMoeBlock.forward` (routed sum plus gated shared expert).
     pub fn complete_moe(&self, pass: &mut ForwardPass, routed: &Tensor) -> Result<()> {
-        let PendingMoe { residual, xs, shared } = pass
-            .pending
-            .take()
-            .ok_or_else(|| ModelError::InvalidInput("complete_moe without a pending MoE layer".into()))?;
+        let PendingMoe {
+            residual,
+            xs,
+            shared,
+        } = pass.pending.take().ok_or_else(|| {
+            ModelError::InvalidInput("complete_moe without a pending MoE layer".into())
+        })?;
         if routed.dims() != xs.dims() {
-            return Err(ModelError::InvalidInput(format!("routed output {:?}, expected {:?}", routed.dims(), xs.dims())));
+            return Err(ModelError::InvalidInput(format!(
+                "routed output {:?}, expected {:?}",
+                routed.dims(),
+                xs.dims()
+            )));
         }
         let Ffn::Moe(moe) = &self.layers[pass.layer].ffn else {
             return Err(ModelError::InvalidInput("pending layer is not MoE".into()));
@@ -555,16 +687,22 @@ impl ControlPlane {
     ///
     /// Returns `(decoder layer, experts ascending)` per predicted MoE layer, nearest first;
     /// empty when no MoE layer follows. Errors: no pending MoE layer.
-    pub fn predict_experts(&self, pass: &ForwardPass, ahead: usize, max_rows: usize) -> Result<Vec<(usize, Vec<u32>)>> {
-        let pending = pass
-            .pending
-            .as_ref()
-            .ok_or_else(|| ModelError::InvalidInput("predict_experts without a pending MoE layer".into()))?;
+    pub fn predict_experts(
+        &self,
+        pass: &ForwardPass,
+        ahead: usize,
+        max_rows: usize,
+    ) -> Result<Vec<(usize, Vec<u32>)>> {
+        let pending = pass.pending.as_ref().ok_or_else(|| {
+            ModelError::InvalidInput("predict_experts without a pending MoE layer".into())
+        })?;
         let n = pending.residual.dim(0)?;
         let rows = if n > max_rows.max(1) {
             let k = max_rows.max(1);
             let idx: Vec<u32> = (0..k).map(|i| (i * n / k) as u32).collect();
-            pending.residual.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?
+            pending
+                .residual
+                .index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?
         } else {
             pending.residual.clone()
         };
@@ -576,7 +714,12 @@ impl ControlPlane {
             let layer = &self.layers[j];
             if let Ffn::Moe(moe) = &layer.ffn {
                 let xs = layer.post_attention_layernorm.forward(&rows)?;
-                let mut experts: Vec<u32> = moe.route(&xs)?.into_iter().flatten().map(|(e, _)| e as u32).collect();
+                let mut experts: Vec<u32> = moe
+                    .route(&xs)?
+                    .into_iter()
+                    .flatten()
+                    .map(|(e, _)| e as u32)
+                    .collect();
                 experts.sort_unstable();
                 experts.dedup();
                 out.push((j, experts));

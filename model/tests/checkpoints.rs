@@ -73,7 +73,10 @@ fn shared_expert_ahead_of_complete_moe_changes_nothing() {
     assert_eq!(run(&mut backend, true), run(&mut backend, false));
     // Without a pending MoE layer it is an error, not a panic.
     let mut pass = cp.start(&batch).unwrap();
-    assert!(matches!(cp.shared_expert(&mut pass), Err(ModelError::InvalidInput(_))));
+    assert!(matches!(
+        cp.shared_expert(&mut pass),
+        Err(ModelError::InvalidInput(_))
+    ));
 }
 
 #[test]
@@ -86,7 +89,14 @@ fn generator_is_deterministic_whatever_the_shard_size() {
     let name = "model.layers.1.mlp.experts.3.up_proj.weight";
     let ta = ca.load(name, &[32, 64]).unwrap();
     let tb = cb.load(name, &[32, 64]).unwrap();
-    let d: f32 = (ta - tb).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let d: f32 = (ta - tb)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert_eq!(d, 0.0);
 }
 
@@ -104,9 +114,15 @@ fn zero_fill_writes_full_size_sparse_files_that_load_as_zeros_with_unit_norms() 
         std::fs::metadata(r.path().join("model.safetensors")).unwrap(),
     );
     assert_eq!(mz.len(), mr.len(), "same layout and size");
-    eprintln!("zero-filled: {} bytes long, {} bytes allocated", mz.len(), 512 * mz.blocks());
+    eprintln!(
+        "zero-filled: {} bytes long, {} bytes allocated",
+        mz.len(),
+        512 * mz.blocks()
+    );
     let mut ck = Checkpoint::open(z.path(), DType::F32).unwrap();
-    let up = ck.load("model.layers.1.mlp.experts.3.up_proj.weight", &[512, 256]).unwrap();
+    let up = ck
+        .load("model.layers.1.mlp.experts.3.up_proj.weight", &[512, 256])
+        .unwrap();
     let abs: f32 = up.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
     assert_eq!(abs, 0.0);
     let norm = ck.load("model.norm.weight", &[256]).unwrap();
@@ -120,19 +136,27 @@ fn zero_fill_writes_full_size_sparse_files_that_load_as_zeros_with_unit_norms() 
 fn config_reads_hub_and_transformers5_forms() {
     if let Some(d) = fixture("qwen15-moe-tiny") {
         let c = Config::from_dir(&d).unwrap();
-        assert_eq!((c.rope_theta, c.sliding_window, c.norm_topk_prob), (1e6, None, false));
+        assert_eq!(
+            (c.rope_theta, c.sliding_window, c.norm_topk_prob),
+            (1e6, None, false)
+        );
         assert_eq!(c.moe_layers().count(), 4);
     }
     if let Some(d) = fixture("qwen2-moe-gqa-mixed") {
         let c = Config::from_dir(&d).unwrap();
-        assert_eq!((c.rope_theta, c.num_key_value_heads, c.norm_topk_prob), (10000.0, 2, true));
+        assert_eq!(
+            (c.rope_theta, c.num_key_value_heads, c.norm_topk_prob),
+            (10000.0, 2, true)
+        );
         assert_eq!(c.moe_layers().collect::<Vec<_>>(), vec![0, 2]);
         assert!(c.eos_token_ids.is_empty());
     }
 }
 
 fn config_error(json: serde_json::Value) -> String {
-    Config::from_json(&json.to_string()).unwrap_err().to_string()
+    Config::from_json(&json.to_string())
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -176,12 +200,20 @@ fn missing_tensor_is_an_error_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     write_tiny(tmp.path(), 100_000);
     let index_path = tmp.path().join("model.safetensors.index.json");
-    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
-    index["weight_map"].as_object_mut().unwrap().remove("model.layers.1.self_attn.k_proj.bias");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["weight_map"]
+        .as_object_mut()
+        .unwrap()
+        .remove("model.layers.1.self_attn.k_proj.bias");
     std::fs::write(&index_path, index.to_string()).unwrap();
     let mut ckpt = Checkpoint::open(tmp.path(), DType::F32).unwrap();
     let e = ControlPlane::load(&mut ckpt).unwrap_err();
-    assert!(e.to_string().contains("model.layers.1.self_attn.k_proj.bias"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("model.layers.1.self_attn.k_proj.bias"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -190,14 +222,19 @@ fn wrong_shape_is_an_error_naming_tensor_and_file() {
     write_tiny(tmp.path(), u64::MAX);
     // Claim a larger expert intermediate size than the tensors have.
     let cfg_path = tmp.path().join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["moe_intermediate_size"] = 48.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let mut ckpt = Checkpoint::open(tmp.path(), DType::F32).unwrap();
     let e = ExpertSet::load(&mut ckpt, &ExpertSelection::of_layer(0, [2])).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, ModelError::WrongShape { .. }), "{msg}");
-    assert!(msg.contains("model.layers.0.mlp.experts.2.gate_proj.weight") && msg.contains("model.safetensors"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.mlp.experts.2.gate_proj.weight")
+            && msg.contains("model.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -206,14 +243,40 @@ fn unknown_expert_and_out_of_vocab_token_are_errors() {
     write_tiny(tmp.path(), u64::MAX);
     let mut ckpt = Checkpoint::open(tmp.path(), DType::F32).unwrap();
     let e = ExpertSet::load(&mut ckpt, &ExpertSelection::of_layer(0, [16])).unwrap_err();
-    assert!(matches!(e, ModelError::UnknownExpert { layer: 0, expert: 16 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ModelError::UnknownExpert {
+                layer: 0,
+                expert: 16
+            }
+        ),
+        "{e}"
+    );
     let (cp, mut backend) = load_local(tmp.path(), DType::F32).unwrap();
     let e = greedy_batch(&cp, &mut backend, &[vec![3, 512]], 1).unwrap_err();
-    assert!(matches!(e, ModelError::TokenOutOfRange { token: 512, vocab_size: 512 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ModelError::TokenOutOfRange {
+                token: 512,
+                vocab_size: 512
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("512"));
     let set = backend.experts();
     let x = candle_core::Tensor::zeros((2, 64), DType::F32, &candle_core::Device::Cpu).unwrap();
-    let e = set.forward(ExpertId { layer: 0, expert: 99 }, &x).unwrap_err();
+    let e = set
+        .forward(
+            ExpertId {
+                layer: 0,
+                expert: 99,
+            },
+            &x,
+        )
+        .unwrap_err();
     assert!(matches!(e, ModelError::UnknownExpert { .. }));
 }
 
@@ -235,9 +298,16 @@ fn expert_function_memory_is_proportional_to_its_experts_on_the_a27b_layer() {
             .args(["--layer", "0", "--experts", experts])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        (j["rss_after_bytes"].as_f64().unwrap(), j["weight_bytes"].as_f64().unwrap())
+        (
+            j["rss_after_bytes"].as_f64().unwrap(),
+            j["weight_bytes"].as_f64().unwrap(),
+        )
     };
     let (one, w1) = rss("0..1");
     let (all, w60) = rss("0..60");
@@ -250,7 +320,17 @@ fn expert_function_memory_is_proportional_to_its_experts_on_the_a27b_layer() {
     // 1.1 × its 17.3 MB of bf16 tensors (issue 15).
     let extra = all - one;
     eprintln!("RSS per extra expert: {:.2} MB", extra / 59.0 / 1e6);
-    assert!((extra / (59.0 * w1) - 1.0).abs() < 0.05, "60 experts {all} vs 1 expert {one}");
-    assert!(extra / 59.0 <= 1.1 * w1, "{} bytes per expert", extra / 59.0);
-    assert!(all < w60 * 1.05 + 40e6, "60 experts hold {all} for {w60} of weights");
+    assert!(
+        (extra / (59.0 * w1) - 1.0).abs() < 0.05,
+        "60 experts {all} vs 1 expert {one}"
+    );
+    assert!(
+        extra / 59.0 <= 1.1 * w1,
+        "{} bytes per expert",
+        extra / 59.0
+    );
+    assert!(
+        all < w60 * 1.05 + 40e6,
+        "60 experts hold {all} for {w60} of weights"
+    );
 }

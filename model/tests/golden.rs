@@ -21,13 +21,21 @@ impl Golden {
         Self(candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap())
     }
     fn ids(&self, key: &str) -> Vec<u32> {
-        self.0[key].to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        self.0[key]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
     fn t(&self, key: &str) -> &Tensor {
         &self.0[key]
     }
     fn n_prompts(&self) -> usize {
-        (0..).take_while(|i| self.0.contains_key(&format!("prompt.{i}.input_ids"))).count()
+        (0..)
+            .take_while(|i| self.0.contains_key(&format!("prompt.{i}.input_ids")))
+            .count()
     }
 }
 
@@ -56,7 +64,10 @@ impl ExpertBackend for Recording {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn check_fixture(name: &str) {
@@ -68,31 +79,59 @@ fn check_fixture(name: &str) {
     let mut prompts = Vec::new();
     for i in 0..n {
         let ids = golden.ids(&format!("prompt.{i}.input_ids"));
-        let mut rec = Recording { inner: backend.clone(), routes: vec![] };
+        let mut rec = Recording {
+            inner: backend.clone(),
+            routes: vec![],
+        };
         let mut cache = KvCache::new(cp.config().num_hidden_layers);
-        let (_pass, hidden) = cp.forward(&[(0, &ids)], &mut [&mut cache], &mut rec).unwrap();
+        let (_pass, hidden) = cp
+            .forward(&[(0, &ids)], &mut [&mut cache], &mut rec)
+            .unwrap();
         let logits = cp.logits(&hidden).unwrap().to_vec2::<f32>().unwrap();
 
         // last_logits
-        let want_last: Vec<f32> = golden.t(&format!("prompt.{i}.last_logits")).to_vec1().unwrap();
+        let want_last: Vec<f32> = golden
+            .t(&format!("prompt.{i}.last_logits"))
+            .to_vec1()
+            .unwrap();
         let d = max_abs_diff(logits.last().unwrap(), &want_last);
         assert!(d <= TOL, "{name} prompt {i}: last_logits max |Δ| = {d}");
 
         // top-16 values and indices at every position
-        let want_v: Vec<Vec<f32>> = golden.t(&format!("prompt.{i}.topk_values")).to_vec2().unwrap();
-        let want_i: Vec<Vec<i64>> = golden.t(&format!("prompt.{i}.topk_indices")).to_vec2().unwrap();
+        let want_v: Vec<Vec<f32>> = golden
+            .t(&format!("prompt.{i}.topk_values"))
+            .to_vec2()
+            .unwrap();
+        let want_i: Vec<Vec<i64>> = golden
+            .t(&format!("prompt.{i}.topk_indices"))
+            .to_vec2()
+            .unwrap();
         for (pos, row) in logits.iter().enumerate() {
             for (k, (&gi, &gv)) in want_i[pos].iter().zip(&want_v[pos]).enumerate() {
                 let got = row[gi as usize];
-                assert!((got - gv).abs() <= TOL, "{name} prompt {i} pos {pos} top{k}: {got} vs {gv}");
+                assert!(
+                    (got - gv).abs() <= TOL,
+                    "{name} prompt {i} pos {pos} top{k}: {got} vs {gv}"
+                );
             }
             let mut order: Vec<usize> = (0..row.len()).collect();
             order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap());
             for k in 0..want_i[pos].len() {
-                let gap_prev = if k > 0 { want_v[pos][k - 1] - want_v[pos][k] } else { f32::INFINITY };
-                let gap_next = if k + 1 < want_v[pos].len() { want_v[pos][k] - want_v[pos][k + 1] } else { f32::INFINITY };
+                let gap_prev = if k > 0 {
+                    want_v[pos][k - 1] - want_v[pos][k]
+                } else {
+                    f32::INFINITY
+                };
+                let gap_next = if k + 1 < want_v[pos].len() {
+                    want_v[pos][k] - want_v[pos][k + 1]
+                } else {
+                    f32::INFINITY
+                };
                 if gap_prev > TOL && gap_next > TOL {
-                    assert_eq!(order[k] as i64, want_i[pos][k], "{name} prompt {i} pos {pos}: top-k index {k}");
+                    assert_eq!(
+                        order[k] as i64, want_i[pos][k],
+                        "{name} prompt {i} pos {pos}: top-k index {k}"
+                    );
                 }
             }
         }
@@ -109,7 +148,10 @@ fn check_fixture(name: &str) {
             for (t, experts) in rows.iter().enumerate() {
                 assert_eq!(experts.len(), k);
                 let want: Vec<u32> = want_r[m][t].iter().map(|&e| e as u32).collect();
-                assert_eq!(experts, &want, "{name} prompt {i}: router at layer {layer} token {t}");
+                assert_eq!(
+                    experts, &want,
+                    "{name} prompt {i}: router at layer {layer} token {t}"
+                );
             }
         }
         prompts.push(ids);
@@ -122,7 +164,10 @@ fn check_fixture(name: &str) {
         let want = golden.ids(&format!("prompt.{i}.greedy_ids"));
         let alone = greedy_batch(&cp, &mut be, std::slice::from_ref(p), 24).unwrap();
         assert_eq!(alone[0], want, "{name} prompt {i}: greedy alone");
-        assert_eq!(batched[i], want, "{name} prompt {i}: greedy in a batch of four");
+        assert_eq!(
+            batched[i], want,
+            "{name} prompt {i}: greedy in a batch of four"
+        );
     }
 }
 
@@ -138,7 +183,9 @@ fn split_model_matches_transformers_on_qwen2_moe_gqa_mixed_sharded_f32() {
 
 #[test]
 fn candle_transformers_baseline_agrees_with_split_model_on_qwen15_moe_tiny() {
-    let Some(dir) = fixture("qwen15-moe-tiny") else { return };
+    let Some(dir) = fixture("qwen15-moe-tiny") else {
+        return;
+    };
     let golden = Golden::load(&dir);
     let (cp, mut backend) = load_local(&dir, DType::F32).unwrap();
     let mut base = Baseline::load(&dir, DType::F32).unwrap();
@@ -147,12 +194,18 @@ fn candle_transformers_baseline_agrees_with_split_model_on_qwen15_moe_tiny() {
         base.reset();
         let got = base.forward(&ids).unwrap().to_vec1::<f32>().unwrap();
         let mut cache = cp.new_cache();
-        let (_, h) = cp.forward(&[(0, &ids)], &mut [&mut cache], &mut backend).unwrap();
+        let (_, h) = cp
+            .forward(&[(0, &ids)], &mut [&mut cache], &mut backend)
+            .unwrap();
         let split = cp.logits(&h).unwrap().to_vec2::<f32>().unwrap();
         let d = max_abs_diff(&got, split.last().unwrap());
         assert!(d <= TOL, "prompt {i}: baseline vs split max |Δ| = {d}");
         assert_eq!(argmax(&got), argmax(split.last().unwrap()));
         let want = golden.ids(&format!("prompt.{i}.greedy_ids"));
-        assert_eq!(base.greedy(&ids, 24).unwrap(), want, "prompt {i}: baseline greedy");
+        assert_eq!(
+            base.greedy(&ids, 24).unwrap(),
+            want,
+            "prompt {i}: baseline greedy"
+        );
     }
 }

@@ -99,8 +99,14 @@ mod tests {
         };
         assert_eq!(ActivateRequest::decode(&req.encode()).unwrap(), req);
         // Without `wait_ms` (older controllers) it decodes as `None`.
-        let old = format!(r#"{{"version":{},"model":"m","function_id":"f","layer":0,"experts":[1],"requested_by":"c"}}"#, crate::PROTOCOL_VERSION);
-        assert_eq!(ActivateRequest::decode(old.as_bytes()).unwrap().wait_ms, None);
+        let old = format!(
+            r#"{{"version":{},"model":"m","function_id":"f","layer":0,"experts":[1],"requested_by":"c"}}"#,
+            crate::PROTOCOL_VERSION
+        );
+        assert_eq!(
+            ActivateRequest::decode(old.as_bytes()).unwrap().wait_ms,
+            None
+        );
         assert_eq!(ActivateRequest::decode(&req.encode()).unwrap(), req);
         req.version = 2;
         assert_eq!(

@@ -48,12 +48,24 @@ pub struct NatsArgs {
 impl NatsArgs {
     /// Server `url` without credentials.
     pub fn anonymous(url: impl Into<String>) -> Self {
-        NatsArgs { url: url.into(), user: None, password: None }
+        NatsArgs {
+            url: url.into(),
+            user: None,
+            password: None,
+        }
     }
 
     /// Server `url` as `user` with `password`.
-    pub fn with_user(url: impl Into<String>, user: impl Into<String>, password: impl Into<String>) -> Self {
-        NatsArgs { url: url.into(), user: Some(user.into()), password: Some(password.into()) }
+    pub fn with_user(
+        url: impl Into<String>,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        NatsArgs {
+            url: url.into(),
+            user: Some(user.into()),
+            password: Some(password.into()),
+        }
     }
 
     /// Connects, naming the connection `name` (shown by the server's `/connz` and logs).
@@ -61,15 +73,32 @@ impl NatsArgs {
     /// Errors: [`ConnectionError`] with the URL, for an unreachable server, refused
     /// credentials, or a user given without a password (or the other way round).
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, ConnectionError> {
-        connect(&self.url, self.user.as_deref(), self.password.as_deref(), name).await
+        connect(
+            &self.url,
+            self.user.as_deref(),
+            self.password.as_deref(),
+            name,
+        )
+        .await
     }
 
     /// As [`NatsArgs::connect`], starting from `options` (e.g. with an `event_callback`);
     /// the name and the credentials are set on top of them, as [`connect`] does.
     ///
     /// Errors: as [`NatsArgs::connect`].
-    pub async fn connect_with(&self, name: &str, options: async_nats::ConnectOptions) -> Result<async_nats::Client, ConnectionError> {
-        connect_with(&self.url, self.user.as_deref(), self.password.as_deref(), name, options).await
+    pub async fn connect_with(
+        &self,
+        name: &str,
+        options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::Client, ConnectionError> {
+        connect_with(
+            &self.url,
+            self.user.as_deref(),
+            self.password.as_deref(),
+            name,
+            options,
+        )
+        .await
     }
 }
 
@@ -143,10 +172,25 @@ pub async fn connect_with(
             }
         }
         (None, None) => {}
-        (Some(_), None) => return Err(ConnectionError::HalfCredentials { url: url.into(), given: "user" }),
-        (None, Some(_)) => return Err(ConnectionError::HalfCredentials { url: url.into(), given: "password" }),
+        (Some(_), None) => {
+            return Err(ConnectionError::HalfCredentials {
+                url: url.into(),
+                given: "user",
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ConnectionError::HalfCredentials {
+                url: url.into(),
+                given: "password",
+            })
+        }
     }
-    opts.connect(url).await.map_err(|source| ConnectionError::Connect { url: url.into(), source })
+    opts.connect(url)
+        .await
+        .map_err(|source| ConnectionError::Connect {
+            url: url.into(),
+            source,
+        })
 }
 
 /// Whether something answers requests on `subject` within `timeout`: sends `body` once and
@@ -154,19 +198,43 @@ pub async fn connect_with(
 /// empty one for `faasmoe.v1.generate.<tenant>`, `{}` for `faasmoe.v1.activate.<model>`) this
 /// checks that a controller, baseline or broker serves, without admitting, queueing or
 /// activating anything. `false` for no responders, a timeout or a lost connection.
-pub async fn answers(client: &async_nats::Client, subject: String, body: &'static [u8], timeout: std::time::Duration) -> bool {
-    matches!(tokio::time::timeout(timeout, client.request(subject, bytes::Bytes::from_static(body))).await, Ok(Ok(_)))
+pub async fn answers(
+    client: &async_nats::Client,
+    subject: String,
+    body: &'static [u8],
+    timeout: std::time::Duration,
+) -> bool {
+    matches!(
+        tokio::time::timeout(
+            timeout,
+            client.request(subject, bytes::Bytes::from_static(body))
+        )
+        .await,
+        Ok(Ok(_))
+    )
 }
 
 /// Waits until [`answers`] holds for every subject, probing each every `every` until `limit`.
 /// Returns the subjects still silent at the limit (empty: all answer).
-pub async fn wait_answering(client: &async_nats::Client, probes: &[(String, &'static [u8])], every: std::time::Duration, limit: std::time::Duration) -> Vec<String> {
+pub async fn wait_answering(
+    client: &async_nats::Client,
+    probes: &[(String, &'static [u8])],
+    every: std::time::Duration,
+    limit: std::time::Duration,
+) -> Vec<String> {
     let deadline = tokio::time::Instant::now() + limit;
     let mut silent: Vec<(String, &'static [u8])> = probes.to_vec();
     loop {
         let mut still = Vec::new();
         for (subject, body) in silent {
-            if !answers(client, subject.clone(), body, every.max(std::time::Duration::from_secs(2))).await {
+            if !answers(
+                client,
+                subject.clone(),
+                body,
+                every.max(std::time::Duration::from_secs(2)),
+            )
+            .await
+            {
                 still.push((subject, body));
             }
         }
@@ -195,14 +263,28 @@ mod tests {
         if std::env::var_os("NATS_URL").is_none() {
             assert_eq!(c.nats.url, DEFAULT_NATS_URL);
         }
-        let c = Cli::try_parse_from(["x", "--nats-url", "nats://h:1", "--nats-user", "u", "--nats-password", "p"]).unwrap();
+        let c = Cli::try_parse_from([
+            "x",
+            "--nats-url",
+            "nats://h:1",
+            "--nats-user",
+            "u",
+            "--nats-password",
+            "p",
+        ])
+        .unwrap();
         assert_eq!(c.nats, NatsArgs::with_user("nats://h:1", "u", "p"));
     }
 
     #[tokio::test]
     async fn half_credentials_are_refused_before_connecting() {
-        let e = connect("nats://127.0.0.1:1", Some("u"), None, "t").await.unwrap_err();
-        assert!(matches!(e, ConnectionError::HalfCredentials { given: "user", .. }), "{e}");
+        let e = connect("nats://127.0.0.1:1", Some("u"), None, "t")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ConnectionError::HalfCredentials { given: "user", .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("nats://127.0.0.1:1"));
     }
 }

@@ -254,27 +254,41 @@ impl ExpertRequest {
     /// Errors: [`ErrorCode::PayloadTooLarge`] when a single row cannot fit (a server with a
     /// `max_payload` below a few hidden rows); [`ErrorCode::WrongShape`] when `hidden` is
     /// not a rank-2 tensor matching its data and `routes`.
-    pub fn split_to_fit(self, max_payload: usize) -> Result<Vec<(usize, ExpertRequest)>, WireError> {
+    pub fn split_to_fit(
+        self,
+        max_payload: usize,
+    ) -> Result<Vec<(usize, ExpertRequest)>, WireError> {
         let (rows, cols) = self.hidden.dims2()?;
         self.hidden.check()?;
         if self.routes.len() != rows {
             return Err(WireError::new(
                 ErrorCode::WrongShape,
-                format!("hidden has {rows} rows but routes has {} entries", self.routes.len()),
+                format!(
+                    "hidden has {rows} rows but routes has {} entries",
+                    self.routes.len()
+                ),
             ));
         }
         let row_in = cols * self.hidden.dtype.size();
         let out_row = cols * self.reply_dtype.size();
         let budget = max_payload.saturating_sub(MESSAGE_HEADROOM_BYTES);
         let empty = |r: &ExpertRequest| ExpertRequest {
-            hidden: WireTensor { dtype: r.hidden.dtype, shape: vec![0, cols as u32], data: Bytes::new() },
+            hidden: WireTensor {
+                dtype: r.hidden.dtype,
+                shape: vec![0, cols as u32],
+                data: Bytes::new(),
+            },
             routes: Vec::new(),
             ..r.clone_header()
         };
         let fixed_request = encode(&empty(&self)).len() + 10;
         let fixed_reply = encode(&ExpertReply::ok(
             self.request_id,
-            WireTensor { dtype: self.reply_dtype, shape: vec![0, cols as u32], data: Bytes::new() },
+            WireTensor {
+                dtype: self.reply_dtype,
+                shape: vec![0, cols as u32],
+                data: Bytes::new(),
+            },
         ))
         .len()
             + 10;
@@ -283,9 +297,13 @@ impl ExpertRequest {
             let reply = if self.combine { out_row } else { k * out_row };
             (row_in + row_routes_bytes(k), reply)
         };
-        if let Some((i, (req, rep))) = self.routes.iter().map(costs).enumerate().find(|(_, (q, p))| {
-            fixed_request + q > budget || fixed_reply + p > budget
-        }) {
+        if let Some((i, (req, rep))) = self
+            .routes
+            .iter()
+            .map(costs)
+            .enumerate()
+            .find(|(_, (q, p))| fixed_request + q > budget || fixed_reply + p > budget)
+        {
             return Err(WireError::new(
                 ErrorCode::PayloadTooLarge,
                 format!(
@@ -295,7 +313,8 @@ impl ExpertRequest {
                 ),
             ));
         }
-        let (mut parts, mut start, mut req_bytes, mut rep_bytes) = (Vec::new(), 0usize, fixed_request, fixed_reply);
+        let (mut parts, mut start, mut req_bytes, mut rep_bytes) =
+            (Vec::new(), 0usize, fixed_request, fixed_reply);
         for (i, r) in self.routes.iter().enumerate() {
             let (q, p) = costs(r);
             if req_bytes + q > budget || rep_bytes + p > budget {
@@ -338,7 +357,11 @@ impl ExpertRequest {
             tenant: self.tenant.clone(),
             model: self.model.clone(),
             layer: self.layer,
-            hidden: WireTensor { dtype: self.hidden.dtype, shape: vec![0, 0], data: Bytes::new() },
+            hidden: WireTensor {
+                dtype: self.hidden.dtype,
+                shape: vec![0, 0],
+                data: Bytes::new(),
+            },
             routes: Vec::new(),
             reply_dtype: self.reply_dtype,
             combine: self.combine,
@@ -481,14 +504,21 @@ mod tests {
         for (first, part) in &parts {
             assert_eq!(*first, next);
             part.validate(cols).unwrap();
-            assert!(encode(part).len() + MESSAGE_HEADROOM_BYTES <= max_payload, "{} bytes", encode(part).len());
+            assert!(
+                encode(part).len() + MESSAGE_HEADROOM_BYTES <= max_payload,
+                "{} bytes",
+                encode(part).len()
+            );
             let out = WireTensor::from_f32(
                 vec![part.output_rows() as u32, cols as u32],
                 &vec![1.5; part.output_rows() * cols],
                 part.reply_dtype,
             )
             .unwrap();
-            assert!(encode(&ExpertReply::ok(part.request_id, out)).len() + MESSAGE_HEADROOM_BYTES <= max_payload);
+            assert!(
+                encode(&ExpertReply::ok(part.request_id, out)).len() + MESSAGE_HEADROOM_BYTES
+                    <= max_payload
+            );
             assert_eq!(part.routes, req.routes[next..next + part.routes.len()]);
             data.extend_from_slice(&part.hidden.data);
             next += part.routes.len();
@@ -500,18 +530,38 @@ mod tests {
 
     #[test]
     fn split_keeps_every_part_and_reply_under_max_payload() {
-        for (rows, hidden, dtype, k) in [(4096, 64, WireDType::F32, 4), (1000, 2048, WireDType::BF16, 60), (333, 48, WireDType::F32, 1)] {
+        for (rows, hidden, dtype, k) in [
+            (4096, 64, WireDType::F32, 4),
+            (1000, 2048, WireDType::BF16, 60),
+            (333, 48, WireDType::F32, 1),
+        ] {
             let mut req = request(rows, hidden);
-            req.hidden = WireTensor::from_f32(vec![rows, hidden], &vec![0.25; (rows * hidden) as usize], dtype).unwrap();
+            req.hidden = WireTensor::from_f32(
+                vec![rows, hidden],
+                &vec![0.25; (rows * hidden) as usize],
+                dtype,
+            )
+            .unwrap();
             req.reply_dtype = dtype;
             req.combine = true;
-            req.routes = (0..rows).map(|r| RowRoutes { experts: (0..k).map(|e| e + r % 7).collect(), weights: vec![0.1; k as usize] }).collect();
+            req.routes = (0..rows)
+                .map(|r| RowRoutes {
+                    experts: (0..k).map(|e| e + r % 7).collect(),
+                    weights: vec![0.1; k as usize],
+                })
+                .collect();
             for max_payload in [64 << 10, 1 << 20, 8 << 20] {
                 let n = assert_split_fits(&req, max_payload);
                 // No more parts than needed, give or take the routes' bound and one row.
                 let reply_bytes = req.output_rows() * (hidden as usize) * dtype.size();
-                let needed = encode(&req).len().max(reply_bytes).div_ceil(max_payload - MESSAGE_HEADROOM_BYTES);
-                assert!(n >= needed && n <= needed + needed / 4 + 1, "{rows}x{hidden} {dtype:?} k={k} at {max_payload}: {n} parts, {needed} needed");
+                let needed = encode(&req)
+                    .len()
+                    .max(reply_bytes)
+                    .div_ceil(max_payload - MESSAGE_HEADROOM_BYTES);
+                assert!(
+                    n >= needed && n <= needed + needed / 4 + 1,
+                    "{rows}x{hidden} {dtype:?} k={k} at {max_payload}: {n} parts, {needed} needed"
+                );
             }
             req.combine = false;
             assert_split_fits(&req, 1 << 20);

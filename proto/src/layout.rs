@@ -23,12 +23,21 @@ pub struct FunctionSpec {
 impl FunctionSpec {
     /// The function of experts `first..=last` of `layer`.
     pub fn new(layer: u32, first: u32, last: u32) -> Self {
-        Self { id: format!("l{layer}-e{first}-{last}"), layer, experts: (first..=last).collect() }
+        Self {
+            id: format!("l{layer}-e{first}-{last}"),
+            layer,
+            experts: (first..=last).collect(),
+        }
     }
 
     /// The `--experts` spec of this function for the worker: `<layer>:<first>-<last>`.
     pub fn experts_spec(&self) -> String {
-        format!("{}:{}-{}", self.layer, self.experts[0], self.experts[self.experts.len() - 1])
+        format!(
+            "{}:{}-{}",
+            self.layer,
+            self.experts[0],
+            self.experts[self.experts.len() - 1]
+        )
     }
 
     /// Parses an id made by [`FunctionSpec::new`].
@@ -60,10 +69,16 @@ impl Layout {
         let functions = moe_layers
             .iter()
             .flat_map(|&l| {
-                (0..num_experts).step_by(g as usize).map(move |a| FunctionSpec::new(l, a, (a + g - 1).min(num_experts - 1)))
+                (0..num_experts)
+                    .step_by(g as usize)
+                    .map(move |a| FunctionSpec::new(l, a, (a + g - 1).min(num_experts - 1)))
             })
             .collect();
-        Self { granularity: g, num_experts, functions }
+        Self {
+            granularity: g,
+            num_experts,
+            functions,
+        }
     }
 
     /// Index into [`Layout::functions`] of the function holding `expert` of `layer`.

@@ -131,7 +131,10 @@ pub fn inbox_prefix(user: &str) -> Result<String, SubjectError> {
 /// another user's inbox.
 pub fn is_inbox_of(reply: &str, user: &str) -> bool {
     match inbox_prefix(user) {
-        Ok(prefix) => reply.strip_prefix(&prefix).and_then(|r| r.strip_prefix('.')).is_some_and(|r| !r.is_empty()),
+        Ok(prefix) => reply
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_prefix('.'))
+            .is_some_and(|r| !r.is_empty()),
         Err(_) => false,
     }
 }
@@ -231,8 +234,15 @@ mod tests {
         std::fs::create_dir_all(tmp.join("sub")).unwrap();
         let want = format!("qwen1-5-moe-a2-7b-{}", std::process::id());
         assert_eq!(model_id_for_dir(&tmp), want);
-        assert_eq!(model_id_for_dir(&tmp.join("sub/..")), want, "resolved before naming");
-        assert_eq!(model_id_for_dir(std::path::Path::new("/no/such/Dir.X")), "dir-x");
+        assert_eq!(
+            model_id_for_dir(&tmp.join("sub/..")),
+            want,
+            "resolved before naming"
+        );
+        assert_eq!(
+            model_id_for_dir(std::path::Path::new("/no/such/Dir.X")),
+            "dir-x"
+        );
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 
@@ -288,7 +298,11 @@ pub fn status(model: &str, function_id: &str) -> Result<String, SubjectError> {
 /// broker all derive it here, so they agree without configuration.
 pub fn model_id_for_dir(dir: &std::path::Path) -> String {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    sanitize_token(&dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default())
+    sanitize_token(
+        &dir.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    )
 }
 
 /// Turns any name (a checkpoint directory name such as `Qwen1.5-MoE-A2.7B`) into a valid
@@ -299,8 +313,16 @@ pub fn sanitize_token(name: &str) -> String {
         .chars()
         .map(|c| {
             let c = c.to_ascii_lowercase();
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' }
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
         })
         .collect();
-    if s.is_empty() { "model".into() } else { s }
+    if s.is_empty() {
+        "model".into()
+    } else {
+        s
+    }
 }

@@ -55,22 +55,45 @@ fn filter() -> EnvFilter {
 /// `service` names the process in traces (`service.name`).
 pub fn init(service: &str) -> TelemetryGuard {
     if std::env::var_os(OTLP_ENDPOINT_ENV).is_some() {
-        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
-            Ok(exporter) => return init_provider(service, SdkTracerProvider::builder().with_batch_exporter(exporter)),
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => {
+                return init_provider(
+                    service,
+                    SdkTracerProvider::builder().with_batch_exporter(exporter),
+                )
+            }
             Err(e) => eprintln!("OTLP exporter not started: {e}"),
         }
     }
-    let _ = tracing_subscriber::registry().with(filter()).with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter())
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .try_init();
     TelemetryGuard::default()
 }
 
 /// Installs logging and trace export to `exporter` (spans exported as they end).
 pub fn init_with_exporter<E: SpanExporter + 'static>(service: &str, exporter: E) -> TelemetryGuard {
-    init_provider(service, SdkTracerProvider::builder().with_simple_exporter(exporter))
+    init_provider(
+        service,
+        SdkTracerProvider::builder().with_simple_exporter(exporter),
+    )
 }
 
-fn init_provider(service: &str, builder: opentelemetry_sdk::trace::TracerProviderBuilder) -> TelemetryGuard {
-    let provider = builder.with_resource(Resource::builder().with_service_name(service.to_string()).build()).build();
+fn init_provider(
+    service: &str,
+    builder: opentelemetry_sdk::trace::TracerProviderBuilder,
+) -> TelemetryGuard {
+    let provider = builder
+        .with_resource(
+            Resource::builder()
+                .with_service_name(service.to_string())
+                .build(),
+        )
+        .build();
     let tracer = provider.tracer("faasmoe");
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let _ = tracing_subscriber::registry()
@@ -78,7 +101,9 @@ fn init_provider(service: &str, builder: opentelemetry_sdk::trace::TracerProvide
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .with(tracing_opentelemetry::layer().with_tracer(tracer))
         .try_init();
-    TelemetryGuard { provider: Some(provider) }
+    TelemetryGuard {
+        provider: Some(provider),
+    }
 }
 
 /// The `traceparent` of `span` (W3C Trace Context), if it is being traced.
@@ -96,7 +121,8 @@ pub fn current_traceparent() -> Option<String> {
 
 /// Makes `span` a child of the remote span named by `traceparent` (ignored when invalid).
 pub fn set_parent(span: &tracing::Span, traceparent: &str) {
-    let carrier: HashMap<String, String> = [("traceparent".to_string(), traceparent.to_string())].into();
+    let carrier: HashMap<String, String> =
+        [("traceparent".to_string(), traceparent.to_string())].into();
     let cx = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(cx);
 }

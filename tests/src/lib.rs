@@ -166,7 +166,14 @@ pub fn die_with_spawning_thread(cmd: &mut Command) {
     // (prctl, getppid) and an allocation-free error.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) == -1 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) == -1
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() as u32 != parent {
@@ -481,7 +488,11 @@ fn log_tail(path: &Path, lines: usize) -> String {
 ///
 /// Errors: the subscribe failed, or the fence request got no echo within 10 s (connection
 /// lost, or the user may not subscribe or publish to `subject`).
-pub async fn echo_responder(client: &async_nats::Client, subject: &str, prefix: &'static str) -> anyhow::Result<()> {
+pub async fn echo_responder(
+    client: &async_nats::Client,
+    subject: &str,
+    prefix: &'static str,
+) -> anyhow::Result<()> {
     echo_responder_fenced_by(client, client, subject, prefix).await
 }
 
@@ -490,7 +501,12 @@ pub async fn echo_responder(client: &async_nats::Client, subject: &str, prefix: 
 /// the echo comes back: the subscription has then reached the server.
 ///
 /// Errors: the subscribe failed, or no echo within 10 s.
-pub async fn echo_responder_fenced_by(client: &async_nats::Client, requester: &async_nats::Client, subject: &str, prefix: &'static str) -> anyhow::Result<()> {
+pub async fn echo_responder_fenced_by(
+    client: &async_nats::Client,
+    requester: &async_nats::Client,
+    subject: &str,
+    prefix: &'static str,
+) -> anyhow::Result<()> {
     use futures::StreamExt;
     let mut sub = client.subscribe(subject.to_string()).await?;
     let c = client.clone();
@@ -505,7 +521,12 @@ pub async fn echo_responder_fenced_by(client: &async_nats::Client, requester: &a
     });
     let fence = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            match tokio::time::timeout(Duration::from_millis(100), requester.request(subject.to_string(), "".into())).await {
+            match tokio::time::timeout(
+                Duration::from_millis(100),
+                requester.request(subject.to_string(), "".into()),
+            )
+            .await
+            {
                 Ok(Err(e)) if matches!(e.kind(), async_nats::RequestErrorKind::NoResponders) => {}
                 Ok(r) => return r,
                 Err(_) => {}
@@ -516,8 +537,13 @@ pub async fn echo_responder_fenced_by(client: &async_nats::Client, requester: &a
     .await;
     match fence {
         Ok(Ok(m)) if m.payload == prefix.as_bytes() => Ok(()),
-        Ok(Ok(m)) => anyhow::bail!("echo responder on {subject}: the fence request got {:?}, not {prefix:?}", m.payload),
+        Ok(Ok(m)) => anyhow::bail!(
+            "echo responder on {subject}: the fence request got {:?}, not {prefix:?}",
+            m.payload
+        ),
         Ok(Err(e)) => anyhow::bail!("echo responder on {subject}: fence request: {e}"),
-        Err(_) => anyhow::bail!("echo responder on {subject}: no echo to the fence request within 10 s"),
+        Err(_) => {
+            anyhow::bail!("echo responder on {subject}: no echo to the fence request within 10 s")
+        }
     }
 }

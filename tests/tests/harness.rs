@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use async_nats::jetstream::{self, kv};
-use faasmoe_e2e::{cargo_bin, dev_users, echo_responder, echo_responder_fenced_by, nats_server_bin, workspace_root, NatsServer};
-use tokio::time::timeout;
+use faasmoe_e2e::{
+    cargo_bin, dev_users, echo_responder, echo_responder_fenced_by, nats_server_bin,
+    workspace_root, NatsServer,
+};
 use futures::StreamExt;
+use tokio::time::timeout;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -116,19 +119,26 @@ async fn project_config_users_and_permissions() -> Result<()> {
     // function's queue group, the controller sends them; the broker administers JetStream,
     // the controller reads the quota bucket.
     let worker = timeout(T, server.connect_as(dev_users::WORKER)).await??;
-    let mut expert = worker.queue_subscribe("faasmoe.v1.expert.m.0.1", "faasmoe.v1.fn.m.l0-e0-3".into()).await?;
+    let mut expert = worker
+        .queue_subscribe("faasmoe.v1.expert.m.0.1", "faasmoe.v1.fn.m.l0-e0-3".into())
+        .await?;
     let w = worker.clone();
     tokio::spawn(async move {
         while let Some(m) = expert.next().await {
             if let Some(reply) = m.reply {
-                let _ = w.publish(reply, [&b"expert:"[..], &m.payload].concat().into()).await;
+                let _ = w
+                    .publish(reply, [&b"expert:"[..], &m.payload].concat().into())
+                    .await;
             }
         }
     });
     worker.flush().await?;
     let r = timeout(T, async {
         loop {
-            match controller.request("faasmoe.v1.expert.m.0.1", "x".into()).await {
+            match controller
+                .request("faasmoe.v1.expert.m.0.1", "x".into())
+                .await
+            {
                 Ok(r) => return r,
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }

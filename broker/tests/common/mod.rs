@@ -9,13 +9,29 @@ use futures::future::BoxFuture;
 pub struct KvQuota(pub TenantStore);
 
 impl QuotaGate for KvQuota {
-    fn admit<'a>(&'a self, tenant: &'a str, prompt_tokens: u32, max_tokens: u32) -> BoxFuture<'a, Result<QuotaTicket, ClientError>> {
+    fn admit<'a>(
+        &'a self,
+        tenant: &'a str,
+        prompt_tokens: u32,
+        max_tokens: u32,
+    ) -> BoxFuture<'a, Result<QuotaTicket, ClientError>> {
         Box::pin(async move {
-            match self.0.admit(tenant, prompt_tokens.into(), max_tokens.into()).await {
+            match self
+                .0
+                .admit(tenant, prompt_tokens.into(), max_tokens.into())
+                .await
+            {
                 Ok(a) => Ok(QuotaTicket(Box::new(a))),
                 Err(e) => {
-                    let code = if matches!(e, faasmoe_broker::QuotaError::Store(_)) { ClientErrorCode::Unavailable } else { ClientErrorCode::QuotaExceeded };
-                    Err(ClientError { code, message: e.to_string() })
+                    let code = if matches!(e, faasmoe_broker::QuotaError::Store(_)) {
+                        ClientErrorCode::Unavailable
+                    } else {
+                        ClientErrorCode::QuotaExceeded
+                    };
+                    Err(ClientError {
+                        code,
+                        message: e.to_string(),
+                    })
                 }
             }
         })
@@ -28,4 +44,3 @@ impl QuotaGate for KvQuota {
         })
     }
 }
-

@@ -41,12 +41,20 @@ pub async fn run(a: ServeBaselineArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let dir = a.model.clone();
     let (mut model, tokenizer) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let m = Baseline::load(&dir, candle_core::DType::F32).with_context(|| format!("loading {}", dir.display()))?;
-        let tok = if dir.join("tokenizer.json").exists() { Some(QwenTokenizer::from_checkpoint_dir(&dir)?) } else { None };
+        let m = Baseline::load(&dir, candle_core::DType::F32)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let tok = if dir.join("tokenizer.json").exists() {
+            Some(QwenTokenizer::from_checkpoint_dir(&dir)?)
+        } else {
+            None
+        };
         Ok((m, tok))
     })
     .await??;
-    tracing::info!(load_ms = t0.elapsed().as_secs_f64() * 1e3, "baseline loaded");
+    tracing::info!(
+        load_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "baseline loaded"
+    );
     let eos: Vec<u32> = {
         let cfg = faasmoe_model::config::Config::from_dir(&a.model)?;
         let generation = faasmoe_model::GenerationConfig::from_dir(&a.model)?;
@@ -55,7 +63,11 @@ pub async fn run(a: ServeBaselineArgs) -> anyhow::Result<()> {
     let client = a.nats.connect("faasmoe-baseline").await?;
     let mut subs = Vec::new();
     for t in &a.tenants {
-        subs.push(client.subscribe(faasmoe_proto::subject::generate(t)?).await?);
+        subs.push(
+            client
+                .subscribe(faasmoe_proto::subject::generate(t)?)
+                .await?,
+        );
     }
     client.flush().await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
@@ -63,18 +75,33 @@ pub async fn run(a: ServeBaselineArgs) -> anyhow::Result<()> {
     tokio::spawn(async move {
         let mut all = futures::stream::select_all(subs);
         while let Some(msg) = all.next().await {
-            let Some(reply) = msg.reply.clone() else { continue };
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
             let tenant = faasmoe_proto::subject::parse_generate(&msg.subject).unwrap_or_default();
-            if !faasmoe_controller::api::reply_allowed(c2.server_info().auth_required, &tenant, &reply) {
+            if !faasmoe_controller::api::reply_allowed(
+                c2.server_info().auth_required,
+                &tenant,
+                &reply,
+            ) {
                 tracing::warn!(%tenant, %reply, "dropped a request whose reply subject is not the tenant's inbox");
                 continue;
             }
-            match serde_json::from_slice::<GenerateRequest>(&msg.payload).map_err(|e| e.to_string()).and_then(|r| r.validate().map(|_| r).map_err(|e| e.to_string())) {
+            match serde_json::from_slice::<GenerateRequest>(&msg.payload)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.validate().map(|_| r).map_err(|e| e.to_string()))
+            {
                 Ok(req) => {
-                    let _ = tx.send(Job { req, reply, received: Instant::now() });
+                    let _ = tx.send(Job {
+                        req,
+                        reply,
+                        received: Instant::now(),
+                    });
                 }
                 Err(e) => {
-                    let _ = c2.publish(reply, error_body("bad_request", &e).into()).await;
+                    let _ = c2
+                        .publish(reply, error_body("bad_request", &e).into())
+                        .await;
                 }
             }
         }
@@ -86,7 +113,12 @@ pub async fn run(a: ServeBaselineArgs) -> anyhow::Result<()> {
             (Some(ids), _, _) => ids.clone(),
             (None, Some(p), Some(t)) => t.encode(p)?,
             _ => {
-                let _ = client.publish(job.reply, error_body("bad_request", "the baseline serves input_ids or prompt").into()).await;
+                let _ = client
+                    .publish(
+                        job.reply,
+                        error_body("bad_request", "the baseline serves input_ids or prompt").into(),
+                    )
+                    .await;
                 continue;
             }
         };
@@ -125,14 +157,24 @@ pub async fn run(a: ServeBaselineArgs) -> anyhow::Result<()> {
         model = m;
         let body = match result {
             Ok((ids, ttft_ms, finish, queue_ms, prompt_len)) => {
-                let text = tokenizer.as_ref().and_then(|t| t.decode(&ids).ok()).unwrap_or_default();
+                let text = tokenizer
+                    .as_ref()
+                    .and_then(|t| t.decode(&ids).ok())
+                    .unwrap_or_default();
                 let resp = GenerateResponse {
                     id: format!("baseline-{n}"),
                     text,
-                    usage: Usage { prompt_tokens: prompt_len as u32, completion_tokens: ids.len() as u32 },
+                    usage: Usage {
+                        prompt_tokens: prompt_len as u32,
+                        completion_tokens: ids.len() as u32,
+                    },
                     token_ids: ids,
                     finish_reason: finish,
-                    timings: Timings { queue_ms, ttft_ms, total_ms: received.elapsed().as_secs_f64() * 1e3 },
+                    timings: Timings {
+                        queue_ms,
+                        ttft_ms,
+                        total_ms: received.elapsed().as_secs_f64() * 1e3,
+                    },
                 };
                 serde_json::to_string(&resp)?
             }
@@ -142,4 +184,3 @@ pub async fn run(a: ServeBaselineArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

@@ -8,7 +8,11 @@ use faasmoe_controller::quota::Unlimited;
 use faasmoe_controller::service::{run, ControllerSettings};
 
 #[derive(Parser)]
-#[command(name = "faasmoe-controller", version, about = "faasmoe controller: attention, router, shared expert and LM head; routed experts over NATS")]
+#[command(
+    name = "faasmoe-controller",
+    version,
+    about = "faasmoe controller: attention, router, shared expert and LM head; routed experts over NATS"
+)]
 struct Cli {
     #[command(flatten)]
     settings: ControllerSettings,
@@ -18,7 +22,8 @@ struct Cli {
 async fn main() -> std::process::ExitCode {
     let _telemetry = faasmoe_telemetry::init("faasmoe-controller");
     let cli = Cli::parse();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => std::process::ExitCode::SUCCESS,
         r = run(cli.settings, Arc::new(Unlimited)) => match r {

@@ -11,7 +11,11 @@ use faasmoe_model::generator::{init, InitArgs};
 use faasmoe_model::{Checkpoint, ExpertSet};
 
 #[derive(Parser)]
-#[command(name = "faasmoe-model", version, about = "Qwen2-MoE checkpoint tools for faasmoe")]
+#[command(
+    name = "faasmoe-model",
+    version,
+    about = "Qwen2-MoE checkpoint tools for faasmoe"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -55,10 +59,19 @@ fn main() -> anyhow::Result<()> {
         Cmd::Init(a) => {
             init(&a)?;
         }
-        Cmd::ExpertRss { model, layer, experts } => {
+        Cmd::ExpertRss {
+            model,
+            layer,
+            experts,
+        } => {
             let before = rss_bytes()?;
             let mut ckpt = Checkpoint::open(&model, DType::F32)?;
-            let sel = ExpertSelection(parse_experts(&experts)?.into_iter().map(|expert| ExpertId { layer, expert }).collect());
+            let sel = ExpertSelection(
+                parse_experts(&experts)?
+                    .into_iter()
+                    .map(|expert| ExpertId { layer, expert })
+                    .collect(),
+            );
             let set = ExpertSet::load(&mut ckpt, &sel)?;
             drop(ckpt);
             let after = rss_bytes()?;

@@ -102,7 +102,9 @@ impl KernelPath {
             "avx512" => Ok(Some(KernelPath::Avx512)),
             "avx2" => Ok(Some(KernelPath::Avx2)),
             "portable" => Ok(Some(KernelPath::Portable)),
-            _ => Err(KernelError::UnknownPath { value: value.to_string() }),
+            _ => Err(KernelError::UnknownPath {
+                value: value.to_string(),
+            }),
         }
     }
 
@@ -118,7 +120,9 @@ impl KernelPath {
             }
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -127,12 +131,18 @@ impl KernelPath {
 
     /// The fastest path this CPU supports.
     pub fn detect() -> Self {
-        KernelPath::ALL.into_iter().find(|p| p.is_supported()).unwrap_or(KernelPath::Portable)
+        KernelPath::ALL
+            .into_iter()
+            .find(|p| p.is_supported())
+            .unwrap_or(KernelPath::Portable)
     }
 
     /// The paths this CPU supports, fastest first.
     pub fn supported() -> Vec<Self> {
-        KernelPath::ALL.into_iter().filter(|p| p.is_supported()).collect()
+        KernelPath::ALL
+            .into_iter()
+            .filter(|p| p.is_supported())
+            .collect()
     }
 
     fn code(self) -> u8 {
@@ -224,11 +234,20 @@ pub struct WeightView<'a> {
 impl<'a> WeightView<'a> {
     /// A packed `[n, k]` matrix (`row_stride = k`).
     pub fn packed(data: WeightData<'a>, n: usize, k: usize) -> Self {
-        Self { data, n, k, row_stride: k }
+        Self {
+            data,
+            n,
+            k,
+            row_stride: k,
+        }
     }
 
     fn check(&self) -> Result<(), KernelError> {
-        let need = if self.n == 0 { 0 } else { (self.n - 1) * self.row_stride + self.k };
+        let need = if self.n == 0 {
+            0
+        } else {
+            (self.n - 1) * self.row_stride + self.k
+        };
         if self.row_stride < self.k || self.data.len() < need {
             return Err(KernelError::Shape(format!(
                 "weight [{}, {}] with row stride {} needs {need} elements, has {}",
@@ -267,7 +286,9 @@ pub fn default_path() -> Result<KernelPath, KernelError> {
         return Ok(p);
     }
     let env = FROM_ENV.get_or_init(|| {
-        let Ok(v) = std::env::var(KERNEL_ENV) else { return Ok(None) };
+        let Ok(v) = std::env::var(KERNEL_ENV) else {
+            return Ok(None);
+        };
         let p = KernelPath::parse(&v)?;
         match p {
             Some(p) if !p.is_supported() => Err(KernelError::Unsupported { path: p }),
@@ -296,13 +317,19 @@ impl Kernel {
         if !path.is_supported() {
             return Err(KernelError::Unsupported { path });
         }
-        Ok(Self { path, threads: threads.max(1) })
+        Ok(Self {
+            path,
+            threads: threads.max(1),
+        })
     }
 
     /// The process default: [`default_path`] and rayon's thread count (all cores unless
     /// `RAYON_NUM_THREADS` says otherwise).
     pub fn from_env() -> Result<Self, KernelError> {
-        Ok(Self { path: default_path()?, threads: rayon::current_num_threads().max(1) })
+        Ok(Self {
+            path: default_path()?,
+            threads: rayon::current_num_threads().max(1),
+        })
     }
 
     /// The code path.
@@ -319,7 +346,13 @@ impl Kernel {
     ///
     /// Errors: [`KernelError::Shape`] when `x.len() != m·k`, `y.len() != m·n` or `w` is
     /// shorter than its shape.
-    pub fn matmul_t(&self, x: &[f32], m: usize, w: &WeightView<'_>, y: &mut [f32]) -> Result<(), KernelError> {
+    pub fn matmul_t(
+        &self,
+        x: &[f32],
+        m: usize,
+        w: &WeightView<'_>,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
         w.check()?;
         let (n, k) = (w.n, w.k);
         if x.len() != m * k || y.len() != m * n {
@@ -333,7 +366,11 @@ impl Kernel {
             return Ok(());
         }
         let bytes = n * k * w.data.elem_bytes();
-        let threads = if bytes < PARALLEL_MIN_BYTES { 1 } else { self.threads.min(n.div_ceil(PANEL)) };
+        let threads = if bytes < PARALLEL_MIN_BYTES {
+            1
+        } else {
+            self.threads.min(n.div_ceil(PANEL))
+        };
         let out = OutPtr(y.as_mut_ptr());
         let run = |j0: usize, j1: usize| {
             // SAFETY: `x`, `w` and `y` were checked against the shapes above; each call
@@ -347,7 +384,9 @@ impl Kernel {
         }
         // Contiguous column ranges, whole panels each except the last.
         let panels = n.div_ceil(PANEL);
-        let bounds: Vec<usize> = (0..=threads).map(|t| (panels * t / threads * PANEL).min(n)).collect();
+        let bounds: Vec<usize> = (0..=threads)
+            .map(|t| (panels * t / threads * PANEL).min(n))
+            .collect();
         rayon::in_place_scope(|s| {
             for t in 1..threads {
                 let (j0, j1) = (bounds[t], bounds[t + 1]);
@@ -379,20 +418,40 @@ impl OutPtr {
 /// # Safety
 /// `x` holds `[m, w.k]`, `w` its shape (checked), `y` points to `[m, w.n]` of which no other
 /// thread touches columns `j0..j1`; the path is supported by this CPU.
-unsafe fn columns(path: KernelPath, x: &[f32], m: usize, w: &WeightView<'_>, y: *mut f32, j0: usize, j1: usize) {
+unsafe fn columns(
+    path: KernelPath,
+    x: &[f32],
+    m: usize,
+    w: &WeightView<'_>,
+    y: *mut f32,
+    j0: usize,
+    j1: usize,
+) {
     let (n, k, ldw) = (w.n, w.k, w.row_stride);
     match path {
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx512 => match w.data {
-            WeightData::Bf16(d) => x86::columns_avx512(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1),
-            WeightData::F16(d) => x86::columns_avx512(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1),
-            WeightData::F32(d) => x86::columns_avx512(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1),
+            WeightData::Bf16(d) => {
+                x86::columns_avx512(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1)
+            }
+            WeightData::F16(d) => {
+                x86::columns_avx512(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1)
+            }
+            WeightData::F32(d) => {
+                x86::columns_avx512(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1)
+            }
         },
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 => match w.data {
-            WeightData::Bf16(d) => x86::columns_avx2(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1),
-            WeightData::F16(d) => x86::columns_avx2(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1),
-            WeightData::F32(d) => x86::columns_avx2(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1),
+            WeightData::Bf16(d) => {
+                x86::columns_avx2(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1)
+            }
+            WeightData::F16(d) => {
+                x86::columns_avx2(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1)
+            }
+            WeightData::F32(d) => {
+                x86::columns_avx2(x.as_ptr(), m, k, d.as_ptr(), ldw, y, n, j0, j1)
+            }
         },
         #[cfg(not(target_arch = "x86_64"))]
         KernelPath::Avx512 | KernelPath::Avx2 => unreachable!("x86 paths are never supported here"),

@@ -20,7 +20,9 @@ struct Mat {
 
 impl Mat {
     fn random(rng: &mut SmallRng, n: usize, k: usize, stride: usize) -> Self {
-        let vals: Vec<f32> = (0..n * stride).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let vals: Vec<f32> = (0..n * stride)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
         Self {
             n,
             k,
@@ -32,24 +34,52 @@ impl Mat {
     }
 
     fn views(&self) -> [(&'static str, WeightView<'_>, Vec<f64>); 3] {
-        let v = |data| WeightView { data, n: self.n, k: self.k, row_stride: self.stride };
+        let v = |data| WeightView {
+            data,
+            n: self.n,
+            k: self.k,
+            row_stride: self.stride,
+        };
         [
-            ("bf16", v(WeightData::Bf16(&self.bf16)), self.bf16.iter().map(|x| x.to_f64()).collect()),
-            ("f16", v(WeightData::F16(&self.f16)), self.f16.iter().map(|x| x.to_f64()).collect()),
-            ("f32", v(WeightData::F32(&self.f32)), self.f32.iter().map(|&x| x as f64).collect()),
+            (
+                "bf16",
+                v(WeightData::Bf16(&self.bf16)),
+                self.bf16.iter().map(|x| x.to_f64()).collect(),
+            ),
+            (
+                "f16",
+                v(WeightData::F16(&self.f16)),
+                self.f16.iter().map(|x| x.to_f64()).collect(),
+            ),
+            (
+                "f32",
+                v(WeightData::F32(&self.f32)),
+                self.f32.iter().map(|&x| x as f64).collect(),
+            ),
         ]
     }
 }
 
 fn random_rows(rng: &mut SmallRng, m: usize, k: usize) -> Vec<f32> {
     // Magnitudes spread over a few binades, as activations are.
-    (0..m * k).map(|_| rng.random_range(-1.0f32..1.0) * 2f32.powi(rng.random_range(-4..4))).collect()
+    (0..m * k)
+        .map(|_| rng.random_range(-1.0f32..1.0) * 2f32.powi(rng.random_range(-4..4)))
+        .collect()
 }
 
 /// Checks `y` against Σ x·w in f64 with the error bound of the kernel's summation: a chain of
 /// ⌈k/16⌉ fused multiply-adds per lane, then 4 pairwise adds, each off by at most 2⁻²⁴
 /// relative, so |Δ| ≤ (⌈k/16⌉ + 4) · 2⁻²⁴ · Σ|x·w| (plus rounding of the result).
-fn check_against_f64(what: &str, x: &[f32], m: usize, k: usize, w64: &[f64], n: usize, stride: usize, y: &[f32]) {
+fn check_against_f64(
+    what: &str,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w64: &[f64],
+    n: usize,
+    stride: usize,
+    y: &[f32],
+) {
     let u = 2f64.powi(-24);
     for i in 0..m {
         for j in 0..n {
@@ -61,7 +91,10 @@ fn check_against_f64(what: &str, x: &[f32], m: usize, k: usize, w64: &[f64], n: 
             }
             let bound = (k.div_ceil(LANES) as f64 + 5.0) * u * abs + f64::MIN_POSITIVE;
             let got = y[i * n + j] as f64;
-            assert!((got - exact).abs() <= bound, "{what}: y[{i}, {j}] = {got}, f64 reference {exact}, bound {bound}");
+            assert!(
+                (got - exact).abs() <= bound,
+                "{what}: y[{i}, {j}] = {got}, f64 reference {exact}, bound {bound}"
+            );
         }
     }
 }
@@ -96,13 +129,20 @@ fn every_path_and_dtype_matches_an_f64_reference_on_odd_shapes() {
                         let kernel = Kernel::new(path, threads).unwrap();
                         let mut y = vec![f32::NAN; m * n];
                         kernel.matmul_t(&x, m, &view, &mut y).unwrap();
-                        let what = format!("{path} {dtype} m={m} n={n} k={k} stride={stride} threads={threads}");
+                        let what = format!(
+                            "{path} {dtype} m={m} n={n} k={k} stride={stride} threads={threads}"
+                        );
                         check_against_f64(&what, &x, m, k, &w64, n, stride, &y);
                         match &first {
                             None => first = Some(y),
                             Some(f) => {
-                                let same = f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits());
-                                assert!(same, "{what}: differs bitwise from {:?} with 1 thread", paths[0]);
+                                let same =
+                                    f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits());
+                                assert!(
+                                    same,
+                                    "{what}: differs bitwise from {:?} with 1 thread",
+                                    paths[0]
+                                );
                             }
                         }
                     }
@@ -126,7 +166,9 @@ fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
             let alone: Vec<Vec<f32>> = (0..70)
                 .map(|i| {
                     let mut y = vec![0f32; n];
-                    kernel.matmul_t(&x[i * k..(i + 1) * k], 1, &view, &mut y).unwrap();
+                    kernel
+                        .matmul_t(&x[i * k..(i + 1) * k], 1, &view, &mut y)
+                        .unwrap();
                     y
                 })
                 .collect();
@@ -134,14 +176,26 @@ fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
                 let mut y = vec![0f32; m * n];
                 kernel.matmul_t(&x[..m * k], m, &view, &mut y).unwrap();
                 for (i, row) in alone.iter().enumerate().take(m) {
-                    let same = row.iter().zip(&y[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{path} {dtype}: row {i} in a batch of {m} differs from the row alone");
+                    let same = row
+                        .iter()
+                        .zip(&y[i * n..(i + 1) * n])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{path} {dtype}: row {i} in a batch of {m} differs from the row alone"
+                    );
                 }
                 for threads in [1, 3] {
                     let mut yt = vec![0f32; m * n];
-                    Kernel::new(path, threads).unwrap().matmul_t(&x[..m * k], m, &view, &mut yt).unwrap();
+                    Kernel::new(path, threads)
+                        .unwrap()
+                        .matmul_t(&x[..m * k], m, &view, &mut yt)
+                        .unwrap();
                     let same = y.iter().zip(&yt).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{path} {dtype} m={m}: {threads} threads differ from 2");
+                    assert!(
+                        same,
+                        "{path} {dtype} m={m}: {threads} threads differ from 2"
+                    );
                 }
             }
         }
@@ -157,9 +211,23 @@ fn widening_is_exact_and_activations_are_not_rounded() {
     for &path in &KernelPath::supported() {
         let kernel = Kernel::new(path, 1).unwrap();
         let mut y = [0f32];
-        kernel.matmul_t(&x, 1, &WeightView::packed(WeightData::Bf16(&wb), 1, 1), &mut y).unwrap();
+        kernel
+            .matmul_t(
+                &x,
+                1,
+                &WeightView::packed(WeightData::Bf16(&wb), 1, 1),
+                &mut y,
+            )
+            .unwrap();
         assert_eq!(y[0], x[0] * 3.0, "{path} bf16");
-        kernel.matmul_t(&x, 1, &WeightView::packed(WeightData::F16(&wh), 1, 1), &mut y).unwrap();
+        kernel
+            .matmul_t(
+                &x,
+                1,
+                &WeightView::packed(WeightData::F16(&wh), 1, 1),
+                &mut y,
+            )
+            .unwrap();
         assert_eq!(y[0], x[0] * wh[0].to_f32(), "{path} f16");
     }
 }
@@ -170,22 +238,45 @@ fn shapes_that_do_not_match_are_errors() {
     let k = Kernel::new(KernelPath::Portable, 1).unwrap();
     let view = WeightView::packed(WeightData::F32(&w), 3, 4);
     let mut y = [0f32; 6];
-    assert!(matches!(k.matmul_t(&[0.0; 7], 2, &view, &mut y), Err(KernelError::Shape(_))));
-    assert!(matches!(k.matmul_t(&[0.0; 8], 2, &view, &mut y[..5]), Err(KernelError::Shape(_))));
-    let short = WeightView { data: WeightData::F32(&w), n: 3, k: 4, row_stride: 5 };
-    assert!(matches!(k.matmul_t(&[0.0; 8], 2, &short, &mut y), Err(KernelError::Shape(_))));
+    assert!(matches!(
+        k.matmul_t(&[0.0; 7], 2, &view, &mut y),
+        Err(KernelError::Shape(_))
+    ));
+    assert!(matches!(
+        k.matmul_t(&[0.0; 8], 2, &view, &mut y[..5]),
+        Err(KernelError::Shape(_))
+    ));
+    let short = WeightView {
+        data: WeightData::F32(&w),
+        n: 3,
+        k: 4,
+        row_stride: 5,
+    };
+    assert!(matches!(
+        k.matmul_t(&[0.0; 8], 2, &short, &mut y),
+        Err(KernelError::Shape(_))
+    ));
     k.matmul_t(&[0.0; 8], 2, &view, &mut y).unwrap();
 }
 
 #[test]
 fn path_settings_parse_and_refuse_what_the_cpu_lacks() {
-    assert_eq!(KernelPath::parse("AVX512").unwrap(), Some(KernelPath::Avx512));
+    assert_eq!(
+        KernelPath::parse("AVX512").unwrap(),
+        Some(KernelPath::Avx512)
+    );
     assert_eq!(KernelPath::parse("auto").unwrap(), None);
-    assert!(matches!(KernelPath::parse("sse9"), Err(KernelError::UnknownPath { .. })));
+    assert!(matches!(
+        KernelPath::parse("sse9"),
+        Err(KernelError::UnknownPath { .. })
+    ));
     for p in KernelPath::ALL {
         assert_eq!(Kernel::new(p, 1).is_ok(), p.is_supported());
         if !p.is_supported() {
-            assert!(matches!(set_default_path(Some(p)), Err(KernelError::Unsupported { .. })));
+            assert!(matches!(
+                set_default_path(Some(p)),
+                Err(KernelError::Unsupported { .. })
+            ));
         }
     }
     assert!(default_path().unwrap().is_supported());

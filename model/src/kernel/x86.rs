@@ -206,7 +206,14 @@ unsafe fn tile256<E: Elem, const MR: usize, const NR: usize>(
         for (j, b) in wb.iter_mut().enumerate() {
             std::ptr::copy_nonoverlapping(w.add(j * ldw + off), b.as_mut_ptr(), r);
         }
-        chunk256(&mut lo, &mut hi, xb.as_ptr() as *const f32, LANES, wb.as_ptr() as *const E, LANES);
+        chunk256(
+            &mut lo,
+            &mut hi,
+            xb.as_ptr() as *const f32,
+            LANES,
+            wb.as_ptr() as *const E,
+            LANES,
+        );
     }
     for i in 0..MR {
         for j in 0..NR {
@@ -253,7 +260,15 @@ pub(super) unsafe fn columns_avx512<E: Elem>(
 ) {
     for_tiles::<4, PANEL>(m, j0, j1, |i, mr, j, nr| {
         let (xp, wp, yp) = (x.add(i * k), w.add(j * ldw), y.add(i * ldy + j));
-        tiles!(tile512, E, mr, nr, [1, 2, 3, 4], [1, 2, 3, 4], (xp, k, wp, ldw, yp, ldy))
+        tiles!(
+            tile512,
+            E,
+            mr,
+            nr,
+            [1, 2, 3, 4],
+            [1, 2, 3, 4],
+            (xp, k, wp, ldw, yp, ldy)
+        )
     });
 }
 
@@ -276,6 +291,14 @@ pub(super) unsafe fn columns_avx2<E: Elem>(
 ) {
     for_tiles::<2, 2>(m, j0, j1, |i, mr, j, nr| {
         let (xp, wp, yp) = (x.add(i * k), w.add(j * ldw), y.add(i * ldy + j));
-        tiles!(tile256, E, mr, nr, [1, 2], [1, 2], (xp, k, wp, ldw, yp, ldy))
+        tiles!(
+            tile256,
+            E,
+            mr,
+            nr,
+            [1, 2],
+            [1, 2],
+            (xp, k, wp, ldw, yp, ldy)
+        )
     });
 }
