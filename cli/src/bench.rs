@@ -19,6 +19,7 @@
 //! under both names.
 
 mod plot;
+pub mod prefill;
 mod serve;
 
 pub use serve::{run as serve_baseline, ServeBaselineArgs};

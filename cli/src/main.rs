@@ -64,6 +64,9 @@ enum Cmd {
     /// Benchmark every deployment mode (baseline, shared-baseline, faasmoe-shared,
     /// faasmoe-private, local-split) on the same workload; writes results/bench-<time>/.
     Bench(bench::BenchArgs),
+    /// Measure chunked prefill: the TPOT of running decodes while a long prompt prefills,
+    /// and that prompt's TTFT, for several token budgets per step (in-process, local-split).
+    BenchPrefill(bench::prefill::PrefillArgs),
     /// Serve tenants with candle-transformers' monolithic model (the bench's baseline).
     #[command(hide = true)]
     ServeBaseline(bench::ServeBaselineArgs),
@@ -232,6 +235,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Bench(a) => bench::run(a).await,
+        Cmd::BenchPrefill(a) => bench::prefill::run(a).await,
         Cmd::ServeBaseline(a) => bench::serve_baseline(a).await,
     }
 }

@@ -48,6 +48,17 @@ impl Model {
             eprintln!("!!! SKIPPED: fixture {name} not found");
             return None;
         };
+        let golden =
+            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+        Some(Self::with_golden(dir, golden))
+    }
+
+    /// A checkpoint without goldens (one the test generated).
+    fn generated(dir: PathBuf) -> Self {
+        Self::with_golden(dir, HashMap::new())
+    }
+
+    fn with_golden(dir: PathBuf, golden: HashMap<String, Tensor>) -> Self {
         let cfg: Value =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
         let layers = cfg["num_hidden_layers"].as_u64().unwrap() as u32;
@@ -60,14 +71,12 @@ impl Model {
             .filter(|l| !dense.contains(l) && (l + 1) % step == 0)
             .collect();
         let num_experts = cfg["num_experts"].as_u64().unwrap() as u32;
-        let golden =
-            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
-        Some(Self {
+        Self {
             dir,
             moe_layers,
             num_experts,
             golden,
-        })
+        }
     }
 
     fn ids(&self, key: &str) -> Vec<u32> {
@@ -802,6 +811,108 @@ async fn long_prompts_fit_any_max_payload_and_give_the_same_tokens() {
     assert_eq!(answers[0], answers[1], "splitting changes nothing");
     assert_eq!(answers[0], answers[2], "chunked prefill changes nothing");
     assert!(answers[0].iter().all(|a| a.len() == 4));
+}
+
+/// Prompts of 1k, 4k and 8k tokens on two layers of the exact Qwen1.5-MoE-A2.7B geometry
+/// (hidden 2048, 60 experts top-4, vocab 1024, random bf16 weights): faasmoe-shared at
+/// granularity 60 and 4, with f32 and bf16 hidden states on the wire, gives the greedy ids
+/// of local-split. Every server has the default `max_payload` of 1 MB; one configuration
+/// prefills 2,048 tokens per step, so a function of 15 experts gets over a thousand rows
+/// (megabytes) per request and its requests must be split. `FAASMOE_LONG_PROMPTS=1024,4096`
+/// overrides the lengths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("a27b-l2-v1024");
+    let t0 = Instant::now();
+    faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs {
+        out: ckpt.clone(),
+        preset: "qwen1.5-moe-a2.7b".into(),
+        layers: Some(2),
+        vocab_size: Some(1024),
+        seed: 7,
+        max_shard_bytes: faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        zeros: false,
+        tokenizer: None,
+    })
+    .unwrap();
+    eprintln!("checkpoint written in {:.1?}", t0.elapsed());
+    let model = Model::generated(ckpt);
+    let lengths: Vec<usize> = std::env::var("FAASMOE_LONG_PROMPTS")
+        .map(|v| v.split(',').map(|n| n.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|_| vec![1024, 4096, 8000]);
+    // Token ids from a fixed LCG over the vocabulary.
+    let prompt = |n: usize| -> Vec<u32> {
+        let mut x = 0x2545_f491_u64 ^ n as u64;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 33) % 1024) as u32
+            })
+            .collect()
+    };
+    let body = |n: usize| json!({"input_ids": prompt(n), "max_tokens": 2, "temperature": 0});
+    // (label, granularity (None: local-split), wire dtype, --max-step-tokens, lengths).
+    let long = *lengths.iter().max().unwrap();
+    let short: Vec<usize> = lengths.iter().copied().filter(|&n| n != long).collect();
+    let configs: Vec<(&str, Option<u32>, &str, usize, Vec<usize>)> = vec![
+        ("local-split", None, "f32", 256, lengths.clone()),
+        ("shared g60 f32", Some(60), "f32", 256, lengths.clone()),
+        ("shared g60 bf16", Some(60), "bf16", 256, short.clone()),
+        ("shared g4 f32", Some(4), "f32", 256, short.clone()),
+        ("shared g4 bf16, 2048 tokens per step", Some(4), "bf16", 2048, lengths.clone()),
+    ];
+    let mut reference: HashMap<usize, Vec<u32>> = HashMap::new();
+    for (label, g, wire, budget, ns) in configs {
+        // The server default max_payload (1 MB) throughout.
+        let server = NatsServer::start();
+        let (functions, mut flags) = match g {
+            None => (Vec::new(), vec!["--local-experts".to_string()]),
+            Some(g) => (
+                model.layout(g).functions,
+                vec!["--granularity".to_string(), g.to_string()],
+            ),
+        };
+        flags.extend([
+            "--wire-dtype".to_string(),
+            wire.to_string(),
+            "--max-step-tokens".to_string(),
+            budget.to_string(),
+        ]);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let d = Deployment::start_on(
+            server,
+            &model,
+            &functions,
+            &flags,
+            Arc::new(Unlimited),
+            "probe",
+        )
+        .await;
+        for n in ns {
+            let t = Instant::now();
+            let ids = d.generate_ids("t1", &body(n)).await;
+            let splits = if g.is_some() {
+                d.dispatch_stat("split_requests").await
+            } else {
+                0
+            };
+            eprintln!(
+                "{label}: {n}-token prompt -> {ids:?} in {:.1?} ({splits} extra requests from splits so far)",
+                t.elapsed()
+            );
+            assert_eq!(ids.len(), 2, "{label}, {n} tokens");
+            match reference.get(&n) {
+                None => {
+                    reference.insert(n, ids);
+                }
+                Some(r) => assert_eq!(&ids, r, "{label}, {n}-token prompt: ids differ from local-split"),
+            }
+            if budget >= 2048 && n >= 2048 {
+                assert!(splits > 0, "{label}: a {n}-token prefill must be split under 1 MB");
+            }
+        }
+    }
 }
 
 /// Admits every tenant but one.
