@@ -18,6 +18,7 @@
 //! faasmoe-private the same as faasmoe-shared: the bench measures it once and reports it
 //! under both names.
 
+mod phases;
 mod plot;
 pub mod prefill;
 mod serve;
@@ -34,7 +35,7 @@ use anyhow::{bail, Context};
 use faasmoe_broker::{EmbeddedServer, ServerOptions};
 use faasmoe_controller::tokenizer::QwenTokenizer;
 use faasmoe_proto::events::{EventKind, FunctionEvent};
-use faasmoe_proto::generate::{GenerateResponse, CONTENT_TYPE, JSON};
+use faasmoe_proto::generate::GenerateResponse;
 use futures::StreamExt;
 use procfs::Current as _;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -105,6 +106,19 @@ pub struct BenchArgs {
     /// 2 requests per tenant; prompts ≤ 32, outputs ≤ 8 tokens; 5 cold-start repeats.
     #[arg(long)]
     pub quick: bool,
+    /// Skip the warm phase (the workload replayed once the functions it needs are started).
+    #[arg(long)]
+    pub no_warm: bool,
+    /// Concurrencies of the closed-loop capacity sweep (run for every mode at the largest
+    /// tenant count); default 1,2,4,8 with --quick, else 1,2,4,8,16,32.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Option<Vec<usize>>,
+    /// Skip the capacity sweep.
+    #[arg(long)]
+    pub no_sweep: bool,
+    /// Requests each client of the sweep sends, one after another (default 2 with --quick, else 4).
+    #[arg(long)]
+    pub sweep_requests: Option<usize>,
     /// Results folder (default: results/bench-<unix time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -693,6 +707,10 @@ struct RunResult {
     /// When function instances became ready (`ready` events), s since the workload start.
     ready_at_s: Vec<f64>,
     spawned: usize,
+    /// The warm phase (after the cold workload and a priming pass).
+    warm: Option<phases::Phase>,
+    /// The capacity sweep's points, in increasing concurrency.
+    sweep: Vec<phases::Phase>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -803,6 +821,7 @@ async fn run_one(
     a: &BenchArgs,
     out: &Path,
     tail_s: f64,
+    sweep: &[usize],
 ) -> anyhow::Result<RunResult> {
     let tenants = &all_tenants[..spec.tenants];
     let log_dir = out.join("logs").join(spec.key());
@@ -879,25 +898,7 @@ async fn run_one(
         );
         tasks.push(tokio::spawn(async move {
             workload::sleep_until(start, r.at_s).await;
-            let sent = start.elapsed().as_secs_f64();
-            let body = serde_json::json!({"input_ids": r.ids, "max_tokens": r.max_tokens, "temperature": 0.0});
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(CONTENT_TYPE, JSON);
-            let subject = faasmoe_proto::subject::generate(&r.tenant).expect("tenant name");
-            let t0 = Instant::now();
-            let resp = client.send_request(subject, async_nats::Request::new().headers(headers).payload(body.to_string().into()).timeout(Some(Duration::from_secs(1800)))).await;
-            let e2e_ms = t0.elapsed().as_secs_f64() * 1e3;
-            let mut out = ReqResult { tenant: r.tenant.clone(), index: r.index, sent_s: sent, e2e_ms, ..Default::default() };
-            match resp {
-                Ok(m) => match serde_json::from_slice::<GenerateResponse>(&m.payload) {
-                    Ok(g) => out.ok = Some(g),
-                    Err(_) => {
-                        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
-                        out.error = Some(format!("{}: {}", v["error"]["code"].as_str().unwrap_or("invalid_reply"), v["error"]["message"].as_str().unwrap_or("")));
-                    }
-                },
-                Err(e) => out.error = Some(format!("nats: {}", e.kind())),
-            }
+            let out = phases::send(&client, &r.tenant, r.index, &r.ids, r.max_tokens, start).await;
             results.lock().unwrap().push(out);
         }));
     }
@@ -924,6 +925,44 @@ async fn run_one(
     let cpu_s = sampler.lock().unwrap().cpu_seconds() - cpu0;
     let d1 = dispatch_stats(&client, controllers).await?;
     let v1 = varz(dep.monitor_port).await.unwrap_or_default();
+    let mine: Vec<Req> = work
+        .iter()
+        .filter(|r| tenants.contains(&r.tenant))
+        .cloned()
+        .collect();
+    let harness = phases::Harness {
+        clients: &dep.tenant_clients,
+        cpu_seconds: Box::new(|| sampler.lock().unwrap().cpu_seconds()),
+        ready_at: ready_at.clone(),
+        origin: start,
+    };
+    let warm = if a.no_warm || mine.is_empty() {
+        None
+    } else {
+        harness.prime(&mine).await;
+        let w = harness.replay(&mine).await;
+        let s = w.stats();
+        println!(
+            "    warm phase {:.1}s: {}/{} ok, {} warm, TPOT p50 {} ms, {} CPU-s/token",
+            w.wall_s, s.ok, w.requests.len(), s.warm, f(percentile(&s.tpot, 50.0), 1), f(s.cpu_s_per_token, 3)
+        );
+        Some(w)
+    };
+    let mut sweep_points = Vec::new();
+    if !sweep.is_empty() && !mine.is_empty() {
+        let per_client = a.sweep_requests.unwrap_or(if a.quick { 2 } else { 4 });
+        let max_tokens = mine.iter().map(|r| r.max_tokens).max().unwrap_or(8).max(2);
+        for &c in sweep {
+            let p = harness.closed_loop(&mine, c, per_client, max_tokens).await;
+            let s = p.stats();
+            println!(
+                "    sweep c={c}: {:.1}s, {}/{} ok, {} tok/s, TPOT p50/p99 {}/{} ms",
+                p.wall_s, s.ok, p.requests.len(), f(s.tok_s, 2), f(percentile(&s.tpot, 50.0), 1), f(percentile(&s.tpot, 99.0), 1)
+            );
+            sweep_points.push(p);
+        }
+    }
+    drop(harness);
     if tail_s > 0.0 && spec.mode.uses_functions() {
         tokio::time::sleep(Duration::from_secs_f64(tail_s)).await;
     }
@@ -975,6 +1014,8 @@ async fn run_one(
         cold_starts,
         ready_at_s,
         spawned,
+        warm,
+        sweep: sweep_points,
     })
 }
 
@@ -1198,6 +1239,21 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let n_req = a.requests.unwrap_or(if quick { 2 } else { 4 });
     let max_prompt = a.max_prompt.unwrap_or(if quick { 32 } else { 128 });
     let max_output = a.max_output.unwrap_or(if quick { 8 } else { 24 });
+    let sweep_levels: Vec<usize> = if a.no_sweep {
+        vec![]
+    } else {
+        let mut v = a.sweep.clone().unwrap_or_else(|| {
+            if quick {
+                vec![1, 2, 4, 8]
+            } else {
+                vec![1, 2, 4, 8, 16, 32]
+            }
+        });
+        v.retain(|&c| c > 0);
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
     let repeats = a.cold_start_repeats.unwrap_or(if quick { 5 } else { 10 });
     let tail_s = a.tail_s.unwrap_or(if quick {
         0.0
@@ -1360,6 +1416,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             cold_starts: vec![],
             ready_at_s: vec![],
             spawned: 0,
+            warm: None,
+            sweep: vec![],
         };
         if (procs > 0 || fn_procs > 0) && need > avail as f64 * 0.9 {
             let why = if procs > 0 {
@@ -1375,7 +1433,12 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             continue;
         }
         println!("[{}/{}] {} …", i + 1, specs.len(), spec.key());
-        match run_one(spec, &tenant_names, &work, &model, &a, &out, tail_s).await {
+        let sweep: &[usize] = if spec.tenants == max_t && spec.granularity.is_none_or(|g| g == compare_g) {
+            &sweep_levels
+        } else {
+            &[]
+        };
+        match run_one(spec, &tenant_names, &work, &model, &a, &out, tail_s, sweep).await {
             Ok(r) => {
                 let s = r.summary();
                 println!(
@@ -1443,6 +1506,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
 
     // CSVs.
     write_csvs(&out, &results, &expert_rows)?;
+    phases::write_csv(&out, &results)?;
     // Plots.
     let plot_note = match plot::all(&out, &results, max_t) {
         Ok(files) => format!("plots: {}", files.join(", ")),
@@ -1467,8 +1531,11 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         &plot_note,
         t_all.elapsed().as_secs_f64(),
     );
+    let phase_report = phases::report(&results);
+    let report = format!("{report}\n{phase_report}");
     std::fs::write(out.join("report.md"), &report)?;
     println!("\n{table}");
+    println!("\n{phase_report}");
     println!("{plot_note}");
     println!(
         "bench done in {:.0}s; report: {}",

@@ -59,6 +59,10 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
             "0",
             "--sample-ms",
             "200",
+            "--sweep",
+            "1,2",
+            "--sweep-requests",
+            "1",
             "--out",
         ])
         .arg(out.path())
@@ -118,10 +122,52 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
             );
         }
     }
+    // phases.csv: every mode has a cold and a warm phase and the two sweep points, each
+    // with measured figures (no empty cell where a measurement was possible).
+    let mut rdr = csv::Reader::from_path(out.path().join("phases.csv")).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    let pcol = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no column {name} in phases.csv"))
+    };
+    let phases: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
+    for mode in MODES {
+        for phase in ["cold", "warm", "sweep-c1", "sweep-c2"] {
+            let r = phases
+                .iter()
+                .find(|r| &r[pcol("mode")] == mode && &r[pcol("phase")] == phase)
+                .unwrap_or_else(|| panic!("no {phase} phase for {mode}\n{stdout}"));
+            assert_eq!(&r[pcol("errors")], "0", "{mode} {phase}\n{stdout}");
+            for c in [
+                "completion_tokens",
+                "wall_s",
+                "tok_per_s",
+                "ttft_p50_ms",
+                "tpot_p50_ms",
+                "tpot_p99_ms",
+                "cpu_s_per_token",
+                "pss_mean_mb",
+            ] {
+                let v: f64 = r[pcol(c)].parse().unwrap_or_else(|_| {
+                    panic!("{mode} {phase}: {c} = {:?} is not a number\n{stdout}", &r[pcol(c)])
+                });
+                assert!(v > 0.0, "{mode} {phase}: {c} = {v}");
+            }
+            if phase == "warm" {
+                // Primed: the warm phase runs (at least partly) on started functions.
+                let warm: usize = r[pcol("warm_requests")].parse().unwrap();
+                assert!(warm > 0, "{mode}: no warm request in the warm phase\n{stdout}");
+            }
+        }
+    }
     let experts = std::fs::read_to_string(out.path().join("experts.csv")).unwrap();
     assert!(experts.lines().count() >= 3, "{experts}");
     let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(report.contains("| faasmoe-private |"), "{report}");
+    assert!(report.contains("## Cold and warm phases"), "{report}");
+    assert!(report.contains("throughput stops growing at"), "{report}");
     for png in ["memory_over_time.png", "latency_cdf.png", "granularity.png"] {
         assert!(out.path().join(png).exists(), "{png} missing; {stdout}");
     }
