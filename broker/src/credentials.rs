@@ -218,7 +218,14 @@ mod tests {
         let k = api_key("alice", "0123abcd");
         assert_eq!(k, "fm-alice.0123abcd");
         assert_eq!(api_key_tenant(&k), Some("alice"));
-        for bad in ["alice.x", "fm-alice", "fm-alice.", "fm-.x", "fm-a b.x", "sk-alice.x"] {
+        for bad in [
+            "alice.x",
+            "fm-alice",
+            "fm-alice.",
+            "fm-.x",
+            "fm-a b.x",
+            "sk-alice.x",
+        ] {
             assert_eq!(api_key_tenant(bad), None, "{bad}");
         }
     }

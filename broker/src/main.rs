@@ -404,8 +404,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
                 broker: given[0].clone().unwrap_or(generated.broker),
                 worker: given[1].clone().unwrap_or(generated.worker),
                 controller: given[2].clone().unwrap_or(generated.controller),
-                gateway: std::env::var("FAASMOE_GATEWAY_PASSWORD")
-                    .unwrap_or(generated.gateway),
+                gateway: std::env::var("FAASMOE_GATEWAY_PASSWORD").unwrap_or(generated.gateway),
             };
             if given.iter().any(Option::is_none) {
                 eprintln!("generated internal passwords for this deployment (shown once; the server keeps bcrypt hashes):");

@@ -111,11 +111,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (
-            self.status(),
-            axum::Json(json!({ "error": self.body() })),
-        )
-            .into_response();
+        let mut r = (self.status(), axum::Json(json!({ "error": self.body() }))).into_response();
         if let ApiError::QuotaExceeded { retry_after_s, .. } = &self {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
@@ -142,7 +138,11 @@ mod tests {
         assert_eq!(r.headers()[header::RETRY_AFTER], "7");
         let b = e.body();
         assert_eq!(
-            (b["type"].as_str(), b["code"].as_str(), b["message"].as_str()),
+            (
+                b["type"].as_str(),
+                b["code"].as_str(),
+                b["message"].as_str()
+            ),
             (
                 Some("rate_limit_error"),
                 Some("quota_exceeded"),

@@ -65,13 +65,21 @@ pub struct Settings {
     #[arg(long, env = "FAASMOE_GATEWAY_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
     /// Longest wait for a controller's answer (non-streaming) or the next stream message, ms.
-    #[arg(long, env = "FAASMOE_GATEWAY_REQUEST_TIMEOUT_MS", default_value_t = 600_000)]
+    #[arg(
+        long,
+        env = "FAASMOE_GATEWAY_REQUEST_TIMEOUT_MS",
+        default_value_t = 600_000
+    )]
     pub request_timeout_ms: u64,
     /// How long a verified API key is trusted without checking the tenant store again, s.
     #[arg(long, env = "FAASMOE_GATEWAY_KEY_CACHE_S", default_value_t = 60)]
     pub key_cache_s: u64,
     /// How often the controllers are asked for their stats (health, models), ms.
-    #[arg(long, env = "FAASMOE_GATEWAY_HEALTH_INTERVAL_MS", default_value_t = 2_000)]
+    #[arg(
+        long,
+        env = "FAASMOE_GATEWAY_HEALTH_INTERVAL_MS",
+        default_value_t = 2_000
+    )]
     pub health_interval_ms: u64,
     /// `Retry-After` of a 429 (quota exceeded), s.
     #[arg(long, env = "FAASMOE_GATEWAY_RETRY_AFTER_S", default_value_t = 1)]
@@ -108,7 +116,11 @@ const X_REQUEST_ID: &str = "x-request-id";
 
 impl Gateway {
     /// A gateway over `client` (connected as `gateway`, inbox prefix `_INBOX.gateway`).
-    pub fn new(client: async_nats::Client, settings: Settings, prometheus: PrometheusHandle) -> Arc<Self> {
+    pub fn new(
+        client: async_nats::Client,
+        settings: Settings,
+        prometheus: PrometheusHandle,
+    ) -> Arc<Self> {
         Arc::new(Self {
             client,
             settings,
@@ -270,11 +282,12 @@ impl Gateway {
             let msg = self.client.send_request(subj, r).await.map_err(|e| {
                 use async_nats::client::RequestErrorKind as K;
                 match e.kind() {
-                    K::NoResponders => ApiError::Unavailable(format!(
-                        "no controller serves tenant `{}`",
-                        g.tenant
-                    )),
-                    K::TimedOut => ApiError::Unavailable("the controller did not answer in time".into()),
+                    K::NoResponders => {
+                        ApiError::Unavailable(format!("no controller serves tenant `{}`", g.tenant))
+                    }
+                    K::TimedOut => {
+                        ApiError::Unavailable("the controller did not answer in time".into())
+                    }
                     _ => ApiError::Unavailable(format!("NATS request failed: {e}")),
                 }
             })?;
@@ -333,7 +346,10 @@ impl Gateway {
                 None => next_stream_message(&mut st.sub, st.timeout, &st.g.tenant).await,
             };
             let events = st.events(msg);
-            Some((futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>)), st))
+            Some((
+                futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>)),
+                st,
+            ))
         })
         .flatten();
         Ok(Sse::new(events)
@@ -429,7 +445,13 @@ impl StreamState {
         Event::default().data(v.to_string())
     }
 
-    fn chunk(&self, text: Option<&str>, first: bool, finish: Option<faasmoe_proto::generate::FinishReason>, ids: Option<&[u32]>) -> Event {
+    fn chunk(
+        &self,
+        text: Option<&str>,
+        first: bool,
+        finish: Option<faasmoe_proto::generate::FinishReason>,
+        ids: Option<&[u32]>,
+    ) -> Event {
         Self::data(&openai::chunk_body(
             self.g.endpoint,
             &self.g.id,
@@ -682,5 +704,8 @@ pub async fn run(
     axum::serve(listener, gw.router())
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|source| RunError::Http { addr: local, source })
+        .map_err(|source| RunError::Http {
+            addr: local,
+            source,
+        })
 }

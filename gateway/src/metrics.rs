@@ -31,12 +31,12 @@ const TTFT_BUCKETS: [f64; 22] = [
     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 ];
 const ITL_BUCKETS: [f64; 19] = [
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0,
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
 ];
 const E2E_BUCKETS: [f64; 21] = [
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-    240.0, 480.0, 960.0, 1920.0, 7680.0,
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
 ];
 
 /// Installs the global recorder (once per process) and returns the handle that renders it.
@@ -57,10 +57,26 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 }
 
 fn describe() {
-    metrics::describe_histogram!(TTFT, metrics::Unit::Seconds, "Histogram of time to first token in seconds.");
-    metrics::describe_histogram!(ITL, metrics::Unit::Seconds, "Histogram of inter-token latency in seconds.");
-    metrics::describe_histogram!(E2E, metrics::Unit::Seconds, "Histogram of end to end request latency in seconds.");
-    metrics::describe_histogram!(QUEUE, metrics::Unit::Seconds, "Histogram of time spent waiting for admission and a batch slot in seconds.");
+    metrics::describe_histogram!(
+        TTFT,
+        metrics::Unit::Seconds,
+        "Histogram of time to first token in seconds."
+    );
+    metrics::describe_histogram!(
+        ITL,
+        metrics::Unit::Seconds,
+        "Histogram of inter-token latency in seconds."
+    );
+    metrics::describe_histogram!(
+        E2E,
+        metrics::Unit::Seconds,
+        "Histogram of end to end request latency in seconds."
+    );
+    metrics::describe_histogram!(
+        QUEUE,
+        metrics::Unit::Seconds,
+        "Histogram of time spent waiting for admission and a batch slot in seconds."
+    );
     metrics::describe_counter!(PROMPT_TOKENS, "Number of prefill tokens processed.");
     metrics::describe_counter!(GENERATION_TOKENS, "Number of generation tokens processed.");
     metrics::describe_counter!(REQUEST_SUCCESS, "Count of successfully processed requests.");

@@ -186,13 +186,12 @@ pub fn check_other(other: &Map<String, Value>) -> Result<(), ApiError> {
         let off = match k.as_str() {
             k if IGNORED.contains(&k) => true,
             "n" | "best_of" => v.is_null() || v.as_u64() == Some(1),
-            "presence_penalty" | "frequency_penalty" => {
-                v.is_null() || v.as_f64() == Some(0.0)
-            }
+            "presence_penalty" | "frequency_penalty" => v.is_null() || v.as_f64() == Some(0.0),
             "logprobs" | "echo" | "parallel_tool_calls" => v.is_null() || v == &json!(false),
             "response_format" => v.is_null() || v == &json!({"type": "text"}),
             "tools" | "functions" | "logit_bias" => {
-                v.is_null() || v.as_array().is_some_and(|a| a.is_empty())
+                v.is_null()
+                    || v.as_array().is_some_and(|a| a.is_empty())
                     || v.as_object().is_some_and(|o| o.is_empty())
             }
             _ => false,
@@ -231,12 +230,12 @@ impl ChatCompletionRequest {
                     for p in parts {
                         match (p.kind.as_str(), &p.text) {
                             ("text", Some(t)) => texts.push(t.as_str()),
-                            (kind, _) => {
-                                return Err(ApiError::bad_param(
-                                    &format!("messages[{i}].content"),
-                                    format!("content parts of type `{kind}` are not supported (only text)"),
-                                ))
-                            }
+                            (kind, _) => return Err(ApiError::bad_param(
+                                &format!("messages[{i}].content"),
+                                format!(
+                                    "content parts of type `{kind}` are not supported (only text)"
+                                ),
+                            )),
                         }
                     }
                     texts.join("\n")
@@ -431,7 +430,13 @@ pub fn chunk_body(
 }
 
 /// The last chunk when `stream_options.include_usage`: no choices, the usage.
-pub fn usage_chunk(ep: Endpoint, id: &str, model: &str, created: u64, r: &GenerateResponse) -> Value {
+pub fn usage_chunk(
+    ep: Endpoint,
+    id: &str,
+    model: &str,
+    created: u64,
+    r: &GenerateResponse,
+) -> Value {
     json!({
         "id": id,
         "object": if ep == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" },
@@ -461,7 +466,10 @@ mod tests {
             "top_k": 3, "n": 1, "user": "u", "presence_penalty": 0}))
         .unwrap();
         let m = g.messages.unwrap();
-        assert_eq!((m[1].role.as_str(), m[1].content.as_str()), ("user", "a\nb"));
+        assert_eq!(
+            (m[1].role.as_str(), m[1].content.as_str()),
+            ("user", "a\nb")
+        );
         assert_eq!(
             (g.max_tokens, g.top_k, g.stop, g.stream),
             (Some(5), Some(3), Some(vec!["x".to_string()]), Some(false))
@@ -478,9 +486,14 @@ mod tests {
                 v[k] = x.clone();
             }
             let e = chat(v).unwrap_err();
-            assert!(matches!(e, ApiError::BadRequest { param: Some(_), .. }), "{e:?}");
+            assert!(
+                matches!(e, ApiError::BadRequest { param: Some(_), .. }),
+                "{e:?}"
+            );
         }
-        let e = chat(json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}));
+        let e = chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        );
         assert!(e.is_err());
     }
 

@@ -58,8 +58,9 @@ impl QuotaGate for KvQuota {
 }
 
 fn golden_ids(dir: &std::path::Path, key: &str) -> Vec<u32> {
-    let g = candle_core::safetensors::load(dir.join("golden.safetensors"), &candle_core::Device::Cpu)
-        .unwrap();
+    let g =
+        candle_core::safetensors::load(dir.join("golden.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
     g[key]
         .flatten_all()
         .unwrap()
@@ -156,7 +157,9 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
     let nofn = admin.create("nofn", Quota::default()).await.unwrap();
     assert!(alice.api_key.starts_with("fm-alice."));
     let record = admin.get("alice").await.unwrap();
-    let hash = record.api_key_hash.expect("the record holds the key's hash");
+    let hash = record
+        .api_key_hash
+        .expect("the record holds the key's hash");
     assert!(hash.starts_with("$2") && !hash.contains(&alice.api_key));
 
     let _a = controller(
@@ -175,7 +178,12 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
     .await;
 
     let mut child = Command::new(cargo_bin("faasmoe-gateway"))
-        .args(["--nats-url", &server.url(), "--nats-user", dev_users::GATEWAY.0])
+        .args([
+            "--nats-url",
+            &server.url(),
+            "--nats-user",
+            dev_users::GATEWAY.0,
+        ])
         .env("NATS_PASSWORD", dev_users::GATEWAY.1)
         .args(["--listen", "127.0.0.1:0", "--health-interval-ms", "300"])
         .stdout(Stdio::piped())
