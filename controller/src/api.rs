@@ -208,7 +208,10 @@ impl Api {
                 .iter()
                 .map(|m| (m.role.as_str(), m.content.as_str()))
                 .collect();
-            t.encode(&t.render_chat(&pairs))
+            let text = t
+                .render_messages(&pairs)
+                .map_err(|e| ClientError::bad_request(e.to_string()))?;
+            t.encode(&text)
                 .map_err(|e| ClientError::bad_request(e.to_string()))?
         } else {
             return Err(ClientError::bad_request(
