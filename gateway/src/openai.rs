@@ -230,12 +230,14 @@ impl ChatCompletionRequest {
                     for p in parts {
                         match (p.kind.as_str(), &p.text) {
                             ("text", Some(t)) => texts.push(t.as_str()),
-                            (kind, _) => return Err(ApiError::bad_param(
-                                &format!("messages[{i}].content"),
-                                format!(
+                            (kind, _) => {
+                                return Err(ApiError::bad_param(
+                                    &format!("messages[{i}].content"),
+                                    format!(
                                     "content parts of type `{kind}` are not supported (only text)"
                                 ),
-                            )),
+                                ))
+                            }
                         }
                     }
                     texts.join("\n")

@@ -155,6 +155,7 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
         .await
         .unwrap();
     let nofn = admin.create("nofn", Quota::default()).await.unwrap();
+    let quit = admin.create("quit", Quota::default()).await.unwrap();
     assert!(alice.api_key.starts_with("fm-alice."));
     let record = admin.get("alice").await.unwrap();
     let hash = record
@@ -165,7 +166,7 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
     let _a = controller(
         &server,
         &model_dir,
-        &["--local-experts", "--tenants", "alice,poor"],
+        &["--local-experts", "--tenants", "alice,poor,quit"],
         "alice",
     )
     .await;
@@ -200,13 +201,14 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
         .to_string();
     tokio::time::sleep(Duration::from_millis(800)).await; // a health probe round
 
+    let prompt_ids = golden_ids(&model_dir, "prompt.0.input_ids");
     let cfg = serde_json::json!({
         "base_url": format!("{url}/v1"),
         "model": "tiny",
         "key": alice.api_key,
         "poor_key": poor.api_key,
         "nofn_key": nofn.api_key,
-        "prompt_ids": golden_ids(&model_dir, "prompt.0.input_ids"),
+        "prompt_ids": prompt_ids.clone(),
         "greedy_ids": golden_ids(&model_dir, "prompt.0.greedy_ids"),
     });
     let script = root.join("gateway/tests/openai_client.py");
@@ -231,5 +233,60 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
     // The refused requests charged nothing; the unlimited tenant was charged.
     assert_eq!(admin.usage("poor").await.unwrap().total_tokens, 0);
     assert!(admin.usage("alice").await.unwrap().total_tokens > 0);
+
+    // A client that disconnects mid-stream cancels its sequence: the tenant's request
+    // settles long before its 4000 tokens, charged for what was generated.
+    let max_tokens = 4000u64;
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = serde_json::json!({"model": "tiny", "prompt": prompt_ids, "max_tokens": max_tokens,
+        "temperature": 0, "stream": true})
+    .to_string();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        quit.api_key,
+        body.len()
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches("data: ").count() < 3 {
+        let n = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut buf))
+            .await
+            .expect("stream events")
+            .unwrap();
+        assert!(
+            n > 0,
+            "stream ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    let cut = std::time::Instant::now();
+    drop(conn);
+    let usage = loop {
+        let u = admin.usage("quit").await.unwrap();
+        if u.in_flight == 0 {
+            break u;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "the sequence was not cancelled: {u:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        usage.total_tokens > 0 && usage.total_tokens < prompt_ids.len() as u64 + max_tokens,
+        "charged {} of at most {}",
+        usage.total_tokens,
+        prompt_ids.len() as u64 + max_tokens
+    );
+    println!(
+        "disconnect: settled {:?} after the cut, {} tokens charged",
+        cut.elapsed(),
+        usage.total_tokens
+    );
     drop(gateway);
 }
