@@ -51,7 +51,7 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
-        .map_err(|e| metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(e))?;
+        .map_err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder)?;
     describe();
     Ok(handle)
 }
