@@ -295,10 +295,11 @@ async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
                 );
             } else {
                 println!(
-                    "tenant:       {}\nuser:         {}\npassword:     {}   (shown once: only its bcrypt hash is kept)\ninbox prefix: {}   (set it in the client: nats --inbox-prefix, nats-py inbox_prefix=, nats.go CustomInboxPrefix)\n\nnats.conf users entry:\n{}",
+                    "tenant:       {}\nuser:         {}\npassword:     {}   (shown once: only its bcrypt hash is kept)\napi key:      {}   (HTTP gateway: Authorization: Bearer <key>, OPENAI_API_KEY; shown once, only its bcrypt hash is kept)\ninbox prefix: {}   (set it in the client: nats --inbox-prefix, nats-py inbox_prefix=, nats.go CustomInboxPrefix)\n\nnats.conf users entry:\n{}",
                     creds.tenant,
                     creds.user,
                     creds.password,
+                    creds.api_key,
                     creds.inbox_prefix(),
                     creds.nats_user_entry()
                 );
@@ -403,6 +404,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
                 broker: given[0].clone().unwrap_or(generated.broker),
                 worker: given[1].clone().unwrap_or(generated.worker),
                 controller: given[2].clone().unwrap_or(generated.controller),
+                gateway: std::env::var("FAASMOE_GATEWAY_PASSWORD").unwrap_or(generated.gateway),
             };
             if given.iter().any(Option::is_none) {
                 eprintln!("generated internal passwords for this deployment (shown once; the server keeps bcrypt hashes):");

@@ -97,6 +97,10 @@ pub struct TenantRecord {
     /// applied twice nor lost, even when other writers updated the record meanwhile.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_ops: Vec<String>,
+    /// bcrypt hash of the tenant's HTTP API key ([`TenantCredentials::api_key`]); `None` for
+    /// a tenant created before API keys existed (it has no key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_hash: Option<String>,
 }
 
 /// What [`TenantStore::create`] hands out, once.
@@ -109,6 +113,10 @@ pub struct TenantCredentials {
     /// Random password (two v4 UUIDs, 244 random bits, hex); shown once, stored nowhere
     /// (the server's configuration holds its bcrypt hash).
     pub password: String,
+    /// Bearer API key for the HTTP gateway (`fm-<tenant>.<secret>`, see
+    /// [`crate::credentials::api_key`]); shown once, the tenant record holds its bcrypt hash.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_key: String,
 }
 
 impl TenantCredentials {
@@ -357,6 +365,7 @@ impl TenantStore {
             tenant: name.to_string(),
             user: subject::tenant_user(name)?,
             password: crate::credentials::random_secret(),
+            api_key: crate::credentials::api_key(name, &crate::credentials::random_secret()),
         };
         let record = TenantRecord {
             name: name.to_string(),
@@ -368,6 +377,7 @@ impl TenantStore {
             nats_user: creds.user.clone(),
             created_unix_s: now_s(),
             recent_ops: Vec::new(),
+            api_key_hash: Some(crate::credentials::hash_password(&creds.api_key)),
         };
         match self.kv.create(name, encode(&record)).await {
             Ok(_) => Ok(creds),
@@ -426,6 +436,25 @@ impl TenantStore {
         })
         .await
         .map(|(r, _)| r)
+    }
+
+    /// The tenant an HTTP API key belongs to: the name it carries
+    /// ([`crate::credentials::api_key_tenant`]) when the record's hash matches the key.
+    /// `Ok(None)` for a malformed key, an unknown tenant, a tenant without a key or a wrong
+    /// key; `Err` only when the store cannot be read.
+    pub async fn verify_api_key(&self, key: &str) -> Result<Option<String>, TenantError> {
+        let Some(name) = crate::credentials::api_key_tenant(key) else {
+            return Ok(None);
+        };
+        match self.get(name).await {
+            Ok(r) => Ok(r
+                .api_key_hash
+                .as_deref()
+                .is_some_and(|h| crate::credentials::verify_password(key, h))
+                .then(|| name.to_string())),
+            Err(TenantError::UnknownTenant(_)) | Err(TenantError::InvalidName(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// A tenant's usage.
@@ -721,11 +750,13 @@ mod tests {
             tenant: "a".into(),
             user: "tenant-a".into(),
             password: "pa".into(),
+            api_key: String::new(),
         };
         let b = TenantCredentials {
             tenant: "b".into(),
             user: "tenant-b".into(),
             password: "pb".into(),
+            api_key: String::new(),
         };
         conf.upsert(&a).unwrap();
         conf.upsert(&b).unwrap();

@@ -141,6 +141,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         idle_timeout_ms: a.idle_timeout_ms,
         max_instances: 2,
         port: None,
+        http_port: None,
         nats_config: None,
         log_dir: a.log_dir.clone(),
     };

@@ -171,6 +171,9 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The tenant `faasmoe up` creates (or recreates) for trying the stack.
+const DEV_TENANT: &str = "dev";
+
 /// Tenant administration for a stack started by this process (credentials take effect at once).
 pub(crate) async fn tenant_admin(stack: &stack::Stack) -> anyhow::Result<TenantAdmin> {
     let client = stack.connect_admin().await?;
@@ -187,6 +190,21 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 "faasmoe is up: NATS at {url}, model id {}. Ctrl-C stops.",
                 stack.model_id
             );
+            let admin = tenant_admin(&stack).await?;
+            let dev = match admin.create(DEV_TENANT, Default::default()).await {
+                Err(faasmoe_broker::TenantError::AlreadyExists(_)) => {
+                    // Only hashes are kept: a new key is the only way to print one.
+                    admin.delete(DEV_TENANT).await?;
+                    admin.create(DEV_TENANT, Default::default()).await?
+                }
+                r => r?,
+            };
+            let http = &stack.http_url;
+            println!("development tenant `{DEV_TENANT}` (unlimited quota; key shown once, stored as a bcrypt hash):");
+            println!("  export OPENAI_BASE_URL={http}/v1");
+            println!("  export OPENAI_API_KEY={}", dev.api_key);
+            println!("  curl {http}/v1/chat/completions -H \"Authorization: Bearer $OPENAI_API_KEY\" -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'", stack.model_id);
+            println!("  NATS_PASSWORD={} faasmoe generate --nats-url {url} --tenant {DEV_TENANT} \"Hello\"", dev.password);
             println!("this deployment's administrator password (user broker; generated now, shown only here, stored nowhere):");
             println!("  export NATS_PASSWORD={}", stack.credentials.broker);
             println!("create a tenant:  faasmoe tenant create alice --total-tokens 100000 --nats-url {url} --conf-dir {}", a.log_dir.join("nats-runtime").display());

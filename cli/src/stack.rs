@@ -1,4 +1,5 @@
-//! Starting the whole stack: nats-server with `nats.conf`, the broker, a controller.
+//! Starting the whole stack: nats-server with `nats.conf`, the broker, a controller, the
+//! OpenAI-compatible HTTP gateway.
 //! Expert functions start on demand (the broker spawns them).
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,9 @@ pub struct StackArgs {
     /// nats-server configuration.
     #[arg(long)]
     pub nats_config: Option<PathBuf>,
+    /// HTTP port of the OpenAI-compatible gateway (default: 8000, else a free one).
+    #[arg(long, env = "FAASMOE_GATEWAY_PORT")]
+    pub http_port: Option<u16>,
     /// Where logs of the broker, controller and workers go.
     #[arg(long, default_value = "demo-data/logs")]
     pub log_dir: PathBuf,
@@ -44,6 +48,10 @@ pub struct Stack {
     pub broker: Child,
     /// The controller process.
     pub controller: Child,
+    /// The HTTP gateway process.
+    pub gateway: Child,
+    /// The gateway's base URL (`http://127.0.0.1:<port>`).
+    pub http_url: String,
     /// Model id in subjects.
     pub model_id: String,
     /// The internal users' passwords generated for this deployment (in memory only; the
@@ -157,10 +165,26 @@ impl Stack {
             .kill_on_drop(true)
             .spawn()
             .context("starting the controller")?;
+        let http_port = match a.http_port {
+            Some(p) => p,
+            None if std::net::TcpListener::bind(("127.0.0.1", 8000)).is_ok() => 8000,
+            None => faasmoe_broker::server::free_port()?,
+        };
+        let gateway = Command::new(sibling("faasmoe-gateway"))
+            .args(["--nats-url", &url, "--nats-user", "gateway"])
+            .env("NATS_PASSWORD", &credentials.gateway)
+            .args(["--listen", &format!("127.0.0.1:{http_port}")])
+            .stdout(Stdio::null())
+            .stderr(log_file(&a.log_dir, "gateway.log")?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting faasmoe-gateway")?;
         let stack = Self {
             server,
             broker,
             controller,
+            gateway,
+            http_url: format!("http://127.0.0.1:{http_port}"),
             model_id,
             credentials,
         };
@@ -213,7 +237,20 @@ impl Stack {
                 b"{}"
             )
         );
-        let silent: Vec<String> = a.into_iter().chain(b).collect();
+        let mut silent: Vec<String> = a.into_iter().chain(b).collect();
+        let addr = self.http_url.trim_start_matches("http://").to_string();
+        let gateway_up = async {
+            while Instant::now() < t0 + limit {
+                if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        };
+        if !gateway_up.await {
+            silent.push(format!("gateway on {addr}"));
+        }
         if !silent.is_empty() {
             bail!(
                 "the stack did not come up within {limit:?} (not answering: {}); see the logs",
@@ -229,7 +266,7 @@ impl Stack {
 
     /// Stops the controller and the broker (which stops its workers) with SIGTERM, then the server.
     pub async fn stop(mut self) {
-        for child in [&mut self.controller, &mut self.broker] {
+        for child in [&mut self.gateway, &mut self.controller, &mut self.broker] {
             if let Some(pid) = child.id() {
                 let _ = Command::new("kill")
                     .args(["-TERM", &pid.to_string()])

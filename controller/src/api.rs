@@ -63,13 +63,20 @@ pub struct Api {
     pub settings: ApiSettings,
 }
 
+/// The NATS user of the HTTP gateway: it publishes generate requests on behalf of tenants
+/// whose API keys it verified, with reply subjects in its own inbox.
+pub const GATEWAY_USER: &str = "gateway";
+
 /// Whether a request of `tenant` may be answered on `reply`: on a server that authenticates
 /// its users (`auth_required` in its INFO), only in the tenant's own inbox
-/// ([`subject::is_inbox_of`] for the user [`subject::tenant_user`]), the only inboxes its
-/// credentials can subscribe to under the project's `nats.conf`; on a server without
-/// authentication (development, tests) there are no tenant identities to keep apart.
+/// ([`subject::is_inbox_of`] for the user [`subject::tenant_user`]) or in the HTTP gateway's
+/// ([`GATEWAY_USER`]), the only inboxes that the tenant's credentials, or the gateway that
+/// forwards for it, can subscribe to under the project's `nats.conf`. No tenant may
+/// subscribe to the gateway's inbox, so a reply there reaches no other tenant. On a server
+/// without authentication (development, tests) there are no identities to keep apart.
 pub fn reply_allowed(auth_required: bool, tenant: &str, reply: &str) -> bool {
     !auth_required
+        || subject::is_inbox_of(reply, GATEWAY_USER)
         || subject::tenant_user(tenant).is_ok_and(|user| subject::is_inbox_of(reply, &user))
 }
 
@@ -122,7 +129,7 @@ impl Api {
         if !reply_allowed(self.client.server_info().auth_required, &tenant, &reply) {
             // Never answer into another user's inbox: a tenant could otherwise direct its
             // replies (and our errors) at another tenant. Nothing is sent.
-            warn!(%tenant, reply = %reply, "dropped a generate request whose reply subject is not the tenant's inbox (the client must use the inbox prefix _INBOX.tenant-<tenant>)");
+            warn!(%tenant, reply = %reply, "dropped a generate request whose reply subject is not the tenant's inbox (the client must use the inbox prefix _INBOX.tenant-<tenant>, or be the gateway)");
             return;
         }
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -201,7 +208,10 @@ impl Api {
                 .iter()
                 .map(|m| (m.role.as_str(), m.content.as_str()))
                 .collect();
-            t.encode(&t.render_chat(&pairs))
+            let text = t
+                .render_messages(&pairs)
+                .map_err(|e| ClientError::bad_request(e.to_string()))?;
+            t.encode(&text)
                 .map_err(|e| ClientError::bad_request(e.to_string()))?
         } else {
             return Err(ClientError::bad_request(
@@ -515,5 +525,8 @@ mod tests {
         assert!(!reply_allowed(true, "alice", "faasmoe.v1.expert.m.0.1"));
         assert!(!reply_allowed(true, "", "_INBOX.tenant-.x"));
         assert!(reply_allowed(false, "alice", "_INBOX.Xy12.3"));
+        assert!(reply_allowed(true, "alice", "_INBOX.gateway.Xy12.3"));
+        assert!(!reply_allowed(true, "alice", "_INBOX.gatewayx.Xy12.3"));
+        assert!(!reply_allowed(true, "alice", "_INBOX.gateway"));
     }
 }

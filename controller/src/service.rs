@@ -241,17 +241,22 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
         }
     };
     // Dispatch counters on request (`faasmoe.v1.admin.controller_stats`, every controller
-    // answers; used by `faasmoe bench`).
+    // answers; used by `faasmoe bench`, and by the HTTP gateway for health and models).
     {
         use futures::StreamExt;
-        let (c, d, tenants) = (client.clone(), dispatch.clone(), settings.tenants.clone());
+        let (c, d, tenants, model) = (
+            client.clone(),
+            dispatch.clone(),
+            settings.tenants.clone(),
+            model_id.clone(),
+        );
         let mut sub = c
             .subscribe(faasmoe_proto::subject::admin("controller_stats")?)
             .await?;
         tokio::spawn(async move {
             while let Some(m) = sub.next().await {
                 let Some(reply) = m.reply else { continue };
-                let body = serde_json::json!({"tenants": tenants, "local_experts": local, "dispatch": d.stats()});
+                let body = serde_json::json!({"model": model, "tenants": tenants, "local_experts": local, "dispatch": d.stats()});
                 let _ = c.publish(reply, body.to_string().into()).await;
             }
         });

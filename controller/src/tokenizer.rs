@@ -98,6 +98,10 @@ pub enum TokenizerError {
     /// Encoding or decoding failed inside the `tokenizers` library.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// The chat template failed to compile or to render (e.g. `raise_exception` on an
+    /// unknown role): the message is the template's.
+    #[error("chat template: {0}")]
+    Template(String),
 }
 
 /// Result alias of this module.
@@ -115,6 +119,8 @@ pub type Result<T> = std::result::Result<T, TokenizerError>;
 pub struct QwenTokenizer {
     inner: Tokenizer,
     has_chat_template: bool,
+    /// The checkpoint's Jinja `chat_template` (`tokenizer_config.json`), if any.
+    chat_template: Option<String>,
     /// Bytes of text the longest vocabulary entry stands for (see [`Self::max_token_bytes`]).
     max_token_bytes: usize,
 }
@@ -189,7 +195,8 @@ impl QwenTokenizer {
                         path: config_path.clone(),
                         message: e.to_string(),
                     })?;
-                config.get("chat_template").is_some_and(|t| !t.is_null())
+                tok.chat_template = chat_template_of(&config);
+                tok.chat_template.is_some()
             }
             Err(TokenizerError::NotFound { .. }) => false,
             Err(e) => return Err(e),
@@ -250,6 +257,7 @@ impl QwenTokenizer {
         Self {
             inner,
             has_chat_template,
+            chat_template: None,
             max_token_bytes,
         }
     }
@@ -318,6 +326,58 @@ impl QwenTokenizer {
     /// function [`render_chat`]. The result is meant for [`encode`](Self::encode).
     pub fn render_chat<R: AsRef<str>, C: AsRef<str>>(&self, messages: &[(R, C)]) -> String {
         render_chat(messages)
+    }
+
+    /// Uses `template` (Jinja, as in `tokenizer_config.json`) for [`render_messages`]
+    /// (`None`: ChatML).
+    ///
+    /// [`render_messages`]: Self::render_messages
+    pub fn with_chat_template(mut self, template: Option<String>) -> Self {
+        self.has_chat_template = template.is_some();
+        self.chat_template = template;
+        self
+    }
+
+    /// Renders a conversation for the model with the checkpoint's `chat_template` through
+    /// minijinja, as transformers' `apply_chat_template(add_generation_prompt=True)` does
+    /// (`trim_blocks`, `lstrip_blocks`, `raise_exception`, `bos_token`/`eos_token`
+    /// undefined-safe); without a template, Qwen's ChatML ([`render_chat`]).
+    ///
+    /// Errors: [`TokenizerError::Template`] with the template's message (a syntax error,
+    /// `raise_exception(...)`).
+    pub fn render_messages<R: AsRef<str>, C: AsRef<str>>(
+        &self,
+        messages: &[(R, C)],
+    ) -> Result<String> {
+        let Some(template) = &self.chat_template else {
+            return Ok(render_chat(messages));
+        };
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        let tmpl = env
+            .template_from_str(template)
+            .map_err(|e| TokenizerError::Template(template_message(&e)))?;
+        let msgs: Vec<minijinja::Value> = messages
+            .iter()
+            .map(|(r, c)| minijinja::context! { role => r.as_ref(), content => c.as_ref() })
+            .collect();
+        tmpl.render(minijinja::context! {
+            messages => msgs,
+            add_generation_prompt => true,
+            bos_token => "",
+            eos_token => "<|endoftext|>",
+        })
+        .map_err(|e| TokenizerError::Template(template_message(&e)))
     }
 
     /// Whether the checkpoint's `tokenizer_config.json` declares a `chat_template`
@@ -466,6 +526,29 @@ pub fn render_chat<R: AsRef<str>, C: AsRef<str>>(messages: &[(R, C)]) -> String 
     }
     out.push_str("<|im_start|>assistant\n");
     out
+}
+
+/// The `chat_template` of a `tokenizer_config.json`: a string, or a list of
+/// `{"name", "template"}` of which the one named `default` (else the first) is used.
+fn chat_template_of(config: &Value) -> Option<String> {
+    match config.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .or_else(|| list.first())
+            .and_then(|t| t["template"].as_str().map(String::from)),
+        _ => None,
+    }
+}
+
+/// A minijinja error's message without its template-name decoration: the message a
+/// template raised (`raise_exception`) as it is.
+fn template_message(e: &minijinja::Error) -> String {
+    match e.detail() {
+        Some(d) if e.kind() == minijinja::ErrorKind::InvalidOperation => d.to_string(),
+        _ => e.to_string(),
+    }
 }
 
 /// GPT-2's `bytes_to_unicode`: printable bytes map to themselves, the other 68 bytes to

@@ -4,7 +4,8 @@
 //!
 //! The subjects a user may publish to are granted by the server per user (see `nats.conf`),
 //! so the credentials are part of the contract: the controller connects as `controller`,
-//! workers as `worker`, the broker as `broker`, tenants as themselves.
+//! workers as `worker`, the broker as `broker`, the HTTP gateway as `gateway`, tenants as
+//! themselves.
 
 use crate::subject;
 
@@ -20,11 +21,14 @@ pub mod dev_users {
     pub const WORKER: (&str, &str) = ("worker", "faasmoe-worker-dev");
     /// Internal: the FaaS broker (activation, administration, JetStream).
     pub const BROKER: (&str, &str) = ("broker", "faasmoe-broker-dev");
+    /// Internal: the OpenAI-compatible HTTP gateway (publishes any tenant's generate subject
+    /// on behalf of a caller whose API key it verified, reads the tenant records).
+    pub const GATEWAY: (&str, &str) = ("gateway", "faasmoe-gateway-dev");
     /// Example tenant: publishes only to `faasmoe.v1.generate.demo`, subscribes only to
     /// `_INBOX.tenant-demo.>`.
     pub const TENANT_DEMO: (&str, &str) = ("tenant-demo", "faasmoe-tenant-demo-dev");
     /// All of them.
-    pub const ALL: [(&str, &str); 4] = [CONTROLLER, WORKER, BROKER, TENANT_DEMO];
+    pub const ALL: [(&str, &str); 5] = [CONTROLLER, WORKER, BROKER, GATEWAY, TENANT_DEMO];
 }
 
 /// The server a process connects to when no URL is given (nats-server's default port).
