@@ -473,6 +473,28 @@ impl ControlPlane {
         &self.config
     }
 
+    /// Bytes of the weight matrices a decode step reads in full (stored dtype): attention,
+    /// routers, shared experts and their gates, dense MLPs and the LM head. The embedding is
+    /// not counted (a step reads one row per token).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let attn = l.self_attn.qkv_proj.weight_bytes() + l.self_attn.o_proj.weight_bytes();
+                attn + match &l.ffn {
+                    Ffn::Dense(m) => m.weight_bytes(),
+                    Ffn::Moe(m) => {
+                        m.gate.weight_bytes()
+                            + m.shared_expert.as_ref().map_or(0, SwiGlu::weight_bytes)
+                            + m.shared_expert_gate.as_ref().map_or(0, Linear::weight_bytes)
+                    }
+                }
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
+    }
+
     /// A fresh cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_hidden_layers)
