@@ -18,6 +18,7 @@
 //! faasmoe-private the same as faasmoe-shared: the bench measures it once and reports it
 //! under both names.
 
+pub mod decode;
 mod phases;
 mod plot;
 pub mod prefill;
@@ -60,6 +61,29 @@ pub struct BenchArgs {
     /// Skip the per-expert measurement.
     #[arg(long)]
     pub no_expert_bench: bool,
+    /// Run only the decode-scaling section (per-layer decode step vs batch and context, next
+    /// to the read-bandwidth floor) and write decode.csv.
+    #[arg(long)]
+    pub decode_only: bool,
+    /// Skip the decode-scaling section.
+    #[arg(long)]
+    pub no_decode_bench: bool,
+    /// Checkpoint of the decode-scaling section (default: the expert model).
+    #[arg(long)]
+    pub decode_model: Option<PathBuf>,
+    /// Batch sizes of the decode-scaling section.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+    pub decode_batches: Vec<usize>,
+    /// Context lengths (tokens cached) of the decode-scaling section: the batch sweep at the
+    /// first, batch 1 at each.
+    #[arg(long, value_delimiter = ',', default_value = "16,4096")]
+    pub decode_contexts: Vec<usize>,
+    /// Timed decode steps per point (median reported).
+    #[arg(long, default_value_t = 10)]
+    pub decode_reps: usize,
+    /// Buffer of the read-bandwidth measurement, MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub bandwidth_mib: usize,
     /// Qwen's BPE ranks (for generating the demo checkpoint's tokenizer).
     #[arg(long, default_value = ".tools/qwen.tiktoken")]
     pub tiktoken: PathBuf,
@@ -1270,6 +1294,29 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         ))
     });
     std::fs::create_dir_all(&out)?;
+    if a.decode_only || !a.no_decode_bench {
+        let dm = match &a.decode_model {
+            Some(m) => m.clone(),
+            None => ensure_expert_model(&a)?,
+        };
+        let settings = decode::DecodeSettings {
+            batches: a.decode_batches.clone(),
+            contexts: a.decode_contexts.clone(),
+            reps: a.decode_reps,
+            bandwidth_mib: a.bandwidth_mib,
+        };
+        let model = dm.clone();
+        let dir = out.clone();
+        let r = tokio::task::spawn_blocking(move || decode::run(&model, &dir, &settings)).await?;
+        match r {
+            Ok(_) => {}
+            Err(e) if !a.decode_only => println!("    decode bench FAILED: {e:#}"),
+            Err(e) => return Err(e),
+        }
+        if a.decode_only {
+            return Ok(());
+        }
+    }
     let model = match &a.model {
         Some(m) => m.clone(),
         None => crate::demo::ensure_model(&crate::demo::DemoArgs {

@@ -5,6 +5,8 @@
 //!
 //! - [`config`]: `config.json` in hub and transformers-5 forms, validated in one place;
 //! - [`checkpoint`]: safetensors loading (single or sharded, memory-mapped), tensor by tensor;
+//! - [`kv_cache`]: the per-sequence KV cache (preallocated, grown by doubling) and the
+//!   attention that reads it in place (GQA without repeated heads);
 //! - [`qwen2_moe`]: the control plane (attention with per-sequence KV caches, router, shared
 //!   expert, dense layers, LM head) that stops at each MoE layer and hands the routed part to
 //!   an [`ExpertBackend`];
@@ -30,6 +32,7 @@ pub mod fixtures;
 pub mod generation;
 pub mod generator;
 pub mod kernel;
+pub mod kv_cache;
 pub mod linear;
 pub mod qwen2_moe;
 

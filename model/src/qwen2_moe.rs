@@ -24,59 +24,10 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::experts::{RowRoutes, SwiGlu};
-use crate::linear::{Embedding, Linear};
-
-/// The per-sequence key/value cache: per layer, keys and values `[1, kv_heads, len, head_dim]`.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl KvCache {
-    /// An empty cache for a model of `num_layers` decoder layers.
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-        }
-    }
-
-    /// Tokens cached (as of the first layer).
-    pub fn seq_len(&self) -> usize {
-        self.layer_len(0)
-    }
-
-    fn layer_len(&self, layer: usize) -> usize {
-        self.layers
-            .get(layer)
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
-    }
-
-    /// Drops cached positions from `len` on, in every layer (undoes a failed step).
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
-        for l in self.layers.iter_mut() {
-            if let Some((k, v)) = l {
-                let cur = k.dim(2)?;
-                if len == 0 {
-                    *l = None;
-                } else if cur > len {
-                    *l = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Bytes held by cached keys and values.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum()
-    }
-}
+use crate::kernel::Kernel;
+pub use crate::kv_cache::KvCache;
+use crate::kv_cache::{attend, AttentionSpan};
+use crate::linear::{with_f32, Embedding, Linear};
 
 struct RmsNorm {
     weight: Tensor,
@@ -109,31 +60,49 @@ fn linear(ckpt: &mut Checkpoint, name: &str, out: usize, inp: usize, bias: bool)
     Linear::new(Arc::new(w), b)
 }
 
-/// RoPE tables `cos`, `sin`: `[max_position_embeddings, head_dim / 2]` with
+/// RoPE tables `cos`, `sin`: `[max_position_embeddings, head_dim / 2]` f32, row-major, with
 /// `inv_freq_i = θ^(-2i/d)` (transformers' default rope init).
 struct Rotary {
-    cos: Tensor,
-    sin: Tensor,
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 impl Rotary {
-    fn new(cfg: &Config, dtype: DType) -> Result<Self> {
+    fn new(cfg: &Config) -> Self {
         let dim = cfg.head_dim;
         let inv_freq: Vec<f32> = (0..dim)
             .step_by(2)
             .map(|i| 1f32 / cfg.rope_theta.powf(i as f64 / dim as f64) as f32)
             .collect();
-        let n = inv_freq.len();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, n), &Device::Cpu)?;
+        let half = inv_freq.len();
         let max = cfg.max_position_embeddings;
-        let t = Tensor::arange(0u32, max as u32, &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .reshape((max, 1))?;
-        let freqs = t.matmul(&inv_freq)?;
-        Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
-        })
+        let mut cos = Vec::with_capacity(max * half);
+        let mut sin = Vec::with_capacity(max * half);
+        for t in 0..max {
+            for &f in &inv_freq {
+                let a = t as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self { half, cos, sin }
+    }
+
+    /// Rotates one head `x: [head_dim]` at position `pos` in place (rotate-half, as
+    /// `candle_nn::rotary_emb::rope`: `x1·cos − x2·sin`, `x1·sin + x2·cos`).
+    fn apply(&self, x: &mut [f32], pos: usize) {
+        let h = self.half;
+        let (cos, sin) = (
+            &self.cos[pos * h..(pos + 1) * h],
+            &self.sin[pos * h..(pos + 1) * h],
+        );
+        let (x1, x2) = x.split_at_mut(h);
+        for i in 0..h {
+            let (a, b) = (x1[i], x2[i]);
+            x1[i] = a * cos[i] - b * sin[i];
+            x2[i] = a * sin[i] + b * cos[i];
+        }
     }
 }
 
@@ -185,6 +154,10 @@ impl Attention {
     }
 
     /// `xs: [n, hidden]` (all sequences' new rows stacked) → `[n, hidden]`.
+    ///
+    /// Rotates q and k in place, appends each sequence's new keys and values to its cache
+    /// (written where they belong, no copy of what is cached), then attends against the
+    /// cache in place ([`attend`]: GQA reads each kv head once for its query heads).
     fn forward(
         &self,
         layer: usize,
@@ -194,79 +167,55 @@ impl Attention {
         rotary: &Rotary,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = self.qkv_proj.forward(xs)?;
-        let q = qkv.narrow(1, 0, nh * hd)?.contiguous()?;
-        let k = qkv.narrow(1, nh * hd, nkv * hd)?.contiguous()?;
-        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.contiguous()?;
-        let mut outs = Vec::with_capacity(spans.len());
+        let n = xs.dim(0)?;
+        let width = (nh + 2 * nkv) * hd;
+        let kernel = Kernel::from_env()?;
+        let mut qkv = with_f32(xs, |x| {
+            let mut y = vec![0f32; n * width];
+            self.qkv_proj.forward_with(&kernel, x, n, &mut y)?;
+            Ok(y)
+        })?;
+        let mut q = vec![0f32; n * nh * hd];
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
-            let len = span.len;
-            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
-                Ok(t.narrow(0, span.row, len)?
-                    .reshape((1, len, n, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let cos = rotary.cos.narrow(0, span.offset, len)?;
-            let sin = rotary.sin.narrow(0, span.offset, len)?;
-            let qi = candle_nn::rotary_emb::rope(&heads(&q, nh)?, &cos, &sin)?;
-            let ki = candle_nn::rotary_emb::rope(&heads(&k, nkv)?, &cos, &sin)?;
-            let vi = heads(&v, nkv)?;
-            let (k_all, v_all) = match cache.layers[layer].take() {
-                None => (ki, vi),
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &ki], 2)?, Tensor::cat(&[&pv, &vi], 2)?),
-            };
-            cache.layers[layer] = Some((k_all.clone(), v_all.clone()));
-            let total = k_all.dim(2)?;
-            let groups = nh / nkv;
-            let k_all = candle_transformers::utils::repeat_kv(k_all, groups)?.contiguous()?;
-            let v_all = candle_transformers::utils::repeat_kv(v_all, groups)?.contiguous()?;
-            let scale = 1f64 / (hd as f64).sqrt();
-            let mut att = (qi.matmul(&k_all.t()?)? * scale)?;
-            if let Some(mask) = self.mask(span.offset, len, total, att.dtype())? {
-                att = att.broadcast_add(&mask)?;
+            let mut keys = Vec::with_capacity(span.len * nkv * hd);
+            let mut values = Vec::with_capacity(span.len * nkv * hd);
+            for i in 0..span.len {
+                let (r, pos) = (span.row + i, span.offset + i);
+                let row = &mut qkv[r * width..(r + 1) * width];
+                for head in row[..(nh + nkv) * hd].chunks_exact_mut(hd) {
+                    rotary.apply(head, pos);
+                }
+                q[r * nh * hd..(r + 1) * nh * hd].copy_from_slice(&row[..nh * hd]);
+                keys.extend_from_slice(&row[nh * hd..(nh + nkv) * hd]);
+                values.extend_from_slice(&row[(nh + nkv) * hd..]);
             }
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let o = att
-                .matmul(&v_all)?
-                .transpose(1, 2)?
-                .reshape((len, nh * hd))?;
-            outs.push(o);
+            cache.append(layer, span.offset, nkv, hd, &keys, &values)?;
         }
-        let o = Tensor::cat(&outs, 0)?;
-        Ok(self.o_proj.forward(&o)?)
-    }
-
-    /// Additive mask `[len, total]`: query `i` (position `offset + i`) sees key `j` iff
-    /// `j <= offset + i` and, with a sliding window `w`, `offset + i - j < w`.
-    fn mask(
-        &self,
-        offset: usize,
-        len: usize,
-        total: usize,
-        dtype: DType,
-    ) -> Result<Option<Tensor>> {
-        let window = self.sliding_window;
-        let needs = len > 1 || window.is_some_and(|w| total > w);
-        if !needs {
-            return Ok(None);
-        }
-        let mask: Vec<f32> = (0..len)
-            .flat_map(|i| {
-                let pos = offset + i;
-                (0..total).map(move |j| {
-                    let hidden = j > pos || window.is_some_and(|w| pos - j.min(pos) >= w);
-                    if hidden {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
+        let att_spans: Vec<AttentionSpan<'_>> = spans
+            .iter()
+            .zip(caches.iter())
+            .map(|(s, c)| AttentionSpan {
+                cache: c,
+                row: s.row,
+                len: s.len,
+                offset: s.offset,
             })
             .collect();
-        Ok(Some(
-            Tensor::from_vec(mask, (len, total), &Device::Cpu)?.to_dtype(dtype)?,
-        ))
+        let scale = (1f64 / (hd as f64).sqrt()) as f32;
+        let o = attend(
+            &kernel,
+            layer,
+            &att_spans,
+            &q,
+            nh,
+            hd,
+            self.sliding_window,
+            scale,
+        )?;
+        let h = self.o_proj.out_features();
+        let mut y = vec![0f32; n * h];
+        self.o_proj.forward_with(&kernel, &o, n, &mut y)?;
+        Ok(Tensor::from_vec(y, (n, h), &Device::Cpu)?)
     }
 }
 
@@ -509,7 +458,7 @@ impl ControlPlane {
         };
         ckpt.release_files();
         Ok(Self {
-            rotary: Rotary::new(&cfg, dtype)?,
+            rotary: Rotary::new(&cfg),
             config: cfg,
             dtype,
             embed_tokens,
@@ -522,6 +471,28 @@ impl ControlPlane {
     /// The model config.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Bytes of the weight matrices a decode step reads in full (stored dtype): attention,
+    /// routers, shared experts and their gates, dense MLPs and the LM head. The embedding is
+    /// not counted (a step reads one row per token).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let attn = l.self_attn.qkv_proj.weight_bytes() + l.self_attn.o_proj.weight_bytes();
+                attn + match &l.ffn {
+                    Ffn::Dense(m) => m.weight_bytes(),
+                    Ffn::Moe(m) => {
+                        m.gate.weight_bytes()
+                            + m.shared_expert.as_ref().map_or(0, SwiGlu::weight_bytes)
+                            + m.shared_expert_gate.as_ref().map_or(0, Linear::weight_bytes)
+                    }
+                }
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
     }
 
     /// A fresh cache for one sequence.

@@ -1,0 +1,291 @@
+//! The decode-scaling section of `faasmoe bench`: one decode step of the local-split model
+//! (control plane and every routed expert in-process, the kernel on every core) timed at
+//! batch 1, 2, 4, … and at several context lengths, next to the read-bandwidth floor measured
+//! in the same run.
+//!
+//! - **Floor** of a step = (bytes of the distinct weights it reads: control-plane matrices,
+//!   the routed experts the step touches, plus the KV cache it attends over) ÷ (read
+//!   bandwidth: a sum over a buffer much larger than the caches, every core, best of 3).
+//! - **Identical prompts**: every sequence of a batch feeds the same token at the same
+//!   context, so all rows route to the same experts (the floor does not grow with the batch).
+//! - **Context**: each sequence's cache is filled with `context` positions of synthetic keys
+//!   and values through [`KvCache::append`] (what attention costs does not depend on the
+//!   values), and truncated back after each timed step so every step sees the same context.
+//!
+//! Writes `decode.csv` (one row per context × batch) and prints the table.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use candle_core::{DType, Tensor};
+use faasmoe_model::{load_local, ExpertBackend, InProcessBackend, KvCache, RoutedBatch};
+use rayon::prelude::*;
+
+/// Settings of the section.
+#[derive(Debug, Clone)]
+pub struct DecodeSettings {
+    /// Batch sizes at the first context.
+    pub batches: Vec<usize>,
+    /// Context lengths (tokens cached before the step), at batch 1 (and the batch sweep at
+    /// the first one).
+    pub contexts: Vec<usize>,
+    /// Timed steps per point (the median is reported), after one untimed warm-up step.
+    pub reps: usize,
+    /// Size of the bandwidth buffer, MiB.
+    pub bandwidth_mib: usize,
+}
+
+/// One measured point.
+#[derive(Debug, Clone)]
+pub struct DecodeRow {
+    /// Tokens in each sequence's cache before the step.
+    pub context: usize,
+    /// Sequences in the step.
+    pub batch: usize,
+    /// Median step time, ms.
+    pub step_ms: f64,
+    /// Bytes the step reads at least once (weights and KV caches).
+    pub bytes: usize,
+    /// `bytes` ÷ read bandwidth, ms.
+    pub floor_ms: f64,
+    /// Distinct routed experts the step touched (over all MoE layers).
+    pub experts: usize,
+}
+
+/// Records the distinct experts touched while computing in-process.
+struct Touching<'a> {
+    inner: &'a mut InProcessBackend,
+    seen: BTreeSet<(usize, usize)>,
+}
+
+impl ExpertBackend for Touching<'_> {
+    fn routed(&mut self, b: &RoutedBatch) -> faasmoe_model::Result<Tensor> {
+        for r in &b.routes {
+            self.seen.extend(r.iter().map(|&(e, _)| (b.layer, e)));
+        }
+        self.inner.routed(b)
+    }
+}
+
+/// Read bandwidth in bytes/s: the best of 3 sums over `mib` MiB of f32 on rayon's threads.
+pub fn read_bandwidth(mib: usize) -> f64 {
+    let n = mib.max(1) * (1 << 20) / 4;
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let mut best = f64::INFINITY;
+    let mut sink = 0f32;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 16];
+                for ch in c.chunks_exact(16) {
+                    for l in 0..16 {
+                        acc[l] += ch[l];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        best = best.min(t.elapsed().as_secs_f64());
+        sink += s;
+    }
+    std::hint::black_box(sink);
+    (n * 4) as f64 / best
+}
+
+/// Fills `cache` with `len` positions of synthetic keys and values in every layer.
+fn fill(cache: &mut KvCache, layers: usize, kv_heads: usize, head_dim: usize, len: usize) {
+    let w = kv_heads * head_dim;
+    let mut x = 0x2545_f491_u32;
+    let vals: Vec<f32> = (0..len * w)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x as f32 / u32::MAX as f32 - 0.5) * 2.0
+        })
+        .collect();
+    for l in 0..layers {
+        cache
+            .append(l, 0, kv_heads, head_dim, &vals, &vals)
+            .expect("synthetic KV fits the layer");
+    }
+}
+
+/// Runs the section on `model`, prints the table and writes `out/decode.csv`.
+pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<DecodeRow>> {
+    let (cp, mut backend) =
+        load_local(model, DType::F32).with_context(|| format!("loading {}", model.display()))?;
+    let cfg = cp.config().clone();
+    let moe_layers = cfg.moe_layers().count().max(1);
+    let expert_bytes = backend.experts().weight_bytes() / (moe_layers * cfg.num_experts.max(1));
+    let cp_bytes = cp.weight_bytes();
+    let bw = read_bandwidth(s.bandwidth_mib);
+    println!(
+        "decode scaling: {} ({} layer(s), hidden {}, {} heads / {} kv heads × {}, {} experts top-{}); \
+         control plane {:.1} MB, {:.2} MB per routed expert; read bandwidth {:.1} GB/s ({} MiB, {} threads)",
+        model.display(),
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.num_experts,
+        cfg.num_experts_per_tok,
+        cp_bytes as f64 / 1e6,
+        expert_bytes as f64 / 1e6,
+        bw / 1e9,
+        s.bandwidth_mib,
+        rayon::current_num_threads()
+    );
+    let token = 1u32.min(cfg.vocab_size as u32 - 1);
+    let mut points: Vec<(usize, usize)> = Vec::new();
+    if let Some(&c0) = s.contexts.first() {
+        points.extend(s.batches.iter().map(|&b| (c0, b)));
+    }
+    for &c in s.contexts.iter().skip(1) {
+        points.push((c, 1));
+    }
+    let mut rows = Vec::new();
+    for (context, batch) in points {
+        if context + 1 > cfg.max_position_embeddings {
+            println!("    context {context}: past max_position_embeddings, skipped");
+            continue;
+        }
+        let mut caches: Vec<KvCache> = (0..batch)
+            .map(|_| {
+                let mut c = cp.new_cache();
+                fill(
+                    &mut c,
+                    cfg.num_hidden_layers,
+                    cfg.num_key_value_heads,
+                    cfg.head_dim,
+                    context,
+                );
+                c
+            })
+            .collect();
+        let feed = [token];
+        let batch_in: Vec<(usize, &[u32])> = (0..batch).map(|_| (context, &feed[..])).collect();
+        let mut times = Vec::with_capacity(s.reps);
+        let mut experts = 0;
+        for rep in 0..=s.reps {
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let mut rec = Touching {
+                inner: &mut backend,
+                seen: BTreeSet::new(),
+            };
+            let t = Instant::now();
+            let (_pass, hidden) = cp.forward(&batch_in, &mut refs, &mut rec)?;
+            let logits = cp.logits(&hidden)?;
+            std::hint::black_box(&logits);
+            let dt = t.elapsed().as_secs_f64() * 1e3;
+            experts = rec.seen.len();
+            if rep > 0 {
+                times.push(dt);
+            }
+            for c in caches.iter_mut() {
+                c.truncate(context)?;
+            }
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let step_ms = times[times.len() / 2];
+        let kv = batch
+            * context
+            * cfg.num_hidden_layers
+            * 2
+            * cfg.num_key_value_heads
+            * cfg.head_dim
+            * 4;
+        let bytes = cp_bytes + experts * expert_bytes + kv;
+        rows.push(DecodeRow {
+            context,
+            batch,
+            step_ms,
+            bytes,
+            floor_ms: bytes as f64 / bw * 1e3,
+            experts,
+        });
+    }
+    print_table(&rows, cfg.num_hidden_layers);
+    write_csv(&out.join("decode.csv"), &rows, bw)?;
+    Ok(rows)
+}
+
+fn step_at_batch1(rows: &[DecodeRow], context: usize) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.batch == 1 && r.context == context)
+        .map(|r| r.step_ms)
+}
+
+fn print_table(rows: &[DecodeRow], layers: usize) {
+    println!(
+        "    {:>7} {:>5} {:>10} {:>12} {:>10} {:>10} {:>11} {:>8}",
+        "context",
+        "batch",
+        "step ms",
+        "ms / layer",
+        "floor ms",
+        "step÷floor",
+        "step÷step(1)",
+        "experts"
+    );
+    for r in rows {
+        let one = step_at_batch1(rows, r.context).unwrap_or(f64::NAN);
+        println!(
+            "    {:>7} {:>5} {:>10.2} {:>12.2} {:>10.2} {:>10.2} {:>11.2} {:>8}",
+            r.context,
+            r.batch,
+            r.step_ms,
+            r.step_ms / layers.max(1) as f64,
+            r.floor_ms,
+            r.step_ms / r.floor_ms,
+            r.step_ms / one,
+            r.experts
+        );
+    }
+    let mut ctx: Vec<usize> = rows
+        .iter()
+        .filter(|r| r.batch == 1)
+        .map(|r| r.context)
+        .collect();
+    ctx.sort_unstable();
+    ctx.dedup();
+    if let (Some(&lo), Some(&hi)) = (ctx.first(), ctx.last()) {
+        if lo != hi {
+            let (a, b) = (
+                step_at_batch1(rows, lo).unwrap(),
+                step_at_batch1(rows, hi).unwrap(),
+            );
+            println!(
+                "    TPOT at context {hi} ÷ at {lo} (batch 1): {:.2} ({b:.2} ms vs {a:.2} ms; issue 11 asks ≤ 1.5)",
+                b / a
+            );
+        }
+    }
+}
+
+fn write_csv(path: &Path, rows: &[DecodeRow], bw: f64) -> anyhow::Result<()> {
+    let mut s = String::from(
+        "context,batch,step_ms,floor_ms,step_over_floor,step_over_batch1,bytes,experts_touched,read_gb_per_s\n",
+    );
+    for r in rows {
+        let one = step_at_batch1(rows, r.context).unwrap_or(f64::NAN);
+        s.push_str(&format!(
+            "{},{},{:.4},{:.4},{:.4},{:.4},{},{},{:.3}\n",
+            r.context,
+            r.batch,
+            r.step_ms,
+            r.floor_ms,
+            r.step_ms / r.floor_ms,
+            r.step_ms / one,
+            r.bytes,
+            r.experts,
+            bw / 1e9
+        ));
+    }
+    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+}
