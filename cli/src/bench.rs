@@ -957,6 +957,7 @@ async fn run_one(
     let harness = phases::Harness {
         clients: &dep.tenant_clients,
         cpu_seconds: Box::new(|| sampler.lock().unwrap().cpu_seconds()),
+        sample: Box::new(|| sampler.lock().unwrap().sample()),
         ready_at: ready_at.clone(),
         origin: start,
     };

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 
 const TINY: &str = "qwen15-moe-tiny";
 const GQA: &str = "qwen2-moe-gqa-mixed";
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 // ---------------------------------------------------------------------------------------
 // Fixtures
@@ -819,7 +819,9 @@ async fn long_prompts_fit_any_max_payload_and_give_the_same_tokens() {
 /// of local-split. Every server has the default `max_payload` of 1 MB; one configuration
 /// prefills 2,048 tokens per step, so a function of 15 experts gets over a thousand rows
 /// (megabytes) per request and its requests must be split. `FAASMOE_LONG_PROMPTS=1024,4096`
-/// overrides the lengths.
+/// overrides the lengths: CI runs 1k and 4k (about 3 minutes on 2 cores); the 8k prompt of
+/// issue 11 takes several minutes per configuration here and runs with
+/// `FAASMOE_LONG_PROMPTS=1024,4096,8000`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() {
     let dir = tempfile::tempdir().unwrap();
@@ -840,7 +842,7 @@ async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() 
     let model = Model::generated(ckpt);
     let lengths: Vec<usize> = std::env::var("FAASMOE_LONG_PROMPTS")
         .map(|v| v.split(',').map(|n| n.trim().parse().unwrap()).collect())
-        .unwrap_or_else(|_| vec![1024, 4096, 8000]);
+        .unwrap_or_else(|_| vec![1024, 4096]);
     // Token ids from a fixed LCG over the vocabulary.
     let prompt = |n: usize| -> Vec<u32> {
         let mut x = 0x2545_f491_u64 ^ n as u64;
@@ -857,7 +859,7 @@ async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() 
     let short: Vec<usize> = lengths.iter().copied().filter(|&n| n != long).collect();
     let configs: Vec<(&str, Option<u32>, &str, usize, Vec<usize>)> = vec![
         ("local-split", None, "f32", 256, lengths.clone()),
-        ("shared g60 f32", Some(60), "f32", 256, lengths.clone()),
+        ("shared g60 f32", Some(60), "f32", 256, short.clone()),
         ("shared g60 bf16", Some(60), "bf16", 256, short.clone()),
         ("shared g4 f32", Some(4), "f32", 256, short.clone()),
         ("shared g4 bf16, 2048 tokens per step", Some(4), "bf16", 2048, lengths.clone()),

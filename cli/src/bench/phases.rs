@@ -143,6 +143,9 @@ pub(super) struct Harness<'a> {
     pub clients: &'a BTreeMap<String, async_nats::Client>,
     /// CPU-seconds of the deployment so far.
     pub cpu_seconds: Box<dyn Fn() -> f64 + Send + Sync + 'a>,
+    /// Takes a memory sample now (each phase has one at its start and one at its end, so
+    /// a phase shorter than the sampling interval still has its memory measured).
+    pub sample: Box<dyn Fn() + Send + Sync + 'a>,
     /// When function instances became ready (from the events subject).
     pub ready_at: Arc<Mutex<Vec<tokio::time::Instant>>>,
     /// The cold workload's start (the run's sample clock).
@@ -157,9 +160,11 @@ impl Harness<'_> {
     {
         let cpu0 = (self.cpu_seconds)();
         let start = tokio::time::Instant::now();
+        (self.sample)();
         let requests = body(start).await;
         let wall_s = start.elapsed().as_secs_f64();
         let cpu_s = (self.cpu_seconds)() - cpu0;
+        (self.sample)();
         let end = tokio::time::Instant::now();
         let ready_at_s = self
             .ready_at
