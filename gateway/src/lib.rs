@@ -551,38 +551,82 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     })
 }
 
-async fn chat_completions(
-    State(gw): State<Arc<Gateway>>,
-    Extension(RequestId(rid)): Extension<RequestId>,
+/// What the chat and completion endpoints need of their request bodies.
+trait EndpointRequest: serde::de::DeserializeOwned {
+    const ENDPOINT: Endpoint;
+    fn model(&self) -> &str;
+    fn include_usage(&self) -> bool;
+    fn return_token_ids(&self) -> bool;
+    fn to_generate(&self) -> Result<GenerateRequest, ApiError>;
+}
+
+macro_rules! endpoint_request {
+    ($ty:ty, $endpoint:expr) => {
+        impl EndpointRequest for $ty {
+            const ENDPOINT: Endpoint = $endpoint;
+            fn model(&self) -> &str {
+                &self.model
+            }
+            fn include_usage(&self) -> bool {
+                self.stream_options
+                    .as_ref()
+                    .and_then(|o| o.include_usage)
+                    .unwrap_or(false)
+            }
+            fn return_token_ids(&self) -> bool {
+                self.return_token_ids.unwrap_or(false)
+            }
+            fn to_generate(&self) -> Result<GenerateRequest, ApiError> {
+                <$ty>::to_generate(self)
+            }
+        }
+    };
+}
+endpoint_request!(ChatCompletionRequest, Endpoint::Chat);
+endpoint_request!(CompletionRequest, Endpoint::Completions);
+
+/// Authenticates, parses a `R` body, checks the model and generates (streamed or not).
+async fn serve<R: EndpointRequest>(
+    gw: Arc<Gateway>,
+    rid: String,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let r = async {
         let t0 = Instant::now();
         let tenant = gw.authenticate(&headers).await?;
-        let req: ChatCompletionRequest = parse_json(&body)?;
+        let req: R = parse_json(&body)?;
         let g = req.to_generate()?;
-        gw.check_model(&req.model).await?;
+        gw.check_model(req.model()).await?;
         let gen = Generation {
-            endpoint: Endpoint::Chat,
-            id: format!("{}{rid}", Endpoint::Chat.id_prefix()),
-            model: req.model.clone(),
+            endpoint: R::ENDPOINT,
+            id: format!("{}{rid}", R::ENDPOINT.id_prefix()),
+            model: req.model().to_string(),
             tenant,
-            include_usage: req
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
-            token_ids: req.return_token_ids.unwrap_or(false),
+            include_usage: req.include_usage(),
+            token_ids: req.return_token_ids(),
             t0,
         };
         gw.generate(gen, g).await
     }
     .await;
     r.unwrap_or_else(|e| {
-        warn!(request_id = %rid, status = e.status().as_u16(), error = %e, "chat completion failed");
+        let what = match R::ENDPOINT {
+            Endpoint::Chat => "chat completion failed",
+            Endpoint::Completions => "completion failed",
+        };
+        warn!(request_id = %rid, status = e.status().as_u16(), error = %e, "{what}");
         e.into_response()
     })
+}
+
+async fn chat_completions(
+    State(gw): State<Arc<Gateway>>,
+    Extension(RequestId(rid)): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve::<ChatCompletionRequest>(gw, rid, headers, body).await
 }
 
 async fn completions(
@@ -591,32 +635,7 @@ async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let r = async {
-        let t0 = Instant::now();
-        let tenant = gw.authenticate(&headers).await?;
-        let req: CompletionRequest = parse_json(&body)?;
-        let g = req.to_generate()?;
-        gw.check_model(&req.model).await?;
-        let gen = Generation {
-            endpoint: Endpoint::Completions,
-            id: format!("{}{rid}", Endpoint::Completions.id_prefix()),
-            model: req.model.clone(),
-            tenant,
-            include_usage: req
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
-            token_ids: req.return_token_ids.unwrap_or(false),
-            t0,
-        };
-        gw.generate(gen, g).await
-    }
-    .await;
-    r.unwrap_or_else(|e| {
-        warn!(request_id = %rid, status = e.status().as_u16(), error = %e, "completion failed");
-        e.into_response()
-    })
+    serve::<CompletionRequest>(gw, rid, headers, body).await
 }
 
 async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
