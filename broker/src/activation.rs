@@ -933,6 +933,9 @@ impl Inner {
             ev
         };
         self.changed();
+        if let Some(ms) = ev.cold_start_ms {
+            metrics::histogram!(faasmoe_telemetry::metrics::COLD_START_SECONDS).record(ms / 1e3);
+        }
         info!(function_id = %ev.function_id, %instance_id, cold_start_ms = ev.cold_start_ms, "instance ready");
         let me = self.clone();
         tokio::spawn(async move { me.publish(ev).await });

@@ -18,6 +18,7 @@
 pub mod activation;
 pub mod credentials;
 pub mod deployment;
+pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod spawner;

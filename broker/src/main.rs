@@ -121,6 +121,12 @@ struct RunArgs {
     /// Replicas of the tenant KV bucket.
     #[arg(long, default_value_t = 1)]
     tenant_replicas: usize,
+    /// Serve Prometheus metrics at `http://<ADDR>/metrics` (e.g. `127.0.0.1:9102`; port 0
+    /// picks a free one, logged): instances by function and state, cold starts and their
+    /// spawn → READY histogram, and the workers' requests, batches, rows and busy time
+    /// (asked of them over `$SRV.STATS` at each scrape). Off when unset.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -479,6 +485,17 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         ..ActivationConfig::new(model_id, layout)
     };
     let activator = Activator::start(client.clone(), cfg, Arc::new(backend)).await?;
+    if let Some(addr) = args.metrics_listen {
+        let bm = faasmoe_broker::metrics::BrokerMetrics::new(activator.clone(), client.clone());
+        let refresh: faasmoe_telemetry::metrics::Refresh = Arc::new(move || {
+            let bm = bm.clone();
+            Box::pin(async move { bm.refresh().await })
+        });
+        let local = faasmoe_telemetry::metrics::serve(addr, Some(refresh))
+            .await
+            .with_context(|| format!("serving metrics on {addr} (--metrics-listen)"))?;
+        eprintln!("metrics on http://{local}/metrics");
+    }
     let warm = activator.clone();
     tokio::spawn(async move {
         let results = warm.prewarm().await;

@@ -142,6 +142,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         max_instances: 2,
         port: None,
         http_port: None,
+        controller_metrics_port: None,
+        broker_metrics_port: None,
         nats_config: None,
         log_dir: a.log_dir.clone(),
     };

@@ -205,6 +205,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             println!("  export OPENAI_API_KEY={}", dev.api_key);
             println!("  curl {http}/v1/chat/completions -H \"Authorization: Bearer $OPENAI_API_KEY\" -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'", stack.model_id);
             println!("  NATS_PASSWORD={} faasmoe generate --nats-url {url} --tenant {DEV_TENANT} \"Hello\"", dev.password);
+            println!("Prometheus metrics: {http}/metrics (gateway), {} (controller), {} (broker, with the workers' counters)", stack.controller_metrics_url, stack.broker_metrics_url);
             println!("this deployment's administrator password (user broker; generated now, shown only here, stored nowhere):");
             println!("  export NATS_PASSWORD={}", stack.credentials.broker);
             println!("create a tenant:  faasmoe tenant create alice --total-tokens 100000 --nats-url {url} --conf-dir {}", a.log_dir.join("nats-runtime").display());

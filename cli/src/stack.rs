@@ -35,6 +35,13 @@ pub struct StackArgs {
     /// HTTP port of the OpenAI-compatible gateway (default: 8000, else a free one).
     #[arg(long, env = "FAASMOE_GATEWAY_PORT")]
     pub http_port: Option<u16>,
+    /// Port of the controller's Prometheus `/metrics` (default: a free one).
+    #[arg(long)]
+    pub controller_metrics_port: Option<u16>,
+    /// Port of the broker's Prometheus `/metrics`, which also reports the workers' counters
+    /// (default: a free one).
+    #[arg(long)]
+    pub broker_metrics_port: Option<u16>,
     /// Where logs of the broker, controller and workers go.
     #[arg(long, default_value = "demo-data/logs")]
     pub log_dir: PathBuf,
@@ -54,6 +61,10 @@ pub struct Stack {
     pub http_url: String,
     /// Model id in subjects.
     pub model_id: String,
+    /// The controller's metrics URL (`http://127.0.0.1:<port>/metrics`).
+    pub controller_metrics_url: String,
+    /// The broker's metrics URL, with the workers' counters.
+    pub broker_metrics_url: String,
     /// The internal users' passwords generated for this deployment (in memory only; the
     /// server's configuration holds their bcrypt hashes, the children get them in their
     /// environment).
@@ -115,8 +126,16 @@ impl Stack {
         let url = server.url().to_string();
         info!(%url, "nats-server ready");
 
+        let port_or_free = |p: Option<u16>| match p {
+            Some(p) => Ok(p),
+            None => faasmoe_broker::server::free_port(),
+        };
+        let broker_metrics = format!("127.0.0.1:{}", port_or_free(a.broker_metrics_port)?);
+        let controller_metrics =
+            format!("127.0.0.1:{}", port_or_free(a.controller_metrics_port)?);
         let broker = Command::new(sibling("faasmoe-broker"))
             .args(["run", "--nats-url", &url, "--nats-user", "broker"])
+            .args(["--metrics-listen", &broker_metrics])
             .env("NATS_PASSWORD", &credentials.broker)
             .arg("--model-dir")
             .arg(&a.model)
@@ -150,6 +169,8 @@ impl Stack {
                 &url,
                 "--nats-user",
                 "controller",
+                "--metrics-listen",
+                &controller_metrics,
             ])
             .env("NATS_PASSWORD", &credentials.controller)
             .arg("--model-dir")
@@ -186,6 +207,8 @@ impl Stack {
             gateway,
             http_url: format!("http://127.0.0.1:{http_port}"),
             model_id,
+            controller_metrics_url: format!("http://{controller_metrics}/metrics"),
+            broker_metrics_url: format!("http://{broker_metrics}/metrics"),
             credentials,
         };
         stack.wait_ready(Duration::from_secs(120)).await?;

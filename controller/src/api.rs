@@ -11,9 +11,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use faasmoe_model::GenerationConfig;
+use faasmoe_telemetry::metrics;
 use faasmoe_proto::generate::{
     decode_generate, encode_body, ClientError, ClientErrorCode, ErrorReply, FinishReason,
     GenerateRequest, GenerateResponse, StreamChunk, StreamMessage, Timings, Usage, CONTENT_TYPE,
@@ -192,6 +193,17 @@ impl Api {
                 .map_err(|e| ClientError::bad_request(e.to_string()))?
         } else if let Some(m) = &req.messages {
             let t = tok()?;
+            self.check_text_bytes(t, m.iter().map(|m| m.content.len()).sum())?;
+            let pairs: Vec<(&str, &str)> = m
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str()))
+                .collect();
+            let text = t
+                .render_messages(&pairs)
+                .map_err(|e| ClientError::bad_request(e.to_string()))?;
+            // After rendering, so that a template's own refusal (its `raise_exception`
+            // message) is the one a client sees; roles a template accepts but that no
+            // OpenAI client sends are refused here.
             if let Some((i, bad)) = m
                 .iter()
                 .enumerate()
@@ -203,14 +215,6 @@ impl Api {
                     CHAT_ROLES.join(", ")
                 )));
             }
-            self.check_text_bytes(t, m.iter().map(|m| m.content.len()).sum())?;
-            let pairs: Vec<(&str, &str)> = m
-                .iter()
-                .map(|m| (m.role.as_str(), m.content.as_str()))
-                .collect();
-            let text = t
-                .render_messages(&pairs)
-                .map_err(|e| ClientError::bad_request(e.to_string()))?;
             t.encode(&text)
                 .map_err(|e| ClientError::bad_request(e.to_string()))?
         } else {
@@ -322,6 +326,7 @@ impl Api {
         let mut finish = None;
         let mut failure = None;
         let mut chunk_index = 0u32;
+        let mut last_token: Option<Instant> = None;
         let gone = Arc::new(AtomicBool::new(false));
         let probe = if stream {
             self.watch_client(&cancel, &gone).await
@@ -342,8 +347,12 @@ impl Api {
             match ev {
                 SeqEvent::Admitted => queue_ms = submitted.elapsed().as_secs_f64() * 1e3,
                 SeqEvent::Token(t) => {
+                    let now = Instant::now();
                     if ids.is_empty() {
                         ttft_ms = submitted.elapsed().as_secs_f64() * 1e3;
+                    }
+                    if let Some(prev) = last_token.replace(now) {
+                        metrics::inter_token(now - prev);
                     }
                     if finish.is_some() {
                         continue; // past a stop string, waiting for the cancel to land
@@ -455,7 +464,16 @@ impl Api {
                 ttft_ms,
                 total_ms,
             },
+            prompt_token_ids: req.return_prompt_token_ids.unwrap_or(false).then(|| prompt.clone()),
         };
+        metrics::finished(
+            response.finish_reason.as_str(),
+            response.usage.prompt_tokens,
+            response.usage.completion_tokens,
+            Duration::from_secs_f64(queue_ms / 1e3),
+            Duration::from_secs_f64(ttft_ms / 1e3),
+            Duration::from_secs_f64(total_ms / 1e3),
+        );
         info!(
             prompt_tokens = prompt.len(),
             completion_tokens = ids.len(),

@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use faasmoe_model::qwen2_moe::last_logits;
 use faasmoe_model::{ControlPlane, KvCache, Step};
+use faasmoe_telemetry::metrics;
 use tokio::sync::mpsc;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -152,6 +153,12 @@ impl Seq {
 /// Shares out one step's token budget (see the module docs): every decoding sequence
 /// feeds its last token, then prefilling prompts in admission order take chunks of what is
 /// left, the oldest at least one token. Returns the tokens planned.
+/// Publishes the batch's occupancy ([`metrics::RUNNING`], [`metrics::WAITING`]).
+fn set_queue_gauges(running: usize, waiting: usize) {
+    ::metrics::gauge!(metrics::RUNNING).set(running as f64);
+    ::metrics::gauge!(metrics::WAITING).set(waiting as f64);
+}
+
 fn plan_step(running: &mut [Seq], budget: usize) -> usize {
     let mut left = budget.max(1);
     let mut total = 0;
@@ -209,6 +216,7 @@ async fn run(
     let max_pos = cp.config().max_position_embeddings;
     loop {
         if running.is_empty() && waiting.is_empty() {
+            set_queue_gauges(0, 0);
             match rx.recv().await {
                 Some(s) => enqueue(&mut waiting, &mut turn, s),
                 None => return,
@@ -256,6 +264,7 @@ async fn run(
                 sub,
             });
         }
+        set_queue_gauges(running.len(), waiting.values().map(VecDeque::len).sum());
         if running.is_empty() {
             continue;
         }

@@ -9,6 +9,7 @@ use faasmoe_model::{Checkpoint, ControlPlane, GenerationConfig};
 use faasmoe_proto::connection::NatsArgs;
 use faasmoe_proto::layout::Layout;
 use faasmoe_proto::tensor::WireDType;
+use anyhow::Context as _;
 use tracing::info;
 
 use crate::api::{Api, ApiSettings};
@@ -82,6 +83,12 @@ pub struct ControllerSettings {
     /// Activations ahead of the pass in flight at once, at most.
     #[arg(long, default_value_t = NatsDispatchSettings::DEFAULT_PREFETCH_MAX_IN_FLIGHT)]
     pub prefetch_max_in_flight: usize,
+    /// Serve Prometheus metrics at `http://<ADDR>/metrics` (e.g. `127.0.0.1:9101`; port 0
+    /// picks a free one, logged and reported in `controller_stats`): TTFT, inter-token,
+    /// end-to-end and queue histograms, token counters, running and waiting gauges,
+    /// expert-function requests, bytes, retries, cold misses, activations. Off when unset.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl ControllerSettings {
@@ -182,6 +189,22 @@ impl Drop for ControllerTask {
     }
 }
 
+/// Copies the dispatch counters into the metrics recorder (they are kept as atomics by the
+/// dispatcher; a scrape reads them here).
+fn dispatch_metrics(s: &crate::dispatch::DispatchStats) {
+    use faasmoe_telemetry::metrics as m;
+    ::metrics::counter!(m::FUNCTION_REQUESTS).absolute(s.invocations);
+    ::metrics::counter!(m::FUNCTION_BYTES_SENT).absolute(s.bytes_sent);
+    ::metrics::counter!(m::FUNCTION_BYTES_RECEIVED).absolute(s.bytes_received);
+    ::metrics::counter!(m::FUNCTION_RETRIES).absolute(s.retries + s.resends);
+    ::metrics::counter!(m::FUNCTION_COLD_MISSES).absolute(s.cold_misses);
+    ::metrics::counter!(m::ACTIVATION_REQUESTS).absolute(s.activations);
+    ::metrics::counter!(m::PREDICTED_ACTIVATIONS).absolute(s.prefetches);
+    ::metrics::counter!(m::PREDICTION_HITS).absolute(s.prefetch_hits);
+    ::metrics::counter!(m::SPLIT_REQUESTS).absolute(s.split_requests);
+    ::metrics::counter!(m::RECONNECTS).absolute(s.reconnects);
+}
+
 /// Loads the control plane and serves generate requests until the connection ends.
 pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> anyhow::Result<()> {
     let model_id = settings.model_id();
@@ -240,15 +263,30 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
             )
         }
     };
+    let metrics_url = match settings.metrics_listen {
+        Some(addr) => {
+            let d = dispatch.clone();
+            let refresh: faasmoe_telemetry::metrics::Refresh = Arc::new(move || {
+                dispatch_metrics(&d.stats());
+                Box::pin(async {})
+            });
+            let local = faasmoe_telemetry::metrics::serve(addr, Some(refresh))
+                .await
+                .with_context(|| format!("serving metrics on {addr} (--metrics-listen)"))?;
+            Some(format!("http://{local}/metrics"))
+        }
+        None => None,
+    };
     // Dispatch counters on request (`faasmoe.v1.admin.controller_stats`, every controller
     // answers; used by `faasmoe bench`, and by the HTTP gateway for health and models).
     {
         use futures::StreamExt;
-        let (c, d, tenants, model) = (
+        let (c, d, tenants, model, metrics) = (
             client.clone(),
             dispatch.clone(),
             settings.tenants.clone(),
             model_id.clone(),
+            metrics_url,
         );
         let mut sub = c
             .subscribe(faasmoe_proto::subject::admin("controller_stats")?)
@@ -256,7 +294,7 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
         tokio::spawn(async move {
             while let Some(m) = sub.next().await {
                 let Some(reply) = m.reply else { continue };
-                let body = serde_json::json!({"model": model, "tenants": tenants, "local_experts": local, "dispatch": d.stats()});
+                let body = serde_json::json!({"model": model, "tenants": tenants, "local_experts": local, "metrics": metrics, "dispatch": d.stats()});
                 let _ = c.publish(reply, body.to_string().into()).await;
             }
         });

@@ -596,7 +596,10 @@ async fn serve<R: EndpointRequest>(
         let t0 = Instant::now();
         let tenant = gw.authenticate(&headers).await?;
         let req: R = parse_json(&body)?;
-        let g = req.to_generate()?;
+        let mut g = req.to_generate()?;
+        if req.return_token_ids() {
+            g.return_prompt_token_ids = Some(true);
+        }
         gw.check_model(req.model()).await?;
         let gen = Generation {
             endpoint: R::ENDPOINT,
@@ -662,11 +665,10 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
-    gw.prometheus.run_upkeep();
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        gw.prometheus.render(),
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics::render(&gw.prometheus),
     )
         .into_response()
 }

@@ -113,7 +113,9 @@ pub struct ChatCompletionRequest {
     /// Streaming options.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// Extra (vLLM): add `token_ids` (and `prompt_token_ids`) to each choice.
+    /// Extra (vLLM): add `token_ids` to each choice (each streamed chunk too) and, in a
+    /// non-streamed response, the prompt's ids (`prompt_token_ids`: in the choice of a
+    /// completion, at the top level of a chat completion, as vLLM places them).
     #[serde(default)]
     pub return_token_ids: Option<bool>,
     /// Everything else: checked by [`check_other`].
@@ -166,7 +168,9 @@ pub struct CompletionRequest {
     /// Streaming options.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// Extra (vLLM): add `token_ids` (and `prompt_token_ids`) to each choice.
+    /// Extra (vLLM): add `token_ids` to each choice (each streamed chunk too) and, in a
+    /// non-streamed response, the prompt's ids (`prompt_token_ids`: in the choice of a
+    /// completion, at the top level of a chat completion, as vLLM places them).
     #[serde(default)]
     pub return_token_ids: Option<bool>,
     /// Everything else: checked by [`check_other`].
@@ -373,15 +377,24 @@ pub fn response_body(
     };
     if token_ids {
         choice["token_ids"] = json!(r.token_ids);
+        // As vLLM: a completion choice carries its prompt's ids, a chat response carries
+        // them at the top level.
+        if ep == Endpoint::Completions {
+            choice["prompt_token_ids"] = json!(r.prompt_token_ids);
+        }
     }
-    json!({
+    let mut body = json!({
         "id": id,
         "object": if ep == Endpoint::Chat { "chat.completion" } else { "text_completion" },
         "created": now_unix_s(),
         "model": model,
         "choices": [choice],
         "usage": usage(r),
-    })
+    });
+    if token_ids && ep == Endpoint::Chat {
+        body["prompt_token_ids"] = json!(r.prompt_token_ids);
+    }
+    body
 }
 
 /// One streamed chunk: `delta` text (`role` too on the chat's first chunk), an optional

@@ -1,7 +1,9 @@
 """The official `openai` package against faasmoe-gateway (run by gateway/tests/openai_http.rs).
 
 argv[1]: a JSON object with base_url, model, key (unlimited tenant), poor_key (a tenant over
-quota), nofn_key (a tenant whose controller has no expert function), prompt_ids, greedy_ids.
+quota), nofn_key (a tenant whose controller has no expert function), prompt_ids, greedy_ids,
+template_cases (the cases of ../shared/fixtures/chat-template-golden.json) and template_keys
+(per template name, the key of a tenant whose controller's checkpoint carries that template).
 Exits non-zero with a message on the first failed check; prints the checks that passed.
 """
 
@@ -134,6 +136,33 @@ check(d("faasmoe_generation_tokens_total") == gen_tokens, f"generation token cou
 check(d("faasmoe_e2e_request_latency_seconds_count") == 4, "e2e latency histogram counted 4 requests")
 check(d("faasmoe_time_to_first_token_seconds_count") == 4, "TTFT histogram counted 4 requests")
 check(d("faasmoe_inter_token_latency_seconds_count") >= 4 * (min(n, 8) - 1) - 8, "inter-token latency observed")
+
+# Every chat-template golden case gives transformers' prompt ids through the API; its error
+# cases are refused with the template's message; roles outside OpenAI's set are refused
+# before any template runs.
+OPENAI_ROLES = {"system", "user", "assistant", "tool"}
+matched = refused = 0
+for i, case in enumerate(cfg["template_cases"]):
+    tc = openai.OpenAI(base_url=base, api_key=cfg["template_keys"][case["template"]], max_retries=0, timeout=120)
+    what = f"template case {i} ({case['template']}, roles {[m['role'] for m in case['messages']]})"
+    outside = any(m["role"] not in OPENAI_ROLES for m in case["messages"])
+    try:
+        r = tc.chat.completions.create(
+            model=model, messages=case["messages"], max_tokens=1, temperature=0,
+            extra_body={"return_token_ids": True},
+        )
+    except openai.BadRequestError as e:
+        msg = e.body["message"]
+        check("error" in case or outside, f"{what} refused: {msg}")
+        check(case.get("error", "robot") in msg, f"{what}: the message names the cause: {msg}")
+        refused += 1
+        continue
+    check("error" not in case and not outside, f"{what} is accepted")
+    got = r.model_extra["prompt_token_ids"]
+    check(got == case["input_ids"], f"{what}: prompt ids equal transformers' ({len(got)} tokens)")
+    check(r.usage.prompt_tokens == len(case["input_ids"]), f"{what}: usage counts the templated prompt")
+    matched += 1
+check(matched >= 15 and matched + refused == len(cfg["template_cases"]), f"{matched} template cases matched, {refused} refused")
 
 # Errors: status and OpenAI body.
 status, hdrs, body = raw("POST", "/v1/chat/completions", data=b"{not json", key=cfg["key"])

@@ -106,6 +106,30 @@ async fn controller(
     c
 }
 
+/// A copy of `model_dir` (weights and tokenizer linked, not copied) whose
+/// `tokenizer_config.json` carries `template` as its `chat_template`.
+fn with_chat_template(model_dir: &std::path::Path, template: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(model_dir).unwrap() {
+        let f = f.unwrap();
+        let name = f.file_name();
+        if name != "tokenizer_config.json" {
+            std::os::unix::fs::symlink(f.path(), dir.path().join(&name)).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(model_dir.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["chat_template"] = serde_json::Value::String(template.into());
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::to_vec(&cfg).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
 /// The gateway process, killed on drop.
 struct GatewayProcess(std::process::Child);
 
@@ -177,6 +201,33 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
         "nofn",
     )
     .await;
+    // The chat-template goldens: one tenant per template, each served by a controller whose
+    // checkpoint carries that template (`fixture_chatml` is the fixture's own: alice).
+    let golden: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            faasmoe_model::fixtures::fixtures_dir()
+                .unwrap()
+                .join("chat-template-golden.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut template_keys = serde_json::Map::new();
+    template_keys.insert("fixture_chatml".into(), alice.api_key.clone().into());
+    let mut template_controllers = Vec::new();
+    for (name, tenant) in [("default_system", "tpl-a"), ("strict_roles", "tpl-b")] {
+        let dir = with_chat_template(&model_dir, golden["templates"][name].as_str().unwrap());
+        let t = admin.create(tenant, Quota::default()).await.unwrap();
+        template_keys.insert(name.into(), t.api_key.into());
+        let c = controller(
+            &server,
+            dir.path(),
+            &["--local-experts", "--tenants", tenant],
+            tenant,
+        )
+        .await;
+        template_controllers.push((c, dir));
+    }
 
     let mut child = Command::new(cargo_bin("faasmoe-gateway"))
         .args([
@@ -210,6 +261,8 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
         "nofn_key": nofn.api_key,
         "prompt_ids": prompt_ids.clone(),
         "greedy_ids": golden_ids(&model_dir, "prompt.0.greedy_ids"),
+        "template_keys": template_keys,
+        "template_cases": golden["cases"],
     });
     let script = root.join("gateway/tests/openai_client.py");
     let out = tokio::task::spawn_blocking(move || {

@@ -63,6 +63,10 @@ pub struct GenerateRequest {
     /// Stream [`StreamMessage`]s instead of one [`GenerateResponse`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
+    /// Echo the prompt's token ids (after the chat template and tokenizer) in
+    /// [`GenerateResponse::prompt_token_ids`] (vLLM's `return_token_ids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_prompt_token_ids: Option<bool>,
 }
 
 impl GenerateRequest {
@@ -104,7 +108,7 @@ impl GenerateRequest {
     }
 }
 
-/// Why generation ended (`"stop"`, `"length"`, `"cancelled"`).
+/// Why generation ended (`"stop"`, `"length"`, `"cancelled"`; [`FinishReason::as_str`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
@@ -114,6 +118,17 @@ pub enum FinishReason {
     Length,
     /// The client or the server cancelled the request.
     Cancelled,
+}
+
+impl FinishReason {
+    /// The wire name (`"stop"`, `"length"`, `"cancelled"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// Token counts of one request.
@@ -151,6 +166,9 @@ pub struct GenerateResponse {
     pub usage: Usage,
     /// Latencies.
     pub timings: Timings,
+    /// The prompt's token ids, when the request set `return_prompt_token_ids`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
 }
 
 /// A piece of streamed output.
@@ -367,6 +385,7 @@ mod tests {
                 ttft_ms: 10.0,
                 total_ms: 20.0,
             },
+            prompt_token_ids: None,
         };
         let chunk = StreamChunk {
             id: "r1".into(),

@@ -11,6 +11,8 @@
 
 use std::collections::HashMap;
 
+pub mod metrics;
+
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;

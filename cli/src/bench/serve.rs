@@ -175,6 +175,7 @@ pub async fn run(a: ServeBaselineArgs) -> anyhow::Result<()> {
                         ttft_ms,
                         total_ms: received.elapsed().as_secs_f64() * 1e3,
                     },
+                    prompt_token_ids: None,
                 };
                 serde_json::to_string(&resp)?
             }
