@@ -49,10 +49,13 @@ pub struct ApiSettings {
     /// Longest a request may run from its arrival; then its sequence is cancelled and the
     /// reply (partial text) says `finish_reason: "cancelled"`. `None`: no limit.
     pub max_request: Option<std::time::Duration>,
+    /// Pass roles outside [`CHAT_ROLES`] to the chat template (as vLLM does) instead of
+    /// refusing them; the template may still refuse them itself.
+    pub allow_custom_roles: bool,
 }
 
 /// Chat roles accepted in `messages` (OpenAI's, as Qwen's ChatML renders them); any other
-/// role is a `bad_request`.
+/// role is a `bad_request` unless [`ApiSettings::allow_custom_roles`].
 pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 /// Everything a request handler needs.
@@ -204,10 +207,9 @@ impl Api {
             // After rendering, so that a template's own refusal (its `raise_exception`
             // message) is the one a client sees; roles a template accepts but that no
             // OpenAI client sends are refused here.
-            if let Some((i, bad)) = m
-                .iter()
-                .enumerate()
-                .find(|(_, m)| !CHAT_ROLES.contains(&m.role.as_str()))
+            if let Some((i, bad)) = m.iter().enumerate().find(|(_, m)| {
+                !self.settings.allow_custom_roles && !CHAT_ROLES.contains(&m.role.as_str())
+            })
             {
                 return Err(ClientError::bad_request(format!(
                     "messages[{i}] has role `{}`; the roles are {}",

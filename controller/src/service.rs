@@ -89,6 +89,11 @@ pub struct ControllerSettings {
     /// expert-function requests, bytes, retries, cold misses, activations. Off when unset.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Pass chat roles other than system, user, assistant and tool to the checkpoint's chat
+    /// template (as vLLM does; the template may still refuse them) instead of answering
+    /// `bad_request`.
+    #[arg(long)]
+    pub allow_custom_roles: bool,
 }
 
 impl ControllerSettings {
@@ -323,6 +328,7 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
             generation,
             max_request: (settings.max_request_ms > 0)
                 .then(|| Duration::from_millis(settings.max_request_ms)),
+            allow_custom_roles: settings.allow_custom_roles,
         },
     });
     api.serve().await

@@ -137,15 +137,13 @@ check(d("faasmoe_e2e_request_latency_seconds_count") == 4, "e2e latency histogra
 check(d("faasmoe_time_to_first_token_seconds_count") == 4, "TTFT histogram counted 4 requests")
 check(d("faasmoe_inter_token_latency_seconds_count") >= 4 * (min(n, 8) - 1) - 8, "inter-token latency observed")
 
-# Every chat-template golden case gives transformers' prompt ids through the API; its error
-# cases are refused with the template's message; roles outside OpenAI's set are refused
-# before any template runs.
-OPENAI_ROLES = {"system", "user", "assistant", "tool"}
+# Every chat-template golden case gives transformers' prompt ids through the API (the
+# template controllers pass custom roles such as `robot` to the template, as transformers
+# does); its error cases are refused with the template's own message.
 matched = refused = 0
 for i, case in enumerate(cfg["template_cases"]):
     tc = openai.OpenAI(base_url=base, api_key=cfg["template_keys"][case["template"]], max_retries=0, timeout=120)
     what = f"template case {i} ({case['template']}, roles {[m['role'] for m in case['messages']]})"
-    outside = any(m["role"] not in OPENAI_ROLES for m in case["messages"])
     try:
         r = tc.chat.completions.create(
             model=model, messages=case["messages"], max_tokens=1, temperature=0,
@@ -153,16 +151,18 @@ for i, case in enumerate(cfg["template_cases"]):
         )
     except openai.BadRequestError as e:
         msg = e.body["message"]
-        check("error" in case or outside, f"{what} refused: {msg}")
-        check(case.get("error", "robot") in msg, f"{what}: the message names the cause: {msg}")
+        check("error" in case, f"{what} refused: {msg}")
+        check(case["error"] in msg, f"{what}: the message is the template's: {msg}")
         refused += 1
         continue
-    check("error" not in case and not outside, f"{what} is accepted")
+    check("error" not in case, f"{what} is accepted")
     got = r.model_extra["prompt_token_ids"]
     check(got == case["input_ids"], f"{what}: prompt ids equal transformers' ({len(got)} tokens)")
     check(r.usage.prompt_tokens == len(case["input_ids"]), f"{what}: usage counts the templated prompt")
     matched += 1
-check(matched >= 15 and matched + refused == len(cfg["template_cases"]), f"{matched} template cases matched, {refused} refused")
+errors = sum("error" in c for c in cfg["template_cases"])
+check(refused == errors and matched + refused == len(cfg["template_cases"]) and matched >= 15,
+      f"{matched} template cases matched, {refused} error cases refused")
 
 # Errors: status and OpenAI body.
 status, hdrs, body = raw("POST", "/v1/chat/completions", data=b"{not json", key=cfg["key"])
@@ -184,7 +184,7 @@ try:
     client.chat.completions.create(model=model, messages=[{"role": "wizard", "content": "x"}])
     check(False, "an unknown role must be refused")
 except openai.BadRequestError as e:
-    check(e.status_code == 400, f"unknown role is 400: {e.body}")
+    check(e.status_code == 400 and "wizard" in e.body["message"], f"unknown role is 400 naming it: {e.body}")
 try:
     client.chat.completions.create(model=model, messages=msgs, n=2)
     check(False, "n=2 must be refused")

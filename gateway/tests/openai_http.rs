@@ -202,7 +202,7 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
     )
     .await;
     // The chat-template goldens: one tenant per template, each served by a controller whose
-    // checkpoint carries that template (`fixture_chatml` is the fixture's own: alice).
+    // checkpoint carries that template.
     let golden: serde_json::Value = serde_json::from_slice(
         &std::fs::read(
             faasmoe_model::fixtures::fixtures_dir()
@@ -212,17 +212,22 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
         .unwrap(),
     )
     .unwrap();
+    // They run with `--allow-custom-roles` so that roles outside OpenAI's set reach the
+    // template as in transformers (alice's controller, without it, refuses them).
     let mut template_keys = serde_json::Map::new();
-    template_keys.insert("fixture_chatml".into(), alice.api_key.clone().into());
     let mut template_controllers = Vec::new();
-    for (name, tenant) in [("default_system", "tpl-a"), ("strict_roles", "tpl-b")] {
+    for (name, tenant) in [
+        ("fixture_chatml", "tpl-c"),
+        ("default_system", "tpl-a"),
+        ("strict_roles", "tpl-b"),
+    ] {
         let dir = with_chat_template(&model_dir, golden["templates"][name].as_str().unwrap());
         let t = admin.create(tenant, Quota::default()).await.unwrap();
         template_keys.insert(name.into(), t.api_key.into());
         let c = controller(
             &server,
             dir.path(),
-            &["--local-experts", "--tenants", tenant],
+            &["--local-experts", "--allow-custom-roles", "--tenants", tenant],
             tenant,
         )
         .await;
