@@ -228,6 +228,8 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
         default_max_tokens: 16,
         max_request_ms: 600_000,
         queue_group: "faasmoe-controllers".into(),
+        metrics_listen: None,
+        allow_custom_roles: false,
     };
     let controller = ControllerTask::spawn(settings, Arc::new(KvQuota(store_a.clone())));
 
