@@ -43,17 +43,30 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
     let rows: Vec<Vec<f64>> = lines
         .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
         .collect();
-    let points: Vec<(f64, f64)> = rows.iter().map(|r| (r[0], r[1])).collect();
+    let points: Vec<(f64, f64, f64)> = rows.iter().map(|r| (r[0], r[1], r[9])).collect();
     assert_eq!(
         points,
-        vec![(8.0, 1.0), (8.0, 2.0), (8.0, 4.0), (40.0, 1.0)],
+        vec![
+            (8.0, 1.0, 0.0),
+            (8.0, 2.0, 0.0),
+            (8.0, 4.0, 0.0),
+            (8.0, 2.0, 1.0),
+            (8.0, 4.0, 1.0),
+            (40.0, 1.0, 0.0)
+        ],
         "{csv}"
     );
     for r in &rows {
-        for (h, v) in header.iter().zip(r) {
+        for (h, v) in header.iter().zip(r).take(9) {
             assert!(*v > 0.0, "{h} = {v}\n{csv}");
         }
     }
-    // Identical prompts route every row to the same experts.
-    assert!(rows.iter().all(|r| r[7] == rows[0][7]), "{csv}");
+    // Identical prompts route every row to the same experts; distinct ones touch at least
+    // as many, and their floor counts them.
+    let same: Vec<&Vec<f64>> = rows.iter().filter(|r| r[9] == 0.0).collect();
+    assert!(same.iter().all(|r| r[7] == same[0][7]), "{csv}");
+    for d in rows.iter().filter(|r| r[9] == 1.0) {
+        let s = same.iter().find(|s| s[0] == d[0] && s[1] == d[1]).unwrap();
+        assert!(d[7] >= s[7] && d[6] >= s[6], "distinct prompts touch more: {csv}");
+    }
 }

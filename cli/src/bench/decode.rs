@@ -8,6 +8,9 @@
 //!   bandwidth: a sum over a buffer much larger than the caches, every core, best of 3).
 //! - **Identical prompts**: every sequence of a batch feeds the same token at the same
 //!   context, so all rows route to the same experts (the floor does not grow with the batch).
+//! - **Distinct prompts**: sequence `i` feeds its own token, so rows route to different
+//!   experts: the step touches more of them and its floor grows with the batch; the table
+//!   shows how many and the step ÷ its own floor.
 //! - **Context**: each sequence's cache is filled with `context` positions of synthetic keys
 //!   and values through [`KvCache::append`] (what attention costs does not depend on the
 //!   values), and truncated back after each timed step so every step sees the same context.
@@ -52,6 +55,8 @@ pub struct DecodeRow {
     pub floor_ms: f64,
     /// Distinct routed experts the step touched (over all MoE layers).
     pub experts: usize,
+    /// Whether every sequence fed its own token (distinct prompts) rather than the same one.
+    pub distinct: bool,
 }
 
 /// Records the distinct experts touched while computing in-process.
@@ -142,15 +147,17 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
         rayon::current_num_threads()
     );
     let token = 1u32.min(cfg.vocab_size as u32 - 1);
-    let mut points: Vec<(usize, usize)> = Vec::new();
+    // (context, batch, distinct prompts)
+    let mut points: Vec<(usize, usize, bool)> = Vec::new();
     if let Some(&c0) = s.contexts.first() {
-        points.extend(s.batches.iter().map(|&b| (c0, b)));
+        points.extend(s.batches.iter().map(|&b| (c0, b, false)));
+        points.extend(s.batches.iter().filter(|&&b| b > 1).map(|&b| (c0, b, true)));
     }
     for &c in s.contexts.iter().skip(1) {
-        points.push((c, 1));
+        points.push((c, 1, false));
     }
     let mut rows = Vec::new();
-    for (context, batch) in points {
+    for (context, batch, distinct) in points {
         if context + 1 > cfg.max_position_embeddings {
             println!("    context {context}: past max_position_embeddings, skipped");
             continue;
@@ -168,8 +175,18 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
                 c
             })
             .collect();
-        let feed = [token];
-        let batch_in: Vec<(usize, &[u32])> = (0..batch).map(|_| (context, &feed[..])).collect();
+        // Distinct prompts: tokens spread over the vocabulary (a multiplicative hash), so
+        // the rows route differently.
+        let feeds: Vec<[u32; 1]> = (0..batch)
+            .map(|i| {
+                if distinct {
+                    [((i as u64 * 2_654_435_761 + 1) % cfg.vocab_size as u64) as u32]
+                } else {
+                    [token]
+                }
+            })
+            .collect();
+        let batch_in: Vec<(usize, &[u32])> = feeds.iter().map(|f| (context, &f[..])).collect();
         let mut times = Vec::with_capacity(s.reps);
         let mut experts = 0;
         for rep in 0..=s.reps {
@@ -208,6 +225,7 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
             bytes,
             floor_ms: bytes as f64 / bw * 1e3,
             experts,
+            distinct,
         });
     }
     print_table(&rows, cfg.num_hidden_layers);
@@ -217,15 +235,16 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
 
 fn step_at_batch1(rows: &[DecodeRow], context: usize) -> Option<f64> {
     rows.iter()
-        .find(|r| r.batch == 1 && r.context == context)
+        .find(|r| r.batch == 1 && r.context == context && !r.distinct)
         .map(|r| r.step_ms)
 }
 
 fn print_table(rows: &[DecodeRow], layers: usize) {
     println!(
-        "    {:>7} {:>5} {:>10} {:>12} {:>10} {:>10} {:>11} {:>8}",
+        "    {:>7} {:>5} {:>9} {:>10} {:>12} {:>10} {:>10} {:>11} {:>8}",
         "context",
         "batch",
+        "prompts",
         "step ms",
         "ms / layer",
         "floor ms",
@@ -236,9 +255,10 @@ fn print_table(rows: &[DecodeRow], layers: usize) {
     for r in rows {
         let one = step_at_batch1(rows, r.context).unwrap_or(f64::NAN);
         println!(
-            "    {:>7} {:>5} {:>10.2} {:>12.2} {:>10.2} {:>10.2} {:>11.2} {:>8}",
+            "    {:>7} {:>5} {:>9} {:>10.2} {:>12.2} {:>10.2} {:>10.2} {:>11.2} {:>8}",
             r.context,
             r.batch,
+            if r.distinct { "distinct" } else { "same" },
             r.step_ms,
             r.step_ms / layers.max(1) as f64,
             r.floor_ms,
@@ -249,7 +269,7 @@ fn print_table(rows: &[DecodeRow], layers: usize) {
     }
     let mut ctx: Vec<usize> = rows
         .iter()
-        .filter(|r| r.batch == 1)
+        .filter(|r| r.batch == 1 && !r.distinct)
         .map(|r| r.context)
         .collect();
     ctx.sort_unstable();
@@ -270,12 +290,12 @@ fn print_table(rows: &[DecodeRow], layers: usize) {
 
 fn write_csv(path: &Path, rows: &[DecodeRow], bw: f64) -> anyhow::Result<()> {
     let mut s = String::from(
-        "context,batch,step_ms,floor_ms,step_over_floor,step_over_batch1,bytes,experts_touched,read_gb_per_s\n",
+        "context,batch,step_ms,floor_ms,step_over_floor,step_over_batch1,bytes,experts_touched,read_gb_per_s,distinct_prompts\n",
     );
     for r in rows {
         let one = step_at_batch1(rows, r.context).unwrap_or(f64::NAN);
         s.push_str(&format!(
-            "{},{},{:.4},{:.4},{:.4},{:.4},{},{},{:.3}\n",
+            "{},{},{:.4},{:.4},{:.4},{:.4},{},{},{:.3},{}\n",
             r.context,
             r.batch,
             r.step_ms,
@@ -284,7 +304,8 @@ fn write_csv(path: &Path, rows: &[DecodeRow], bw: f64) -> anyhow::Result<()> {
             r.step_ms / one,
             r.bytes,
             r.experts,
-            bw / 1e9
+            bw / 1e9,
+            u8::from(r.distinct)
         ));
     }
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
