@@ -8,6 +8,12 @@
 //! (`n: 1`, `presence_penalty: 0`, `frequency_penalty: 0`, `logprobs: false`/`null`,
 //! `echo: false`, `best_of: 1`, `response_format: {"type": "text"}`); `user` and `metadata`
 //! are ignored. Any other field is refused with 400, never silently dropped.
+//!
+//! Why these types are ours and not `async-openai`'s: its request types are written for a
+//! client (they serialise what a caller sets); deserialising with them drops unknown fields
+//! and fields we cannot honour without a trace, and has no place for vLLM's extras, so a
+//! request with `n: 2` or a misspelt field would be served as if it said something else.
+//! Here every body is `deny_unknown_fields` and each field is mapped or refused by name.
 
 use faasmoe_proto::generate::{ChatMessage, FinishReason, GenerateRequest, GenerateResponse};
 use serde::Deserialize;

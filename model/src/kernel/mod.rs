@@ -24,8 +24,9 @@
 //! output depends only on that row and the weights (and is the same on every machine).
 //!
 //! **Reading W once.** Rows of `x` are taken in blocks of [`ROW_BLOCK`] = 64; within a block,
-//! a panel of 4 weight rows (at most 4 × k × 4 bytes, L1/L2 resident) is multiplied with every
-//! row of the block before the next panel is read, so for `m ≤ 64` each weight is read from
+//! a panel of a few weight rows (the micro-tile's width: 3 on AVX-512, 2 on AVX2, 4 portable;
+//! at most 4 × k × 4 bytes, L1/L2 resident) is multiplied with every row of the block, a
+//! micro-tile of rows at a time (8 on AVX-512), before the next panel is read, so for `m ≤ 64` each weight is read from
 //! memory once per call. Threads split the output columns `n` into contiguous ranges (each
 //! output is computed by one thread), so `m = 1` uses every core too.
 //!
@@ -52,7 +53,7 @@ pub const LANES: usize = 16;
 /// larger k, where the weight panel still is the only stream from memory).
 pub const ROW_BLOCK: usize = 64;
 
-/// Weight rows per panel (the micro-kernel's width in outputs).
+/// Weight rows per panel of the portable path, and the unit of the threads' column ranges.
 pub(crate) const PANEL: usize = 4;
 
 /// Below this many weight bytes a call runs on the calling thread only: waking a second
