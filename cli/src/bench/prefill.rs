@@ -46,8 +46,9 @@ pub struct PrefillArgs {
     /// Tokens of each decode measured before the long prompt arrives.
     #[arg(long, default_value_t = 16)]
     pub alone_tokens: usize,
-    /// Pipeline each step as two micro-batches (the controller's default is on).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Pipeline each step as two micro-batches (a controller with `--local-experts`, as
+    /// here, never does; one with remote experts does unless `--no-pipeline`).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub pipeline: bool,
 }
 
