@@ -207,6 +207,22 @@ try:
     check(False, "no expert function must be refused")
 except openai.APIStatusError as e:
     check(e.status_code == 503 and e.body["code"] == "unavailable", f"no expert function is 503: {e.body}")
+# A key naming a tenant too long for a subject is a 401 and never reaches NATS (nats-server
+# would close the gateway's shared connection over a 4 KB control line), so a stream that
+# runs meanwhile is unaffected.
+import threading
+import time
+streamed = {}
+def long_stream():
+    s = client.completions.create(model=model, prompt=cfg["prompt_ids"], max_tokens=64, temperature=0, stream=True)
+    streamed["text"] = "".join(c.choices[0].text for c in s if c.choices)
+t = threading.Thread(target=long_stream)
+t.start()
+time.sleep(0.3)
+status, _, body = raw("GET", "/v1/models", key="fm-" + "a" * 4000 + ".x")
+check(status == 401 and is_openai_error(body, "invalid_api_key"), f"a 4 KB tenant name in a key is 401: {status}")
+t.join(timeout=120)
+check(not t.is_alive() and len(streamed.get("text", "")) > 0, "a stream running meanwhile completes")
 # Another tenant's key does not reach this tenant's quota: alice still gets served.
 c = client.completions.create(model=model, prompt=cfg["prompt_ids"], max_tokens=2, temperature=0)
 check(c.usage.completion_tokens == 2, "the unlimited tenant is still served after the others' refusals")

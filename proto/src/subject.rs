@@ -20,9 +20,23 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// The prefix of every faasmoe subject; matches [`PROTOCOL_VERSION`].
 pub const PREFIX: &str = "faasmoe.v1";
 
+/// Longest subject token [`validate_token`] accepts, bytes. nats-server closes a connection
+/// whose protocol line exceeds `max_control_line` (4096 bytes by default), so a name taken
+/// from a client (a tenant name in an API key) must be bounded before it goes into a subject:
+/// otherwise one request would cut the connection that every tenant's requests share.
+pub const MAX_TOKEN_LEN: usize = 128;
+
 /// A name that cannot be used as a subject token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubjectError {
+    /// The name is longer than [`MAX_TOKEN_LEN`] bytes.
+    #[error("{kind} name has {len} bytes; at most {MAX_TOKEN_LEN} are allowed")]
+    TooLong {
+        /// What the name is for ("model", "tenant", ...).
+        kind: &'static str,
+        /// Its length, bytes.
+        len: usize,
+    },
     /// The name is empty.
     #[error("{kind} name is empty")]
     Empty {
@@ -41,11 +55,15 @@ pub enum SubjectError {
     },
 }
 
-/// Checks that `s` is a safe subject token: non-empty and only `[A-Za-z0-9_-]`.
+/// Checks that `s` is a safe subject token: non-empty, at most [`MAX_TOKEN_LEN`] bytes and
+/// only `[A-Za-z0-9_-]`.
 /// `kind` names the role of the token in the error message ("model", "tenant", ...).
 pub fn validate_token(kind: &'static str, s: &str) -> Result<(), SubjectError> {
     if s.is_empty() {
         return Err(SubjectError::Empty { kind });
+    }
+    if s.len() > MAX_TOKEN_LEN {
+        return Err(SubjectError::TooLong { kind, len: s.len() });
     }
     match s
         .chars()
@@ -247,6 +265,20 @@ mod tests {
     }
 
     #[test]
+    fn overlong_names_are_rejected_and_sanitized_ones_fit() {
+        let long = "a".repeat(MAX_TOKEN_LEN + 1);
+        assert!(validate_token("tenant", &"a".repeat(MAX_TOKEN_LEN)).is_ok());
+        assert_eq!(
+            generate(&long).unwrap_err(),
+            SubjectError::TooLong {
+                kind: "tenant",
+                len: MAX_TOKEN_LEN + 1
+            }
+        );
+        assert!(validate_token("model", &sanitize_token(&long)).is_ok());
+    }
+
+    #[test]
     fn unsafe_names_are_rejected() {
         for bad in ["a.b", "*", ">", "", "a b", "a\tb", "ü"] {
             assert!(validate_token("model", bad).is_err(), "{bad:?} accepted");
@@ -307,10 +339,11 @@ pub fn model_id_for_dir(dir: &std::path::Path) -> String {
 
 /// Turns any name (a checkpoint directory name such as `Qwen1.5-MoE-A2.7B`) into a valid
 /// subject token: lowercase, every character outside `[a-z0-9_-]` replaced by `-`
-/// (`qwen1-5-moe-a2-7b`); empty input gives `model`.
+/// (`qwen1-5-moe-a2-7b`), cut to [`MAX_TOKEN_LEN`] characters; empty input gives `model`.
 pub fn sanitize_token(name: &str) -> String {
     let s: String = name
         .chars()
+        .take(MAX_TOKEN_LEN)
         .map(|c| {
             let c = c.to_ascii_lowercase();
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
