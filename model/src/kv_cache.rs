@@ -330,7 +330,7 @@ fn block(
         let (lo, hi) = (visible_from(pos) - k0, pos + 1 - k0);
         for g in 0..groups {
             let row = &mut p[(i * groups + g) * klen..(i * groups + g + 1) * klen];
-            softmax_visible(row, lo, hi, scale);
+            kernel.softmax_visible(row, lo, hi, scale);
         }
     }
     let vstart = h * hd * l.cap + k0;
@@ -345,22 +345,3 @@ fn block(
     Ok(o)
 }
 
-/// In place: `row[lo..hi]` ← softmax(`scale · row[lo..hi]`) (max subtracted, exp, divided by
-/// the sum taken in increasing order), every other entry ← `0`.
-fn softmax_visible(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
-    let mut max = f32::NEG_INFINITY;
-    for v in &mut row[lo..hi] {
-        *v *= scale;
-        max = max.max(*v);
-    }
-    let mut sum = 0f32;
-    for v in &mut row[lo..hi] {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in &mut row[lo..hi] {
-        *v /= sum;
-    }
-    row[..lo].fill(0.0);
-    row[hi..].fill(0.0);
-}

@@ -37,6 +37,7 @@
 //! every path on any machine that supports it.
 
 mod portable;
+pub mod softmax;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -341,6 +342,15 @@ impl Kernel {
     /// The most threads a call uses.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// In place on this thread: `row[lo..hi]` ← softmax(`scale · row[lo..hi]`), every other
+    /// entry ← `0` (f32; the summation order and the `exp` are those of [`softmax`]'s docs,
+    /// the same on every path).
+    ///
+    /// Panics if `lo > hi` or `hi > row.len()`.
+    pub fn softmax_visible(&self, row: &mut [f32], lo: usize, hi: usize, scale: f32) {
+        softmax::softmax_visible(self.path, row, lo, hi, scale)
     }
 
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ` (see the module docs for the summation order).

@@ -281,3 +281,54 @@ fn path_settings_parse_and_refuse_what_the_cpu_lacks() {
     }
     assert!(default_path().unwrap().is_supported());
 }
+
+#[test]
+fn exp_nonpositive_is_within_two_ulp_of_f64() {
+    use super::softmax::exp_nonpositive;
+    let mut worst = 0f64;
+    let mut x = 0f32;
+    while x > -87.0 {
+        let want = (x as f64).exp();
+        let got = exp_nonpositive(x) as f64;
+        let ulp = (want as f32).abs() as f64 * f32::EPSILON as f64;
+        worst = worst.max((got - want).abs() / ulp);
+        x -= 0.001_7;
+    }
+    assert!(worst <= 2.0, "exp error {worst} ulp");
+    assert_eq!(exp_nonpositive(0.0), 1.0);
+    assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+}
+
+#[test]
+fn softmax_matches_f64_and_gives_the_same_bits_on_every_path() {
+    let mut rng = SmallRng::seed_from_u64(11);
+    for &(len, lo, hi) in &[(1, 0, 1), (7, 2, 7), (16, 0, 16), (33, 5, 30), (4100, 17, 4100)] {
+        let base: Vec<f32> = (0..len).map(|_| rng.random_range(-30.0f32..30.0)).collect();
+        let scale = 0.088_388_35; // 1 / √128
+        let m = base[lo..hi].iter().map(|&v| v as f64 * scale as f64).fold(f64::MIN, f64::max);
+        let sum: f64 = base[lo..hi].iter().map(|&v| (v as f64 * scale as f64 - m).exp()).sum();
+        let mut first: Option<Vec<f32>> = None;
+        for path in KernelPath::supported() {
+            let mut row = base.clone();
+            Kernel::new(path, 1).unwrap().softmax_visible(&mut row, lo, hi, scale);
+            for (j, &p) in row.iter().enumerate() {
+                let want = if (lo..hi).contains(&j) {
+                    (base[j] as f64 * scale as f64 - m).exp() / sum
+                } else {
+                    0.0
+                };
+                assert!(
+                    (p as f64 - want).abs() <= 4e-6 * want + 1e-12,
+                    "{path:?} len {len} entry {j}: {p} vs {want}"
+                );
+            }
+            match &first {
+                None => first = Some(row),
+                Some(f) => assert!(
+                    f.iter().zip(&row).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{path:?} differs from the first path"
+                ),
+            }
+        }
+    }
+}
