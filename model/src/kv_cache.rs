@@ -199,7 +199,8 @@ pub struct AttentionSpan<'a> {
 
 /// Scaled dot-product attention of every span's new rows against its cache in `layer`:
 /// causal, with an optional sliding `window` (query at position `p` sees keys `j` with
-/// `p - window < j ≤ p`), softmax in f32 (max subtracted, as `softmax_last_dim`).
+/// `p - window < j ≤ p`), softmax in f32 by [`Kernel::softmax_visible`] (max subtracted;
+/// `exp` and summation order in `kernel::softmax`'s docs).
 ///
 /// `q: [n_rows, heads · head_dim]` (all spans' rows stacked; query head `i` uses kv head
 /// `i / (heads / kv_heads)`, as `repeat_kv`), returns `[n_rows, heads · head_dim]` f32. Work
