@@ -24,7 +24,7 @@
 //! output depends only on that row and the weights (and is the same on every machine).
 //!
 //! **Reading W once.** Rows of `x` are taken in blocks of [`ROW_BLOCK`] = 64; within a block,
-//! a panel of a few weight rows (the micro-tile's width: 3 on AVX-512, 2 on AVX2, 4 portable;
+//! a panel of a few weight rows (the micro-tile's width: 3 on AVX-512, 2 on AVX2 for up to 2 rows and 3 for more, 4 portable;
 //! at most 4 × k × 4 bytes, L1/L2 resident) is multiplied with every row of the block, a
 //! micro-tile of rows at a time (8 on AVX-512), before the next panel is read, so for `m ≤ 64` each weight is read from
 //! memory once per call. Threads split the output columns `n` into contiguous ranges (each
