@@ -14,6 +14,9 @@
 //! - **Context**: each sequence's cache is filled with `context` positions of synthetic keys
 //!   and values through [`KvCache::append`] (what attention costs does not depend on the
 //!   values), and truncated back after each timed step so every step sees the same context.
+//! - **Side by side**: the timed steps go round-robin over every point (rep 1 of each
+//!   point, then rep 2, …), so noise from the machine's neighbours weighs on all points
+//!   alike; each point reports its median.
 //!
 //! Writes `decode.csv` (one row per context × batch) and prints the table.
 
@@ -156,13 +159,25 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
     for &c in s.contexts.iter().skip(1) {
         points.push((c, 1, false));
     }
-    let mut rows = Vec::new();
+    // Every point's sequences first; then the timed steps round-robin over the points, so
+    // the machine's drift and its neighbours weigh on every point alike and the ratios
+    // between points compare steps taken side by side.
+    struct Point {
+        context: usize,
+        batch: usize,
+        distinct: bool,
+        caches: Vec<KvCache>,
+        feeds: Vec<[u32; 1]>,
+        times: Vec<f64>,
+        experts: usize,
+    }
+    let mut state = Vec::new();
     for (context, batch, distinct) in points {
         if context + 1 > cfg.max_position_embeddings {
             println!("    context {context}: past max_position_embeddings, skipped");
             continue;
         }
-        let mut caches: Vec<KvCache> = (0..batch)
+        let caches: Vec<KvCache> = (0..batch)
             .map(|_| {
                 let mut c = cp.new_cache();
                 fill(
@@ -186,11 +201,22 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
                 }
             })
             .collect();
-        let batch_in: Vec<(usize, &[u32])> = feeds.iter().map(|f| (context, &f[..])).collect();
-        let mut times = Vec::with_capacity(s.reps);
-        let mut experts = 0;
-        for rep in 0..=s.reps {
-            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        state.push(Point {
+            context,
+            batch,
+            distinct,
+            caches,
+            feeds,
+            times: Vec::with_capacity(s.reps),
+            experts: 0,
+        });
+    }
+    // Rep 0 warms every point up (and grows each cache once), untimed.
+    for rep in 0..=s.reps {
+        for p in state.iter_mut() {
+            let batch_in: Vec<(usize, &[u32])> =
+                p.feeds.iter().map(|f| (p.context, &f[..])).collect();
+            let mut refs: Vec<&mut KvCache> = p.caches.iter_mut().collect();
             let mut rec = Touching {
                 inner: &mut backend,
                 seen: BTreeSet::new(),
@@ -200,32 +226,35 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
             let logits = cp.logits(&hidden)?;
             std::hint::black_box(&logits);
             let dt = t.elapsed().as_secs_f64() * 1e3;
-            experts = rec.seen.len();
+            p.experts = rec.seen.len();
             if rep > 0 {
-                times.push(dt);
+                p.times.push(dt);
             }
-            for c in caches.iter_mut() {
-                c.truncate(context)?;
+            for c in p.caches.iter_mut() {
+                c.truncate(p.context)?;
             }
         }
-        times.sort_by(|a, b| a.total_cmp(b));
-        let step_ms = times[times.len() / 2];
-        let kv = batch
-            * context
+    }
+    let mut rows = Vec::new();
+    for mut p in state {
+        p.times.sort_by(|a, b| a.total_cmp(b));
+        let step_ms = p.times[p.times.len() / 2];
+        let kv = p.batch
+            * p.context
             * cfg.num_hidden_layers
             * 2
             * cfg.num_key_value_heads
             * cfg.head_dim
             * 4;
-        let bytes = cp_bytes + experts * expert_bytes + kv;
+        let bytes = cp_bytes + p.experts * expert_bytes + kv;
         rows.push(DecodeRow {
-            context,
-            batch,
+            context: p.context,
+            batch: p.batch,
             step_ms,
             bytes,
             floor_ms: bytes as f64 / bw * 1e3,
-            experts,
-            distinct,
+            experts: p.experts,
+            distinct: p.distinct,
         });
     }
     print_table(&rows, cfg.num_hidden_layers);
