@@ -224,6 +224,7 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
         wire_dtype: "f32".into(),
         max_batch_seqs: 8,
         max_step_tokens: 1024,
+        max_prefill_step_tokens: 1024,
         no_pipeline: false,
         default_max_tokens: 16,
         max_request_ms: 600_000,

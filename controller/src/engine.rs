@@ -7,7 +7,9 @@
 //! request), up to a limit on running sequences.
 //!
 //! **Chunked prefill** (as vLLM's and SGLang's schedulers do it): a step holds at most
-//! [`EngineSettings::max_step_tokens`] tokens. Decodes are planned first (one token each),
+//! [`EngineSettings::max_step_tokens`] tokens while any sequence decodes (and
+//! [`EngineSettings::max_prefill_step_tokens`] when none does, since then no one's TPOT is
+//! at stake). Decodes are planned first (one token each),
 //! then the prompts still prefilling, oldest first, take what is left of the budget; the
 //! oldest always gets at least one token, so a step never stalls. A long prompt is thus
 //! prefilled over several steps while every running sequence keeps decoding in each of
@@ -39,10 +41,15 @@ use crate::sampling::{Sampler, SamplingParams};
 pub struct EngineSettings {
     /// Most sequences in one step.
     pub max_batch_seqs: usize,
-    /// Most tokens (prefill chunks + decodes) in one step: the chunked-prefill budget (see
-    /// the module docs). A step has at least one token per decoding sequence plus one for
-    /// the oldest prefilling prompt, whatever the budget.
+    /// Most tokens (prefill chunks + decodes) in a step while any running sequence decodes:
+    /// the chunked-prefill budget that bounds their TPOT (see the module docs). A step has
+    /// at least one token per decoding sequence plus one for the oldest prefilling prompt,
+    /// whatever the budget.
     pub max_step_tokens: usize,
+    /// Most tokens in a step in which no sequence decodes (only prompts prefilling: no one's
+    /// TPOT to protect, so a lone prompt is prefilled in few large steps); the larger of this
+    /// and `max_step_tokens` applies.
+    pub max_prefill_step_tokens: usize,
     /// Split steps of ≥ 2 sequences into two pipelined micro-batches.
     pub pipeline: bool,
     /// Token ids that end a sequence.
@@ -54,6 +61,7 @@ impl Default for EngineSettings {
         Self {
             max_batch_seqs: 32,
             max_step_tokens: Self::DEFAULT_MAX_STEP_TOKENS,
+            max_prefill_step_tokens: Self::DEFAULT_MAX_PREFILL_STEP_TOKENS,
             pipeline: true,
             eos_token_ids: vec![],
         }
@@ -62,10 +70,16 @@ impl Default for EngineSettings {
 
 impl EngineSettings {
     /// Default of [`EngineSettings::max_step_tokens`], chosen by measurement (issue 11's
-    /// note: 4 decodes and a 4,096-token prompt at the demo geometry): 256 keeps the
-    /// decodes' TPOT p99 under 1 s during the prefill (4,096 unchunked: 26.5 s) while the
-    /// long prompt's TTFT is within 3% of the best budget tried.
-    pub const DEFAULT_MAX_STEP_TOKENS: usize = 256;
+    /// note; `faasmoe bench-prefill --budgets 16,24,32,64,128`: 4 decodes and a 4,096-token
+    /// prompt on the demo checkpoint, 2 cores): the largest budget tried at which the
+    /// decodes' TPOT p99 during the prefill stays within 3× their p99 alone (16: 2.16×,
+    /// 24: 3.88×, 32: 6.83×); the long prompt's TTFT is 61 s against 46 s at 64.
+    pub const DEFAULT_MAX_STEP_TOKENS: usize = 16;
+
+    /// Default of [`EngineSettings::max_prefill_step_tokens`]: 256, where a prompt's TTFT
+    /// was within 3% of the best budget tried (a 4,096-token prompt prefilled alone in 16
+    /// steps instead of 256).
+    pub const DEFAULT_MAX_PREFILL_STEP_TOKENS: usize = 256;
 }
 
 /// Why a sequence ended.
@@ -150,16 +164,23 @@ impl Seq {
     }
 }
 
-/// Shares out one step's token budget (see the module docs): every decoding sequence
-/// feeds its last token, then prefilling prompts in admission order take chunks of what is
-/// left, the oldest at least one token. Returns the tokens planned.
 /// Publishes the batch's occupancy ([`metrics::RUNNING`], [`metrics::WAITING`]).
 fn set_queue_gauges(running: usize, waiting: usize) {
     ::metrics::gauge!(metrics::RUNNING).set(running as f64);
     ::metrics::gauge!(metrics::WAITING).set(waiting as f64);
 }
 
-fn plan_step(running: &mut [Seq], budget: usize) -> usize {
+/// Shares out one step's token budget (see the module docs): every decoding sequence
+/// feeds its last token, then prefilling prompts in admission order take chunks of what is
+/// left, the oldest at least one token. The budget is [`EngineSettings::max_step_tokens`] if any sequence
+/// decodes, else the larger of it and [`EngineSettings::max_prefill_step_tokens`]. Returns
+/// the tokens planned.
+fn plan_step(running: &mut [Seq], settings: &EngineSettings) -> usize {
+    let budget = if running.iter().any(Seq::decoding) {
+        settings.max_step_tokens
+    } else {
+        settings.max_step_tokens.max(settings.max_prefill_step_tokens)
+    };
     let mut left = budget.max(1);
     let mut total = 0;
     for s in running.iter_mut() {
@@ -269,7 +290,7 @@ async fn run(
             continue;
         }
         step_no += 1;
-        let step_tokens = plan_step(&mut running, settings.max_step_tokens);
+        let step_tokens = plan_step(&mut running, &settings);
         // Prefilling prompts left out of this step's budget wait for the next one.
         let (mut active, mut keep): (Vec<Seq>, Vec<Seq>) =
             running.drain(..).partition(|s| !s.feed.is_empty());
@@ -448,5 +469,81 @@ async fn forward_in(
                     .map_err(|e| DispatchError::Internal(e.to_string()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sequence with a `prompt_len`-token prompt, `prefilled` of it in the cache, and (if
+    /// `decoding`) its first token sampled.
+    fn seq(prompt_len: usize, prefilled: usize, decoding: bool, admitted: u64) -> Seq {
+        let sampling = SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let (events, _) = mpsc::unbounded_channel();
+        Seq {
+            sub: Submission {
+                id: format!("s{admitted}"),
+                tenant: "t".into(),
+                prompt: vec![1; prompt_len],
+                max_tokens: 4,
+                sampling: sampling.clone(),
+                seed: Some(0),
+                cancel: Arc::new(AtomicBool::new(false)),
+                events,
+                traceparent: None,
+            },
+            cache: KvCache::new(1),
+            sampler: Sampler::new(sampling, Some(0)),
+            feed: Vec::new(),
+            next: decoding.then_some(7),
+            generated: usize::from(decoding),
+            len: prefilled,
+            admitted,
+        }
+    }
+
+    fn settings(step: usize, prefill: usize) -> EngineSettings {
+        EngineSettings {
+            max_step_tokens: step,
+            max_prefill_step_tokens: prefill,
+            ..EngineSettings::default()
+        }
+    }
+
+    #[test]
+    fn decodes_first_then_the_oldest_prompt_within_the_step_budget() {
+        let mut running = vec![
+            seq(100, 0, false, 2),
+            seq(5, 5, true, 0),
+            seq(50, 10, false, 1),
+        ];
+        assert_eq!(plan_step(&mut running, &settings(16, 256)), 16);
+        assert_eq!(running[1].feed, vec![7]);
+        // The older prompt (admitted 1) takes the 15 tokens left; the younger gets none.
+        assert_eq!(running[2].feed.len(), 15);
+        assert!(running[0].feed.is_empty());
+    }
+
+    #[test]
+    fn prompts_alone_get_the_prefill_budget_and_never_less_than_the_step_budget() {
+        let mut running = vec![seq(4096, 0, false, 0)];
+        assert_eq!(plan_step(&mut running, &settings(16, 256)), 256);
+        assert_eq!(plan_step(&mut running, &settings(1024, 256)), 1024);
+        // Two prompts alone share it, oldest first.
+        let mut running = vec![seq(300, 0, false, 1), seq(200, 0, false, 0)];
+        assert_eq!(plan_step(&mut running, &settings(16, 256)), 256);
+        assert_eq!((running[1].feed.len(), running[0].feed.len()), (200, 56));
+    }
+
+    #[test]
+    fn the_oldest_prompt_moves_even_when_decodes_fill_the_budget() {
+        let mut running = vec![seq(3, 3, true, 0), seq(3, 3, true, 1), seq(9, 0, false, 2)];
+        assert_eq!(plan_step(&mut running, &settings(1, 256)), 3);
+        assert_eq!(running[2].feed.len(), 1);
     }
 }

@@ -56,6 +56,7 @@ fn engine(
     let settings = EngineSettings {
         max_batch_seqs: 32,
         max_step_tokens: budget,
+        max_prefill_step_tokens: budget,
         pipeline,
         eos_token_ids: vec![],
     };

@@ -35,7 +35,7 @@ pub struct PrefillArgs {
     pub model: Option<PathBuf>,
     /// Token budgets per engine step to compare (the prompt length is added as the unchunked
     /// reference).
-    #[arg(long, value_delimiter = ',', default_value = "32,64,128,256,512")]
+    #[arg(long, value_delimiter = ',', default_value = "16,24,32,64,256")]
     pub budgets: Vec<usize>,
     /// Running decodes the long prompt interrupts.
     #[arg(long, default_value_t = 4)]
