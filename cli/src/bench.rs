@@ -969,7 +969,12 @@ async fn run_one(
         let s = w.stats();
         println!(
             "    warm phase {:.1}s: {}/{} ok, {} warm, TPOT p50 {} ms, {} CPU-s/token",
-            w.wall_s, s.ok, w.requests.len(), s.warm, f(percentile(&s.tpot, 50.0), 1), f(s.cpu_s_per_token, 3)
+            w.wall_s,
+            s.ok,
+            w.requests.len(),
+            s.warm,
+            f(percentile(&s.tpot, 50.0), 1),
+            f(s.cpu_s_per_token, 3)
         );
         Some(w)
     };
@@ -982,7 +987,12 @@ async fn run_one(
             let s = p.stats();
             println!(
                 "    sweep c={c}: {:.1}s, {}/{} ok, {} tok/s, TPOT p50/p99 {}/{} ms",
-                p.wall_s, s.ok, p.requests.len(), f(s.tok_s, 2), f(percentile(&s.tpot, 50.0), 1), f(percentile(&s.tpot, 99.0), 1)
+                p.wall_s,
+                s.ok,
+                p.requests.len(),
+                f(s.tok_s, 2),
+                f(percentile(&s.tpot, 50.0), 1),
+                f(percentile(&s.tpot, 99.0), 1)
             );
             sweep_points.push(p);
         }
@@ -1481,11 +1491,12 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             continue;
         }
         println!("[{}/{}] {} …", i + 1, specs.len(), spec.key());
-        let sweep: &[usize] = if spec.tenants == max_t && spec.granularity.is_none_or(|g| g == compare_g) {
-            &sweep_levels
-        } else {
-            &[]
-        };
+        let sweep: &[usize] =
+            if spec.tenants == max_t && spec.granularity.is_none_or(|g| g == compare_g) {
+                &sweep_levels
+            } else {
+                &[]
+            };
         match run_one(spec, &tenant_names, &work, &model, &a, &out, tail_s, sweep).await {
             Ok(r) => {
                 let s = r.summary();

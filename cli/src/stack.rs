@@ -131,8 +131,7 @@ impl Stack {
             None => faasmoe_broker::server::free_port(),
         };
         let broker_metrics = format!("127.0.0.1:{}", port_or_free(a.broker_metrics_port)?);
-        let controller_metrics =
-            format!("127.0.0.1:{}", port_or_free(a.controller_metrics_port)?);
+        let controller_metrics = format!("127.0.0.1:{}", port_or_free(a.controller_metrics_port)?);
         let broker = Command::new(sibling("faasmoe-broker"))
             .args(["run", "--nats-url", &url, "--nats-user", "broker"])
             .args(["--metrics-listen", &broker_metrics])

@@ -151,14 +151,20 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
                 "pss_mean_mb",
             ] {
                 let v: f64 = r[pcol(c)].parse().unwrap_or_else(|_| {
-                    panic!("{mode} {phase}: {c} = {:?} is not a number\n{stdout}", &r[pcol(c)])
+                    panic!(
+                        "{mode} {phase}: {c} = {:?} is not a number\n{stdout}",
+                        &r[pcol(c)]
+                    )
                 });
                 assert!(v > 0.0, "{mode} {phase}: {c} = {v}");
             }
             if phase == "warm" {
                 // Primed: the warm phase runs (at least partly) on started functions.
                 let warm: usize = r[pcol("warm_requests")].parse().unwrap();
-                assert!(warm > 0, "{mode}: no warm request in the warm phase\n{stdout}");
+                assert!(
+                    warm > 0,
+                    "{mode}: no warm request in the warm phase\n{stdout}"
+                );
             }
         }
     }

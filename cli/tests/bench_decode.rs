@@ -67,6 +67,9 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
     assert!(same.iter().all(|r| r[7] == same[0][7]), "{csv}");
     for d in rows.iter().filter(|r| r[9] == 1.0) {
         let s = same.iter().find(|s| s[0] == d[0] && s[1] == d[1]).unwrap();
-        assert!(d[7] >= s[7] && d[6] >= s[6], "distinct prompts touch more: {csv}");
+        assert!(
+            d[7] >= s[7] && d[6] >= s[6],
+            "distinct prompts touch more: {csv}"
+        );
     }
 }

@@ -59,7 +59,10 @@ fn up_prints_a_curl_line_that_answers_and_metrics_that_count() {
         let st = Command::new(root.join("scripts/install-test-deps"))
             .status()
             .expect("run scripts/install-test-deps");
-        assert!(st.success() && has_deps(), "prometheus-client could not be installed");
+        assert!(
+            st.success() && has_deps(),
+            "prometheus-client could not be installed"
+        );
     }
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_faasmoe"));
     for sib in ["faasmoe-broker", "faasmoe-expert-worker", "faasmoe-gateway"] {
@@ -126,7 +129,11 @@ fn up_prints_a_curl_line_that_answers_and_metrics_that_count() {
 
     // The printed lines, as a user pastes them.
     let script = format!("{export_url}\n{export_key}\n{curl} -sS --fail-with-body\n");
-    let out = Command::new("sh").arg("-c").arg(&script).output().expect("run sh");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("run sh");
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

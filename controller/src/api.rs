@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faasmoe_model::GenerationConfig;
-use faasmoe_telemetry::metrics;
 use faasmoe_proto::generate::{
     decode_generate, encode_body, ClientError, ClientErrorCode, ErrorReply, FinishReason,
     GenerateRequest, GenerateResponse, StreamChunk, StreamMessage, Timings, Usage, CONTENT_TYPE,
 };
 use faasmoe_proto::subject;
+use faasmoe_telemetry::metrics;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument};
@@ -209,8 +209,7 @@ impl Api {
             // OpenAI client sends are refused here.
             if let Some((i, bad)) = m.iter().enumerate().find(|(_, m)| {
                 !self.settings.allow_custom_roles && !CHAT_ROLES.contains(&m.role.as_str())
-            })
-            {
+            }) {
                 return Err(ClientError::bad_request(format!(
                     "messages[{i}] has role `{}`; the roles are {}",
                     bad.role,
@@ -466,7 +465,10 @@ impl Api {
                 ttft_ms,
                 total_ms,
             },
-            prompt_token_ids: req.return_prompt_token_ids.unwrap_or(false).then(|| prompt.clone()),
+            prompt_token_ids: req
+                .return_prompt_token_ids
+                .unwrap_or(false)
+                .then(|| prompt.clone()),
         };
         metrics::finished(
             response.finish_reason.as_str(),

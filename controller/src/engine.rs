@@ -179,7 +179,9 @@ fn plan_step(running: &mut [Seq], settings: &EngineSettings) -> usize {
     let budget = if running.iter().any(Seq::decoding) {
         settings.max_step_tokens
     } else {
-        settings.max_step_tokens.max(settings.max_prefill_step_tokens)
+        settings
+            .max_step_tokens
+            .max(settings.max_prefill_step_tokens)
     };
     let mut left = budget.max(1);
     let mut total = 0;

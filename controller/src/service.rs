@@ -4,12 +4,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use candle_core::DType;
 use faasmoe_model::{Checkpoint, ControlPlane, GenerationConfig};
 use faasmoe_proto::connection::NatsArgs;
 use faasmoe_proto::layout::Layout;
 use faasmoe_proto::tensor::WireDType;
-use anyhow::Context as _;
 use tracing::info;
 
 use crate::api::{Api, ApiSettings};

@@ -847,7 +847,9 @@ async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() 
         let mut x = 0x2545_f491_u64 ^ n as u64;
         (0..n)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 33) % 1024) as u32
             })
             .collect()
@@ -859,7 +861,13 @@ async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() 
         ("shared g60 f32", Some(60), "f32", 256, lengths.clone()),
         ("shared g60 bf16", Some(60), "bf16", 256, lengths.clone()),
         ("shared g4 f32", Some(4), "f32", 256, lengths.clone()),
-        ("shared g4 bf16, 2048 tokens per step", Some(4), "bf16", 2048, lengths.clone()),
+        (
+            "shared g4 bf16, 2048 tokens per step",
+            Some(4),
+            "bf16",
+            2048,
+            lengths.clone(),
+        ),
     ];
     let mut reference: HashMap<usize, Vec<u32>> = HashMap::new();
     for (label, g, wire, budget, ns) in configs {
@@ -905,10 +913,16 @@ async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() 
                 None => {
                     reference.insert(n, ids);
                 }
-                Some(r) => assert_eq!(&ids, r, "{label}, {n}-token prompt: ids differ from local-split"),
+                Some(r) => assert_eq!(
+                    &ids, r,
+                    "{label}, {n}-token prompt: ids differ from local-split"
+                ),
             }
             if budget >= 2048 && n >= 2048 {
-                assert!(splits > 0, "{label}: a {n}-token prefill must be split under 1 MB");
+                assert!(
+                    splits > 0,
+                    "{label}: a {n}-token prefill must be split under 1 MB"
+                );
             }
         }
     }

@@ -117,10 +117,9 @@ fn with_chat_template(model_dir: &std::path::Path, template: &str) -> tempfile::
             std::os::unix::fs::symlink(f.path(), dir.path().join(&name)).unwrap();
         }
     }
-    let mut cfg: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(model_dir.join("tokenizer_config.json")).unwrap(),
-    )
-    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model_dir.join("tokenizer_config.json")).unwrap())
+            .unwrap();
     cfg["chat_template"] = serde_json::Value::String(template.into());
     std::fs::write(
         dir.path().join("tokenizer_config.json"),
@@ -227,7 +226,12 @@ async fn openai_python_client_chats_completes_lists_models_and_sees_typed_errors
         let c = controller(
             &server,
             dir.path(),
-            &["--local-experts", "--allow-custom-roles", "--tenants", tenant],
+            &[
+                "--local-experts",
+                "--allow-custom-roles",
+                "--tenants",
+                tenant,
+            ],
             tenant,
         )
         .await;

@@ -345,4 +345,3 @@ fn block(
     kernel.matmul_t(&p, m, &values, &mut o)?;
     Ok(o)
 }
-

@@ -487,7 +487,9 @@ impl ControlPlane {
                     Ffn::Moe(m) => {
                         m.gate.weight_bytes()
                             + m.shared_expert.as_ref().map_or(0, SwiGlu::weight_bytes)
-                            + m.shared_expert_gate.as_ref().map_or(0, Linear::weight_bytes)
+                            + m.shared_expert_gate
+                                .as_ref()
+                                .map_or(0, Linear::weight_bytes)
                     }
                 }
             })

@@ -119,7 +119,10 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         .set_buckets_for_metric(Matcher::Full(ITL.into()), &ITL_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(E2E.into()), &E2E_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(QUEUE.into()), &E2E_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Full(COLD_START_SECONDS.into()), &COLD_START_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(COLD_START_SECONDS.into()),
+            &COLD_START_BUCKETS,
+        )?
         .build_recorder();
     let handle = recorder.handle();
     match metrics::set_global_recorder(recorder) {
@@ -129,17 +132,30 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
             Ok(HANDLE.get().expect("just set").clone())
         }
         // Lost a race with another thread of this module: use the winner's handle.
-        Err(e) => HANDLE.get().cloned().ok_or(
-            metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(e),
-        ),
+        Err(e) => HANDLE
+            .get()
+            .cloned()
+            .ok_or(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(e)),
     }
 }
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_histogram!(TTFT, Unit::Seconds, "Histogram of time to first token in seconds.");
-    describe_histogram!(ITL, Unit::Seconds, "Histogram of inter-token latency in seconds.");
-    describe_histogram!(E2E, Unit::Seconds, "Histogram of end to end request latency in seconds.");
+    describe_histogram!(
+        TTFT,
+        Unit::Seconds,
+        "Histogram of time to first token in seconds."
+    );
+    describe_histogram!(
+        ITL,
+        Unit::Seconds,
+        "Histogram of inter-token latency in seconds."
+    );
+    describe_histogram!(
+        E2E,
+        Unit::Seconds,
+        "Histogram of end to end request latency in seconds."
+    );
     describe_histogram!(
         QUEUE,
         Unit::Seconds,
@@ -151,25 +167,80 @@ fn describe() {
     describe_gauge!(RUNNING, "Number of requests in a batch now.");
     describe_gauge!(WAITING, "Number of requests waiting for a batch slot.");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by endpoint and status.");
-    describe_counter!(FUNCTION_REQUESTS, "Expert-function requests sent, retries included.");
-    describe_counter!(FUNCTION_BYTES_SENT, Unit::Bytes, "Request payload bytes sent to expert functions.");
-    describe_counter!(FUNCTION_BYTES_RECEIVED, Unit::Bytes, "Reply payload bytes received from expert functions.");
-    describe_counter!(FUNCTION_RETRIES, "Expert-function requests sent again after a timeout or error.");
-    describe_counter!(FUNCTION_COLD_MISSES, "Function calls that found no instance and waited for a cold start.");
-    describe_counter!(ACTIVATION_REQUESTS, "Activation requests sent to the broker, attempts included.");
-    describe_counter!(PREDICTED_ACTIVATIONS, "Activations started ahead of the pass from predicted routes.");
-    describe_counter!(PREDICTION_HITS, "Predicted activations that a real route then used.");
-    describe_counter!(SPLIT_REQUESTS, "Extra expert requests made to fit the server's max_payload.");
-    describe_counter!(RECONNECTS, "Times the NATS connection came back after being lost.");
+    describe_counter!(
+        FUNCTION_REQUESTS,
+        "Expert-function requests sent, retries included."
+    );
+    describe_counter!(
+        FUNCTION_BYTES_SENT,
+        Unit::Bytes,
+        "Request payload bytes sent to expert functions."
+    );
+    describe_counter!(
+        FUNCTION_BYTES_RECEIVED,
+        Unit::Bytes,
+        "Reply payload bytes received from expert functions."
+    );
+    describe_counter!(
+        FUNCTION_RETRIES,
+        "Expert-function requests sent again after a timeout or error."
+    );
+    describe_counter!(
+        FUNCTION_COLD_MISSES,
+        "Function calls that found no instance and waited for a cold start."
+    );
+    describe_counter!(
+        ACTIVATION_REQUESTS,
+        "Activation requests sent to the broker, attempts included."
+    );
+    describe_counter!(
+        PREDICTED_ACTIVATIONS,
+        "Activations started ahead of the pass from predicted routes."
+    );
+    describe_counter!(
+        PREDICTION_HITS,
+        "Predicted activations that a real route then used."
+    );
+    describe_counter!(
+        SPLIT_REQUESTS,
+        "Extra expert requests made to fit the server's max_payload."
+    );
+    describe_counter!(
+        RECONNECTS,
+        "Times the NATS connection came back after being lost."
+    );
     describe_gauge!(INSTANCES, "Live instances of a function by state.");
     describe_counter!(COLD_STARTS, "Instances spawned by the broker.");
-    describe_histogram!(COLD_START_SECONDS, Unit::Seconds, "Spawn to READY of one instance in seconds.");
-    describe_counter!(WORKER_REQUESTS, "Expert requests received by the instances of a function.");
-    describe_counter!(WORKER_BATCHES, "Batches computed by the instances of a function.");
-    describe_counter!(WORKER_ROWS, "Token rows computed by the instances of a function.");
-    describe_counter!(WORKER_CROSS_TENANT_BATCHES, "Batches holding requests of more than one tenant.");
-    describe_gauge!(WORKER_BUSY_SECONDS, Unit::Seconds, "Seconds the live instances of a function spent computing.");
-    describe_gauge!(WORKER_MAX_BATCH_REQUESTS, "Most requests one batch of a function held.");
+    describe_histogram!(
+        COLD_START_SECONDS,
+        Unit::Seconds,
+        "Spawn to READY of one instance in seconds."
+    );
+    describe_counter!(
+        WORKER_REQUESTS,
+        "Expert requests received by the instances of a function."
+    );
+    describe_counter!(
+        WORKER_BATCHES,
+        "Batches computed by the instances of a function."
+    );
+    describe_counter!(
+        WORKER_ROWS,
+        "Token rows computed by the instances of a function."
+    );
+    describe_counter!(
+        WORKER_CROSS_TENANT_BATCHES,
+        "Batches holding requests of more than one tenant."
+    );
+    describe_gauge!(
+        WORKER_BUSY_SECONDS,
+        Unit::Seconds,
+        "Seconds the live instances of a function spent computing."
+    );
+    describe_gauge!(
+        WORKER_MAX_BATCH_REQUESTS,
+        "Most requests one batch of a function held."
+    );
 }
 
 /// Records a finished request: its token counts, queue time, TTFT (when it generated a token)

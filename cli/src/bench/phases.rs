@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use faasmoe_proto::generate::{GenerateResponse, CONTENT_TYPE, JSON};
 
-use super::{f, mbf, tpot_ms, Mode, ReqResult, Req, RunResult};
+use super::{f, mbf, tpot_ms, Mode, Req, ReqResult, RunResult};
 use crate::monitor::percentile;
 
 /// Throughput growth below which the sweep counts a mode as saturated (10%).
@@ -190,7 +190,14 @@ impl Harness<'_> {
     pub async fn prime(&self, work: &[Req]) {
         let start = tokio::time::Instant::now();
         let sends = work.iter().map(|r| {
-            send(&self.clients[&r.tenant], &r.tenant, r.index, &r.ids, r.max_tokens, start)
+            send(
+                &self.clients[&r.tenant],
+                &r.tenant,
+                r.index,
+                &r.ids,
+                r.max_tokens,
+                start,
+            )
         });
         futures::future::join_all(sends).await;
     }
@@ -200,8 +207,15 @@ impl Harness<'_> {
         self.measure(None, |start| async move {
             let sends = work.iter().map(|r| async move {
                 crate::workload::sleep_until(start, r.at_s).await;
-                send(&self.clients[&r.tenant], &r.tenant, r.index, &r.ids, r.max_tokens, start)
-                    .await
+                send(
+                    &self.clients[&r.tenant],
+                    &r.tenant,
+                    r.index,
+                    &r.ids,
+                    r.max_tokens,
+                    start,
+                )
+                .await
             });
             futures::future::join_all(sends).await
         })
@@ -228,14 +242,25 @@ impl Harness<'_> {
                         for i in 0..per_client {
                             let r = &work[(j * per_client + i) % work.len()];
                             out.push(
-                                send(&self.clients[tenant], tenant, j * per_client + i, &r.ids, max_tokens, start)
-                                    .await,
+                                send(
+                                    &self.clients[tenant],
+                                    tenant,
+                                    j * per_client + i,
+                                    &r.ids,
+                                    max_tokens,
+                                    start,
+                                )
+                                .await,
                             );
                         }
                         out
                     }
                 });
-                futures::future::join_all(loops).await.into_iter().flatten().collect()
+                futures::future::join_all(loops)
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect()
             }
         })
         .await
@@ -387,7 +412,12 @@ pub(super) fn report(results: &[RunResult]) -> String {
                 .iter()
                 .map(|p| p.stats().tok_s)
                 .fold(f64::NAN, f64::max);
-            let largest = r.sweep.iter().filter_map(|p| p.concurrency).max().unwrap_or(0);
+            let largest = r
+                .sweep
+                .iter()
+                .filter_map(|p| p.concurrency)
+                .max()
+                .unwrap_or(0);
             let _ = writeln!(
                 t,
                 "| {mode} | {} | {g} | {} | {} | {} |",

@@ -181,7 +181,12 @@ async fn measure(
     };
     let mut rxs = Vec::new();
     for i in 0..a.decodes {
-        let (ok, rx) = submit(format!("d{i}"), prompt(i as u64 + 1, 16, vocab), 1 << 20, cancel.clone());
+        let (ok, rx) = submit(
+            format!("d{i}"),
+            prompt(i as u64 + 1, 16, vocab),
+            1 << 20,
+            cancel.clone(),
+        );
         if !ok {
             bail!("the engine refused a decode");
         }
@@ -244,7 +249,9 @@ pub async fn run(a: PrefillArgs) -> anyhow::Result<()> {
         &std::fs::read(model.join("config.json"))
             .with_context(|| format!("reading {}/config.json", model.display()))?,
     )?;
-    let vocab = cfg["vocab_size"].as_u64().context("config.json has no vocab_size")? as usize;
+    let vocab = cfg["vocab_size"]
+        .as_u64()
+        .context("config.json has no vocab_size")? as usize;
     let context = cfg["max_position_embeddings"].as_u64().unwrap_or(0) as usize;
     if a.prompt_tokens + 1 >= context {
         bail!(
@@ -280,7 +287,11 @@ pub async fn run(a: PrefillArgs) -> anyhow::Result<()> {
             r.during_ms.1,
             r.during_ms.1 / r.alone_ms.1,
             r.ttft_ms / 1e3,
-            if r.budget == a.prompt_tokens { "  (unchunked)" } else { "" }
+            if r.budget == a.prompt_tokens {
+                "  (unchunked)"
+            } else {
+                ""
+            }
         );
         rows.push(r);
     }

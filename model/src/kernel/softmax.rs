@@ -94,7 +94,11 @@ unsafe fn softmax_avx2(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
 /// Panics if `lo > hi` or `hi > row.len()`; `lo == hi` only zeroes the row. `path` must be
 /// supported by this CPU (a [`super::Kernel`]'s path always is).
 pub(super) fn softmax_visible(path: KernelPath, row: &mut [f32], lo: usize, hi: usize, scale: f32) {
-    assert!(lo <= hi && hi <= row.len(), "softmax range {lo}..{hi} of {}", row.len());
+    assert!(
+        lo <= hi && hi <= row.len(),
+        "softmax range {lo}..{hi} of {}",
+        row.len()
+    );
     match path {
         // SAFETY: a Kernel's path is supported by this CPU (checked by Kernel::new).
         #[cfg(target_arch = "x86_64")]

@@ -302,15 +302,29 @@ fn exp_nonpositive_is_within_two_ulp_of_f64() {
 #[test]
 fn softmax_matches_f64_and_gives_the_same_bits_on_every_path() {
     let mut rng = SmallRng::seed_from_u64(11);
-    for &(len, lo, hi) in &[(1, 0, 1), (7, 2, 7), (16, 0, 16), (33, 5, 30), (4100, 17, 4100)] {
+    for &(len, lo, hi) in &[
+        (1, 0, 1),
+        (7, 2, 7),
+        (16, 0, 16),
+        (33, 5, 30),
+        (4100, 17, 4100),
+    ] {
         let base: Vec<f32> = (0..len).map(|_| rng.random_range(-30.0f32..30.0)).collect();
         let scale = 0.088_388_35; // 1 / √128
-        let m = base[lo..hi].iter().map(|&v| v as f64 * scale as f64).fold(f64::MIN, f64::max);
-        let sum: f64 = base[lo..hi].iter().map(|&v| (v as f64 * scale as f64 - m).exp()).sum();
+        let m = base[lo..hi]
+            .iter()
+            .map(|&v| v as f64 * scale as f64)
+            .fold(f64::MIN, f64::max);
+        let sum: f64 = base[lo..hi]
+            .iter()
+            .map(|&v| (v as f64 * scale as f64 - m).exp())
+            .sum();
         let mut first: Option<Vec<f32>> = None;
         for path in KernelPath::supported() {
             let mut row = base.clone();
-            Kernel::new(path, 1).unwrap().softmax_visible(&mut row, lo, hi, scale);
+            Kernel::new(path, 1)
+                .unwrap()
+                .softmax_visible(&mut row, lo, hi, scale);
             for (j, &p) in row.iter().enumerate() {
                 let want = if (lo..hi).contains(&j) {
                     (base[j] as f64 * scale as f64 - m).exp() / sum

@@ -377,7 +377,15 @@ pub(super) unsafe fn columns_avx2<E: Elem>(
     if m <= 2 {
         for_tiles::<2, 2>(m, j0, j1, |i, mr, j, nr| {
             let (xp, wp, yp) = (x.add(i * k), w.add(j * ldw), y.add(i * ldy + j));
-            tiles!(tile256, E, mr, nr, [1, 2], [1, 2], (xp, k, wp, ldw, yp, ldy))
+            tiles!(
+                tile256,
+                E,
+                mr,
+                nr,
+                [1, 2],
+                [1, 2],
+                (xp, k, wp, ldw, yp, ldy)
+            )
         });
     } else {
         for_tiles::<MR256, NR256>(m, j0, j1, |i, mr, j, nr| {
