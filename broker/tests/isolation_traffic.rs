@@ -497,8 +497,7 @@ async fn no_plaintext_secret_in_the_runtime_directory_and_no_development_passwor
         port: Some(free_port().unwrap()),
         ..Default::default()
     })
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert!(
         matches!(&e, faasmoe_broker::server::ServerError::DevelopmentPasswords { users, .. } if users.contains(&"broker")),
         "{e}"

@@ -837,6 +837,7 @@ fn mbf(b: f64) -> f64 {
 }
 
 /// Runs one spec.
+#[allow(clippy::too_many_arguments)]
 async fn run_one(
     spec: &Spec,
     all_tenants: &[String],

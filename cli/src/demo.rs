@@ -194,7 +194,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     let start = tokio::time::Instant::now();
     for (ti, plan) in plans.iter().enumerate() {
-        let creds = admin.create(plan.name, plan.quota.clone()).await?;
+        let creds = admin.create(plan.name, plan.quota).await?;
         let client = faasmoe_proto::connection::connect(
             stack.server.url(),
             Some(&creds.user),
@@ -360,47 +360,49 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!("\n## Resources over time (from /proc; CPU in % of one core)\n");
     println!("| t s | instances | controller RSS MB | controller CPU % | workers RSS MB | workers PSS MB | workers CPU % | nats RSS MB | nats CPU % | broker RSS MB |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let m = monitor.lock().unwrap();
-    let step = (m.samples.len() / 16).max(1);
-    for (i, s) in m.samples.iter().enumerate() {
-        if i % step != 0 && i + 1 != m.samples.len() {
-            continue;
+    // The lock is released before the awaits below.
+    {
+        let m = monitor.lock().unwrap();
+        let step = (m.samples.len() / 16).max(1);
+        for (i, s) in m.samples.iter().enumerate() {
+            if i % step != 0 && i + 1 != m.samples.len() {
+                continue;
+            }
+            let g = |r: Role| s.roles.get(&r).copied().unwrap_or_default();
+            let (c, w, nats, b) = (
+                g(Role::Controller),
+                g(Role::Worker),
+                g(Role::Nats),
+                g(Role::Broker),
+            );
+            println!(
+                "| {:.0} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {:.0} | {} |",
+                s.t_s,
+                w.processes,
+                mb(c.rss_bytes),
+                c.cpu_percent,
+                mb(w.rss_bytes),
+                mb(w.pss_bytes),
+                w.cpu_percent,
+                mb(nats.rss_bytes),
+                nats.cpu_percent,
+                mb(b.rss_bytes)
+            );
         }
-        let g = |r: Role| s.roles.get(&r).copied().unwrap_or_default();
-        let (c, w, nats, b) = (
-            g(Role::Controller),
-            g(Role::Worker),
-            g(Role::Nats),
-            g(Role::Broker),
-        );
-        println!(
-            "| {:.0} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {:.0} | {} |",
-            s.t_s,
-            w.processes,
-            mb(c.rss_bytes),
-            c.cpu_percent,
-            mb(w.rss_bytes),
-            mb(w.pss_bytes),
-            w.cpu_percent,
-            mb(nats.rss_bytes),
-            nats.cpu_percent,
-            mb(b.rss_bytes)
-        );
+        let peak_workers = m
+            .samples
+            .iter()
+            .map(|s| s.roles.get(&Role::Worker).map(|w| w.processes).unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        let last_workers = m
+            .samples
+            .last()
+            .and_then(|s| s.roles.get(&Role::Worker))
+            .map(|w| w.processes)
+            .unwrap_or(0);
+        println!("\nfunction instances: peak {peak_workers}, at the end {last_workers} (idle timeout {} ms){}", a.idle_timeout_ms, if last_workers == 0 { ": scaled to zero" } else { "" });
     }
-    let peak_workers = m
-        .samples
-        .iter()
-        .map(|s| s.roles.get(&Role::Worker).map(|w| w.processes).unwrap_or(0))
-        .max()
-        .unwrap_or(0);
-    let last_workers = m
-        .samples
-        .last()
-        .and_then(|s| s.roles.get(&Role::Worker))
-        .map(|w| w.processes)
-        .unwrap_or(0);
-    println!("\nfunction instances: peak {peak_workers}, at the end {last_workers} (idle timeout {} ms){}", a.idle_timeout_ms, if last_workers == 0 { ": scaled to zero" } else { "" });
-    drop(m);
     println!("\nusage in the quota store:");
     for plan in &plans {
         if let Ok(u) = admin.store().usage(plan.name).await {

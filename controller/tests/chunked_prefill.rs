@@ -31,13 +31,11 @@ fn ids(golden: &std::collections::HashMap<String, candle_core::Tensor>, key: &st
         .collect()
 }
 
+/// A golden case: prompt ids and transformers' greedy continuation.
+type Case = (Vec<u32>, Vec<u32>);
 /// An engine over the fixture with the given budget (no EOS, no pipelining: the golden
 /// continuations run to 24 tokens), and the fixture's four (prompt, greedy) pairs.
-fn engine(
-    name: &str,
-    budget: usize,
-    pipeline: bool,
-) -> Option<(EngineHandle, Vec<(Vec<u32>, Vec<u32>)>)> {
+fn engine(name: &str, budget: usize, pipeline: bool) -> Option<(EngineHandle, Vec<Case>)> {
     let Some(dir) = fixture(name) else {
         eprintln!("!!! SKIPPED: fixture {name} not found");
         return None;

@@ -856,7 +856,8 @@ async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() 
     };
     let body = |n: usize| json!({"input_ids": prompt(n), "max_tokens": 2, "temperature": 0});
     // (label, granularity (None: local-split), wire dtype, --max-step-tokens, lengths).
-    let configs: Vec<(&str, Option<u32>, &str, usize, Vec<usize>)> = vec![
+    type Config<'a> = (&'a str, Option<u32>, &'a str, usize, Vec<usize>);
+    let configs: Vec<Config> = vec![
         ("local-split", None, "f32", 256, lengths.clone()),
         ("shared g60 f32", Some(60), "f32", 256, lengths.clone()),
         ("shared g60 bf16", Some(60), "bf16", 256, lengths.clone()),
@@ -1074,7 +1075,7 @@ async fn streamed_chunks_concatenate_to_the_final_text() {
         .iter()
         .map(|c| c["text"].as_str().unwrap())
         .collect();
-    let ids: Vec<u32> = s.chunks.iter().flat_map(|c| token_ids(c)).collect();
+    let ids: Vec<u32> = s.chunks.iter().flat_map(token_ids).collect();
     assert_eq!(text, s.last["text"].as_str().unwrap());
     assert_eq!(ids, token_ids(&s.last));
     assert_eq!(ids.len(), 16);

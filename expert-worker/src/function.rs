@@ -12,6 +12,10 @@ use faasmoe_proto::expert::{ExpertRequest, RowRoutes as WireRoutes};
 use faasmoe_proto::tensor::WireTensor;
 use faasmoe_proto::{ErrorCode, WireError};
 
+/// One layer's share of a batch: the stacked rows (`[n, hidden]` f32), their routes, and
+/// per request (its index in the batch, first row, rows).
+type LayerRows = (Vec<f32>, Vec<RowRoutes>, Vec<(usize, usize, usize)>);
+
 /// The experts of this function and the checks every request must pass.
 #[derive(Debug)]
 pub struct Function {
@@ -69,8 +73,7 @@ impl Function {
             |e: &dyn std::fmt::Display| WireError::new(ErrorCode::Internal, e.to_string());
         let h = self.experts.hidden_size();
         // Per layer: stacked rows, their routes, and for each request its row range.
-        let mut by_layer: BTreeMap<u32, (Vec<f32>, Vec<RowRoutes>, Vec<(usize, usize, usize)>)> =
-            BTreeMap::new();
+        let mut by_layer: BTreeMap<u32, LayerRows> = BTreeMap::new();
         for (i, req) in batch.iter().enumerate() {
             let data = req.hidden.to_f32_vec().map_err(WireError::from)?;
             let (rows, stacked_routes, ranges) = by_layer.entry(req.layer).or_default();

@@ -205,7 +205,7 @@ impl Config {
             // transformers' Qwen2MoeConfig default
             (None, None) => 10000.0,
         };
-        if !(rope_theta > 0.0) {
+        if rope_theta.is_nan() || rope_theta <= 0.0 {
             return Err(ModelError::config("rope_theta", "must be positive"));
         }
 
@@ -311,13 +311,11 @@ impl Config {
                 Some(OneOrMany::Many(v)) => v,
             },
         };
-        if cfg.moe_layers().next().is_some() {
-            if cfg.moe_intermediate_size == 0 {
-                return Err(ModelError::config(
-                    "moe_intermediate_size",
-                    "missing or 0 with MoE layers present",
-                ));
-            }
+        if cfg.moe_layers().next().is_some() && cfg.moe_intermediate_size == 0 {
+            return Err(ModelError::config(
+                "moe_intermediate_size",
+                "missing or 0 with MoE layers present",
+            ));
         }
         if cfg.dense_layers().next().is_some() && cfg.intermediate_size == 0 {
             return Err(ModelError::config(
@@ -334,7 +332,7 @@ impl Config {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         !self.mlp_only_layers.contains(&layer)
             && self.num_experts > 0
-            && (layer + 1) % self.decoder_sparse_step == 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
     /// Indices of the MoE layers, ascending.

@@ -309,7 +309,7 @@ pub fn write_checkpoint_filled(
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
         }
         let mut hbytes = serde_json::to_vec(&header).expect("json");
-        while hbytes.len() % 8 != 0 {
+        while !hbytes.len().is_multiple_of(8) {
             hbytes.push(b' ');
         }
         let f = std::fs::File::create(&path).map_err(io(&path))?;

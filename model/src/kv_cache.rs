@@ -147,7 +147,7 @@ impl KvCache {
             )));
         }
         let width = kv_heads * head_dim;
-        if width == 0 || keys.len() != values.len() || keys.len() % width != 0 {
+        if width == 0 || keys.len() != values.len() || !keys.len().is_multiple_of(width) {
             return Err(ModelError::InvalidInput(format!(
                 "KV append of {} keys and {} values for {kv_heads} kv heads of {head_dim}",
                 keys.len(),
@@ -243,7 +243,7 @@ pub fn attend(
                 s.offset + s.len
             )));
         }
-        if heads % l.kv_heads != 0 {
+        if !heads.is_multiple_of(l.kv_heads) {
             return Err(ModelError::InvalidInput(format!(
                 "{heads} query heads for {} kv heads",
                 l.kv_heads

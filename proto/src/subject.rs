@@ -204,6 +204,50 @@ pub fn parse_generate(subject: &str) -> Option<String> {
     }
 }
 
+/// `faasmoe.v1.status.<model>.<function_id>`: the status endpoint of a function's instances
+/// (NATS micro service endpoint; each instance answers with its stats as JSON).
+pub fn status(model: &str, function_id: &str) -> Result<String, SubjectError> {
+    validate_token("model", model)?;
+    validate_token("function id", function_id)?;
+    Ok(format!("{PREFIX}.status.{model}.{function_id}"))
+}
+
+/// The model id a checkpoint directory gets in subjects when none is given: its name (after
+/// resolving `.` and symlinks) through [`sanitize_token`], e.g.
+/// `/models/Qwen1.5-MoE-A2.7B` → `qwen1-5-moe-a2-7b`. The controller, the workers and the
+/// broker all derive it here, so they agree without configuration.
+pub fn model_id_for_dir(dir: &std::path::Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    sanitize_token(
+        &dir.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// Turns any name (a checkpoint directory name such as `Qwen1.5-MoE-A2.7B`) into a valid
+/// subject token: lowercase, every character outside `[a-z0-9_-]` replaced by `-`
+/// (`qwen1-5-moe-a2-7b`), cut to [`MAX_TOKEN_LEN`] characters; empty input gives `model`.
+pub fn sanitize_token(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .take(MAX_TOKEN_LEN)
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if s.is_empty() {
+        "model".into()
+    } else {
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,49 +357,5 @@ mod tests {
         ] {
             assert_eq!(parse_generate(s), None, "{s}");
         }
-    }
-}
-
-/// `faasmoe.v1.status.<model>.<function_id>`: the status endpoint of a function's instances
-/// (NATS micro service endpoint; each instance answers with its stats as JSON).
-pub fn status(model: &str, function_id: &str) -> Result<String, SubjectError> {
-    validate_token("model", model)?;
-    validate_token("function id", function_id)?;
-    Ok(format!("{PREFIX}.status.{model}.{function_id}"))
-}
-
-/// The model id a checkpoint directory gets in subjects when none is given: its name (after
-/// resolving `.` and symlinks) through [`sanitize_token`], e.g.
-/// `/models/Qwen1.5-MoE-A2.7B` → `qwen1-5-moe-a2-7b`. The controller, the workers and the
-/// broker all derive it here, so they agree without configuration.
-pub fn model_id_for_dir(dir: &std::path::Path) -> String {
-    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    sanitize_token(
-        &dir.file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    )
-}
-
-/// Turns any name (a checkpoint directory name such as `Qwen1.5-MoE-A2.7B`) into a valid
-/// subject token: lowercase, every character outside `[a-z0-9_-]` replaced by `-`
-/// (`qwen1-5-moe-a2-7b`), cut to [`MAX_TOKEN_LEN`] characters; empty input gives `model`.
-pub fn sanitize_token(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .take(MAX_TOKEN_LEN)
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    if s.is_empty() {
-        "model".into()
-    } else {
-        s
     }
 }

@@ -70,6 +70,7 @@ fn random_rows(rng: &mut SmallRng, m: usize, k: usize) -> Vec<f32> {
 /// Checks `y` against Σ x·w in f64 with the error bound of the kernel's summation: a chain of
 /// ⌈k/16⌉ fused multiply-adds per lane, then 4 pairwise adds, each off by at most 2⁻²⁴
 /// relative, so |Δ| ≤ (⌈k/16⌉ + 4) · 2⁻²⁴ · Σ|x·w| (plus rounding of the result).
+#[allow(clippy::too_many_arguments)]
 fn check_against_f64(
     what: &str,
     x: &[f32],

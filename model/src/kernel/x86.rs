@@ -230,6 +230,8 @@ unsafe fn tile256<E: Elem, const MR: usize, const NR: usize>(
 /// row vector feeds `NR` FMAs, each widened weight `MR`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+// Index loops as in the other tiles (the form measured; see `MR256`).
+#[allow(clippy::needless_range_loop)]
 unsafe fn tile256_halves<E: Elem, const MR: usize, const NR: usize>(
     x: *const f32,
     k: usize,
