@@ -11,12 +11,15 @@
 //!   model has one KV cache);
 //! - `faasmoe-shared`: broker + one controller for all tenants, expert functions on demand;
 //! - `faasmoe-private`: broker + one controller per tenant (`--tenants <t>`), the same functions;
-//! - `local-split`: one controller with `--local-experts` (experts in-process, no broker).
+//! - `local-split`: one controller with `--local-experts` (experts in-process, no broker);
+//! - `local-baseline`: one such controller per tenant (`--local-experts --tenants <t>`): our
+//!   own unsplit model per tenant, with the same kernels and dtype as the controller and the
+//!   workers, so a ratio against it measures the architecture and not the kernel.
 //!
 //! Every mode has a nats-server (the client transport); its memory and CPU are counted in
-//! every mode. With one tenant, shared-baseline is the same deployment as baseline and
-//! faasmoe-private the same as faasmoe-shared: the bench measures it once and reports it
-//! under both names.
+//! every mode. With one tenant, shared-baseline is the same deployment as baseline,
+//! faasmoe-private the same as faasmoe-shared and local-baseline the same as local-split: the
+//! bench measures it once and reports it under both names.
 
 pub mod decode;
 mod phases;
@@ -96,7 +99,8 @@ pub struct BenchArgs {
     /// Granularity of faasmoe-shared/-private in the mode comparison (default: 20 if swept, else the largest swept).
     #[arg(long)]
     pub granularity: Option<u32>,
-    /// Modes to run (baseline, shared-baseline, faasmoe-shared, faasmoe-private, local-split).
+    /// Modes to run (baseline, shared-baseline, faasmoe-shared, faasmoe-private, local-split,
+    /// local-baseline).
     #[arg(long, value_delimiter = ',')]
     pub modes: Option<Vec<String>>,
     /// Requests per tenant.
@@ -155,14 +159,16 @@ enum Mode {
     FaasmoeShared,
     FaasmoePrivate,
     LocalSplit,
+    LocalBaseline,
 }
 
-const ALL_MODES: [Mode; 5] = [
+const ALL_MODES: [Mode; 6] = [
     Mode::Baseline,
     Mode::SharedBaseline,
     Mode::FaasmoeShared,
     Mode::FaasmoePrivate,
     Mode::LocalSplit,
+    Mode::LocalBaseline,
 ];
 
 impl Mode {
@@ -173,6 +179,7 @@ impl Mode {
             Mode::FaasmoeShared => "faasmoe-shared",
             Mode::FaasmoePrivate => "faasmoe-private",
             Mode::LocalSplit => "local-split",
+            Mode::LocalBaseline => "local-baseline",
         }
     }
     fn parse(s: &str) -> anyhow::Result<Self> {
@@ -528,6 +535,14 @@ impl Deployment {
                 vec!["--local-experts".into()],
                 "controller.log",
             )?),
+            Mode::LocalBaseline => {
+                for t in tenants {
+                    serving.push(controller(
+                        vec!["--local-experts".into(), "--tenants".into(), t.clone()],
+                        &format!("controller-{t}.log"),
+                    )?);
+                }
+            }
         }
         let d = Self {
             server,
@@ -889,7 +904,7 @@ async fn run_one(
     client.flush().await?;
     let controllers = match spec.mode {
         Mode::FaasmoeShared | Mode::LocalSplit => 1,
-        Mode::FaasmoePrivate => spec.tenants,
+        Mode::FaasmoePrivate | Mode::LocalBaseline => spec.tenants,
         _ => 0,
     };
     let d0 = dispatch_stats(&client, controllers).await?;
@@ -1403,6 +1418,9 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                 (Mode::FaasmoePrivate, 1) if modes.contains(&Mode::FaasmoeShared) => {
                     Some(Mode::FaasmoeShared)
                 }
+                (Mode::LocalBaseline, 1) if modes.contains(&Mode::LocalSplit) => {
+                    Some(Mode::LocalSplit)
+                }
                 _ => None,
             };
             specs.push(Spec {
@@ -1449,6 +1467,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         };
         let avail = mem_available();
         let mut need = procs as f64 * est_baseline;
+        // Our own full model per tenant: the checkpoint's tensors as stored, plus KV caches.
+        if spec.mode == Mode::LocalBaseline {
+            need += spec.tenants as f64 * ckpt_bytes as f64 * 1.2;
+        }
         // faasmoe modes: every function of every MoE layer may be activated (random routing
         // touches them all): f32 expert weights plus a worker's fixed cost (≈16 MB measured
         // for one function of the A2.7B layer geometry; an estimate used only to skip).
@@ -1657,11 +1679,16 @@ fn write_csvs(out: &Path, results: &[RunResult], experts: &[ExpertRow]) -> anyho
         "mem_ratio_vs_baseline",
         "cpu_ratio_vs_baseline",
         "tpot_ratio_vs_baseline",
+        "mem_ratio_vs_local_baseline",
+        "cpu_ratio_vs_local_baseline",
+        "tpot_ratio_vs_local_baseline",
     ])?;
     for r in results {
         let s = r.summary();
-        let base = baseline_of(results, r.spec.tenants);
+        let base = baseline_of(results, Mode::Baseline, r.spec.tenants);
         let (mr, cr, tr) = ratios(&s, base.as_ref());
+        let local = baseline_of(results, Mode::LocalBaseline, r.spec.tenants);
+        let (lmr, lcr, ltr) = ratios(&s, local.as_ref());
         let t = r.spec.tenants as f64;
         w.write_record([
             r.spec.mode.name().to_string(),
@@ -1717,6 +1744,9 @@ fn write_csvs(out: &Path, results: &[RunResult], experts: &[ExpertRow]) -> anyho
             f(mr, 3),
             f(cr, 3),
             f(tr, 3),
+            f(lmr, 3),
+            f(lcr, 3),
+            f(ltr, 3),
         ])?;
     }
     w.flush()?;
@@ -1823,10 +1853,12 @@ fn write_csvs(out: &Path, results: &[RunResult], experts: &[ExpertRow]) -> anyho
     Ok(())
 }
 
-fn baseline_of(results: &[RunResult], tenants: usize) -> Option<Summary> {
+/// The summary of `mode`'s run at `tenants` tenants (`baseline`: candle-transformers per
+/// tenant; `local-baseline`: our own unsplit model per tenant), if it ran.
+fn baseline_of(results: &[RunResult], mode: Mode, tenants: usize) -> Option<Summary> {
     results
         .iter()
-        .find(|r| r.spec.mode == Mode::Baseline && r.spec.tenants == tenants && r.skipped.is_none())
+        .find(|r| r.spec.mode == mode && r.spec.tenants == tenants && r.skipped.is_none())
         .map(|r| r.summary())
 }
 
@@ -1843,9 +1875,9 @@ fn ratios(s: &Summary, base: Option<&Summary>) -> (f64, f64, f64) {
 
 fn headline(results: &[RunResult]) -> String {
     let mut t = String::new();
-    t.push_str("| mode | tenants | experts/function | ok/req | PSS mean MB | PSS peak MB | PSS/tenant MB | CPU % | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | warm TPOT p50 ms (requests) | tok/s | invocations/token | NATS bytes/token | cold starts (p50 ms) | peak instances | memory × baseline | CPU × baseline | TPOT × baseline |\n");
+    t.push_str("| mode | tenants | experts/function | ok/req | PSS mean MB | PSS peak MB | PSS/tenant MB | CPU % | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | warm TPOT p50 ms (requests) | tok/s | invocations/token | NATS bytes/token | cold starts (p50 ms) | peak instances | memory × baseline | CPU × baseline | TPOT × baseline | memory × local-baseline | CPU × local-baseline |\n");
     t.push_str(
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         let g = r
@@ -1874,7 +1906,14 @@ fn headline(results: &[RunResult]) -> String {
             continue;
         }
         let s = r.summary();
-        let (mr, cr, tr) = ratios(&s, baseline_of(results, r.spec.tenants).as_ref());
+        let (mr, cr, tr) = ratios(
+            &s,
+            baseline_of(results, Mode::Baseline, r.spec.tenants).as_ref(),
+        );
+        let (lmr, lcr, _) = ratios(
+            &s,
+            baseline_of(results, Mode::LocalBaseline, r.spec.tenants).as_ref(),
+        );
         let cold = if r.spec.mode.uses_functions() {
             format!(
                 "{} ({})",
@@ -1886,11 +1925,11 @@ fn headline(results: &[RunResult]) -> String {
         };
         let _ = writeln!(
             t,
-            "| {name} | {} | {g} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {cold} | {} | {} | {} | {} |",
+            "| {name} | {} | {g} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {cold} | {} | {} | {} | {} | {} | {} |",
             r.spec.tenants, s.ok, r.requests.len(), f(mbf(s.pss_mean), 0), f(mbf(s.pss_peak), 0), f(mbf(s.pss_mean) / r.spec.tenants as f64, 0), f(s.cpu_percent, 0),
             f(percentile(&s.ttft, 50.0), 0), f(percentile(&s.ttft, 99.0), 0), f(percentile(&s.tpot, 50.0), 1), f(percentile(&s.tpot, 99.0), 1),
             f(percentile(&s.tpot_warm, 50.0), 1), s.tpot_warm.len(), f(s.tok_s, 2),
-            f(s.inv_per_token, 1), f(s.nats_bytes_per_token, 0), if r.spec.mode.uses_functions() { s.peak_instances.to_string() } else { "-".into() }, f(mr, 2), f(cr, 2), f(tr, 2)
+            f(s.inv_per_token, 1), f(s.nats_bytes_per_token, 0), if r.spec.mode.uses_functions() { s.peak_instances.to_string() } else { "-".into() }, f(mr, 2), f(cr, 2), f(tr, 2), f(lmr, 2), f(lcr, 2)
         );
     }
     t
@@ -1945,9 +1984,9 @@ fn report_md(
     let _ = writeln!(r, "- TTFT / TPOT: from the server-side timings of each reply (since the controller / baseline process received the request, queueing included); TPOT = (total − TTFT) / (tokens − 1); warm TPOT: over the requests during whose lifetime (sent → reply) no function instance became ready, i.e. with warm functions (every request in the modes without functions)");
     let _ = writeln!(r, "- invocations/token and dispatch bytes/token: the controllers' dispatch counters (`faasmoe.v1.admin.controller_stats`), deltas over the workload ÷ completion tokens (prefill invocations included); NATS bytes/token: nats-server /varz (in + out bytes) deltas ÷ completion tokens, all traffic (client API included)");
     let _ = writeln!(r, "- cold starts: the broker's `ready` events (spawn → ready); instances: live children of the broker");
-    let _ = writeln!(r, "- shared-baseline: one candle-transformers process serving all tenants one request at a time (the model keeps one KV cache); local-split is the split equivalent with continuous batching. With 1 tenant shared-baseline ≡ baseline and faasmoe-private ≡ faasmoe-shared (one run, reported twice)\n");
+    let _ = writeln!(r, "- shared-baseline: one candle-transformers process serving all tenants one request at a time (the model keeps one KV cache); local-split is the split equivalent with continuous batching; local-baseline is one local-split controller per tenant (`--local-experts --tenants <t>`: our own full model per tenant). With 1 tenant shared-baseline ≡ baseline, faasmoe-private ≡ faasmoe-shared and local-baseline ≡ local-split (one run, reported twice)\n");
     let _ = writeln!(r, "## Headline (this run)\n\n{table}");
-    let _ = writeln!(r, "Ratios are mode ÷ baseline at the same tenant count, in this run (memory: PSS mean; CPU: CPU %; TPOT: p50).\n");
+    let _ = writeln!(r, "Ratios are mode ÷ baseline (candle-transformers per tenant) and mode ÷ local-baseline (our own unsplit model per tenant, same kernels and dtype) at the same tenant count, in this run (memory: PSS mean; CPU: CPU %; TPOT: p50).\n");
     // Per-tenant.
     let _ = writeln!(r, "## Per tenant\n\n| mode | tenants | experts/function | tenant | requests | ok | completion tokens | TTFT p50 ms | TPOT p50 ms |\n|---|---|---|---|---|---|---|---|---|");
     for res in results

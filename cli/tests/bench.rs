@@ -1,17 +1,18 @@
 //! `faasmoe bench` end to end on the tiny fixture: every mode runs for real (2 tenants, so
-//! shared-baseline and faasmoe-private are their own deployments), and runs.csv has numbers
+//! shared-baseline, faasmoe-private and local-baseline are their own deployments), and runs.csv has numbers
 //! for each. Needs nats-server and the sibling binaries:
 //! `cargo build -p faasmoe-broker -p faasmoe-expert-worker`.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-const MODES: [&str; 5] = [
+const MODES: [&str; 6] = [
     "baseline",
     "shared-baseline",
     "faasmoe-shared",
     "faasmoe-private",
     "local-split",
+    "local-baseline",
 ];
 
 #[test]
@@ -100,6 +101,8 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
             "tpot_p50_ms",
             "tok_per_s",
             "mem_ratio_vs_baseline",
+            "mem_ratio_vs_local_baseline",
+            "cpu_ratio_vs_local_baseline",
         ] {
             let v: f64 = r[col(c)].parse().unwrap_or_else(|_| {
                 panic!("{mode}: {c} = {:?} is not a number\n{stdout}", &r[col(c)])
@@ -172,6 +175,7 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
     assert!(experts.lines().count() >= 3, "{experts}");
     let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(report.contains("| faasmoe-private |"), "{report}");
+    assert!(report.contains("| local-baseline |"), "{report}");
     assert!(report.contains("## Cold and warm phases"), "{report}");
     assert!(report.contains("throughput stops growing at"), "{report}");
     for png in ["memory_over_time.png", "latency_cdf.png", "granularity.png"] {
