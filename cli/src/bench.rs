@@ -479,7 +479,7 @@ impl Deployment {
         let g = spec.granularity.unwrap_or(1);
         if spec.mode.uses_functions() {
             broker = Some(
-                Command::new(sibling("faasmoe-broker"))
+                Command::new(sibling("faasmoe-broker")?)
                     .args(["run", "--nats-url", &url, "--nats-user", "broker"])
                     .env("NATS_PASSWORD", &credentials.broker)
                     .arg("--model-dir")
@@ -494,7 +494,7 @@ impl Deployment {
                     .args(["--worker-nats-user", "worker"])
                     .env("FAASMOE_WORKER_PASSWORD", &credentials.worker)
                     .arg("--worker-bin")
-                    .arg(sibling("faasmoe-expert-worker"))
+                    .arg(sibling("faasmoe-expert-worker")?)
                     .arg("--worker-log-dir")
                     .arg(log_dir.join("workers"))
                     .stdout(Stdio::null())
@@ -1094,7 +1094,7 @@ async fn expert_bench(
         let reps = if k == 1 { repeats } else { repeats.min(3) };
         for rep in 0..reps {
             let t0 = Instant::now();
-            let mut child = Command::new(sibling("faasmoe-expert-worker"))
+            let mut child = Command::new(sibling("faasmoe-expert-worker")?)
                 .args(["--nats-url", &url, "--nats-user", "worker"])
                 .env("NATS_PASSWORD", &credentials.worker)
                 .arg("--model-dir")

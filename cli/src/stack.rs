@@ -71,15 +71,26 @@ pub struct Stack {
     pub credentials: InternalCredentials,
 }
 
-/// A binary next to this one (target/<profile>/), else the name for a PATH lookup.
-pub(crate) fn sibling(name: &str) -> PathBuf {
+/// A binary next to this one (`target/<profile>/`), else one of that name on `PATH`.
+///
+/// Errors: neither exists; the message names both places and the build command.
+pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().unwrap_or_default();
     let p = exe.with_file_name(name);
     if p.exists() {
-        p
-    } else {
-        PathBuf::from(name)
+        return Ok(p);
     }
+    let on_path = std::env::var_os("PATH")
+        .map(|v| std::env::split_paths(&v).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    if on_path {
+        return Ok(PathBuf::from(name));
+    }
+    anyhow::bail!(
+        "{name} is neither next to {} nor on PATH: build every binary of the workspace \
+         (`cargo build --release --workspace`)",
+        exe.display()
+    )
 }
 
 /// Creates `<dir>/<name>` (and `dir`) for a child process's log.
@@ -132,7 +143,7 @@ impl Stack {
         };
         let broker_metrics = format!("127.0.0.1:{}", port_or_free(a.broker_metrics_port)?);
         let controller_metrics = format!("127.0.0.1:{}", port_or_free(a.controller_metrics_port)?);
-        let broker = Command::new(sibling("faasmoe-broker"))
+        let broker = Command::new(sibling("faasmoe-broker")?)
             .args(["run", "--nats-url", &url, "--nats-user", "broker"])
             .args(["--metrics-listen", &broker_metrics])
             .env("NATS_PASSWORD", &credentials.broker)
@@ -153,7 +164,7 @@ impl Stack {
             .args(["--worker-nats-user", "worker"])
             .env("FAASMOE_WORKER_PASSWORD", &credentials.worker)
             .arg("--worker-bin")
-            .arg(sibling("faasmoe-expert-worker"))
+            .arg(sibling("faasmoe-expert-worker")?)
             .arg("--worker-log-dir")
             .arg(a.log_dir.join("workers"))
             .stdout(Stdio::null())
@@ -190,7 +201,7 @@ impl Stack {
             None if std::net::TcpListener::bind(("127.0.0.1", 8000)).is_ok() => 8000,
             None => faasmoe_broker::server::free_port()?,
         };
-        let gateway = Command::new(sibling("faasmoe-gateway"))
+        let gateway = Command::new(sibling("faasmoe-gateway")?)
             .args(["--nats-url", &url, "--nats-user", "gateway"])
             .env("NATS_PASSWORD", &credentials.gateway)
             .args(["--listen", &format!("127.0.0.1:{http_port}")])
