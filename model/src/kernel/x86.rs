@@ -176,6 +176,28 @@ unsafe fn chunk256<E: Elem, const MR: usize, const NR: usize>(
     }
 }
 
+/// The partial last chunk of an AVX2 tile, zero-padded to [`LANES`]: elements `off..k` of
+/// the `MR` rows at `x + i·k` and of the `NR` weight rows at `w + j·ldw` (`k - off < LANES`).
+#[inline]
+unsafe fn padded_tail<E: Elem, const MR: usize, const NR: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const E,
+    ldw: usize,
+    off: usize,
+) -> ([[f32; LANES]; MR], [[E; LANES]; NR]) {
+    let r = k - off;
+    let mut xb = [[0f32; LANES]; MR];
+    let mut wb = [[E::ZERO; LANES]; NR];
+    for (i, b) in xb.iter_mut().enumerate() {
+        std::ptr::copy_nonoverlapping(x.add(i * k + off), b.as_mut_ptr(), r);
+    }
+    for (j, b) in wb.iter_mut().enumerate() {
+        std::ptr::copy_nonoverlapping(w.add(j * ldw + off), b.as_mut_ptr(), r);
+    }
+    (xb, wb)
+}
+
 /// One `MR × NR` tile on AVX2: each output's 16 lanes in a (low, high) pair of registers.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -197,15 +219,7 @@ unsafe fn tile256<E: Elem, const MR: usize, const NR: usize>(
     }
     let r = k % LANES;
     if r != 0 {
-        let off = full * LANES;
-        let mut xb = [[0f32; LANES]; MR];
-        let mut wb = [[E::ZERO; LANES]; NR];
-        for (i, b) in xb.iter_mut().enumerate() {
-            std::ptr::copy_nonoverlapping(x.add(i * k + off), b.as_mut_ptr(), r);
-        }
-        for (j, b) in wb.iter_mut().enumerate() {
-            std::ptr::copy_nonoverlapping(w.add(j * ldw + off), b.as_mut_ptr(), r);
-        }
+        let (xb, wb) = padded_tail::<E, MR, NR>(x, k, w, ldw, full * LANES);
         chunk256(
             &mut lo,
             &mut hi,
@@ -243,17 +257,11 @@ unsafe fn tile256_halves<E: Elem, const MR: usize, const NR: usize>(
     let z = _mm256_setzero_ps();
     let full = k / LANES;
     let r = k % LANES;
-    let mut xb = [[0f32; LANES]; MR];
-    let mut wb = [[E::ZERO; LANES]; NR];
-    if r != 0 {
-        let off = full * LANES;
-        for (i, b) in xb.iter_mut().enumerate() {
-            std::ptr::copy_nonoverlapping(x.add(i * k + off), b.as_mut_ptr(), r);
-        }
-        for (j, b) in wb.iter_mut().enumerate() {
-            std::ptr::copy_nonoverlapping(w.add(j * ldw + off), b.as_mut_ptr(), r);
-        }
-    }
+    let (xb, wb) = if r != 0 {
+        padded_tail::<E, MR, NR>(x, k, w, ldw, full * LANES)
+    } else {
+        ([[0f32; LANES]; MR], [[E::ZERO; LANES]; NR])
+    };
     let mut halves = [[[z; NR]; MR]; 2];
     for (h, out) in halves.iter_mut().enumerate() {
         let lane0 = h * (LANES / 2);
