@@ -1206,7 +1206,7 @@ fn checkpoint_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn mem_available() -> u64 {
+pub(crate) fn mem_available() -> u64 {
     procfs::Meminfo::current()
         .ok()
         .and_then(|m| m.mem_available)

@@ -87,8 +87,9 @@ pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(name));
     }
     anyhow::bail!(
-        "{name} is neither next to {} nor on PATH: build every binary of the workspace \
-         (`cargo build --release --workspace`)",
+        "{name} is neither next to {} nor on PATH: build every binary of the workspace in \
+         the same profile (`cargo build --release --workspace`, or without --release for a \
+         debug build)",
         exe.display()
     )
 }

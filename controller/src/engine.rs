@@ -6,14 +6,15 @@
 //! admitted round-robin across tenants (one tenant's flood cannot starve another's single
 //! request), up to a limit on running sequences.
 //!
-//! **Chunked prefill** (as vLLM's and SGLang's schedulers do it): a step holds at most
-//! [`EngineSettings::max_step_tokens`] tokens while any sequence decodes (and
-//! [`EngineSettings::max_prefill_step_tokens`] when none does, since then no one's TPOT is
-//! at stake). Decodes are planned first (one token each),
-//! then the prompts still prefilling, oldest first, take what is left of the budget; the
-//! oldest always gets at least one token, so a step never stalls. A long prompt is thus
-//! prefilled over several steps while every running sequence keeps decoding in each of
-//! them; its TTFT grows a little, everyone else's TPOT stays bounded by the budget.
+//! **Chunked prefill** (the prefill chunk budget of SGLang's `chunked_prefill_size`): while
+//! any sequence decodes, a step holds at most [`EngineSettings::max_prefill_tokens`] prompt
+//! tokens, and every decoding sequence adds its one token on top (so the prompts keep
+//! moving however many sequences decode); when none decodes, the prompts share
+//! [`EngineSettings::max_prefill_tokens_alone`] (no one's TPOT is at stake). Prompts still
+//! prefilling take the budget oldest first; the oldest always gets at least one token, so a
+//! step never stalls. A long prompt is thus prefilled over several steps while every running
+//! sequence keeps decoding in each of them: its TTFT grows, everyone else's TPOT stays
+//! bounded by the budget.
 //!
 //! With pipelining on and at least two sequences, the step is split into two micro-batches
 //! driven concurrently: while one micro-batch's expert requests are in flight, the other's
@@ -41,15 +42,15 @@ use crate::sampling::{Sampler, SamplingParams};
 pub struct EngineSettings {
     /// Most sequences in one step.
     pub max_batch_seqs: usize,
-    /// Most tokens (prefill chunks + decodes) in a step while any running sequence decodes:
-    /// the chunked-prefill budget that bounds their TPOT (see the module docs). A step has
-    /// at least one token per decoding sequence plus one for the oldest prefilling prompt,
-    /// whatever the budget.
-    pub max_step_tokens: usize,
-    /// Most tokens in a step in which no sequence decodes (only prompts prefilling: no one's
-    /// TPOT to protect, so a lone prompt is prefilled in few large steps); the larger of this
-    /// and `max_step_tokens` applies.
-    pub max_prefill_step_tokens: usize,
+    /// Most prompt tokens in a step while any running sequence decodes: the chunked-prefill
+    /// budget that bounds their TPOT (see the module docs). Each decoding sequence adds its
+    /// one token on top; the oldest prefilling prompt gets at least one token whatever the
+    /// budget.
+    pub max_prefill_tokens: usize,
+    /// Most prompt tokens in a step in which no sequence decodes (no one's TPOT to protect,
+    /// so a prompt alone is prefilled in few large steps); the larger of this and
+    /// `max_prefill_tokens` applies.
+    pub max_prefill_tokens_alone: usize,
     /// Split steps of ≥ 2 sequences into two pipelined micro-batches.
     pub pipeline: bool,
     /// Token ids that end a sequence.
@@ -60,8 +61,8 @@ impl Default for EngineSettings {
     fn default() -> Self {
         Self {
             max_batch_seqs: 32,
-            max_step_tokens: Self::DEFAULT_MAX_STEP_TOKENS,
-            max_prefill_step_tokens: Self::DEFAULT_MAX_PREFILL_STEP_TOKENS,
+            max_prefill_tokens: Self::DEFAULT_MAX_PREFILL_TOKENS,
+            max_prefill_tokens_alone: Self::DEFAULT_MAX_PREFILL_TOKENS_ALONE,
             pipeline: true,
             eos_token_ids: vec![],
         }
@@ -69,17 +70,18 @@ impl Default for EngineSettings {
 }
 
 impl EngineSettings {
-    /// Default of [`EngineSettings::max_step_tokens`], chosen by measurement (issue 11's
-    /// note; `faasmoe bench-prefill --budgets 16,24,32,64,128`: 4 decodes and a 4,096-token
-    /// prompt on the demo checkpoint, 2 cores): the largest budget tried at which the
-    /// decodes' TPOT p99 during the prefill stays within 3× their p99 alone (16: 2.16×,
-    /// 24: 3.88×, 32: 6.83×); the long prompt's TTFT is 61 s against 46 s at 64.
-    pub const DEFAULT_MAX_STEP_TOKENS: usize = 16;
+    /// Default of [`EngineSettings::max_prefill_tokens`], chosen by measurement (issue 11's
+    /// note; `faasmoe bench-prefill`: 4 decodes and a 4,096-token prompt on the demo
+    /// checkpoint, 2 cores): the largest budget tried at which the decodes' TPOT p99 during
+    /// the prefill stays within 3× their p99 alone: 8 → 2.28×, 12 → 2.29×, 16 → 4.96×
+    /// (`--budgets 8,12,16`); the long prompt's TTFT at 12 is 76 s (102 s at 8, 30 s
+    /// unchunked).
+    pub const DEFAULT_MAX_PREFILL_TOKENS: usize = 12;
 
-    /// Default of [`EngineSettings::max_prefill_step_tokens`]: 256, where a prompt's TTFT
+    /// Default of [`EngineSettings::max_prefill_tokens_alone`]: 256, where a prompt's TTFT
     /// was within 3% of the best budget tried (a 4,096-token prompt prefilled alone in 16
-    /// steps instead of 256).
-    pub const DEFAULT_MAX_PREFILL_STEP_TOKENS: usize = 256;
+    /// steps instead of 342).
+    pub const DEFAULT_MAX_PREFILL_TOKENS_ALONE: usize = 256;
 }
 
 /// Why a sequence ended.
@@ -170,18 +172,18 @@ fn set_queue_gauges(running: usize, waiting: usize) {
     ::metrics::gauge!(metrics::WAITING).set(waiting as f64);
 }
 
-/// Shares out one step's token budget (see the module docs): every decoding sequence
-/// feeds its last token, then prefilling prompts in admission order take chunks of what is
-/// left, the oldest at least one token. The budget is [`EngineSettings::max_step_tokens`] if any sequence
-/// decodes, else the larger of it and [`EngineSettings::max_prefill_step_tokens`]. Returns
-/// the tokens planned.
+/// Plans one step (see the module docs): every decoding sequence feeds its last token, then
+/// prefilling prompts in admission order take chunks of the prompt-token budget, the oldest
+/// at least one token. The budget is [`EngineSettings::max_prefill_tokens`] if any sequence
+/// decodes, else the larger of it and [`EngineSettings::max_prefill_tokens_alone`]. Returns
+/// the tokens planned (decodes included).
 fn plan_step(running: &mut [Seq], settings: &EngineSettings) -> usize {
     let budget = if running.iter().any(Seq::decoding) {
-        settings.max_step_tokens
+        settings.max_prefill_tokens
     } else {
         settings
-            .max_step_tokens
-            .max(settings.max_prefill_step_tokens)
+            .max_prefill_tokens
+            .max(settings.max_prefill_tokens_alone)
     };
     let mut left = budget.max(1);
     let mut total = 0;
@@ -189,7 +191,6 @@ fn plan_step(running: &mut [Seq], settings: &EngineSettings) -> usize {
         s.feed.clear();
         if let Some(t) = s.next {
             s.feed.push(t);
-            left = left.saturating_sub(1);
             total += 1;
         }
     }
@@ -511,28 +512,36 @@ mod tests {
 
     fn settings(step: usize, prefill: usize) -> EngineSettings {
         EngineSettings {
-            max_step_tokens: step,
-            max_prefill_step_tokens: prefill,
+            max_prefill_tokens: step,
+            max_prefill_tokens_alone: prefill,
             ..EngineSettings::default()
         }
     }
 
     #[test]
-    fn decodes_first_then_the_oldest_prompt_within_the_step_budget() {
+    fn decodes_feed_one_token_each_and_the_oldest_prompt_takes_the_budget() {
         let mut running = vec![
             seq(100, 0, false, 2),
             seq(5, 5, true, 0),
             seq(50, 10, false, 1),
         ];
-        assert_eq!(plan_step(&mut running, &settings(16, 256)), 16);
+        assert_eq!(plan_step(&mut running, &settings(16, 256)), 17);
         assert_eq!(running[1].feed, vec![7]);
-        // The older prompt (admitted 1) takes the 15 tokens left; the younger gets none.
-        assert_eq!(running[2].feed.len(), 15);
+        // The older prompt (admitted 1) takes the whole prompt budget; the younger none.
+        assert_eq!(running[2].feed.len(), 16);
         assert!(running[0].feed.is_empty());
     }
 
     #[test]
-    fn prompts_alone_get_the_prefill_budget_and_never_less_than_the_step_budget() {
+    fn prompts_keep_their_budget_however_many_sequences_decode() {
+        let mut running: Vec<Seq> = (0..32).map(|i| seq(3, 3, true, i)).collect();
+        running.push(seq(1000, 0, false, 40));
+        assert_eq!(plan_step(&mut running, &settings(12, 256)), 32 + 12);
+        assert_eq!(running[32].feed.len(), 12);
+    }
+
+    #[test]
+    fn prompts_alone_get_the_alone_budget_and_never_less_than_the_other() {
         let mut running = vec![seq(4096, 0, false, 0)];
         assert_eq!(plan_step(&mut running, &settings(16, 256)), 256);
         assert_eq!(plan_step(&mut running, &settings(1024, 256)), 1024);
@@ -543,9 +552,9 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_prompt_moves_even_when_decodes_fill_the_budget() {
-        let mut running = vec![seq(3, 3, true, 0), seq(3, 3, true, 1), seq(9, 0, false, 2)];
-        assert_eq!(plan_step(&mut running, &settings(1, 256)), 3);
-        assert_eq!(running[2].feed.len(), 1);
+    fn the_oldest_prompt_moves_even_with_a_zero_budget() {
+        let mut running = vec![seq(3, 3, true, 0), seq(9, 0, false, 2), seq(9, 0, false, 1)];
+        assert_eq!(plan_step(&mut running, &settings(0, 0)), 2);
+        assert_eq!((running[2].feed.len(), running[1].feed.len()), (1, 0));
     }
 }

@@ -54,17 +54,18 @@ pub struct ControllerSettings {
     /// Most sequences per engine step.
     #[arg(long, default_value_t = 32)]
     pub max_batch_seqs: usize,
-    /// Chunked-prefill budget: most tokens (prompt chunks + decodes) per engine step while
-    /// any sequence decodes. Long prompts are prefilled over several steps while running
-    /// sequences keep decoding; smaller values bound their TPOT more tightly, larger ones
-    /// shorten a long prompt's TTFT (default measured with `faasmoe bench-prefill`: the
-    /// largest budget keeping 4 decodes' TPOT p99 within 3× of alone on 2 cores).
-    #[arg(long, default_value_t = EngineSettings::DEFAULT_MAX_STEP_TOKENS)]
-    pub max_step_tokens: usize,
-    /// Most tokens per engine step when no sequence is decoding (prompts prefilling alone:
-    /// no TPOT to protect); the larger of this and `--max-step-tokens` applies.
-    #[arg(long, default_value_t = EngineSettings::DEFAULT_MAX_PREFILL_STEP_TOKENS)]
-    pub max_prefill_step_tokens: usize,
+    /// Chunked-prefill budget: most prompt tokens per engine step while any sequence
+    /// decodes (each decoding sequence adds its one token on top). Long prompts are
+    /// prefilled over several steps while running sequences keep decoding; smaller values
+    /// bound their TPOT more tightly, larger ones shorten a long prompt's TTFT (default
+    /// measured with `faasmoe bench-prefill`: the largest budget keeping 4 decodes' TPOT p99
+    /// within 3× of alone on 2 cores).
+    #[arg(long, default_value_t = EngineSettings::DEFAULT_MAX_PREFILL_TOKENS)]
+    pub max_prefill_tokens: usize,
+    /// Most prompt tokens per engine step when no sequence is decoding (prompts prefilling
+    /// alone: no TPOT to protect); the larger of this and `--max-prefill-tokens` applies.
+    #[arg(long, default_value_t = EngineSettings::DEFAULT_MAX_PREFILL_TOKENS_ALONE)]
+    pub max_prefill_tokens_alone: usize,
     /// Do not split steps into two pipelined micro-batches (while one waits for its
     /// experts over NATS, the other computes). With `--local-experts` steps are never split:
     /// there is no wait to hide, and a split reads every control-plane weight twice per step
@@ -318,8 +319,8 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
         dispatch,
         EngineSettings {
             max_batch_seqs: settings.max_batch_seqs,
-            max_step_tokens: settings.max_step_tokens,
-            max_prefill_step_tokens: settings.max_prefill_step_tokens,
+            max_prefill_tokens: settings.max_prefill_tokens,
+            max_prefill_tokens_alone: settings.max_prefill_tokens_alone,
             pipeline: !settings.no_pipeline && !settings.local_experts,
             eos_token_ids: eos,
         },

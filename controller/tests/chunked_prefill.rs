@@ -53,8 +53,8 @@ fn engine(name: &str, budget: usize, pipeline: bool) -> Option<(EngineHandle, Ve
     let (cp, backend) = faasmoe_model::load_local(&dir, DType::F32).unwrap();
     let settings = EngineSettings {
         max_batch_seqs: 32,
-        max_step_tokens: budget,
-        max_prefill_step_tokens: budget,
+        max_prefill_tokens: budget,
+        max_prefill_tokens_alone: budget,
         pipeline,
         eos_token_ids: vec![],
     };

@@ -777,7 +777,12 @@ async fn long_prompts_fit_any_max_payload_and_give_the_same_tokens() {
             }
         };
         let g = model.num_experts;
-        let flags = ["--granularity", &g.to_string(), "--max-step-tokens", budget];
+        let flags = [
+            "--granularity",
+            &g.to_string(),
+            "--max-prefill-tokens",
+            budget,
+        ];
         let d = Deployment::start_on(
             server,
             &model,
@@ -855,7 +860,7 @@ async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() 
             .collect()
     };
     let body = |n: usize| json!({"input_ids": prompt(n), "max_tokens": 2, "temperature": 0});
-    // (label, granularity (None: local-split), wire dtype, --max-step-tokens, lengths).
+    // (label, granularity (None: local-split), wire dtype, --max-prefill-tokens, lengths).
     type Config<'a> = (&'a str, Option<u32>, &'a str, usize, Vec<usize>);
     let configs: Vec<Config> = vec![
         ("local-split", None, "f32", 256, lengths.clone()),
@@ -884,7 +889,7 @@ async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() 
         flags.extend([
             "--wire-dtype".to_string(),
             wire.to_string(),
-            "--max-step-tokens".to_string(),
+            "--max-prefill-tokens".to_string(),
             budget.to_string(),
         ]);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();

@@ -171,6 +171,30 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
         times: Vec<f64>,
         experts: usize,
     }
+    anyhow::ensure!(s.reps >= 1, "--decode-reps must be at least 1");
+    // Every point's caches live at once (the round-robin below), each grown once to twice
+    // its context by the warm-up step: refuse a sweep that cannot fit instead of swapping.
+    let kv_bytes: usize = points
+        .iter()
+        .map(|&(context, batch, _)| {
+            batch
+                * 2
+                * (context + 1)
+                * cfg.num_hidden_layers
+                * 2
+                * cfg.num_key_value_heads
+                * cfg.head_dim
+                * 4
+        })
+        .sum();
+    let avail = super::mem_available();
+    anyhow::ensure!(
+        (kv_bytes as u64) < avail / 10 * 8,
+        "the decode points' KV caches need about {:.1} GB at once, {:.1} GB is available: \
+         fewer --decode-batches or a smaller first --decode-contexts (the batch sweep runs there)",
+        kv_bytes as f64 / 1e9,
+        avail as f64 / 1e9
+    );
     let mut state = Vec::new();
     for (context, batch, distinct) in points {
         if context + 1 > cfg.max_position_embeddings {

@@ -1,7 +1,7 @@
 //! `faasmoe bench-prefill`: what chunked prefill buys and costs, per token budget, measured
 //! side by side in one run (issue 11).
 //!
-//! For each budget (`--max-step-tokens` of the controller) the engine runs in-process over
+//! For each budget (`--max-prefill-tokens` of the controller) the engine runs in-process over
 //! in-process experts (local-split: no NATS, so only the scheduling is measured), with
 //! `--decodes` sequences decoding; once each has produced `WARMUP_TOKENS` tokens, their
 //! inter-token gaps are recorded for `--alone-tokens` tokens (TPOT without a prefill), then a
@@ -33,9 +33,9 @@ pub struct PrefillArgs {
     /// shrunk 4× in width, 24 layers), generated without a tokenizer if absent.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Token budgets per engine step to compare (the prompt length is added as the unchunked
-    /// reference).
-    #[arg(long, value_delimiter = ',', default_value = "16,24,32,64,256")]
+    /// Prompt-token budgets per engine step (`--max-prefill-tokens`) to compare (the prompt
+    /// length is added as the unchunked reference).
+    #[arg(long, value_delimiter = ',', default_value = "8,12,16,32,256")]
     pub budgets: Vec<usize>,
     /// Running decodes the long prompt interrupts.
     #[arg(long, default_value_t = 4)]
@@ -153,7 +153,9 @@ async fn measure(
     vocab: usize,
 ) -> anyhow::Result<PrefillRow> {
     let settings = EngineSettings {
-        max_step_tokens: budget,
+        max_prefill_tokens: budget,
+        // The same budget with no decode running (with `--decodes 0`, too).
+        max_prefill_tokens_alone: budget,
         pipeline: a.pipeline,
         eos_token_ids: vec![],
         ..EngineSettings::default()

@@ -109,6 +109,9 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (17, 5, 100),
     (64, 9, 47),
     (3, 1, 2048),
+    // 3+ rows (the AVX2 4 × 3 tiles) with only a partial chunk, and with k = 0.
+    (5, 7, 15),
+    (4, 5, 0),
     (65, 6, 31),
     (2, 13, 0),
 ];
