@@ -62,8 +62,10 @@ async fn one_tenants_flood_does_not_starve_another_tenants_single_request() {
     }
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     // Long enough that the flood outlasts the 300 ms before the single request (the bf16
-    // kernel decodes the tiny model fast).
-    let body = json!({"input_ids": [1, 2, 3, 4], "max_tokens": 64, "temperature": 0});
+    // kernel decodes the tiny model fast), and that a flood request takes much longer than
+    // the single request's way to the engine: with 64 tokens, a loaded 2-core CI machine
+    // finished two more flood requests in that time once.
+    let body = json!({"input_ids": [1, 2, 3, 4], "max_tokens": 256, "temperature": 0});
     let mut tasks = Vec::new();
     for i in 0..8 {
         let (c, o, b) = (client.clone(), order.clone(), body.clone());
