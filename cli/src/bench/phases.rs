@@ -189,17 +189,21 @@ impl Harness<'_> {
     /// functions the same requests will need.
     pub async fn prime(&self, work: &[Req]) {
         let start = tokio::time::Instant::now();
-        let sends = work.iter().map(|r| {
-            send(
-                &self.clients[&r.tenant],
-                &r.tenant,
-                r.index,
-                &r.ids,
-                r.max_tokens,
-                start,
-            )
-        });
+        let sends = work.iter().map(|r| self.send_req(r, start));
         futures::future::join_all(sends).await;
+    }
+
+    /// Sends trace request `r` as its tenant (times relative to `start`).
+    async fn send_req(&self, r: &Req, start: tokio::time::Instant) -> ReqResult {
+        send(
+            &self.clients[&r.tenant],
+            &r.tenant,
+            r.index,
+            &r.ids,
+            r.max_tokens,
+            start,
+        )
+        .await
     }
 
     /// Replays `work` with its arrival times.
@@ -207,15 +211,7 @@ impl Harness<'_> {
         self.measure(None, |start| async move {
             let sends = work.iter().map(|r| async move {
                 crate::workload::sleep_until(start, r.at_s).await;
-                send(
-                    &self.clients[&r.tenant],
-                    &r.tenant,
-                    r.index,
-                    &r.ids,
-                    r.max_tokens,
-                    start,
-                )
-                .await
+                self.send_req(r, start).await
             });
             futures::future::join_all(sends).await
         })
