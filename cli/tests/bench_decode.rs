@@ -43,7 +43,16 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
     let rows: Vec<Vec<f64>> = lines
         .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
         .collect();
-    let points: Vec<(f64, f64, f64)> = rows.iter().map(|r| (r[0], r[1], r[9])).collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no column {name}: {csv}"))
+    };
+    let distinct = col("distinct_prompts");
+    let (experts, bytes) = (col("experts_touched"), col("bytes"));
+    assert_eq!(distinct, header.len() - 1, "{csv}");
+    let points: Vec<(f64, f64, f64)> = rows.iter().map(|r| (r[0], r[1], r[distinct])).collect();
     assert_eq!(
         points,
         vec![
@@ -57,18 +66,19 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
         "{csv}"
     );
     for r in &rows {
-        for (h, v) in header.iter().zip(r).take(9) {
+        assert_eq!(r.len(), header.len(), "{csv}");
+        for (h, v) in header.iter().zip(r).take(distinct) {
             assert!(*v > 0.0, "{h} = {v}\n{csv}");
         }
     }
     // Identical prompts route every row to the same experts; distinct ones touch at least
     // as many, and their floor counts them.
-    let same: Vec<&Vec<f64>> = rows.iter().filter(|r| r[9] == 0.0).collect();
-    assert!(same.iter().all(|r| r[7] == same[0][7]), "{csv}");
-    for d in rows.iter().filter(|r| r[9] == 1.0) {
+    let same: Vec<&Vec<f64>> = rows.iter().filter(|r| r[distinct] == 0.0).collect();
+    assert!(same.iter().all(|r| r[experts] == same[0][experts]), "{csv}");
+    for d in rows.iter().filter(|r| r[distinct] == 1.0) {
         let s = same.iter().find(|s| s[0] == d[0] && s[1] == d[1]).unwrap();
         assert!(
-            d[7] >= s[7] && d[6] >= s[6],
+            d[experts] >= s[experts] && d[bytes] >= s[bytes],
             "distinct prompts touch more: {csv}"
         );
     }
