@@ -128,7 +128,7 @@ unsafe fn prefetch_next_panel<E, const NR: usize>(w: *const E, ldw: usize, off: 
 /// multiple of 64; otherwise every line is still touched once per 64 bytes).
 #[inline(always)]
 fn starts_line<E>(off: usize) -> bool {
-    (off * std::mem::size_of::<E>()) % 64 == 0
+    (off * std::mem::size_of::<E>()).is_multiple_of(64)
 }
 
 /// One `MR × NR` tile on AVX-512: rows `x[0..MR]` (stride `k`), weight rows `w[0..NR]`
