@@ -82,4 +82,16 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
             "distinct prompts touch more: {csv}"
         );
     }
+    // The baseline ran at each batch size of the sweep, next to local-split.
+    let base = std::fs::read_to_string(out.path().join("decode_baseline.csv")).unwrap();
+    let batches: Vec<f64> = base
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let v: Vec<f64> = l.split(',').map(|x| x.parse().unwrap()).collect();
+            assert!(v.iter().all(|x| *x > 0.0), "{base}");
+            v[1]
+        })
+        .collect();
+    assert_eq!(batches, vec![1.0, 2.0, 4.0], "{base}");
 }

@@ -102,6 +102,38 @@ impl Baseline {
         Ok(logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)?)
     }
 
+    /// Feeds the same number of tokens to each of `batch.len()` sequences that share the
+    /// cache position (a `[batch, t]` input: candle's cache holds one batch of equal-length
+    /// sequences); returns the logits of each sequence's last token, `[batch, vocab]` f32.
+    ///
+    /// Errors: an empty batch, sequences of different lengths, or a token past the
+    /// vocabulary.
+    pub fn forward_batch(&mut self, batch: &[&[u32]]) -> Result<Tensor> {
+        let t = batch.first().map_or(0, |s| s.len());
+        if t == 0 || batch.iter().any(|s| s.len() != t) {
+            return Err(ModelError::InvalidInput(format!(
+                "a baseline batch needs sequences of one non-zero length, got lengths {:?}",
+                batch.iter().map(|s| s.len()).collect::<Vec<_>>()
+            )));
+        }
+        let flat: Vec<u32> = batch.iter().flat_map(|s| s.iter().copied()).collect();
+        if let Some(&tok) = flat.iter().find(|&&x| x as usize >= self.config.vocab_size) {
+            return Err(ModelError::TokenOutOfRange {
+                token: tok,
+                vocab_size: self.config.vocab_size,
+            });
+        }
+        let ids = Tensor::from_vec(flat, (batch.len(), t), &Device::Cpu)?;
+        let logits = self.model.forward(&ids, self.seq_len)?;
+        self.seq_len += t;
+        Ok(logits.squeeze(1)?.to_dtype(DType::F32)?)
+    }
+
+    /// Tokens in the cache (per sequence).
+    pub fn cached_len(&self) -> usize {
+        self.seq_len
+    }
+
     /// Clears the KV cache for a new sequence.
     pub fn reset(&mut self) {
         self.model.clear_kv_cache();

@@ -209,3 +209,44 @@ fn candle_transformers_baseline_agrees_with_split_model_on_qwen15_moe_tiny() {
         );
     }
 }
+
+/// `Baseline::forward_batch` (the decode bench's baseline) gives each sequence of a batch of
+/// identical prompts the logits of the prompt alone, prefill and one decode step; and refuses
+/// ragged or empty batches.
+#[test]
+fn baseline_batch_forward_matches_one_sequence_on_qwen15_moe_tiny() {
+    let Some(dir) = fixture("qwen15-moe-tiny") else {
+        return;
+    };
+    let golden = Golden::load(&dir);
+    let ids = golden.ids("prompt.0.input_ids");
+    let mut base = Baseline::load(&dir, DType::F32).unwrap();
+    base.reset();
+    let alone = base.forward(&ids).unwrap().to_vec1::<f32>().unwrap();
+    let next = argmax(&alone);
+    let alone_step = base.forward(&[next]).unwrap().to_vec1::<f32>().unwrap();
+    base.reset();
+    let batch = base
+        .forward_batch(&[&ids, &ids, &ids])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(base.cached_len(), ids.len());
+    let step = base
+        .forward_batch(&[&[next], &[next], &[next]])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (b, s) in batch.iter().zip(&step) {
+        assert!(max_abs_diff(b, &alone) <= TOL, "prefill row differs");
+        assert!(max_abs_diff(s, &alone_step) <= TOL, "decode row differs");
+    }
+    assert!(base.forward_batch(&[]).is_err());
+    assert!(base.forward_batch(&[&ids, &ids[1..]]).is_err());
+    let past = golden_vocab_past(&dir);
+    assert!(base.forward_batch(&[&[past]]).is_err());
+}
+
+fn golden_vocab_past(dir: &Path) -> u32 {
+    faasmoe_model::Config::from_dir(dir).unwrap().vocab_size as u32
+}

@@ -25,6 +25,11 @@
 //!   point, then rep 2, …), so noise from the machine's neighbours weighs on all points
 //!   alike; each point reports its median.
 //!
+//! - **Baseline**: candle-transformers' `qwen2_moe` (f32 weights, its own KV cache) at the
+//!   same batch sizes and identical prompts, points in sequence; printed next to local-split
+//!   (`decode_baseline.csv`). Checkpoints candle's model cannot load (`mlp_only_layers`,
+//!   `qkv_bias: false`) skip it with the reason.
+//!
 //! Writes `decode.csv` (one row per context × batch) and prints the table.
 
 use std::collections::BTreeSet;
@@ -336,7 +341,123 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
     }
     print_table(&rows, cfg.num_hidden_layers);
     write_csv(&out.join("decode.csv"), &rows, bw)?;
+    drop((cp, backend, buf));
+    if let Some(&c0) = s.contexts.first() {
+        match baseline_sweep(model, s, c0, token) {
+            Ok(b) => {
+                print_baseline(&b, &rows, c0);
+                write_baseline_csv(&out.join("decode_baseline.csv"), &b, &rows, c0)?;
+            }
+            Err(e) => println!("    baseline (candle-transformers): not measured: {e:#}"),
+        }
+    }
     Ok(rows)
+}
+
+/// One decode step of the baseline at one batch size.
+#[derive(Debug, Clone)]
+pub struct BaselineRow {
+    /// Sequences in the step (identical prompts).
+    pub batch: usize,
+    /// Median step time, ms.
+    pub step_ms: f64,
+}
+
+/// The baseline's decode step (candle-transformers' monolithic `qwen2_moe`, f32 weights as
+/// the bench's baseline mode serves them) at each batch size, identical prompts of `context`
+/// tokens. candle's KV cache lives inside the model, so the points run one after another
+/// (not round-robin) and the context grows by one token per step (`context` to
+/// `context + reps + 1`).
+fn baseline_sweep(
+    model: &Path,
+    s: &DecodeSettings,
+    context: usize,
+    token: u32,
+) -> anyhow::Result<Vec<BaselineRow>> {
+    let mut m = faasmoe_model::baseline::Baseline::load(model, DType::F32)?;
+    let mut rows = Vec::new();
+    for &b in &s.batches {
+        m.reset();
+        let prompt = vec![token; context.max(1)];
+        let prompts: Vec<&[u32]> = vec![&prompt[..]; b];
+        m.forward_batch(&prompts)?;
+        let feed = [token];
+        let feeds: Vec<&[u32]> = vec![&feed[..]; b];
+        let mut times = Vec::with_capacity(s.reps);
+        for rep in 0..=s.reps {
+            let t = Instant::now();
+            let logits = m.forward_batch(&feeds)?;
+            std::hint::black_box(&logits);
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        rows.push(BaselineRow {
+            batch: b,
+            step_ms: times[times.len() / 2],
+        });
+    }
+    Ok(rows)
+}
+
+/// The local-split step at `batch` with identical prompts at `context`, ms.
+fn local_step(rows: &[DecodeRow], context: usize, batch: usize) -> f64 {
+    rows.iter()
+        .find(|r| r.context == context && r.batch == batch && !r.distinct)
+        .map_or(f64::NAN, |r| r.step_ms)
+}
+
+fn print_baseline(b: &[BaselineRow], local: &[DecodeRow], context: usize) {
+    println!(
+        "    baseline (candle-transformers qwen2_moe, f32 weights; identical prompts, context {context}, points in sequence):"
+    );
+    println!(
+        "    {:>5} {:>10} {:>12} {:>16} {:>18}",
+        "batch", "step ms", "step÷step(1)", "local-split ms", "baseline÷local"
+    );
+    let one = b
+        .iter()
+        .find(|r| r.batch == 1)
+        .map_or(f64::NAN, |r| r.step_ms);
+    for r in b {
+        let l = local_step(local, context, r.batch);
+        println!(
+            "    {:>5} {:>10.2} {:>12.2} {:>16.2} {:>18.2}",
+            r.batch,
+            r.step_ms,
+            r.step_ms / one,
+            l,
+            r.step_ms / l
+        );
+    }
+}
+
+fn write_baseline_csv(
+    path: &Path,
+    b: &[BaselineRow],
+    local: &[DecodeRow],
+    context: usize,
+) -> anyhow::Result<()> {
+    let one = b
+        .iter()
+        .find(|r| r.batch == 1)
+        .map_or(f64::NAN, |r| r.step_ms);
+    let mut s = String::from(
+        "context,batch,step_ms,step_over_batch1,local_split_step_ms,over_local_split\n",
+    );
+    for r in b {
+        let l = local_step(local, context, r.batch);
+        s.push_str(&format!(
+            "{context},{},{:.4},{:.4},{:.4},{:.4}\n",
+            r.batch,
+            r.step_ms,
+            r.step_ms / one,
+            l,
+            r.step_ms / l
+        ));
+    }
+    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
 
 fn step_at_batch1(rows: &[DecodeRow], context: usize) -> Option<f64> {
