@@ -210,43 +210,69 @@ fn candle_transformers_baseline_agrees_with_split_model_on_qwen15_moe_tiny() {
     }
 }
 
-/// `Baseline::forward_batch` (the decode bench's baseline) gives each sequence of a batch of
-/// identical prompts the logits of the prompt alone, prefill and one decode step; and refuses
-/// ragged or empty batches.
+/// `Baseline::forward_batch` (the decode bench's baseline) gives each sequence of a batch the
+/// logits of that sequence alone, prefill and one decode step (two different prompts of one
+/// length, so rows mixed up within the batch would show); and refuses ragged or empty batches
+/// and tokens past the vocabulary.
 #[test]
 fn baseline_batch_forward_matches_one_sequence_on_qwen15_moe_tiny() {
     let Some(dir) = fixture("qwen15-moe-tiny") else {
         return;
     };
     let golden = Golden::load(&dir);
-    let ids = golden.ids("prompt.0.input_ids");
+    let a = golden.ids("prompt.0.input_ids");
+    let mut b = a.clone();
+    b.rotate_left(1);
+    b.reverse();
+    assert_ne!(a, b);
     let mut base = Baseline::load(&dir, DType::F32).unwrap();
+    let mut alone = |ids: &[u32]| {
+        base.reset();
+        let pre = base.forward(ids).unwrap().to_vec1::<f32>().unwrap();
+        let next = argmax(&pre);
+        let step = base.forward(&[next]).unwrap().to_vec1::<f32>().unwrap();
+        (pre, next, step)
+    };
+    let (pre_a, next_a, step_a) = alone(&a);
+    let (pre_b, next_b, step_b) = alone(&b);
+    assert!(
+        max_abs_diff(&pre_a, &pre_b) > TOL,
+        "the two prompts must differ"
+    );
     base.reset();
-    let alone = base.forward(&ids).unwrap().to_vec1::<f32>().unwrap();
-    let next = argmax(&alone);
-    let alone_step = base.forward(&[next]).unwrap().to_vec1::<f32>().unwrap();
-    base.reset();
-    let batch = base
-        .forward_batch(&[&ids, &ids, &ids])
+    let pre = base
+        .forward_batch(&[&a, &b, &a])
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-    assert_eq!(base.cached_len(), ids.len());
+    assert_eq!(base.cached_len(), a.len());
     let step = base
-        .forward_batch(&[&[next], &[next], &[next]])
+        .forward_batch(&[&[next_a], &[next_b], &[next_a]])
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-    for (b, s) in batch.iter().zip(&step) {
-        assert!(max_abs_diff(b, &alone) <= TOL, "prefill row differs");
-        assert!(max_abs_diff(s, &alone_step) <= TOL, "decode row differs");
+    assert_eq!((pre.len(), step.len()), (3, 3));
+    for (i, (want_pre, want_step)) in [(&pre_a, &step_a), (&pre_b, &step_b), (&pre_a, &step_a)]
+        .into_iter()
+        .enumerate()
+    {
+        let d = max_abs_diff(&pre[i], want_pre);
+        assert!(d <= TOL, "prefill row {i}: max |Δ| = {d}");
+        let d = max_abs_diff(&step[i], want_step);
+        assert!(d <= TOL, "decode row {i}: max |Δ| = {d}");
     }
+    base.reset();
     assert!(base.forward_batch(&[]).is_err());
-    assert!(base.forward_batch(&[&ids, &ids[1..]]).is_err());
-    let past = golden_vocab_past(&dir);
-    assert!(base.forward_batch(&[&[past]]).is_err());
-}
-
-fn golden_vocab_past(dir: &Path) -> u32 {
-    faasmoe_model::Config::from_dir(dir).unwrap().vocab_size as u32
+    assert!(base.forward_batch(&[&a, &a[1..]]).is_err());
+    let vocab = faasmoe_model::Config::from_dir(&dir).unwrap().vocab_size as u32;
+    let err = base.forward_batch(&[&[vocab]]).unwrap_err();
+    assert!(
+        matches!(err, faasmoe_model::ModelError::TokenOutOfRange { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        base.cached_len(),
+        0,
+        "a refused batch leaves the cache alone"
+    );
 }

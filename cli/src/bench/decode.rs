@@ -314,17 +314,39 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
             }
         }
     }
+    // The points' figures; then the caches and the model go, so the floors' buffer (as
+    // large as the largest point's bytes) never sits on top of them.
+    struct Measured {
+        context: usize,
+        batch: usize,
+        distinct: bool,
+        experts: usize,
+        step_ms: f64,
+    }
+    let measured: Vec<Measured> = state
+        .into_iter()
+        .map(|mut p| {
+            p.times.sort_by(|a, b| a.total_cmp(b));
+            Measured {
+                context: p.context,
+                batch: p.batch,
+                distinct: p.distinct,
+                experts: p.experts,
+                step_ms: p.times[p.times.len() / 2],
+            }
+        })
+        .collect();
+    drop((cp, backend));
     // The floors: re-reading each point's bytes (a prefix of one buffer, measured per point).
-    let max_bytes = state
+    let max_bytes = measured
         .iter()
         .map(|p| point_bytes(p.experts, p.batch, p.context))
         .max()
         .unwrap_or(0);
     let buf = bandwidth_buffer(max_bytes);
     let mut rows = Vec::new();
-    for mut p in state {
-        p.times.sort_by(|a, b| a.total_cmp(b));
-        let step_ms = p.times[p.times.len() / 2];
+    for p in measured {
+        let step_ms = p.step_ms;
         let bytes = point_bytes(p.experts, p.batch, p.context);
         let read_bw = read_bandwidth_of(&buf[..bytes.div_ceil(4).clamp(1, buf.len())]);
         rows.push(DecodeRow {
@@ -341,7 +363,7 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
     }
     print_table(&rows, cfg.num_hidden_layers);
     write_csv(&out.join("decode.csv"), &rows, bw)?;
-    drop((cp, backend, buf));
+    drop(buf);
     if let Some(&c0) = s.contexts.first() {
         match baseline_sweep(model, s, c0, token) {
             Ok(b) => {
@@ -375,8 +397,22 @@ fn baseline_sweep(
     token: u32,
 ) -> anyhow::Result<Vec<BaselineRow>> {
     let mut m = faasmoe_model::baseline::Baseline::load(model, DType::F32)?;
+    let cfg = m.config().clone();
+    let avail = super::mem_available();
     let mut rows = Vec::new();
     for &b in &s.batches {
+        // candle's prefill holds `[b, heads, t, t]` f32 attention scores (a few copies):
+        // stop before a batch whose prefill cannot fit rather than let the allocation abort.
+        let t = context.max(1) as u64;
+        let scores = 3 * b as u64 * cfg.num_attention_heads as u64 * t * t * 4;
+        if scores > avail / 10 * 8 {
+            println!(
+                "    baseline: batch {b} and larger skipped (its {t}-token prefill needs about {:.1} GB, {:.1} GB is available)",
+                scores as f64 / 1e9,
+                avail as f64 / 1e9
+            );
+            break;
+        }
         m.reset();
         let prompt = vec![token; context.max(1)];
         let prompts: Vec<&[u32]> = vec![&prompt[..]; b];

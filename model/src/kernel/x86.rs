@@ -106,7 +106,8 @@ unsafe fn reduce16(s: __m512) -> f32 {
 /// Why: at A2.7B's k = 2048 a bf16 weight row is one 4 KiB page, and the hardware streamer
 /// does not cross pages, so without it every panel starts its `NR` streams cold. Measured on
 /// an Intel Xeon (Emerald Rapids, 2 cores) with `faasmoe bench --decode-only`, one A2.7B
-/// layer at batch 1: 4.9–5.4 ms per step with it against 6.5–7.0 ms without, and in a
+/// layer at batch 1, two binaries alternated: 4.9–7.1 ms per step with it against
+/// 6.5–9.7 ms without (two quieter and two busier runs of each), and in a
 /// kernel-only loop over 352 MB of bf16 weights at m = 1, 27–32 GB/s against 19–23 GB/s.
 /// Prefetching into L2 (`T1`) or two panels ahead measured the same or slower. Used by
 /// [`tile512`] and by the AVX2 [`tile256`] (one or two rows: there 20–27 GB/s against
