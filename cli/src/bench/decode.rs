@@ -231,16 +231,7 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
     // its context by the warm-up step: refuse a sweep that cannot fit instead of swapping.
     let kv_bytes: usize = points
         .iter()
-        .map(|&(context, batch, _)| {
-            batch
-                * 2
-                * (context + 1)
-                * cfg.num_hidden_layers
-                * 2
-                * cfg.num_key_value_heads
-                * cfg.head_dim
-                * 4
-        })
+        .map(|&(context, batch, _)| batch * 2 * (context + 1) * kv_per_token)
         .sum();
     let avail = super::mem_available();
     anyhow::ensure!(
@@ -314,39 +305,22 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
             }
         }
     }
-    // The points' figures; then the caches and the model go, so the floors' buffer (as
-    // large as the largest point's bytes) never sits on top of them.
-    struct Measured {
-        context: usize,
-        batch: usize,
-        distinct: bool,
-        experts: usize,
-        step_ms: f64,
+    // The caches and the model go before the floors' buffer (as large as the largest
+    // point's bytes) is allocated, so it never sits on top of them.
+    for p in state.iter_mut() {
+        p.caches = Vec::new();
     }
-    let measured: Vec<Measured> = state
-        .into_iter()
-        .map(|mut p| {
-            p.times.sort_by(|a, b| a.total_cmp(b));
-            Measured {
-                context: p.context,
-                batch: p.batch,
-                distinct: p.distinct,
-                experts: p.experts,
-                step_ms: p.times[p.times.len() / 2],
-            }
-        })
-        .collect();
     drop((cp, backend));
     // The floors: re-reading each point's bytes (a prefix of one buffer, measured per point).
-    let max_bytes = measured
+    let max_bytes = state
         .iter()
         .map(|p| point_bytes(p.experts, p.batch, p.context))
         .max()
         .unwrap_or(0);
     let buf = bandwidth_buffer(max_bytes);
     let mut rows = Vec::new();
-    for p in measured {
-        let step_ms = p.step_ms;
+    for p in state {
+        let step_ms = median(p.times);
         let bytes = point_bytes(p.experts, p.batch, p.context);
         let read_bw = read_bandwidth_of(&buf[..bytes.div_ceil(4).clamp(1, buf.len())]);
         rows.push(DecodeRow {
@@ -374,6 +348,12 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
         }
     }
     Ok(rows)
+}
+
+/// The median of timed steps (the upper one of an even count; `times` is not empty).
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
 }
 
 /// One decode step of the baseline at one batch size.
@@ -428,10 +408,9 @@ fn baseline_sweep(
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
-        times.sort_by(|a, b| a.total_cmp(b));
         rows.push(BaselineRow {
             batch: b,
-            step_ms: times[times.len() / 2],
+            step_ms: median(times),
         });
     }
     Ok(rows)
