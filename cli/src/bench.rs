@@ -21,6 +21,7 @@
 //! faasmoe-private the same as faasmoe-shared and local-baseline the same as local-split: the
 //! bench measures it once and reports it under both names.
 
+mod controller;
 pub mod decode;
 mod phases;
 mod plot;
@@ -395,6 +396,40 @@ fn start_server(
         .context("starting nats-server (run scripts/install-nats-server?)"))
 }
 
+/// Creates `tenants` (default quotas) on `server` and connects as each; also returns the
+/// admin connection (the broker's user) that created them.
+async fn tenant_clients(
+    server: &EmbeddedServer,
+    credentials: &InternalCredentials,
+    tenants: &[String],
+) -> anyhow::Result<(async_nats::Client, BTreeMap<String, async_nats::Client>)> {
+    let url = server.url();
+    let admin_client = faasmoe_proto::connection::connect(
+        url,
+        Some("broker"),
+        Some(&credentials.broker),
+        "faasmoe-bench-admin",
+    )
+    .await?;
+    let admin =
+        server.tenant_admin(faasmoe_broker::TenantStore::open_default(admin_client.clone()).await?);
+    let mut clients = BTreeMap::new();
+    for t in tenants {
+        let creds = admin.create(t, faasmoe_broker::Quota::default()).await?;
+        clients.insert(
+            t.clone(),
+            faasmoe_proto::connection::connect(
+                url,
+                Some(&creds.user),
+                Some(&creds.password),
+                &format!("faasmoe-bench-{t}"),
+            )
+            .await?,
+        );
+    }
+    Ok((admin_client, clients))
+}
+
 impl Deployment {
     async fn start(
         spec: &Spec,
@@ -409,29 +444,7 @@ impl Deployment {
         let url = server.url().to_string();
         // The load comes from the tenants themselves, each on its own credentials (the
         // controllers run without quotas).
-        let admin_client = faasmoe_proto::connection::connect(
-            &url,
-            Some("broker"),
-            Some(&credentials.broker),
-            "faasmoe-bench-admin",
-        )
-        .await?;
-        let admin =
-            server.tenant_admin(faasmoe_broker::TenantStore::open_default(admin_client).await?);
-        let mut tenant_clients = BTreeMap::new();
-        for t in tenants {
-            let creds = admin.create(t, faasmoe_broker::Quota::default()).await?;
-            tenant_clients.insert(
-                t.clone(),
-                faasmoe_proto::connection::connect(
-                    &url,
-                    Some(&creds.user),
-                    Some(&creds.password),
-                    &format!("faasmoe-bench-{t}"),
-                )
-                .await?,
-            );
-        }
+        let (_, tenant_clients) = tenant_clients(&server, &credentials, tenants).await?;
         let me = std::env::current_exe()?;
         let mut serving = Vec::new();
         let mut broker = None;
@@ -1143,16 +1156,7 @@ async fn expert_bench(
                         .unwrap_or(0);
                 }
             }
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
-            if tokio::time::timeout(Duration::from_secs(10), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
+            crate::stack::terminate(&mut child).await;
             println!("    {k} expert(s), repeat {}: spawn → READY {ready_ms:.0} ms, RSS {:.1} MB, PSS {:.1} MB", rep + 1, mbf(rss as f64), mbf(pss as f64));
             rows.push(ExpertRow {
                 experts: k,
@@ -1559,6 +1563,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     // Per-expert memory and cold start.
     let mut expert_rows = Vec::new();
     let mut expert_model_desc = String::from("not measured (--no-expert-bench)");
+    let mut controller_rows = Vec::new();
+    let mut controller_desc = String::from("not measured (--no-expert-bench)");
     if !a.no_expert_bench {
         match ensure_expert_model(&a) {
             Ok(em) => {
@@ -1581,6 +1587,21 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                         expert_model_desc.push_str(&format!("; FAILED: {e:#}"));
                     }
                 }
+                println!("controller memory (remote and local experts; one request of {CONTROLLER_PROMPT} + {CONTROLLER_OUTPUT} tokens)…");
+                match controller::measure(
+                    &em,
+                    CONTROLLER_PROMPT,
+                    CONTROLLER_OUTPUT,
+                    &out.join("logs").join("controller"),
+                )
+                .await
+                {
+                    Ok(r) => controller_rows = r,
+                    Err(e) => {
+                        println!("    controller memory FAILED: {e:#}");
+                        controller_desc = format!("FAILED: {e:#}");
+                    }
+                }
             }
             Err(e) => expert_model_desc = format!("FAILED to create the checkpoint: {e:#}"),
         }
@@ -1588,6 +1609,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
 
     // CSVs.
     write_csvs(&out, &results, &expert_rows)?;
+    write_controller_csv(&out, &controller_rows)?;
     phases::write_csv(&out, &results)?;
     // Plots.
     let plot_note = match plot::all(&out, &results, max_t) {
@@ -1609,6 +1631,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         &results,
         &expert_rows,
         &expert_model_desc,
+        &controller_rows,
+        &controller_desc,
         &table,
         &plot_note,
         t_all.elapsed().as_secs_f64(),
@@ -1631,6 +1655,38 @@ fn cfg_torch_dtype(model: &Path) -> Option<String> {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).ok()?).ok()?;
     v["torch_dtype"].as_str().map(String::from)
+}
+
+/// Prompt tokens of the controller-memory request (`prompt + output` just under a power of
+/// two, so the KV cache's capacity is not mostly empty).
+const CONTROLLER_PROMPT: usize = 1000;
+/// Output tokens of the controller-memory request.
+const CONTROLLER_OUTPUT: u32 = 24;
+
+fn write_controller_csv(out: &Path, rows: &[controller::ControllerRow]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_path(out.join("controller.csv"))?;
+    w.write_record([
+        "state",
+        "weight_mb",
+        "kv_mb",
+        "rss_mb",
+        "rss_ratio",
+        "high_water_mb",
+        "ready_ms",
+    ])?;
+    for c in rows {
+        w.write_record([
+            c.state.clone(),
+            f(mbf(c.weight_bytes as f64), 1),
+            f(mbf(c.kv_bytes as f64), 1),
+            f(mbf(c.rss as f64), 1),
+            f(c.ratio(), 3),
+            f(mbf(c.hwm as f64), 1),
+            f(c.ready_ms, 0),
+        ])?;
+    }
+    w.flush()?;
+    Ok(())
 }
 
 fn write_csvs(out: &Path, results: &[RunResult], experts: &[ExpertRow]) -> anyhow::Result<()> {
@@ -1951,6 +2007,8 @@ fn report_md(
     results: &[RunResult],
     experts: &[ExpertRow],
     expert_desc: &str,
+    controllers: &[controller::ControllerRow],
+    controller_desc: &str,
     table: &str,
     plot_note: &str,
     total_s: f64,
@@ -2077,6 +2135,26 @@ fn report_md(
             let _ = writeln!(r, "\nper routed expert (slope between {k0} and {k1} experts, RSS p50): {:.1} MB; a function's fixed cost (intercept): {:.1} MB.", mbf(per), mbf(base));
         }
     }
-    let _ = writeln!(r, "\n## Files\n\n- runs.csv (one row per mode/setting), requests.csv, samples.csv (per role over time), experts.csv\n- {plot_note}\n- logs/ (every process's log)");
+    let _ = writeln!(r, "\n## Controller memory\n");
+    if controllers.is_empty() {
+        let _ = writeln!(r, "{controller_desc}");
+    } else {
+        let _ = writeln!(r, "A `faasmoe controller` on the expert checkpoint, granularity = every expert: its resident set (idle: 200 ms after it first answers `controller_stats`; with a request: the peak sampled every 10 ms while the request ran) against the bytes of its weight tensors (its `controller_stats`) plus the live KV cache (f32, at the cache's capacity).\n");
+        let _ = writeln!(r, "| state | tensors MB | KV MB | RSS MB | RSS ÷ (tensors + KV) | high-water MB | spawn → answering ms |\n|---|---|---|---|---|---|---|");
+        for c in controllers {
+            let _ = writeln!(
+                r,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                c.state,
+                f(mbf(c.weight_bytes as f64), 1),
+                f(mbf(c.kv_bytes as f64), 1),
+                f(mbf(c.rss as f64), 1),
+                f(c.ratio(), 3),
+                f(mbf(c.hwm as f64), 1),
+                f(c.ready_ms, 0)
+            );
+        }
+    }
+    let _ = writeln!(r, "\n## Files\n\n- runs.csv (one row per mode/setting), requests.csv, samples.csv (per role over time), experts.csv, controller.csv\n- {plot_note}\n- logs/ (every process's log)");
     r
 }

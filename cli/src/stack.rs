@@ -301,19 +301,25 @@ impl Stack {
     /// Stops the controller and the broker (which stops its workers) with SIGTERM, then the server.
     pub async fn stop(mut self) {
         for child in [&mut self.gateway, &mut self.controller, &mut self.broker] {
-            if let Some(pid) = child.id() {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status()
-                    .await;
-            }
-            if tokio::time::timeout(Duration::from_secs(10), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
+            terminate(child).await;
         }
         self.server.stop();
+    }
+}
+
+/// Stops `child` with SIGTERM (its graceful shutdown), then SIGKILL if it has not exited
+/// within 10 s.
+pub(crate) async fn terminate(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
     }
 }

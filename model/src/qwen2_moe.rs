@@ -497,6 +497,16 @@ impl ControlPlane {
         layers + self.lm_head.weight_bytes()
     }
 
+    /// Bytes of every weight matrix held (stored dtype): [`Self::weight_bytes`] plus the
+    /// embedding, unless it is the tied LM head (one matrix). Norms, biases and the rotary
+    /// tables are not counted (under 1% at every Qwen2-MoE geometry). What a controller's
+    /// resident memory is compared with (`faasmoe bench`, its controller-memory section).
+    pub fn resident_weight_bytes(&self) -> usize {
+        let embed = self.embed_tokens.weight();
+        let tied = Arc::ptr_eq(embed, self.lm_head.weight());
+        self.weight_bytes() + if tied { 0 } else { embed.bytes() }
+    }
+
     /// A fresh cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_hidden_layers)

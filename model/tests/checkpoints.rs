@@ -334,3 +334,51 @@ fn expert_function_memory_is_proportional_to_its_experts_on_the_a27b_layer() {
         "60 experts hold {all} for {w60} of weights"
     );
 }
+
+/// Bytes of the 2-D tensors of a checkpoint's safetensors files that the control plane holds
+/// (every matrix but the routed experts'), in their stored dtype, read from the files'
+/// headers with the `safetensors` crate.
+fn control_plane_matrix_bytes(dir: &Path) -> usize {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if !name.starts_with("model") || !name.ends_with(".safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        for (t, info) in meta.tensors() {
+            if info.shape.len() == 2 && !t.contains(".mlp.experts.") {
+                total += info.shape.iter().product::<usize>() * info.dtype.size();
+            }
+        }
+    }
+    total
+}
+
+/// The bytes a controller's resident memory is compared with (`faasmoe bench`, issue 15) are
+/// those of the matrices it holds: the embedding and LM head, attention, routers, shared
+/// experts and their gates, dense MLPs, no routed expert; for real checkpoints (bf16, f32)
+/// and a generated one.
+#[test]
+fn control_plane_resident_bytes_are_its_matrices_in_their_stored_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny(tmp.path(), 200_000);
+    let mut dirs = vec![tmp.path().to_path_buf()];
+    dirs.extend(
+        ["qwen15-moe-tiny", "qwen2-moe-gqa-mixed"]
+            .iter()
+            .filter_map(|f| fixture(f)),
+    );
+    for dir in dirs {
+        let mut ckpt = Checkpoint::open(&dir, DType::F32).unwrap();
+        let cp = ControlPlane::load(&mut ckpt).unwrap();
+        let expected = control_plane_matrix_bytes(&dir);
+        assert_eq!(cp.resident_weight_bytes(), expected, "{}", dir.display());
+        // The embedding is the one matrix a decode step does not read in full.
+        let cfg = cp.config();
+        let embed = cfg.vocab_size * cfg.hidden_size;
+        assert!(cp.weight_bytes() < expected && expected - cp.weight_bytes() >= embed * 2);
+    }
+}
