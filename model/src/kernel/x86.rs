@@ -374,12 +374,15 @@ const NR512: usize = 3;
 /// Outputs of an AVX-512 tile for a single row (`m = 1`, every decode step of one sequence):
 /// 8 accumulators + 8 widened weight vectors + 1 row vector. With one row nothing is
 /// compute-bound: what counts is how many weight rows stream (and are prefetched,
-/// [`prefetch_next_panel`]) at once, and 8 streams per thread read faster than 3. Measured on
-/// an Intel Xeon (Sapphire/Emerald Rapids class, 2 cores), alternating binaries: a kernel-only
-/// loop over 176 MB of bf16 weights (1408-row matrices), 1 × 8 took 6.3–7.7 ms against
-/// 7.3–8.5 ms with the 8 × 3 tile's 1 × 3 (6 of 6 pairs faster, k = 2048 and 1408); `faasmoe
-/// bench --decode-only` at batch 1, step ÷ re-read floor 0.79–0.98 against 0.93–1.15 (3 of 4
-/// pairs). Same summation order per output, so results are unchanged bit for bit.
+/// [`prefetch_next_panel`]) at once, 8 per thread here against 3 with the 8 × 3 tile's
+/// 1 × 3. Measured on an Intel Xeon (2 cores, 480 MiB L3, a noisy shared host), alternating
+/// binaries, kernel-only loop over 176 MB of bf16 weights in 1408-row matrices: 6 of 6 pairs
+/// faster (6.3–7.7 ms against 7.3–8.5 ms, k = 2048 and 1408); over 6 more rounds the median
+/// 7.13 ms against 7.55 ms but the best run the same (5.54 against 5.46 ms), so the gain is
+/// in fewer stalled streams, not a higher ceiling. `faasmoe bench --decode-only` at batch 1,
+/// step ÷ re-read floor 0.79–0.98 against 0.93–1.15 (3 of 4 pairs). Tiles of 2 × 8 for two
+/// rows and 4 × 6 for three or four measured mixed and are not used. Same summation order per
+/// output, so results are unchanged bit for bit.
 const NR512_ONE_ROW: usize = 8;
 
 /// `y[:, j0..j1]` on AVX-512 (tiles of [`MR512`] rows × [`NR512`] outputs; one row:
