@@ -173,7 +173,51 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
     }
     let experts = std::fs::read_to_string(out.path().join("experts.csv")).unwrap();
     assert!(experts.lines().count() >= 3, "{experts}");
+    // Controller memory: a real controller idle with remote and local experts, and during one
+    // request; every figure measured, the KV cache counted only with a live sequence.
+    let mut rdr = csv::Reader::from_path(out.path().join("controller.csv")).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    let ccol = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no column {name} in controller.csv"))
+    };
+    let ctl: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
+    assert_eq!(
+        ctl.len(),
+        3,
+        "controller.csv rows
+{stdout}"
+    );
+    let num = |r: &csv::StringRecord, c: &str| -> f64 { r[ccol(c)].parse().unwrap() };
+    for r in &ctl {
+        for c in [
+            "weight_mb",
+            "rss_mb",
+            "rss_ratio",
+            "high_water_mb",
+            "ready_ms",
+        ] {
+            assert!(
+                num(r, c) > 0.0,
+                "{}: {c}
+{stdout}",
+                &r[ccol("state")]
+            );
+        }
+        // Resident memory holds at least the tensors it reports.
+        assert!(num(r, "rss_ratio") > 0.9, "{}", &r[ccol("state")]);
+    }
+    assert!(ctl[0][ccol("state")].starts_with("remote experts, idle"));
+    assert!(ctl[1][ccol("state")].starts_with("local experts, idle"));
+    assert!(ctl[2][ccol("state")].starts_with("local experts, 1 request"));
+    // Local experts hold every tensor: more than the control plane alone.
+    assert!(num(&ctl[1], "weight_mb") > num(&ctl[0], "weight_mb"));
+    assert_eq!(num(&ctl[0], "kv_mb"), 0.0);
+    assert!(num(&ctl[2], "kv_mb") > 0.0);
     let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(report.contains("## Controller memory"), "{report}");
     assert!(report.contains("| faasmoe-private |"), "{report}");
     assert!(report.contains("| local-baseline |"), "{report}");
     assert!(report.contains("## Cold and warm phases"), "{report}");

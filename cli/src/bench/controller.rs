@@ -163,19 +163,19 @@ pub(super) async fn measure(
                 temperature: Some(0.0),
                 ..Default::default()
             };
-            let reply = tokio::time::timeout(
-                Duration::from_secs(600),
-                tenant.request(
+            // The client's default request timeout (10 s) is shorter than a long prefill on a
+            // slow machine.
+            let reply = tenant
+                .send_request(
                     faasmoe_proto::subject::generate(TENANT)?,
-                    serde_json::to_vec(&req)?.into(),
-                ),
-            )
-            .await;
+                    async_nats::Request::new()
+                        .payload(serde_json::to_vec(&req)?.into())
+                        .timeout(Some(Duration::from_secs(600))),
+                )
+                .await;
             done.store(true, Ordering::Relaxed);
             let _ = sampler.await;
-            let msg = reply
-                .context("the request did not finish within 600 s")?
-                .context("the request")?;
+            let msg = reply.context("the generate request (600 s limit)")?;
             let r: GenerateResponse = serde_json::from_slice(&msg.payload)
                 .with_context(|| format!("the reply: {}", String::from_utf8_lossy(&msg.payload)))?;
             let tokens = prompt + r.token_ids.len();
