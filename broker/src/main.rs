@@ -463,6 +463,11 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
+    // The deployment registry: controllers learn this layout from it.
+    let record = faasmoe_proto::deployment::DeploymentRecord::new(&model_id, &layout);
+    faasmoe_proto::deployment::register(&client, &record, args.tenant_replicas)
+        .await
+        .context("registering the deployment")?;
     if d.worker_password.is_none() {
         tracing::warn!("no worker password (--worker-nats-password / FAASMOE_WORKER_PASSWORD): workers connect without credentials");
     }

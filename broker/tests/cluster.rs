@@ -213,7 +213,7 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
         nats: NatsArgs::anonymous(a.url()),
         model_dir: model_dir.clone(),
         model_id: Some(MODEL.into()),
-        granularity: experts,
+        granularity: Some(experts),
         tenants: None,
         local_experts: false,
         request_timeout_ms: 10_000,

@@ -492,29 +492,18 @@ impl Deployment {
         let g = spec.granularity.unwrap_or(1);
         if spec.mode.uses_functions() {
             broker = Some(
-                Command::new(sibling("faasmoe-broker")?)
-                    .args(["run", "--nats-url", &url, "--nats-user", "broker"])
-                    .env("NATS_PASSWORD", &credentials.broker)
-                    .arg("--model-dir")
-                    .arg(model)
-                    .args(["--model-id", &model_id, "--granularity", &g.to_string()])
-                    .args([
-                        "--idle-timeout-ms",
-                        &a.idle_timeout_ms.to_string(),
-                        "--max-instances",
-                        &a.max_instances.to_string(),
-                    ])
-                    .args(["--worker-nats-user", "worker"])
-                    .env("FAASMOE_WORKER_PASSWORD", &credentials.worker)
-                    .arg("--worker-bin")
-                    .arg(sibling("faasmoe-expert-worker")?)
-                    .arg("--worker-log-dir")
-                    .arg(log_dir.join("workers"))
-                    .stdout(Stdio::null())
-                    .stderr(log_file(log_dir, "broker.log")?)
-                    .kill_on_drop(true)
-                    .spawn()
-                    .context("starting faasmoe-broker")?,
+                crate::stack::broker_command(&crate::stack::BrokerLaunch {
+                    url: &url,
+                    credentials: &credentials,
+                    model,
+                    model_id: &model_id,
+                    granularity: g,
+                    idle_timeout_ms: a.idle_timeout_ms,
+                    max_instances: a.max_instances,
+                    log_dir,
+                })?
+                .spawn()
+                .context("starting faasmoe-broker")?,
             );
         }
         match spec.mode {
@@ -527,19 +516,12 @@ impl Deployment {
                 }
             }
             Mode::SharedBaseline => serving.push(baseline(tenants, "baseline-shared.log")?),
-            Mode::FaasmoeShared => serving.push(controller(
-                vec!["--granularity".into(), g.to_string()],
-                "controller.log",
-            )?),
+            // The controllers take the granularity from the broker's deployment record.
+            Mode::FaasmoeShared => serving.push(controller(Vec::new(), "controller.log")?),
             Mode::FaasmoePrivate => {
                 for t in tenants {
                     serving.push(controller(
-                        vec![
-                            "--granularity".into(),
-                            g.to_string(),
-                            "--tenants".into(),
-                            t.clone(),
-                        ],
+                        vec!["--tenants".into(), t.clone()],
                         &format!("controller-{t}.log"),
                     )?);
                 }
@@ -725,18 +707,13 @@ async fn dispatch_stats(client: &async_nats::Client, expected: usize) -> anyhow:
         let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await else {
             break;
         };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
-            continue;
-        };
-        let s = &v["dispatch"];
-        if s.is_null() {
-            continue;
-        }
+        let s = faasmoe_proto::stats::ControllerStats::decode(&m.payload)
+            .context("a controller's controller_stats")?
+            .dispatch;
         d.controllers += 1;
-        d.invocations += s["invocations"].as_u64().unwrap_or(0);
-        d.bytes +=
-            s["bytes_sent"].as_u64().unwrap_or(0) + s["bytes_received"].as_u64().unwrap_or(0);
-        d.activations += s["activations"].as_u64().unwrap_or(0);
+        d.invocations += s.invocations;
+        d.bytes += s.bytes_sent + s.bytes_received;
+        d.activations += s.activations;
     }
     Ok(d)
 }

@@ -82,6 +82,74 @@ enum ModelCmd {
         #[arg(long)]
         tiktoken: Option<PathBuf>,
     },
+    /// Load only the given routed experts of one MoE layer, as an expert function does, and
+    /// print this process's resident memory as JSON: `experts`, `rss_before_bytes`,
+    /// `rss_after_bytes` (before and after loading) and `weight_bytes` (the experts' tensors
+    /// in their stored dtype).
+    ExpertRss {
+        /// Checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// MoE layer index.
+        #[arg(long)]
+        layer: usize,
+        /// Experts as a range `A..B` (end exclusive) or a list `1,5,9`.
+        #[arg(long, value_parser = parse_experts)]
+        experts: ExpertList,
+    },
+}
+
+/// Expert indices given on the command line.
+#[derive(Debug, Clone)]
+struct ExpertList(Vec<usize>);
+
+/// Parses `A..B` (end exclusive) or `1,5,9`.
+fn parse_experts(s: &str) -> Result<ExpertList, String> {
+    let num = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("{x:?} is not an expert index: {e}"))
+    };
+    let v: Vec<usize> = match s.split_once("..") {
+        Some((a, b)) => (num(a)?..num(b)?).collect(),
+        None => s.split(',').map(num).collect::<Result<_, _>>()?,
+    };
+    if v.is_empty() {
+        return Err(format!("{s:?} names no expert"));
+    }
+    Ok(ExpertList(v))
+}
+
+/// `faasmoe model expert-rss`: see [`ModelCmd::ExpertRss`].
+fn expert_rss(model: &std::path::Path, layer: usize, experts: ExpertList) -> anyhow::Result<()> {
+    use faasmoe_model::experts::{ExpertId, ExpertSelection};
+    let rss = || -> anyhow::Result<u64> {
+        Ok(monitor::read_process(std::process::id() as i32)
+            .context("reading this process's /proc entry")?
+            .rss_bytes)
+    };
+    let before = rss()?;
+    let mut ckpt = faasmoe_model::Checkpoint::open(model, candle_core::DType::F32)?;
+    let sel = ExpertSelection(
+        experts
+            .0
+            .into_iter()
+            .map(|expert| ExpertId { layer, expert })
+            .collect(),
+    );
+    let set = faasmoe_model::ExpertSet::load(&mut ckpt, &sel)?;
+    drop(ckpt);
+    let after = rss()?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "experts": sel.0.len(),
+            "rss_before_bytes": before,
+            "rss_after_bytes": after,
+            "weight_bytes": set.weight_bytes(),
+        })
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -252,6 +320,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Model(ModelCmd::ExpertRss {
+            model,
+            layer,
+            experts,
+        }) => expert_rss(&model, layer, experts),
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Bench(a) => bench::run(a).await,
         Cmd::BenchPrefill(a) => bench::prefill::run(a).await,

@@ -101,6 +101,52 @@ pub(crate) fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> 
     std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
 }
 
+/// What `faasmoe-broker run` is started with, by the stack and by the bench.
+pub(crate) struct BrokerLaunch<'a> {
+    /// The NATS server (the broker connects as user `broker`).
+    pub url: &'a str,
+    /// This deployment's internal passwords (broker's and workers').
+    pub credentials: &'a InternalCredentials,
+    /// Checkpoint directory.
+    pub model: &'a Path,
+    /// Model id in subjects.
+    pub model_id: &'a str,
+    /// Experts per function; the broker registers it for the controllers.
+    pub granularity: u32,
+    /// Workers exit after this many ms without a request.
+    pub idle_timeout_ms: u64,
+    /// Most instances per function.
+    pub max_instances: u32,
+    /// Where `broker.log` and `workers/` go.
+    pub log_dir: &'a Path,
+}
+
+/// The `faasmoe-broker run` command of `b` (the sibling binary), stdout discarded, stderr to
+/// `<log_dir>/broker.log`, killed on drop; the caller adds flags and spawns it.
+///
+/// Errors: a sibling binary is missing, or the log file cannot be created.
+pub(crate) fn broker_command(b: &BrokerLaunch<'_>) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(sibling("faasmoe-broker")?);
+    cmd.args(["run", "--nats-url", b.url, "--nats-user", "broker"])
+        .env("NATS_PASSWORD", &b.credentials.broker)
+        .arg("--model-dir")
+        .arg(b.model)
+        .args(["--model-id", b.model_id])
+        .args(["--granularity", &b.granularity.to_string()])
+        .args(["--idle-timeout-ms", &b.idle_timeout_ms.to_string()])
+        .args(["--max-instances", &b.max_instances.to_string()])
+        .args(["--worker-nats-user", "worker"])
+        .env("FAASMOE_WORKER_PASSWORD", &b.credentials.worker)
+        .arg("--worker-bin")
+        .arg(sibling("faasmoe-expert-worker")?)
+        .arg("--worker-log-dir")
+        .arg(b.log_dir.join("workers"))
+        .stdout(Stdio::null())
+        .stderr(log_file(b.log_dir, "broker.log")?)
+        .kill_on_drop(true);
+    Ok(cmd)
+}
+
 /// The model id in subjects: the checkpoint directory's name, sanitised (as the worker and
 /// broker derive it).
 pub(crate) fn model_id_of(model: &Path) -> anyhow::Result<String> {
@@ -144,35 +190,19 @@ impl Stack {
         };
         let broker_metrics = format!("127.0.0.1:{}", port_or_free(a.broker_metrics_port)?);
         let controller_metrics = format!("127.0.0.1:{}", port_or_free(a.controller_metrics_port)?);
-        let broker = Command::new(sibling("faasmoe-broker")?)
-            .args(["run", "--nats-url", &url, "--nats-user", "broker"])
-            .args(["--metrics-listen", &broker_metrics])
-            .env("NATS_PASSWORD", &credentials.broker)
-            .arg("--model-dir")
-            .arg(&a.model)
-            .args([
-                "--model-id",
-                &model_id,
-                "--granularity",
-                &a.granularity.to_string(),
-            ])
-            .args([
-                "--idle-timeout-ms",
-                &a.idle_timeout_ms.to_string(),
-                "--max-instances",
-                &a.max_instances.to_string(),
-            ])
-            .args(["--worker-nats-user", "worker"])
-            .env("FAASMOE_WORKER_PASSWORD", &credentials.worker)
-            .arg("--worker-bin")
-            .arg(sibling("faasmoe-expert-worker")?)
-            .arg("--worker-log-dir")
-            .arg(a.log_dir.join("workers"))
-            .stdout(Stdio::null())
-            .stderr(log_file(&a.log_dir, "broker.log")?)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting faasmoe-broker")?;
+        let broker = broker_command(&BrokerLaunch {
+            url: &url,
+            credentials: &credentials,
+            model: &a.model,
+            model_id: &model_id,
+            granularity: a.granularity,
+            idle_timeout_ms: a.idle_timeout_ms,
+            max_instances: a.max_instances,
+            log_dir: &a.log_dir,
+        })?
+        .args(["--metrics-listen", &broker_metrics])
+        .spawn()
+        .context("starting faasmoe-broker")?;
         let controller = Command::new(std::env::current_exe()?)
             .args([
                 "controller",
@@ -186,12 +216,8 @@ impl Stack {
             .env("NATS_PASSWORD", &credentials.controller)
             .arg("--model-dir")
             .arg(&a.model)
-            .args([
-                "--model-id",
-                &model_id,
-                "--granularity",
-                &a.granularity.to_string(),
-            ])
+            // The granularity comes from the broker's deployment record.
+            .args(["--model-id", &model_id])
             .stdout(Stdio::null())
             .stderr(log_file(&a.log_dir, "controller.log")?)
             .kill_on_drop(true)

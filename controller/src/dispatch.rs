@@ -117,34 +117,7 @@ pub trait Dispatch: Send + Sync {
     fn prefetch(&self, _predicted: &[(usize, Vec<u32>)]) {}
 }
 
-/// Counters of a dispatcher.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct DispatchStats {
-    /// Function invocations (requests sent, retries included).
-    pub invocations: u64,
-    /// Request payload bytes sent.
-    pub bytes_sent: u64,
-    /// Reply payload bytes received.
-    pub bytes_received: u64,
-    /// Activations asked of the broker.
-    pub activations: u64,
-    /// Retries after a timeout or error.
-    pub retries: u64,
-    /// Requests sent again because the connection came back while they waited.
-    pub resends: u64,
-    /// Times the NATS connection came back after being lost.
-    pub reconnects: u64,
-    /// Activations started ahead of the pass from predicted routes.
-    pub prefetches: u64,
-    /// Prefetched functions that a real route then called (precision = hits ÷ prefetches).
-    pub prefetch_hits: u64,
-    /// Function calls that found no instance (*no responders* on their first send) and so
-    /// waited for a cold start (recall ≈ hits ÷ (hits + cold misses)).
-    pub cold_misses: u64,
-    /// Extra requests made because a function's rows did not fit one message under the
-    /// server's `max_payload` (see `ExpertRequest::split_to_fit`).
-    pub split_requests: u64,
-}
+pub use faasmoe_proto::stats::DispatchStats;
 
 /// All experts in this process (the local-split mode, and tests).
 pub struct LocalDispatch(pub InProcessBackend);

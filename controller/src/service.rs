@@ -30,9 +30,13 @@ pub struct ControllerSettings {
     /// Model id in subjects (default: the directory name, sanitised).
     #[arg(long, env = "FAASMOE_MODEL_ID")]
     pub model_id: Option<String>,
-    /// Experts per function (1 … num_experts); must match the deployed functions.
-    #[arg(long, env = "FAASMOE_GRANULARITY", default_value_t = 4)]
-    pub granularity: u32,
+    /// Experts per function (1 … num_experts). Default: the broker's, from the deployment
+    /// registry (JetStream KV bucket `faasmoe_deployments`), waiting up to
+    /// `--activation-timeout-ms` for a broker to register the model. Given, it must equal the
+    /// registered one (the controller refuses to start otherwise); it is used as is when no
+    /// broker has registered the model (functions started by other means).
+    #[arg(long, env = "FAASMOE_GRANULARITY")]
+    pub granularity: Option<u32>,
     /// Serve only these tenants (private mode); default: every tenant (shared mode).
     #[arg(long, value_delimiter = ',')]
     pub tenants: Option<Vec<String>>,
@@ -116,7 +120,7 @@ impl ControllerSettings {
 }
 
 impl ControllerSettings {
-    /// Settings from command-line flags as `faasmoe-controller` takes them (without the
+    /// Settings from command-line flags as `faasmoe controller` takes them (without the
     /// program name), e.g. `["--model-dir", "m", "--granularity", "4"]`; environment
     /// variables fill what the flags leave out.
     ///
@@ -131,7 +135,7 @@ impl ControllerSettings {
             #[command(flatten)]
             settings: ControllerSettings,
         }
-        let args = std::iter::once(std::ffi::OsString::from("faasmoe-controller"))
+        let args = std::iter::once(std::ffi::OsString::from("faasmoe controller"))
             .chain(flags.into_iter().map(Into::into));
         Ok(<Flags as clap::Parser>::try_parse_from(args)?.settings)
     }
@@ -234,6 +238,52 @@ fn release_freed_heap() {
     }
 }
 
+/// The granularity of `model_id`'s functions: the broker's record in the deployment
+/// registry ([`faasmoe_proto::deployment`]), checked against this checkpoint (`experts` =
+/// (`num_experts`, MoE layer indices)) and `--granularity` (`flag`). With no record: `flag`
+/// when given, else the registry is polled every 500 ms for up to `wait` (a broker starting
+/// alongside registers within its start-up).
+///
+/// Errors: the record disagrees ([`faasmoe_proto::deployment::DeploymentMismatch`]), a
+/// malformed record, or no record within `wait` and no `flag`.
+async fn deployed_granularity(
+    client: &async_nats::Client,
+    model_id: &str,
+    experts: (u32, &[u32]),
+    flag: Option<u32>,
+    wait: Duration,
+) -> anyhow::Result<u32> {
+    use faasmoe_proto::deployment::{lookup, RegistryError};
+    let deadline = std::time::Instant::now() + wait;
+    let mut waiting = false;
+    loop {
+        let missing = match lookup(client, model_id).await {
+            Ok(Some(record)) => {
+                let g = record.check(experts.0, experts.1, flag)?;
+                info!(model = %model_id, granularity = g, "layout from the deployment registry");
+                return Ok(g);
+            }
+            Ok(None) => "no record of this model".to_string(),
+            Err(e @ RegistryError::Malformed { .. }) => return Err(e.into()),
+            Err(e @ RegistryError::Unavailable(_)) => e.to_string(),
+        };
+        if let Some(g) = flag {
+            tracing::warn!(model = %model_id, granularity = g, reason = %missing, "no broker has registered this model: using --granularity as given");
+            return Ok(g);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no broker registered model {model_id:?} within {wait:?} ({missing}): start \
+             `faasmoe-broker run` for this model on this NATS server, or give --granularity"
+        );
+        if !waiting {
+            info!(model = %model_id, reason = %missing, "waiting for a broker to register the deployment");
+            waiting = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Loads the control plane and serves generate requests until the connection ends.
 pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> anyhow::Result<()> {
     let model_id = settings.model_id();
@@ -278,11 +328,19 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
         Some(b) => Arc::new(LocalDispatch(b)),
         None => {
             let moe: Vec<u32> = cfg.moe_layers().map(|l| l as u32).collect();
+            let granularity = deployed_granularity(
+                &client,
+                &model_id,
+                (cfg.num_experts as u32, &moe),
+                settings.granularity,
+                Duration::from_millis(settings.activation_timeout_ms),
+            )
+            .await?;
             NatsDispatch::new(
                 client.clone(),
                 NatsDispatchSettings {
                     model_id: model_id.clone(),
-                    layout: Layout::new(&moe, cfg.num_experts as u32, settings.granularity),
+                    layout: Layout::new(&moe, cfg.num_experts as u32, granularity),
                     request_timeout: Duration::from_millis(settings.request_timeout_ms),
                     max_retries: settings.max_retries,
                     activation_timeout: Duration::from_millis(settings.activation_timeout_ms),
@@ -330,8 +388,15 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
         tokio::spawn(async move {
             while let Some(m) = sub.next().await {
                 let Some(reply) = m.reply else { continue };
-                let body = serde_json::json!({"model": model, "tenants": tenants, "local_experts": local, "weight_bytes": weight_bytes, "metrics": metrics, "dispatch": d.stats()});
-                let _ = c.publish(reply, body.to_string().into()).await;
+                let body = faasmoe_proto::stats::ControllerStats {
+                    model: model.clone(),
+                    tenants: tenants.clone(),
+                    local_experts: local,
+                    weight_bytes: weight_bytes as u64,
+                    metrics: metrics.clone(),
+                    dispatch: d.stats(),
+                };
+                let _ = c.publish(reply, body.encode()).await;
             }
         });
     }

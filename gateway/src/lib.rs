@@ -46,6 +46,7 @@ use faasmoe_proto::connection::NatsArgs;
 use faasmoe_proto::generate::{
     ClientError, ErrorReply, GenerateRequest, GenerateResponse, StreamMessage,
 };
+use faasmoe_proto::stats::ControllerStats;
 use faasmoe_proto::subject;
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -168,21 +169,19 @@ impl Gateway {
         {
             return;
         }
-        let mut answers: Vec<Value> = Vec::new();
+        let mut answers: Vec<ControllerStats> = Vec::new();
         let mut wait = Duration::from_secs(1);
         while let Ok(Some(m)) = tokio::time::timeout(wait, sub.next()).await {
             if m.status.is_some() {
                 break; // no responders
             }
-            if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
-                answers.push(v);
+            match ControllerStats::decode(&m.payload) {
+                Ok(s) => answers.push(s),
+                Err(e) => warn!(error = %e, "a controller's controller_stats does not parse"),
             }
             wait = Duration::from_millis(100);
         }
-        let mut models: Vec<String> = answers
-            .iter()
-            .filter_map(|v| v["model"].as_str().map(String::from))
-            .collect();
+        let mut models: Vec<String> = answers.iter().map(|s| s.model.clone()).collect();
         models.sort();
         models.dedup();
         let mut h = self.health.write().expect("health lock");

@@ -6,10 +6,12 @@
 //! shape: [`tensor`], [`expert`]), the client API bodies (JSON or msgpack: [`generate`]),
 //! function activation and lifecycle events ([`activation`], [`events`]), typed error codes
 //! and their mapping to the four client-facing codes, and W3C trace-context headers
-//! ([`trace`]), and how a process reaches NATS and as whom ([`connection`]: the shared
-//! `--nats-*` flags and the one connect call). It deliberately does no tensor math (no
-//! candle; [`tensor::WireTensor`] only converts to and from `f32` slices), holds no
-//! connections or subscriptions, and knows nothing of scheduling,
+//! ([`trace`]), how a process reaches NATS and as whom ([`connection`]: the shared
+//! `--nats-*` flags and the one connect call), and the deployment registry in JetStream KV
+//! ([`deployment`]: the broker writes a model's layout, controllers read it). It deliberately
+//! does no tensor math (no candle; [`tensor::WireTensor`] only converts to and from `f32`
+//! slices), keeps no connections or subscriptions of its own (its calls take the caller's
+//! client), and knows nothing of scheduling,
 //! batching or process management: those live in the controller, the expert worker and the
 //! broker, which all depend on this crate and never the other way round.
 
@@ -17,10 +19,12 @@
 
 pub mod activation;
 pub mod connection;
+pub mod deployment;
 pub mod events;
 pub mod expert;
 pub mod generate;
 pub mod layout;
+pub mod stats;
 pub mod subject;
 pub mod tensor;
 pub mod trace;

@@ -129,10 +129,9 @@ pub(super) async fn measure(
             .request(stats_subject.clone(), "".into())
             .await
             .context("controller_stats")?;
-        let v: serde_json::Value = serde_json::from_slice(&stats.payload)?;
-        let weight_bytes = v["weight_bytes"]
-            .as_u64()
-            .context("controller_stats has no weight_bytes")?;
+        let weight_bytes = faasmoe_proto::stats::ControllerStats::decode(&stats.payload)
+            .context("controller_stats")?
+            .weight_bytes;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (rss, hwm) = rss_of(pid);
         rows.push(ControllerRow {
