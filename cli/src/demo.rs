@@ -80,16 +80,7 @@ pub(crate) fn ensure_model(a: &DemoArgs) -> anyhow::Result<PathBuf> {
             a.tiktoken.display()
         )
     })?;
-    faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs {
-        out: dir.clone(),
-        preset: "demo".into(),
-        layers: None,
-        vocab_size: None,
-        seed: 0,
-        max_shard_bytes: faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
-        zeros: false,
-        tokenizer: None,
-    })?;
+    faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs::new(&dir, "demo"))?;
     tok.save(dir.join("tokenizer.json"))?;
     Ok(dir)
 }

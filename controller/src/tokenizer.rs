@@ -446,6 +446,19 @@ impl<'a> StreamDecoder<'a> {
         }
     }
 
+    /// The decodes of the held-back window, `ids[prefix_offset..read_offset]`, and of
+    /// everything from `prefix_offset`: their difference is the new text.
+    fn texts(&self) -> Result<(String, String)> {
+        let prefix = self.tokenizer.decode_with(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
+        let all = self
+            .tokenizer
+            .decode_with(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+        Ok((prefix, all))
+    }
+
     /// Feeds one id; returns the newly completed text (`""` when the id's bytes are held
     /// back because they end in an incomplete UTF-8 character, or when it decodes to
     /// nothing, e.g. a skipped special token).
@@ -454,13 +467,7 @@ impl<'a> StreamDecoder<'a> {
     /// [`TokenizerError::Tokenizer`] if decoding fails.
     pub fn step(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix_text = self.tokenizer.decode_with(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        )?;
-        let new_text = self
-            .tokenizer
-            .decode_with(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+        let (prefix_text, new_text) = self.texts()?;
         if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
             if let Some(delta) = new_text
                 .strip_prefix(prefix_text.as_str())
@@ -485,13 +492,7 @@ impl<'a> StreamDecoder<'a> {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix_text = self.tokenizer.decode_with(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        )?;
-        let new_text = self
-            .tokenizer
-            .decode_with(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+        let (prefix_text, new_text) = self.texts()?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(match new_text.strip_prefix(prefix_text.as_str()) {

@@ -23,25 +23,9 @@ pub struct Baseline {
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-    let index = dir.join(INDEX_FILE);
-    if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-            path: index.clone(),
-            source,
-        })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::Index {
-                path: index.clone(),
-                message: e.to_string(),
-            })?;
-        let mut files: Vec<_> = json["weight_map"]
-            .as_object()
-            .ok_or_else(|| ModelError::Index {
-                path: index.clone(),
-                message: "no `weight_map` object".into(),
-            })?
-            .values()
-            .filter_map(|v| v.as_str().map(|s| dir.join(s)))
+    if dir.join(INDEX_FILE).exists() {
+        let mut files: Vec<_> = crate::checkpoint::index_weight_map(dir)?
+            .into_values()
             .collect();
         files.sort();
         files.dedup();
@@ -87,15 +71,7 @@ impl Baseline {
     /// Feeds `tokens` (appended to the cached sequence); returns the logits of the last
     /// token, `[vocab]` f32.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        if let Some(&t) = tokens
-            .iter()
-            .find(|&&t| t as usize >= self.config.vocab_size)
-        {
-            return Err(ModelError::TokenOutOfRange {
-                token: t,
-                vocab_size: self.config.vocab_size,
-            });
-        }
+        self.config.check_token_ids(tokens)?;
         let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
         let logits = self.model.forward(&ids, self.seq_len)?;
         self.seq_len += tokens.len();

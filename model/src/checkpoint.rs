@@ -71,6 +71,36 @@ fn map_file(path: &Path) -> Result<MappedFile> {
     })
 }
 
+/// The `weight_map` of `<dir>/model.safetensors.index.json` (the sharded hub layout): tensor
+/// name → shard path (joined to `dir`).
+///
+/// Errors: [`ModelError::Io`] reading the index, [`ModelError::Index`] when it is not JSON,
+/// has no `weight_map` object, or maps a name to a non-string.
+pub(crate) fn index_weight_map(dir: &Path) -> Result<HashMap<String, PathBuf>> {
+    let index = dir.join(INDEX_FILE);
+    let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+        path: index.clone(),
+        source,
+    })?;
+    let bad = |message: String| ModelError::Index {
+        path: index.clone(),
+        message,
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    map.iter()
+        .map(|(name, file)| {
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("`{name}` maps to a non-string")))?;
+            Ok((name.clone(), dir.join(file)))
+        })
+        .collect()
+}
+
 impl Checkpoint {
     /// Opens `dir` (its `config.json` and safetensors files). `dtype` is the compute dtype of
     /// activations, norms and biases: F32 (the kernel takes f32 activations). Matmul weights
@@ -89,31 +119,7 @@ impl Checkpoint {
         let single = dir.join(SINGLE_FILE);
         let mut files = HashMap::new();
         let weight_map = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-                path: index.clone(),
-                source,
-            })?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::Index {
-                    path: index.clone(),
-                    message: e.to_string(),
-                })?;
-            let map = json
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| ModelError::Index {
-                    path: index.clone(),
-                    message: "no `weight_map` object".into(),
-                })?;
-            let mut out = HashMap::with_capacity(map.len());
-            for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| ModelError::Index {
-                    path: index.clone(),
-                    message: format!("`{name}` maps to a non-string"),
-                })?;
-                out.insert(name.clone(), dir.join(file));
-            }
-            out
+            index_weight_map(dir)?
         } else if single.exists() {
             let mapped = map_file(&single)?;
             let names: Vec<String> = mapped.metadata.tensors().keys().cloned().collect();

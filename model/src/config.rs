@@ -133,6 +133,19 @@ fn required(v: Option<usize>, field: &str) -> Result<usize> {
 }
 
 impl Config {
+    /// Checks that every id of `tokens` is below `vocab_size`.
+    ///
+    /// Errors: [`ModelError::TokenOutOfRange`] naming the first id that is not.
+    pub fn check_token_ids(&self, tokens: &[u32]) -> Result<()> {
+        match tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            Some(&token) => Err(ModelError::TokenOutOfRange {
+                token,
+                vocab_size: self.vocab_size,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Reads and validates `<dir>/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         Self::from_file(&dir.join("config.json"))

@@ -413,6 +413,24 @@ pub struct InitArgs {
     pub tokenizer: Option<PathBuf>,
 }
 
+impl InitArgs {
+    /// The arguments `faasmoe model init --preset <preset> --out <out>` gets: every other
+    /// field at its command-line default (seed 0, 2 GB shards, random weights, no
+    /// tokenizer).
+    pub fn new(out: impl Into<PathBuf>, preset: &str) -> Self {
+        Self {
+            out: out.into(),
+            preset: preset.into(),
+            layers: None,
+            vocab_size: None,
+            seed: 0,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            zeros: false,
+            tokenizer: None,
+        }
+    }
+}
+
 /// Runs `init`: writes the checkpoint with a progress bar on stderr; returns the geometry.
 pub fn init(a: &InitArgs) -> anyhow::Result<Geometry> {
     let Some(mut g) = preset(&a.preset) else {

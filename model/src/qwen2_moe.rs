@@ -525,15 +525,7 @@ impl ControlPlane {
                     "a sequence with no new tokens".into(),
                 ));
             }
-            if let Some(&t) = tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-            {
-                return Err(ModelError::TokenOutOfRange {
-                    token: t,
-                    vocab_size: self.config.vocab_size,
-                });
-            }
+            self.config.check_token_ids(tokens)?;
             let end = offset + tokens.len();
             if end > self.config.max_position_embeddings {
                 return Err(ModelError::ContextOverflow {

@@ -103,14 +103,9 @@ pub(super) fn ensure_expert_model(a: &BenchArgs) -> anyhow::Result<PathBuf> {
     }
     println!("creating {}: the exact Qwen1.5-MoE-A2.7B layer geometry, 1 layer, vocab 1024, random weights", dir.display());
     faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs {
-        out: dir.clone(),
-        preset: "qwen1.5-moe-a2.7b".into(),
         layers: Some(1),
         vocab_size: Some(1024),
-        seed: 0,
-        max_shard_bytes: faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
-        zeros: false,
-        tokenizer: None,
+        ..faasmoe_model::generator::InitArgs::new(&dir, "qwen1.5-moe-a2.7b")
     })?;
     Ok(dir)
 }

@@ -72,16 +72,7 @@ fn ensure_model(a: &PrefillArgs) -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from("demo-data/qwen15-moe-demo");
     if !dir.join("config.json").exists() {
         println!("creating {} (demo geometry, random weights)", dir.display());
-        faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs {
-            out: dir.clone(),
-            preset: "demo".into(),
-            layers: None,
-            vocab_size: None,
-            seed: 0,
-            max_shard_bytes: faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
-            zeros: false,
-            tokenizer: None,
-        })?;
+        faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs::new(&dir, "demo"))?;
     }
     Ok(dir)
 }
