@@ -519,6 +519,9 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     }
     info!("shutting down: stopping instances");
     activator.shutdown(Duration::from_secs(10)).await;
+    if let Err(e) = faasmoe_proto::deployment::unregister(&client, &record.model_id).await {
+        tracing::warn!(error = %e, "removing the deployment record");
+    }
     let _ = client.flush().await;
     drop(server);
     Ok(())

@@ -116,6 +116,7 @@ fn forbidden_publishes(user: &str) -> Vec<&'static str> {
             "faasmoe.v1.events.tiny",
             "faasmoe.v1.admin.tenant_create",
             "$JS.API.STREAM.DELETE.KV_faasmoe_tenants",
+            "$KV.faasmoe_deployments.tiny",
             "$SRV.PING",
         ],
         "worker" => vec![
@@ -125,6 +126,7 @@ fn forbidden_publishes(user: &str) -> Vec<&'static str> {
             "faasmoe.v1.admin.controller_stats",
             "$JS.API.INFO",
             "$KV.faasmoe_tenants.alice",
+            "$KV.faasmoe_deployments.tiny",
             "_INBOX.tenant-alice.x",
             "_INBOX.controller.x",
         ],
@@ -144,6 +146,7 @@ fn forbidden_publishes(user: &str) -> Vec<&'static str> {
             "faasmoe.v1.events.tiny",
             "$JS.API.INFO",
             "$KV.faasmoe_tenants.alice",
+            "$KV.faasmoe_deployments.tiny",
             "$SRV.PING",
             "_INBOX.tenant-alice.x",
             "_INBOX.controller.x",

@@ -1,8 +1,9 @@
 //! The deployment registry as a user meets it: `faasmoe-broker run` and `faasmoe controller`
 //! started by hand with their defaults against one nats-server agree on the layout (the
 //! controller reads the broker's record from JetStream KV) and answer exactly as a
-//! `--local-experts` controller does; a controller told another granularity, or started
-//! before any broker registered the model, exits at once with an error naming the problem.
+//! `--local-experts` controller does; a controller told another granularity exits at once
+//! with an error naming both values, and one started before any broker registered the model
+//! exits after `--activation-timeout-ms` saying so.
 //!
 //! Needs nats-server and the sibling binaries (`cargo build --workspace --bins`). Without
 //! the fixture or nats-server the test prints a loud SKIPPED and passes.

@@ -289,6 +289,24 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
     let model_id = settings.model_id();
     let dir = settings.model_dir.clone();
     let local = settings.local_experts;
+    let client = settings.nats.connect("faasmoe-controller").await?;
+    // The layout first, from the config alone: a mismatch fails before a long load.
+    let granularity = if local {
+        None
+    } else {
+        let cfg = faasmoe_model::Config::from_dir(&dir)?;
+        let moe: Vec<u32> = cfg.moe_layers().map(|l| l as u32).collect();
+        Some(
+            deployed_granularity(
+                &client,
+                &model_id,
+                (cfg.num_experts as u32, &moe),
+                settings.granularity,
+                Duration::from_millis(settings.activation_timeout_ms),
+            )
+            .await?,
+        )
+    };
     let t0 = std::time::Instant::now();
     let (cp, local_backend) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         if local {
@@ -319,7 +337,6 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
         None
     };
     release_freed_heap();
-    let client = settings.nats.connect("faasmoe-controller").await?;
     let controller_id = format!(
         "controller-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -328,14 +345,7 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
         Some(b) => Arc::new(LocalDispatch(b)),
         None => {
             let moe: Vec<u32> = cfg.moe_layers().map(|l| l as u32).collect();
-            let granularity = deployed_granularity(
-                &client,
-                &model_id,
-                (cfg.num_experts as u32, &moe),
-                settings.granularity,
-                Duration::from_millis(settings.activation_timeout_ms),
-            )
-            .await?;
+            let granularity = granularity.expect("looked up for remote experts");
             NatsDispatch::new(
                 client.clone(),
                 NatsDispatchSettings {
@@ -388,6 +398,13 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
         tokio::spawn(async move {
             while let Some(m) = sub.next().await {
                 let Some(reply) = m.reply else { continue };
+                // Only into an inbox: the controller may answer any reply subject it is given
+                // (`allow_responses`), so a reply set to a KV subject would write the
+                // deployment or tenant records.
+                if !reply.starts_with("_INBOX.") {
+                    tracing::warn!(%reply, "controller_stats asked to reply outside an inbox: ignored");
+                    continue;
+                }
                 let body = faasmoe_proto::stats::ControllerStats {
                     model: model.clone(),
                     tenants: tenants.clone(),

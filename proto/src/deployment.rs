@@ -165,6 +165,19 @@ pub async fn register(
     Ok(())
 }
 
+/// Removes the record of `model_id` (a broker stopping): a controller starting later waits
+/// for the next broker instead of trusting a layout nobody serves.
+///
+/// Errors: [`RegistryError::Unavailable`] when the bucket or the delete fails.
+pub async fn unregister(client: &async_nats::Client, model_id: &str) -> Result<(), RegistryError> {
+    let unavailable = |e: &dyn std::fmt::Display| RegistryError::Unavailable(e.to_string());
+    let store = context(client)
+        .get_key_value(BUCKET)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    store.delete(model_id).await.map_err(|e| unavailable(&e))
+}
+
 /// Reads the record of `model_id`; `Ok(None)` when the bucket has none.
 ///
 /// Errors: [`RegistryError::Unavailable`] (no bucket, no JetStream, no permission, a failed
