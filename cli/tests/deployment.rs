@@ -1,7 +1,7 @@
 //! The deployment registry as a user meets it: `faasmoe-broker run` and `faasmoe controller`
 //! started by hand with their defaults against one nats-server agree on the layout (the
-//! controller reads the broker's record from JetStream KV) and answer exactly as a
-//! `--local-experts` controller does; a controller told another granularity exits at once
+//! controller reads the broker's record from JetStream KV) and give transformers' greedy
+//! ids, as a `--local-experts` controller does; a controller told another granularity exits at once
 //! with an error naming both values, and one started before any broker registered the model
 //! exits after `--activation-timeout-ms` saying so.
 //!
@@ -59,9 +59,22 @@ fn run_to_end(mut cmd: Command, limit: Duration) -> (bool, String) {
     (status.success(), err)
 }
 
-/// Greedy ids for `input_ids` from whichever controller serves `tenant`.
+/// `prompt.{i}.{what}` of the fixture's golden file (transformers' ids).
+fn golden_ids(model: &Path, name: &str) -> Vec<u32> {
+    let golden =
+        candle_core::safetensors::load(model.join("golden.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    golden[name]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// Greedy ids (24) for `input_ids` from whichever controller serves `tenant`.
 async fn generate(client: &async_nats::Client, tenant: &str, input_ids: &[u32]) -> Vec<u32> {
-    let body = serde_json::json!({"input_ids": input_ids, "max_tokens": 6});
+    let body = serde_json::json!({"input_ids": input_ids, "max_tokens": 24, "temperature": 0});
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let reply = client
@@ -145,16 +158,16 @@ async fn broker_and_controller_with_their_defaults_agree_or_the_controller_names
         "{err}"
     );
 
-    // With its defaults it learns granularity 1 and its answers equal in-process experts'.
+    // With its defaults it learns granularity 1, and its greedy ids are transformers' (as are
+    // those of in-process experts).
     let mut remote = controller(&url, &tiny, &["--tenants", "remote"]);
     let _remote = Proc(remote.stderr(Stdio::inherit()).spawn().unwrap());
     let mut local = controller(&url, &tiny, &["--tenants", "local", "--local-experts"]);
     let _local = Proc(local.stderr(Stdio::inherit()).spawn().unwrap());
     let client = server.connect().await.unwrap();
-    let prompt = [9707, 11, 847, 829, 374];
-    let over_nats = generate(&client, "remote", &prompt).await;
-    let in_process = generate(&client, "local", &prompt).await;
-    assert_eq!(over_nats.len(), 6);
-    assert_eq!(over_nats, in_process);
+    let prompt = golden_ids(&tiny, "prompt.0.input_ids");
+    let greedy = golden_ids(&tiny, "prompt.0.greedy_ids");
+    assert_eq!(generate(&client, "remote", &prompt).await, greedy);
+    assert_eq!(generate(&client, "local", &prompt).await, greedy);
     drop(broker);
 }
