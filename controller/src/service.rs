@@ -290,22 +290,22 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
     let dir = settings.model_dir.clone();
     let local = settings.local_experts;
     let client = settings.nats.connect("faasmoe-controller").await?;
-    // The layout first, from the config alone: a mismatch fails before a long load.
-    let granularity = if local {
+    // The function layout first, from the config alone: a mismatch fails before a long load.
+    let remote_layout = if local {
         None
     } else {
         let cfg = faasmoe_model::Config::from_dir(&dir)?;
         let moe: Vec<u32> = cfg.moe_layers().map(|l| l as u32).collect();
-        Some(
-            deployed_granularity(
-                &client,
-                &model_id,
-                (cfg.num_experts as u32, &moe),
-                settings.granularity,
-                Duration::from_millis(settings.activation_timeout_ms),
-            )
-            .await?,
+        let experts = cfg.num_experts as u32;
+        let g = deployed_granularity(
+            &client,
+            &model_id,
+            (experts, &moe),
+            settings.granularity,
+            Duration::from_millis(settings.activation_timeout_ms),
         )
+        .await?;
+        Some(Layout::new(&moe, experts, g))
     };
     let t0 = std::time::Instant::now();
     let (cp, local_backend) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -343,29 +343,25 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
     );
     let dispatch: Arc<dyn Dispatch> = match local_backend {
         Some(b) => Arc::new(LocalDispatch(b)),
-        None => {
-            let moe: Vec<u32> = cfg.moe_layers().map(|l| l as u32).collect();
-            let granularity = granularity.expect("looked up for remote experts");
-            NatsDispatch::new(
-                client.clone(),
-                NatsDispatchSettings {
-                    model_id: model_id.clone(),
-                    layout: Layout::new(&moe, cfg.num_experts as u32, granularity),
-                    request_timeout: Duration::from_millis(settings.request_timeout_ms),
-                    max_retries: settings.max_retries,
-                    activation_timeout: Duration::from_millis(settings.activation_timeout_ms),
-                    wire_dtype: if settings.wire_dtype == "bf16" {
-                        WireDType::BF16
-                    } else {
-                        WireDType::F32
-                    },
-                    controller_id,
-                    prefetch_layers: settings.prefetch_layers,
-                    prefetch_max_in_flight: settings.prefetch_max_in_flight,
+        None => NatsDispatch::new(
+            client.clone(),
+            NatsDispatchSettings {
+                model_id: model_id.clone(),
+                layout: remote_layout.expect("computed above without --local-experts"),
+                request_timeout: Duration::from_millis(settings.request_timeout_ms),
+                max_retries: settings.max_retries,
+                activation_timeout: Duration::from_millis(settings.activation_timeout_ms),
+                wire_dtype: if settings.wire_dtype == "bf16" {
+                    WireDType::BF16
+                } else {
+                    WireDType::F32
                 },
-                cfg.hidden_size,
-            )
-        }
+                controller_id,
+                prefetch_layers: settings.prefetch_layers,
+                prefetch_max_in_flight: settings.prefetch_max_in_flight,
+            },
+            cfg.hidden_size,
+        ),
     };
     let metrics_url = match settings.metrics_listen {
         Some(addr) => {
@@ -401,7 +397,7 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
                 // Only into an inbox: the controller may answer any reply subject it is given
                 // (`allow_responses`), so a reply set to a KV subject would write the
                 // deployment or tenant records.
-                if !reply.starts_with("_INBOX.") {
+                if !faasmoe_proto::subject::is_inbox(&reply) {
                     tracing::warn!(%reply, "controller_stats asked to reply outside an inbox: ignored");
                     continue;
                 }

@@ -53,13 +53,11 @@ pub struct DeploymentMismatch {
 impl DeploymentRecord {
     /// The record of `layout` deployed as `model_id`.
     pub fn new(model_id: impl Into<String>, layout: &crate::layout::Layout) -> Self {
-        let mut moe_layers: Vec<u32> = layout.functions.iter().map(|f| f.layer).collect();
-        moe_layers.dedup();
         Self {
             model_id: model_id.into(),
             granularity: layout.granularity,
             num_experts: layout.num_experts,
-            moe_layers,
+            moe_layers: layout.moe_layers(),
         }
     }
 

@@ -81,6 +81,13 @@ impl Layout {
         }
     }
 
+    /// The MoE layer indices the functions cover, ascending (as given to [`Layout::new`]).
+    pub fn moe_layers(&self) -> Vec<u32> {
+        let mut layers: Vec<u32> = self.functions.iter().map(|f| f.layer).collect();
+        layers.dedup();
+        layers
+    }
+
     /// Index into [`Layout::functions`] of the function holding `expert` of `layer`.
     pub fn function_of(&self, layer: u32, expert: u32) -> Option<usize> {
         let per_layer = self.num_experts.div_ceil(self.granularity) as usize;

@@ -157,6 +157,15 @@ pub fn is_inbox_of(reply: &str, user: &str) -> bool {
     }
 }
 
+/// Whether `reply` is under [`INBOX`] (any user's inbox): a reply there reaches at most the
+/// user allowed to subscribe it, never a stream or KV subject.
+pub fn is_inbox(reply: &str) -> bool {
+    reply
+        .strip_prefix(INBOX)
+        .and_then(|r| r.strip_prefix('.'))
+        .is_some_and(|r| !r.is_empty())
+}
+
 /// NATS's conventional inbox root; [`inbox_prefix`] puts each user under it.
 pub const INBOX: &str = "_INBOX";
 
@@ -262,6 +271,12 @@ mod tests {
         assert!(!is_inbox_of("_INBOX.tenant-alicex.abc", "tenant-alice"));
         assert!(!is_inbox_of("_INBOX.abc", "tenant-alice"));
         assert!(!is_inbox_of("_INBOX.tenant-bob.x", "tenant-alice"));
+        assert!(is_inbox("_INBOX.gateway.x") && is_inbox("_INBOX.abc"));
+        assert!(
+            !is_inbox("_INBOX.")
+                && !is_inbox("_INBOXES.x")
+                && !is_inbox("$KV.faasmoe_deployments.m")
+        );
         assert!(inbox_prefix("a.b").is_err() && tenant_user("a b").is_err());
     }
 
