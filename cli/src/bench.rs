@@ -25,6 +25,8 @@ mod controller;
 pub mod decode;
 mod deployment;
 mod experts;
+mod floor;
+mod functions;
 mod phases;
 mod plot;
 pub mod prefill;
@@ -96,6 +98,13 @@ pub struct BenchArgs {
     /// Timed decode steps per point (median reported).
     #[arg(long, default_value_t = 10)]
     pub decode_reps: usize,
+    /// Experts per function of the decode section's faasmoe-shared points (a real
+    /// nats-server, broker and expert workers; 60 = one function per layer of A2.7B).
+    #[arg(long, default_value_t = 60)]
+    pub decode_granularity: u32,
+    /// Measure only local-split in the decode section (no nats-server, broker or workers).
+    #[arg(long)]
+    pub decode_local_only: bool,
     /// Buffer of the read-bandwidth measurement, MiB.
     #[arg(long, default_value_t = 1024)]
     pub bandwidth_mib: usize,
@@ -241,6 +250,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             contexts: a.decode_contexts.clone(),
             reps: a.decode_reps,
             bandwidth_mib: a.bandwidth_mib,
+            shared_granularity: (!a.decode_local_only).then_some(a.decode_granularity),
         };
         let model = dm.clone();
         let dir = out.clone();

@@ -1,6 +1,7 @@
 //! `faasmoe bench --decode-only` on the tiny fixture: the decode-scaling section runs (batch
-//! sweep, context sweep, bandwidth floor) and decode.csv holds a positive number in every
-//! column of every point. No nats-server needed: the model runs in-process.
+//! sweep, context sweep, bandwidth and compute floors) for local-split (in-process) and
+//! faasmoe-shared (a real nats-server, broker and expert workers, started by the bench), and
+//! decode.csv holds a positive number in every column of every point of both modes.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -37,12 +38,46 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(stdout.contains("TPOT at context 40 ÷ at 8"), "{stdout}");
+    assert!(stdout.contains("faasmoe-shared ÷ local-split"), "{stdout}");
     let csv = std::fs::read_to_string(out.path().join("decode.csv")).unwrap();
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let rows: Vec<Vec<f64>> = lines
-        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+    assert_eq!(header[0], "mode", "{csv}");
+    let header = &header[1..];
+    // Per mode, the numeric columns after `mode`.
+    let mut by_mode: std::collections::BTreeMap<String, Vec<Vec<f64>>> = Default::default();
+    for l in lines {
+        let (mode, rest) = l.split_once(',').unwrap();
+        by_mode
+            .entry(mode.to_string())
+            .or_default()
+            .push(rest.split(',').map(|v| v.parse().unwrap()).collect());
+    }
+    assert_eq!(
+        by_mode.keys().collect::<Vec<_>>(),
+        vec!["faasmoe-shared", "local-split"],
+        "{csv}"
+    );
+    for rows in by_mode.values() {
+        check_mode(header, rows, &csv);
+    }
+    // The baseline ran at each batch size of the sweep, next to local-split.
+    let base = std::fs::read_to_string(out.path().join("decode_baseline.csv")).unwrap();
+    let batches: Vec<f64> = base
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let v: Vec<f64> = l.split(',').map(|x| x.parse().unwrap()).collect();
+            assert!(v.iter().all(|x| *x > 0.0), "{base}");
+            v[1]
+        })
         .collect();
+    assert_eq!(batches, vec![1.0, 2.0, 4.0], "{base}");
+}
+
+/// The points of one mode: every column positive, the planned points in order, identical
+/// prompts touching the same experts, distinct ones at least as many.
+fn check_mode(header: &[&str], rows: &[Vec<f64>], csv: &str) {
     let col = |name: &str| {
         header
             .iter()
@@ -50,6 +85,9 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
             .unwrap_or_else(|| panic!("no column {name}: {csv}"))
     };
     let distinct = col("distinct_prompts");
+    for name in ["compute_floor_ms", "step_over_max_floor"] {
+        col(name);
+    }
     let (experts, bytes) = (col("experts_touched"), col("bytes"));
     assert_eq!(distinct, header.len() - 1, "{csv}");
     let points: Vec<(f64, f64, f64)> = rows.iter().map(|r| (r[0], r[1], r[distinct])).collect();
@@ -65,7 +103,7 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
         ],
         "{csv}"
     );
-    for r in &rows {
+    for r in rows {
         assert_eq!(r.len(), header.len(), "{csv}");
         for (h, v) in header.iter().zip(r).take(distinct) {
             assert!(*v > 0.0, "{h} = {v}\n{csv}");
@@ -82,16 +120,4 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
             "distinct prompts touch more: {csv}"
         );
     }
-    // The baseline ran at each batch size of the sweep, next to local-split.
-    let base = std::fs::read_to_string(out.path().join("decode_baseline.csv")).unwrap();
-    let batches: Vec<f64> = base
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let v: Vec<f64> = l.split(',').map(|x| x.parse().unwrap()).collect();
-            assert!(v.iter().all(|x| *x > 0.0), "{base}");
-            v[1]
-        })
-        .collect();
-    assert_eq!(batches, vec![1.0, 2.0, 4.0], "{base}");
 }

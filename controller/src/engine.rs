@@ -436,19 +436,35 @@ async fn forward_in(
     batch: &[(usize, &[u32])],
     ctx: &DispatchContext,
 ) -> Result<Vec<Vec<f32>>, DispatchError> {
+    let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut s.cache).collect();
+    forward_batch(cp, dispatch, batch, &mut caches, ctx).await
+}
+
+/// One forward pass of the engine over a batch of sequences, the routed experts computed by
+/// `dispatch`: `batch[i] = (offset, tokens)` feeds sequence `i` (cached positions, new
+/// token ids) and appends to `caches[i]`. At each MoE layer the first poll of
+/// [`Dispatch::routed`] sends the expert requests; the shared expert and the prediction of
+/// later layers' experts ([`Dispatch::prefetch`]) then run here while the functions compute.
+/// A dispatch ready at its first poll (the in-process one) leaves the shared expert to
+/// [`ControlPlane::complete_moe`].
+///
+/// Returns, per sequence, the f32 logits `[vocab]` of its last fed token. Errors: a model
+/// error (shapes, token ids, cache) as [`DispatchError::Internal`], or the dispatch's own.
+/// This is what every engine step runs per micro-batch; the bench's decode section times
+/// it for local-split and faasmoe-shared alike.
+pub async fn forward_batch(
+    cp: &ControlPlane,
+    dispatch: &dyn Dispatch,
+    batch: &[(usize, &[u32])],
+    caches: &mut [&mut KvCache],
+    ctx: &DispatchContext,
+) -> Result<Vec<Vec<f32>>, DispatchError> {
     let internal = |e: faasmoe_model::ModelError| DispatchError::Internal(e.to_string());
     let mut pass = cp.start(batch).map_err(internal)?;
     let t0 = Instant::now();
     loop {
-        let step = {
-            let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut s.cache).collect();
-            cp.advance(&mut pass, &mut caches).map_err(internal)?
-        };
-        match step {
+        match cp.advance(&mut pass, caches).map_err(internal)? {
             Step::Experts(b) => {
-                // The first poll sends the expert requests; the shared expert then runs here
-                // while the functions compute (a dispatch that finishes in that poll, such as
-                // the in-process one, leaves the shared expert to complete_moe).
                 let mut routed = dispatch.routed(&b, ctx);
                 let out = match futures::poll!(&mut routed) {
                     std::task::Poll::Ready(out) => out?,
@@ -463,7 +479,7 @@ async fn forward_in(
             Step::Done(h) => {
                 let logits = last_logits(cp, &pass, &h).map_err(internal)?;
                 debug!(
-                    seqs = seqs.len(),
+                    seqs = batch.len(),
                     ms = t0.elapsed().as_secs_f64() * 1e3,
                     "micro-batch done"
                 );

@@ -1,7 +1,13 @@
-//! The decode-scaling section of `faasmoe bench`: one decode step of the local-split model
-//! (control plane and every routed expert in-process, the kernel on every core) timed at
-//! batch 1, 2, 4, … and at several context lengths, next to the read-bandwidth floor measured
-//! in the same run.
+//! The decode-scaling section of `faasmoe bench`: one decode step timed at batch 1, 2, 4, …
+//! and at several context lengths, next to the floors measured in the same run, for
+//! - **local-split**: the control plane and every routed expert in this process, the kernel
+//!   on every core;
+//! - **faasmoe-shared**: the same control plane, the routed experts in real expert workers
+//!   started by a real broker at one granularity (`--decode-granularity`, default 60), over
+//!   a real nats-server ([`super::functions`]).
+//!
+//! Both run [`faasmoe_controller::engine::forward_batch`], what an engine step runs per
+//! micro-batch.
 //!
 //! - **Floor** of a step = (bytes of the distinct weights it reads: control-plane matrices,
 //!   the routed experts the step touches, plus the KV cache it attends over) ÷ (read
@@ -13,6 +19,10 @@
 //!   (`--bandwidth-mib`), what a full model whose weights exceed the caches sees.
 //! - Both bandwidths are sums of f32 with 64 partial sums (AVX-512 when the CPU has it), so
 //!   the reader is not slower than the kernel's own weight stream.
+//! - **Compute floor** of a step = (multiply-adds of its rows through the matrices and
+//!   attention, [`super::floor::macs_per_token`]) ÷ (f32 FMA peak of every core on the
+//!   kernel's path, [`super::floor::fma_peak`]). A step can be no faster than the larger
+//!   floor; at large batches that is the compute one.
 //! - **Identical prompts**: every sequence of a batch feeds the same token at the same
 //!   context, so all rows route to the same experts (the floor does not grow with the batch).
 //! - **Distinct prompts**: sequence `i` feeds its own token, so rows route to different
@@ -30,16 +40,39 @@
 //!   (`decode_baseline.csv`). Checkpoints candle's model cannot load (`mlp_only_layers`,
 //!   `qkv_bias: false`) skip it with the reason.
 //!
-//! Writes `decode.csv` (one row per context × batch) and prints the table.
+//! Writes `decode.csv` (one row per mode × context × batch × prompts) and prints a table
+//! per mode.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use candle_core::{DType, Tensor};
-use faasmoe_model::{load_local, ExpertBackend, InProcessBackend, KvCache, RoutedBatch};
-use rayon::prelude::*;
+use candle_core::DType;
+use faasmoe_controller::dispatch::{Dispatch, DispatchContext, LocalDispatch};
+use faasmoe_controller::engine::forward_batch;
+use faasmoe_model::{load_local, KvCache};
+
+use super::floor::{bandwidth_buffer, fma_peak, macs_per_token, read_bandwidth, read_bandwidth_of};
+use super::functions::{Functions, Touched};
+
+/// Where a decode point's routed experts are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DecodeMode {
+    /// In this process (`faasmoe controller --local-experts`).
+    LocalSplit,
+    /// In expert workers over NATS, one granularity (`faasmoe up`).
+    FaasmoeShared,
+}
+
+impl DecodeMode {
+    /// The bench's name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeMode::LocalSplit => "local-split",
+            DecodeMode::FaasmoeShared => "faasmoe-shared",
+        }
+    }
+}
 
 /// Settings of the section.
 #[derive(Debug, Clone)]
@@ -53,11 +86,15 @@ pub struct DecodeSettings {
     pub reps: usize,
     /// Size of the bandwidth buffer, MiB.
     pub bandwidth_mib: usize,
+    /// Experts per function of the faasmoe-shared points; `None` measures local-split only.
+    pub shared_granularity: Option<u32>,
 }
 
 /// One measured point.
 #[derive(Debug, Clone)]
 pub struct DecodeRow {
+    /// Where the routed experts were computed.
+    pub mode: DecodeMode,
     /// Tokens in each sequence's cache before the step.
     pub context: usize,
     /// Sequences in the step.
@@ -76,81 +113,15 @@ pub struct DecodeRow {
     pub experts: usize,
     /// Whether every sequence fed its own token (distinct prompts) rather than the same one.
     pub distinct: bool,
+    /// Multiply-adds of the step ÷ the FMA peak measured in the same run, ms.
+    pub compute_floor_ms: f64,
 }
 
-/// Records the distinct experts touched while computing in-process.
-struct Touching<'a> {
-    inner: &'a mut InProcessBackend,
-    seen: BTreeSet<(usize, usize)>,
-}
-
-impl ExpertBackend for Touching<'_> {
-    fn routed(&mut self, b: &RoutedBatch) -> faasmoe_model::Result<Tensor> {
-        for r in &b.routes {
-            self.seen.extend(r.iter().map(|&(e, _)| (b.layer, e)));
-        }
-        self.inner.routed(b)
+impl DecodeRow {
+    /// The larger of the memory floor (re-read) and the compute floor, ms.
+    pub fn max_floor_ms(&self) -> f64 {
+        self.floor_ms.max(self.compute_floor_ms)
     }
-}
-
-/// Sum of `c` with 64 partial sums (independent add chains, so the adds keep up with memory).
-#[inline(always)]
-fn sum_lanes(c: &[f32]) -> f32 {
-    let mut acc = [0f32; 64];
-    let chunks = c.chunks_exact(64);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for ch in chunks {
-        for l in 0..64 {
-            acc[l] += ch[l];
-        }
-    }
-    acc.iter().sum::<f32>() + rest
-}
-
-/// [`sum_lanes`] compiled for AVX-512 (the bench binary is built for baseline x86-64).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn sum_lanes_avx512(c: &[f32]) -> f32 {
-    sum_lanes(c)
-}
-
-/// [`sum_lanes`] on the widest vectors this CPU has.
-fn sum_fast(c: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512 F.
-        return unsafe { sum_lanes_avx512(c) };
-    }
-    sum_lanes(c)
-}
-
-/// Read bandwidth of `buf` in bytes/s: one warm-up pass, then the best of 3 sums over it on
-/// rayon's threads (256 KiB blocks).
-pub fn read_bandwidth_of(buf: &[f32]) -> f64 {
-    let mut best = f64::INFINITY;
-    let mut sink = 0f32;
-    for pass in 0..4 {
-        let t = Instant::now();
-        let s: f32 = buf.par_chunks(1 << 16).map(sum_fast).sum();
-        if pass > 0 {
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        sink += s;
-    }
-    std::hint::black_box(sink);
-    std::mem::size_of_val(buf) as f64 / best
-}
-
-/// A buffer of `bytes` (rounded up to whole f32) of small non-zero values.
-fn bandwidth_buffer(bytes: usize) -> Vec<f32> {
-    (0..bytes.div_ceil(4).max(1))
-        .map(|i| (i % 7) as f32)
-        .collect()
-}
-
-/// Read bandwidth in bytes/s over `mib` MiB (see [`read_bandwidth_of`]).
-pub fn read_bandwidth(mib: usize) -> f64 {
-    read_bandwidth_of(&bandwidth_buffer(mib.max(1) << 20))
 }
 
 /// Fills `cache` with `len` positions of synthetic keys and values in every layer.
@@ -172,24 +143,83 @@ fn fill(cache: &mut KvCache, layers: usize, kv_heads: usize, head_dim: usize, le
     }
 }
 
-/// Runs the section on `model`, prints the table and writes `out/decode.csv`.
+/// Bytes a step reads at least once, and what it takes to count them.
+struct Sizes {
+    /// Control-plane weights.
+    cp_bytes: usize,
+    /// One routed expert's weights.
+    expert_bytes: usize,
+    /// Cached keys and values (f32) of one position over every layer.
+    kv_per_token: usize,
+}
+
+impl Sizes {
+    /// Weights, plus each sequence's cached keys and values over every layer.
+    fn point_bytes(&self, experts: usize, batch: usize, context: usize) -> usize {
+        self.cp_bytes + experts * self.expert_bytes + batch * context * self.kv_per_token
+    }
+}
+
+/// A decode point while it is being timed.
+struct Point {
+    mode: DecodeMode,
+    context: usize,
+    batch: usize,
+    distinct: bool,
+    caches: Vec<KvCache>,
+    feeds: Vec<[u32; 1]>,
+    times: Vec<f64>,
+    experts: usize,
+}
+
+/// The points of the sweep, per mode: `(mode, context, batch, distinct prompts)`: the batch
+/// sweep at the first context with identical and with distinct prompts, batch 1 at each
+/// other context.
+fn plan(s: &DecodeSettings, modes: &[DecodeMode]) -> Vec<(DecodeMode, usize, usize, bool)> {
+    let mut points = Vec::new();
+    for &m in modes {
+        if let Some(&c0) = s.contexts.first() {
+            points.extend(s.batches.iter().map(|&b| (m, c0, b, false)));
+            points.extend(
+                s.batches
+                    .iter()
+                    .filter(|&&b| b > 1)
+                    .map(|&b| (m, c0, b, true)),
+            );
+        }
+        for &c in s.contexts.iter().skip(1) {
+            points.push((m, c, 1, false));
+        }
+    }
+    points
+}
+
+/// Runs the section on `model`, prints a table per mode and writes `out/decode.csv` (and
+/// the baseline's `decode_baseline.csv`). Must be called on a blocking thread of a tokio
+/// runtime (`spawn_blocking`): the faasmoe-shared steps block on the runtime's handle.
+///
+/// Errors: the checkpoint does not load, the points' KV caches would not fit in memory, the
+/// functions do not start (nats-server or broker missing), or a step fails.
 pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<DecodeRow>> {
-    let (cp, mut backend) =
+    anyhow::ensure!(s.reps >= 1, "--decode-reps must be at least 1");
+    let rt = tokio::runtime::Handle::try_current()
+        .context("the decode section runs on a tokio runtime's blocking thread")?;
+    let (cp, backend) =
         load_local(model, DType::F32).with_context(|| format!("loading {}", model.display()))?;
     let cfg = cp.config().clone();
     let moe_layers = cfg.moe_layers().count().max(1);
-    let expert_bytes = backend.experts().weight_bytes() / (moe_layers * cfg.num_experts.max(1));
-    let cp_bytes = cp.weight_bytes();
-    let bw = read_bandwidth(s.bandwidth_mib);
-    // Bytes a step reads at least once: weights, plus each sequence's cached keys and values
-    // (f32) over every layer.
-    let kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4;
-    let point_bytes = |experts: usize, batch: usize, context: usize| {
-        cp_bytes + experts * expert_bytes + batch * context * kv_per_token
+    let sizes = Sizes {
+        cp_bytes: cp.weight_bytes(),
+        expert_bytes: backend.experts().weight_bytes() / (moe_layers * cfg.num_experts.max(1)),
+        kv_per_token: cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4,
     };
+    let bw = read_bandwidth(s.bandwidth_mib);
+    let path = faasmoe_model::kernel::default_path().map_or("portable", |p| p.name());
+    let peak = fma_peak(path);
     println!(
         "decode scaling: {} ({} layer(s), hidden {}, {} heads / {} kv heads × {}, {} experts top-{}); \
-         control plane {:.1} MB, {:.2} MB per routed expert; read bandwidth {:.1} GB/s ({} MiB, {} threads)",
+         control plane {:.1} MB, {:.2} MB per routed expert; read bandwidth {:.1} GB/s ({} MiB, {} threads); \
+         FMA peak {:.1} GFLOP/s ({path} kernel path)",
         model.display(),
         cfg.num_hidden_layers,
         cfg.hidden_size,
@@ -198,40 +228,92 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
         cfg.head_dim,
         cfg.num_experts,
         cfg.num_experts_per_tok,
-        cp_bytes as f64 / 1e6,
-        expert_bytes as f64 / 1e6,
+        sizes.cp_bytes as f64 / 1e6,
+        sizes.expert_bytes as f64 / 1e6,
         bw / 1e9,
         s.bandwidth_mib,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        2.0 * peak / 1e9
     );
-    let token = 1u32.min(cfg.vocab_size as u32 - 1);
-    // (context, batch, distinct prompts)
-    let mut points: Vec<(usize, usize, bool)> = Vec::new();
+    let functions = match s.shared_granularity {
+        Some(g) => {
+            let logs = out.join("decode-logs");
+            println!(
+                "    faasmoe-shared: nats-server and faasmoe-broker at granularity {g} (logs in {})",
+                logs.display()
+            );
+            Some(rt.block_on(Functions::start(model, &cfg, g, &logs))?)
+        }
+        None => None,
+    };
+    let mut modes = vec![DecodeMode::LocalSplit];
+    if functions.is_some() {
+        modes.push(DecodeMode::FaasmoeShared);
+    }
+    let state = new_points(&cp, s, &sizes, &plan(s, &modes));
+    let local = LocalDispatch(backend);
+    let timed = match state {
+        Ok(mut state) => {
+            let shared = functions
+                .as_ref()
+                .map(|f| f.dispatch.as_ref() as &dyn Dispatch);
+            time_points(&rt, &cp, &local, shared, &mut state, s.reps).map(|()| state)
+        }
+        Err(e) => Err(e),
+    };
+    // The model and the workers go before the floors' buffer (as large as the largest
+    // point's bytes) is allocated, so it never sits on top of them.
+    drop((cp, local));
+    let granularity = functions.as_ref().map(|f| f.granularity);
+    if let Some(f) = functions {
+        rt.block_on(f.stop());
+    }
+    let rows = floors(timed?, &sizes, bw, peak, &cfg);
+    for m in &modes {
+        let of_mode: Vec<DecodeRow> = rows.iter().filter(|r| r.mode == *m).cloned().collect();
+        match (m, granularity) {
+            (DecodeMode::FaasmoeShared, Some(g)) => println!(
+                "    faasmoe-shared (granularity {g}: routed experts in expert workers over NATS):"
+            ),
+            _ => println!("    local-split (routed experts in-process):"),
+        }
+        print_table(&of_mode, cfg.num_hidden_layers);
+    }
+    print_shared_over_local(&rows);
+    write_csv(&out.join("decode.csv"), &rows, bw)?;
     if let Some(&c0) = s.contexts.first() {
-        points.extend(s.batches.iter().map(|&b| (c0, b, false)));
-        points.extend(s.batches.iter().filter(|&&b| b > 1).map(|&b| (c0, b, true)));
+        let token = first_token(&cfg);
+        match baseline_sweep(model, s, c0, token) {
+            Ok(b) => {
+                print_baseline(&b, &rows, c0);
+                write_baseline_csv(&out.join("decode_baseline.csv"), &b, &rows, c0)?;
+            }
+            Err(e) => println!("    baseline (candle-transformers): not measured: {e:#}"),
+        }
     }
-    for &c in s.contexts.iter().skip(1) {
-        points.push((c, 1, false));
-    }
-    // Every point's sequences first; then the timed steps round-robin over the points, so
-    // the machine's drift and its neighbours weigh on every point alike and the ratios
-    // between points compare steps taken side by side.
-    struct Point {
-        context: usize,
-        batch: usize,
-        distinct: bool,
-        caches: Vec<KvCache>,
-        feeds: Vec<[u32; 1]>,
-        times: Vec<f64>,
-        experts: usize,
-    }
-    anyhow::ensure!(s.reps >= 1, "--decode-reps must be at least 1");
-    // Every point's caches live at once (the round-robin below), each grown once to twice
-    // its context by the warm-up step: refuse a sweep that cannot fit instead of swapping.
-    let kv_bytes: usize = points
+    Ok(rows)
+}
+
+/// The token every sequence feeds with identical prompts.
+fn first_token(cfg: &faasmoe_model::Config) -> u32 {
+    1u32.min(cfg.vocab_size as u32 - 1)
+}
+
+/// Every point's sequences, their caches filled to the point's context.
+///
+/// Errors: every point's caches live at once (the round-robin of [`time_points`]), each
+/// grown once to twice its context by the warm-up step: a sweep that cannot fit in the
+/// available memory is refused instead of swapping.
+fn new_points(
+    cp: &faasmoe_model::ControlPlane,
+    s: &DecodeSettings,
+    sizes: &Sizes,
+    planned: &[(DecodeMode, usize, usize, bool)],
+) -> anyhow::Result<Vec<Point>> {
+    let cfg = cp.config();
+    let kv_bytes: usize = planned
         .iter()
-        .map(|&(context, batch, _)| batch * 2 * (context + 1) * kv_per_token)
+        .map(|&(_, context, batch, _)| batch * 2 * (context + 1) * sizes.kv_per_token)
         .sum();
     let avail = super::mem_available();
     anyhow::ensure!(
@@ -241,8 +323,9 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
         kv_bytes as f64 / 1e9,
         avail as f64 / 1e9
     );
+    let token = first_token(cfg);
     let mut state = Vec::new();
-    for (context, batch, distinct) in points {
+    for &(mode, context, batch, distinct) in planned {
         if context + 1 > cfg.max_position_embeddings {
             println!("    context {context}: past max_position_embeddings, skipped");
             continue;
@@ -272,6 +355,7 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
             })
             .collect();
         state.push(Point {
+            mode,
             context,
             batch,
             distinct,
@@ -281,22 +365,50 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
             experts: 0,
         });
     }
-    // Rep 0 warms every point up (and grows each cache once), untimed.
-    for rep in 0..=s.reps {
+    Ok(state)
+}
+
+/// Times `reps` steps of every point, round-robin over the points (rep 1 of each point,
+/// then rep 2, …), so the machine's drift and its neighbours weigh on every point alike and
+/// the ratios between points compare steps taken side by side. Rep 0 warms every point up
+/// (it grows each cache once and, for faasmoe-shared, starts the functions cold), untimed.
+/// Each step is truncated back to the point's context afterwards.
+fn time_points(
+    rt: &tokio::runtime::Handle,
+    cp: &faasmoe_model::ControlPlane,
+    local: &dyn Dispatch,
+    shared: Option<&dyn Dispatch>,
+    state: &mut [Point],
+    reps: usize,
+) -> anyhow::Result<()> {
+    let ctx = DispatchContext {
+        tenants: "faasmoe-bench".into(),
+        traceparent: None,
+    };
+    for rep in 0..=reps {
         for p in state.iter_mut() {
+            let dispatch = match p.mode {
+                DecodeMode::LocalSplit => local,
+                DecodeMode::FaasmoeShared => shared.context("faasmoe-shared without functions")?,
+            };
+            let touched = Touched::new(dispatch);
             let batch_in: Vec<(usize, &[u32])> =
                 p.feeds.iter().map(|f| (p.context, &f[..])).collect();
             let mut refs: Vec<&mut KvCache> = p.caches.iter_mut().collect();
-            let mut rec = Touching {
-                inner: &mut backend,
-                seen: BTreeSet::new(),
-            };
             let t = Instant::now();
-            let (_pass, hidden) = cp.forward(&batch_in, &mut refs, &mut rec)?;
-            let logits = cp.logits(&hidden)?;
+            let logits = rt
+                .block_on(forward_batch(cp, &touched, &batch_in, &mut refs, &ctx))
+                .with_context(|| {
+                    format!(
+                        "{} decode step, batch {}, context {}",
+                        p.mode.name(),
+                        p.batch,
+                        p.context
+                    )
+                })?;
             std::hint::black_box(&logits);
             let dt = t.elapsed().as_secs_f64() * 1e3;
-            p.experts = rec.seen.len();
+            p.experts = touched.count();
             if rep > 0 {
                 p.times.push(dt);
             }
@@ -305,49 +417,76 @@ pub fn run(model: &Path, out: &Path, s: &DecodeSettings) -> anyhow::Result<Vec<D
             }
         }
     }
-    // The caches and the model go before the floors' buffer (as large as the largest
-    // point's bytes) is allocated, so it never sits on top of them.
-    for p in state.iter_mut() {
-        p.caches = Vec::new();
-    }
-    drop((cp, backend));
-    // The floors: re-reading each point's bytes (a prefix of one buffer, measured per point).
+    Ok(())
+}
+
+/// The rows of the timed points, with their floors: re-reading each point's bytes (a prefix
+/// of one buffer, measured per point), the DRAM bandwidth `bw` (bytes/s) and the FMA peak
+/// `peak` (FMA/s).
+fn floors(
+    state: Vec<Point>,
+    sizes: &Sizes,
+    bw: f64,
+    peak: f64,
+    cfg: &faasmoe_model::Config,
+) -> Vec<DecodeRow> {
     let max_bytes = state
         .iter()
-        .map(|p| point_bytes(p.experts, p.batch, p.context))
+        .map(|p| sizes.point_bytes(p.experts, p.batch, p.context))
         .max()
         .unwrap_or(0);
     let buf = bandwidth_buffer(max_bytes);
-    let mut rows = Vec::new();
-    for p in state {
-        let step_ms = median(p.times);
-        let bytes = point_bytes(p.experts, p.batch, p.context);
-        let read_bw = read_bandwidth_of(&buf[..bytes.div_ceil(4).clamp(1, buf.len())]);
-        rows.push(DecodeRow {
-            context: p.context,
-            batch: p.batch,
-            step_ms,
-            bytes,
-            floor_ms: bytes as f64 / read_bw * 1e3,
-            dram_floor_ms: bytes as f64 / bw * 1e3,
-            read_bw,
-            experts: p.experts,
-            distinct: p.distinct,
-        });
-    }
-    print_table(&rows, cfg.num_hidden_layers);
-    write_csv(&out.join("decode.csv"), &rows, bw)?;
-    drop(buf);
-    if let Some(&c0) = s.contexts.first() {
-        match baseline_sweep(model, s, c0, token) {
-            Ok(b) => {
-                print_baseline(&b, &rows, c0);
-                write_baseline_csv(&out.join("decode_baseline.csv"), &b, &rows, c0)?;
+    state
+        .into_iter()
+        .map(|p| {
+            let bytes = sizes.point_bytes(p.experts, p.batch, p.context);
+            let read_bw = read_bandwidth_of(&buf[..bytes.div_ceil(4).clamp(1, buf.len())]);
+            DecodeRow {
+                mode: p.mode,
+                context: p.context,
+                batch: p.batch,
+                step_ms: median(p.times),
+                bytes,
+                floor_ms: bytes as f64 / read_bw * 1e3,
+                dram_floor_ms: bytes as f64 / bw * 1e3,
+                read_bw,
+                experts: p.experts,
+                distinct: p.distinct,
+                compute_floor_ms: (p.batch * macs_per_token(cfg, p.context)) as f64 / peak * 1e3,
             }
-            Err(e) => println!("    baseline (candle-transformers): not measured: {e:#}"),
-        }
+        })
+        .collect()
+}
+
+/// faasmoe-shared's step ÷ local-split's at each point both measured.
+fn print_shared_over_local(rows: &[DecodeRow]) {
+    let pairs: Vec<(&DecodeRow, &DecodeRow)> = rows
+        .iter()
+        .filter(|r| r.mode == DecodeMode::FaasmoeShared)
+        .filter_map(|r| {
+            rows.iter()
+                .find(|l| {
+                    l.mode == DecodeMode::LocalSplit
+                        && (l.context, l.batch, l.distinct) == (r.context, r.batch, r.distinct)
+                })
+                .map(|l| (r, l))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
     }
-    Ok(rows)
+    println!("    faasmoe-shared ÷ local-split, same points:");
+    for (r, l) in pairs {
+        println!(
+            "      context {:>5} batch {:>3} {:>8}: {:.2} ms ÷ {:.2} ms = {:.2}",
+            r.context,
+            r.batch,
+            if r.distinct { "distinct" } else { "same" },
+            r.step_ms,
+            l.step_ms,
+            r.step_ms / l.step_ms
+        );
+    }
 }
 
 /// The median of timed steps (the upper one of an even count; `times` is not empty).
@@ -419,7 +558,12 @@ fn baseline_sweep(
 /// The local-split step at `batch` with identical prompts at `context`, ms.
 fn local_step(rows: &[DecodeRow], context: usize, batch: usize) -> f64 {
     rows.iter()
-        .find(|r| r.context == context && r.batch == batch && !r.distinct)
+        .find(|r| {
+            r.mode == DecodeMode::LocalSplit
+                && r.context == context
+                && r.batch == batch
+                && !r.distinct
+        })
         .map_or(f64::NAN, |r| r.step_ms)
 }
 
@@ -475,15 +619,17 @@ fn write_baseline_csv(
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
 
-fn step_at_batch1(rows: &[DecodeRow], context: usize) -> Option<f64> {
+/// The step at batch 1, identical prompts, of `mode` at `context`.
+fn step_at_batch1(rows: &[DecodeRow], mode: DecodeMode, context: usize) -> Option<f64> {
     rows.iter()
-        .find(|r| r.batch == 1 && r.context == context && !r.distinct)
+        .find(|r| r.mode == mode && r.batch == 1 && r.context == context && !r.distinct)
         .map(|r| r.step_ms)
 }
 
+/// The table of one mode's rows.
 fn print_table(rows: &[DecodeRow], layers: usize) {
     println!(
-        "    {:>7} {:>5} {:>9} {:>10} {:>12} {:>10} {:>10} {:>11} {:>8} {:>10} {:>11} {:>10}",
+        "    {:>7} {:>5} {:>9} {:>10} {:>12} {:>10} {:>10} {:>10} {:>10} {:>11} {:>8} {:>10} {:>11} {:>10}",
         "context",
         "batch",
         "prompts",
@@ -491,6 +637,8 @@ fn print_table(rows: &[DecodeRow], layers: usize) {
         "ms / layer",
         "floor ms",
         "step÷floor",
+        "compute ms",
+        "step÷max",
         "step÷step(1)",
         "experts",
         "re-read GB/s",
@@ -498,9 +646,9 @@ fn print_table(rows: &[DecodeRow], layers: usize) {
         "step÷DRAM"
     );
     for r in rows {
-        let one = step_at_batch1(rows, r.context).unwrap_or(f64::NAN);
+        let one = step_at_batch1(rows, r.mode, r.context).unwrap_or(f64::NAN);
         println!(
-            "    {:>7} {:>5} {:>9} {:>10.2} {:>12.2} {:>10.2} {:>10.2} {:>11.2} {:>8} {:>12.1} {:>11.2} {:>10.2}",
+            "    {:>7} {:>5} {:>9} {:>10.2} {:>12.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>11.2} {:>8} {:>12.1} {:>11.2} {:>10.2}",
             r.context,
             r.batch,
             if r.distinct { "distinct" } else { "same" },
@@ -508,6 +656,8 @@ fn print_table(rows: &[DecodeRow], layers: usize) {
             r.step_ms / layers.max(1) as f64,
             r.floor_ms,
             r.step_ms / r.floor_ms,
+            r.compute_floor_ms,
+            r.step_ms / r.max_floor_ms(),
             r.step_ms / one,
             r.experts,
             r.read_bw / 1e9,
@@ -522,11 +672,13 @@ fn print_table(rows: &[DecodeRow], layers: usize) {
         .collect();
     ctx.sort_unstable();
     ctx.dedup();
-    if let (Some(&lo), Some(&hi)) = (ctx.first(), ctx.last()) {
+    if let (Some(&lo), Some(&hi), Some(mode)) =
+        (ctx.first(), ctx.last(), rows.first().map(|r| r.mode))
+    {
         if lo != hi {
             let (a, b) = (
-                step_at_batch1(rows, lo).unwrap(),
-                step_at_batch1(rows, hi).unwrap(),
+                step_at_batch1(rows, mode, lo).unwrap(),
+                step_at_batch1(rows, mode, hi).unwrap(),
             );
             println!(
                 "    TPOT at context {hi} ÷ at {lo} (batch 1): {:.2} ({b:.2} ms vs {a:.2} ms; issue 11 asks ≤ 1.5)",
@@ -536,15 +688,18 @@ fn print_table(rows: &[DecodeRow], layers: usize) {
     }
 }
 
+/// `decode.csv`: one row per point; `mode` first, the 0/1 `distinct_prompts` last.
 fn write_csv(path: &Path, rows: &[DecodeRow], bw: f64) -> anyhow::Result<()> {
     let mut s = String::from(
-        "context,batch,step_ms,floor_ms,step_over_floor,step_over_batch1,bytes,experts_touched,\
-         reread_gb_per_s,dram_floor_ms,step_over_dram_floor,dram_gb_per_s,distinct_prompts\n",
+        "mode,context,batch,step_ms,floor_ms,step_over_floor,step_over_batch1,bytes,experts_touched,\
+         reread_gb_per_s,dram_floor_ms,step_over_dram_floor,dram_gb_per_s,compute_floor_ms,\
+         step_over_max_floor,distinct_prompts\n",
     );
     for r in rows {
-        let one = step_at_batch1(rows, r.context).unwrap_or(f64::NAN);
+        let one = step_at_batch1(rows, r.mode, r.context).unwrap_or(f64::NAN);
         s.push_str(&format!(
-            "{},{},{:.4},{:.4},{:.4},{:.4},{},{},{:.3},{:.4},{:.4},{:.3},{}\n",
+            "{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{:.3},{:.4},{:.4},{:.3},{:.4},{:.4},{}\n",
+            r.mode.name(),
             r.context,
             r.batch,
             r.step_ms,
@@ -557,6 +712,8 @@ fn write_csv(path: &Path, rows: &[DecodeRow], bw: f64) -> anyhow::Result<()> {
             r.dram_floor_ms,
             r.step_ms / r.dram_floor_ms,
             bw / 1e9,
+            r.compute_floor_ms,
+            r.step_ms / r.max_floor_ms(),
             u8::from(r.distinct)
         ));
     }
