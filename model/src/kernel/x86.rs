@@ -99,7 +99,7 @@ unsafe fn reduce16(s: __m512) -> f32 {
     reduce8(_mm256_add_ps(lo, hi))
 }
 
-/// Prefetches, into L1, the cache line at element `off` of each of the `NR` weight rows that
+/// Prefetches, into L2 (`T1`), the cache line at element `off` of each of the `NR` weight rows that
 /// follow the panel at `w` (the next panel of the same column range), while this panel
 /// computes.
 ///
@@ -109,7 +109,17 @@ unsafe fn reduce16(s: __m512) -> f32 {
 /// layer at batch 1, two binaries alternated: 4.9–7.1 ms per step with it against
 /// 6.5–9.7 ms without (two quieter and two busier runs of each), and in a
 /// kernel-only loop over 352 MB of bf16 weights at m = 1, 27–32 GB/s against 19–23 GB/s.
-/// Prefetching into L2 (`T1`) or two panels ahead measured the same or slower. Used by
+/// There, prefetching into L2 (`T1`) measured the same as into L1 (`T0`), and two panels
+/// ahead slower.
+///
+/// Why L2, not L1: on an AMD EPYC (Zen 4, 2 cores, 32 KiB L1d, 1 MiB L2), from m = 2 on the
+/// rows of `x` (8 × 2048 f32 = 64 KiB per tile) stream through L1 once per panel and evict
+/// the prefetched weight lines before they are used, so the weights came from memory on
+/// demand after all. Kernel-only loop over 176 MB of bf16 weights, 2 threads, 5 variants
+/// alternated 4 times (ms, min–max): at k = 2048, m = 8: L1 9.7–10.7, L2 8.2–9.0, L3 hint
+/// (`T2`) 8.1–9.9, none 9.8 (one run); m = 1: L1 5.2–7.2, L2 3.7–5.1, `T2` 3.5–5.3; at
+/// k = 1408, m = 8: L1 9.0–10.4, L2 7.2–8.0; m = 16: L1 14.7–17.0, L2 14.0–15.4. `T1` is
+/// kept over `T2` because it is the hint that measured no worse than `T0` on both CPUs. Used by
 /// [`tile512`] and by the AVX2 [`tile256`] (one or two rows: there 20–27 GB/s against
 /// 19–21 GB/s); not by [`tile256_halves`], whose 16 `ymm` registers are all taken and which
 /// measured slower with it (m = 4…16: about 0.8× the GFLOP/s).
@@ -120,7 +130,7 @@ unsafe fn reduce16(s: __m512) -> f32 {
 unsafe fn prefetch_next_panel<E, const NR: usize>(w: *const E, ldw: usize, off: usize) {
     for j in 0..NR {
         let p = w.wrapping_add((NR + j) * ldw + off);
-        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
     }
 }
 
