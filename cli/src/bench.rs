@@ -78,8 +78,10 @@ pub struct BenchArgs {
     /// Skip the per-expert measurement.
     #[arg(long)]
     pub no_expert_bench: bool,
-    /// Run only the decode-scaling section (per-layer decode step vs batch and context, next
-    /// to the read-bandwidth floor) and write decode.csv.
+    /// Run only the decode-scaling section (per-layer decode step vs batch and context, for
+    /// local-split and faasmoe-shared, next to the memory and compute floors) and write
+    /// decode.csv. faasmoe-shared needs nats-server; without it (or with
+    /// --decode-local-only) only local-split is measured.
     #[arg(long)]
     pub decode_only: bool,
     /// Skip the decode-scaling section.

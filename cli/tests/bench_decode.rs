@@ -12,6 +12,12 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
         eprintln!("!!! SKIPPED decode bench test: fixture qwen15-moe-tiny not found");
         return;
     };
+    if let Err(e) = faasmoe_broker::server::nats_server_bin() {
+        eprintln!(
+            "!!! SKIPPED decode bench test (its faasmoe-shared points need nats-server): {e}"
+        );
+        return;
+    }
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_faasmoe"));
     let out = tempfile::tempdir().unwrap();
     let o = Command::new(&exe)
@@ -39,6 +45,12 @@ fn decode_section_runs_on_the_tiny_fixture_and_writes_decode_csv() {
     );
     assert!(stdout.contains("TPOT at context 40 ÷ at 8"), "{stdout}");
     assert!(stdout.contains("faasmoe-shared ÷ local-split"), "{stdout}");
+    // faasmoe-shared went through real expert workers started by the broker.
+    let workers = out.path().join("decode-logs").join("workers");
+    let logs = std::fs::read_dir(&workers)
+        .map(|d| d.count())
+        .unwrap_or_else(|e| panic!("{}: {e}\n{stdout}", workers.display()));
+    assert!(logs > 0, "no worker log in {}\n{stdout}", workers.display());
     let csv = std::fs::read_to_string(out.path().join("decode.csv")).unwrap();
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
@@ -85,8 +97,11 @@ fn check_mode(header: &[&str], rows: &[Vec<f64>], csv: &str) {
             .unwrap_or_else(|| panic!("no column {name}: {csv}"))
     };
     let distinct = col("distinct_prompts");
-    for name in ["compute_floor_ms", "step_over_max_floor"] {
-        col(name);
+    // The compute floor is a lower bound of the step.
+    let (compute, step) = (col("compute_floor_ms"), col("step_ms"));
+    col("step_over_max_floor");
+    for r in rows {
+        assert!(r[compute] <= r[step], "compute floor above the step: {csv}");
     }
     let (experts, bytes) = (col("experts_touched"), col("bytes"));
     assert_eq!(distinct, header.len() - 1, "{csv}");

@@ -2,7 +2,7 @@
 //! the read bandwidth (how fast the weights can stream in) and the f32 FMA peak (how fast
 //! the kernel's multiply-adds can go once they are in registers).
 //!
-//! A decode step reads every weight once whatever the batch, but multiplies each by every
+//! A decode step reads each weight it touches once whatever the batch, but multiplies each by every
 //! row: at batch `b` it does `b` × (weights of the matrices a token goes through) FMAs. So a
 //! step can be no faster than the larger of its **memory floor** (bytes ÷ read bandwidth)
 //! and its **compute floor** (FMAs ÷ FMA peak), and from some batch on the compute floor is
@@ -126,8 +126,9 @@ fn fma_chains_scalar(iters: usize) -> f32 {
 }
 
 /// Peak f32 FMA rate of this machine on the kernel's widest path, FMA/s: every rayon thread
-/// runs independent FMA chains in registers (no memory traffic) for about 20 ms; best of 3
-/// after a warm-up pass (which also lets the cores reach their AVX clock).
+/// (`rayon::broadcast`: one call per thread, all at once) runs independent FMA chains in
+/// registers (no memory traffic); passes of at least 20 ms each, best of 3 after a warm-up
+/// pass that also sizes them (and lets the cores reach their AVX clock).
 ///
 /// `path` is the kernel path's name ([`faasmoe_model::kernel::KernelPath::name`]): `avx512`
 /// (16 lanes), `avx2` (8 lanes), anything else scalar.
@@ -148,20 +149,28 @@ pub(super) fn fma_peak(path: &str) -> f64 {
         chains = |n| unsafe { fma_chains_avx2(n) };
     }
     let threads = rayon::current_num_threads().max(1);
-    // About 2-4 × 10^9 lane-FMAs per second per core on the vector paths.
-    let iters = (40_000_000 / (CHAINS * lanes)).max(1_000);
-    let mut best = f64::INFINITY;
-    let mut sink = 0f32;
-    for pass in 0..4 {
+    let pass = |iters: usize| -> (f64, f32) {
         let t = Instant::now();
-        let s: f32 = (0..threads)
-            .into_par_iter()
-            .with_max_len(1)
-            .map(|_| chains(iters))
-            .sum();
-        if pass > 0 {
-            best = best.min(t.elapsed().as_secs_f64());
+        let s: f32 = rayon::broadcast(|_| chains(iters)).into_iter().sum();
+        (t.elapsed().as_secs_f64(), s)
+    };
+    // Warm-up: 50 ms at least, doubling a small pass until it takes that long.
+    let mut iters = 10_000usize;
+    let mut sink = 0f32;
+    loop {
+        let (dt, s) = pass(iters);
+        sink += s;
+        if dt >= 0.05 || iters > 1 << 34 {
+            // Size the timed passes to about 20 ms each.
+            iters = ((iters as f64) * 0.02 / dt.max(1e-9)).ceil().max(1.0) as usize;
+            break;
         }
+        iters *= 2;
+    }
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let (dt, s) = pass(iters);
+        best = best.min(dt);
         sink += s;
     }
     std::hint::black_box(sink);

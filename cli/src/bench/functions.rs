@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use candle_core::Tensor;
 use faasmoe_broker::{EmbeddedServer, InternalCredentials};
 use faasmoe_controller::dispatch::{
-    Dispatch, DispatchContext, DispatchError, NatsDispatch, NatsDispatchSettings,
+    Dispatch, DispatchContext, DispatchError, DispatchStats, NatsDispatch, NatsDispatchSettings,
 };
 use faasmoe_model::{Config, RoutedBatch};
 use faasmoe_proto::layout::Layout;
@@ -61,6 +61,10 @@ impl Dispatch for Touched<'_> {
             }
         }
         self.inner.routed(batch, ctx)
+    }
+
+    fn stats(&self) -> DispatchStats {
+        self.inner.stats()
     }
 
     fn prefetch_depth(&self) -> usize {

@@ -105,24 +105,26 @@ unsafe fn reduce16(s: __m512) -> f32 {
 ///
 /// Why: at A2.7B's k = 2048 a bf16 weight row is one 4 KiB page, and the hardware streamer
 /// does not cross pages, so without it every panel starts its `NR` streams cold. Measured on
-/// an Intel Xeon (Emerald Rapids, 2 cores) with `faasmoe bench --decode-only`, one A2.7B
-/// layer at batch 1, two binaries alternated: 4.9–7.1 ms per step with it against
-/// 6.5–9.7 ms without (two quieter and two busier runs of each), and in a
-/// kernel-only loop over 352 MB of bf16 weights at m = 1, 27–32 GB/s against 19–23 GB/s.
-/// There, prefetching into L2 (`T1`) measured the same as into L1 (`T0`), and two panels
-/// ahead slower.
+/// an Intel Xeon (Emerald Rapids, 2 cores) with the hint then used, `T0` (into L1), and
+/// `faasmoe bench --decode-only`, one A2.7B layer at batch 1, two binaries alternated:
+/// 4.9–7.1 ms per step with it against 6.5–9.7 ms without (two quieter and two busier runs of
+/// each), and in a kernel-only loop over 352 MB of bf16 weights at m = 1, 27–32 GB/s against
+/// 19–23 GB/s; in the AVX2 [`tile256`] (one or two rows) 20–27 GB/s against 19–21 GB/s. On
+/// that Xeon `T1` (into L2) or two panels ahead measured the same as `T0` or slower; `T2` was
+/// not measured there, nor `T1` on the AVX2 path.
 ///
-/// Why L2, not L1: on an AMD EPYC (Zen 4, 2 cores, 32 KiB L1d, 1 MiB L2), from m = 2 on the
-/// rows of `x` (8 × 2048 f32 = 64 KiB per tile) stream through L1 once per panel and evict
-/// the prefetched weight lines before they are used, so the weights came from memory on
-/// demand after all. Kernel-only loop over 176 MB of bf16 weights, 2 threads, 5 variants
-/// alternated 4 times (ms, min–max): at k = 2048, m = 8: L1 9.7–10.7, L2 8.2–9.0, L3 hint
-/// (`T2`) 8.1–9.9, none 9.8 (one run); m = 1: L1 5.2–7.2, L2 3.7–5.1, `T2` 3.5–5.3; at
-/// k = 1408, m = 8: L1 9.0–10.4, L2 7.2–8.0; m = 16: L1 14.7–17.0, L2 14.0–15.4. `T1` is
-/// kept over `T2` because it is the hint that measured no worse than `T0` on both CPUs. Used by
-/// [`tile512`] and by the AVX2 [`tile256`] (one or two rows: there 20–27 GB/s against
-/// 19–21 GB/s); not by [`tile256_halves`], whose 16 `ymm` registers are all taken and which
-/// measured slower with it (m = 4…16: about 0.8× the GFLOP/s).
+/// Why `T1` now: on an AMD EPYC (Zen 4, 2 cores, 32 KiB L1d, 1 MiB L2) `T1` measured faster
+/// than `T0` at every m. Kernel-only loop over 176 MB of bf16 weights, 2 threads, variants
+/// alternated 4 times (ms, min–max): at k = 2048, m = 8: `T0` 9.7–10.7, `T1` 8.2–9.0, `T2`
+/// 8.1–9.9, no prefetch 9.8 (one run); m = 1: `T0` 5.2–7.2, `T1` 3.7–5.1, `T2` 3.5–5.3; at
+/// k = 1408, m = 8: `T0` 9.0–10.4, `T1` 7.2–8.0; m = 16: `T0` 14.7–17.0, `T1` 14.0–15.4. A
+/// likely cause at m = 8 (not at m = 1, which gains too): a tile's 8 rows of `x`
+/// (8 × 2048 f32 = 64 KiB) stream through the 32 KiB L1 once per panel and evict the
+/// prefetched weight lines before they are used. `T1` is kept over `T2` because on the Xeon
+/// it measured no worse than `T0`, while `T2` is unmeasured there. Used by [`tile512`] and
+/// [`tile256`]; not by
+/// [`tile256_halves`], whose 16 `ymm` registers are all taken and which measured slower with
+/// it on the Xeon (m = 4…16: about 0.8× the GFLOP/s).
 ///
 /// A prefetch never faults, so the lines past the end of the column range or of `w` (the
 /// last panel) are harmless; the address is formed with `wrapping_add` for that reason.
