@@ -7,7 +7,7 @@
 //!   (it answers its NATS micro `$SRV.PING`, see [`ActivationConfig::probe_timeout`]);
 //! - otherwise starts ONE instance through its [`InstanceBackend`]: concurrent activations of
 //!   the same function join the start in progress and all get the same reply;
-//! - waits until the instance is ready (the worker's `READY` stdout line, or its `ready`
+//! - waits until the instance is ready (the worker's `READY` stdout line, or its `subscribed`
 //!   event on `faasmoe.v1.events.<model>`, whichever comes first) and replies with the
 //!   instance id and the cold start (spawn → ready);
 //! - never has more than [`ActivationConfig::max_instances_per_function`] instances of a
@@ -20,8 +20,8 @@
 //!
 //! Whether an instance serves is never judged by a request that queues behind its work: a
 //! worker busy computing answers no expert request until its batch is done. The broker's
-//! records come from the instance itself: its `READY` line and `ready` event (ready), its
-//! `stopped` event once it has unsubscribed (draining), the OS exit status (exited). The one
+//! records come from the instance itself: its `READY` line and `subscribed` event (ready),
+//! its `draining` event once it has unsubscribed (draining), the OS exit status (exited). The one
 //! thing it asks the instance is whether it is *connected*: the instance's NATS micro
 //! service ([`WORKER_SERVICE`]) answers `$SRV.PING.faasmoe-expert.<service id>` from its own
 //! task, independently of the batching loop, and the server answers *no responders* at once
@@ -31,20 +31,20 @@
 //! it). Silence — no pong within the probe timeout, to the direct ping or the broadcast —
 //! counts as connected (frozen, busy or on a loaded machine, not gone). *No responders* is
 //! not a verdict either: nothing is marked, the instance may be reconnecting (it
-//! resubscribes) or draining (its `stopped` event and exit follow), and the activation waits
+//! resubscribes) or draining (its `draining` event and exit follow), and the activation waits
 //! for either instead of declaring a healthy instance dead.
 //!
 //! When the broker answers `already_running` for an instance that is draining but has not
 //! said so yet, the controller's retry meets *no responders* again and asks again after a
-//! backoff; by then the `stopped` event has arrived.
+//! backoff; by then the `draining` event has arrived.
 //!
 //! Every instance is owned by a task that waits for its exit and records it (exit status),
 //! and lifecycle events (`started`, `ready`, `stopped`, `spawn_failed`) are published on the
 //! events subject. Nothing is restarted on its own: scale to zero is the workers' idle exit,
 //! which the broker only records; the next activation starts a new instance.
 //!
-//! Note that the worker publishes its own `ready` and `stopped` events on the same subject
-//! (with its process-start → subscribed time); the broker's `ready` carries spawn → ready and
+//! The worker publishes its own kinds on the same subject, `subscribed` and `draining`
+//! ([`faasmoe_proto::events`] has the table); the broker's `ready` carries spawn → ready and
 //! its `stopped` the OS exit status.
 
 use std::collections::{HashMap, VecDeque};
@@ -64,6 +64,9 @@ use tracing::{debug, info, warn};
 
 use crate::spawner::{Instance, InstanceBackend, InstanceExit};
 
+/// Longest wait to queue a lifecycle event on the broker's connection before the state
+/// change it reports is acted on anyway.
+const EVENT_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How many exited instances are remembered for [`Activator::exited`].
 const EXITED_HISTORY: usize = 1024;
 
@@ -328,9 +331,9 @@ impl Activator {
                     continue;
                 };
                 match ev.kind {
-                    EventKind::Ready => me.inner.mark_ready(&ev.instance_id),
-                    // The worker announces `stopped` after unsubscribing, before it exits.
-                    EventKind::Stopped => me.inner.mark_draining(&ev.instance_id),
+                    EventKind::Subscribed => me.inner.mark_ready(&ev.instance_id),
+                    // The worker announces `draining` after unsubscribing, before it exits.
+                    EventKind::Draining => me.inner.mark_draining(&ev.instance_id),
                     _ => {}
                 }
             }
@@ -433,7 +436,7 @@ impl Activator {
             if let Some(p) = pending {
                 return join_start(function_id, p, deadline).await;
             }
-            // A ready instance that is connected. One that is not is draining (its `stopped`
+            // A ready instance that is connected. One that is not is draining (its `draining`
             // event and exit follow) or reconnecting (it resubscribes): start another below
             // the cap, else wait for either.
             if !want_new {
@@ -902,17 +905,26 @@ impl Inner {
                 (info, was)
             })
         };
+        // The event is queued before waiters hear of the change: an activation that starts
+        // the function again (its `started`) comes after this `stopped` on the subject.
+        if let Some((info, was)) = &record {
+            info!(function_id = %info.function_id, %instance_id, ?exit, "instance exited");
+            let kind = if *was == InstanceState::Starting {
+                EventKind::SpawnFailed
+            } else {
+                EventKind::Stopped
+            };
+            let mut ev = self.event(kind, info);
+            ev.exit_status = exit.code;
+            // Bounded: a connection whose send queue is full must not hold up the waiters.
+            if tokio::time::timeout(EVENT_QUEUE_TIMEOUT, self.publish(ev))
+                .await
+                .is_err()
+            {
+                warn!(%instance_id, "the stopped event could not be queued in time (connection down?)");
+            }
+        }
         self.changed();
-        let Some((info, was)) = record else { return };
-        info!(function_id = %info.function_id, %instance_id, ?exit, "instance exited");
-        let kind = if was == InstanceState::Starting {
-            EventKind::SpawnFailed
-        } else {
-            EventKind::Stopped
-        };
-        let mut ev = self.event(kind, &info);
-        ev.exit_status = exit.code;
-        self.publish(ev).await;
     }
 
     fn mark_ready(self: &Arc<Self>, instance_id: &str) {
@@ -941,7 +953,7 @@ impl Inner {
         tokio::spawn(async move { me.publish(ev).await });
     }
 
-    /// The instance said it has unsubscribed (its `stopped` event): no longer ready.
+    /// The instance said it has unsubscribed (its `draining` event): no longer ready.
     fn mark_draining(&self, instance_id: &str) {
         {
             let mut st = self.state.lock().unwrap();

@@ -62,7 +62,7 @@ pub trait Instance: Send {
     /// Fires once when the instance reports it is ready by a backend-specific channel (the
     /// local backend: the worker's `READY <function_id> <instance_id>` stdout line). Taken
     /// once; `None` when the backend has no such channel (the broker then relies on the
-    /// worker's `ready` event on NATS).
+    /// worker's `subscribed` event on NATS).
     fn take_ready_signal(&mut self) -> Option<oneshot::Receiver<()>>;
 
     /// The exit status, if the instance has already ended (does not block).

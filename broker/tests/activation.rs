@@ -171,11 +171,13 @@ async fn eight_concurrent_activations_start_one_instance_that_scales_to_zero() {
         assert_eq!(ev.instance_id, instance_id);
         match ev.kind {
             EventKind::Started => started += 1,
-            // The worker announces its own `stopped` (no pid check possible); the broker's comes
-            // once the process is reaped, when it has left the instance table.
-            EventKind::Stopped
-                if s.activator.instances().is_empty() && s.activator.exited().len() == 1 =>
-            {
+            // Only the broker publishes `stopped`, once the process is reaped, when it has left
+            // the instance table (the worker's own last event is `draining`).
+            EventKind::Stopped => {
+                assert!(
+                    s.activator.instances().is_empty() && s.activator.exited().len() == 1,
+                    "stopped before the instance was reaped: {ev:?}"
+                );
                 broker_stopped = Some(ev)
             }
             EventKind::SpawnFailed => panic!("spawn failed: {ev:?}"),
@@ -307,12 +309,12 @@ fn signal(pid: u32, sig: libc::c_int) {
     );
 }
 
-/// Tells the broker, as the worker would, that `instance` has unsubscribed (its `stopped`
+/// Tells the broker, as the worker would, that `instance` has unsubscribed (its `draining`
 /// event): the broker then counts it as draining until the process exits.
 async fn announce_stopped(s: &Setup, instance: &faasmoe_broker::InstanceInfo) {
     let broker = s.server.connect_as(dev_users::BROKER).await.unwrap();
     let ev = FunctionEvent {
-        kind: EventKind::Stopped,
+        kind: EventKind::Draining,
         model: MODEL.into(),
         function_id: instance.function_id.clone(),
         instance_id: instance.instance_id.clone(),

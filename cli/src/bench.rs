@@ -153,13 +153,19 @@ pub struct BenchArgs {
     /// Spawn → READY repeats per expert set.
     #[arg(long)]
     pub cold_start_repeats: Option<usize>,
-    /// A subset that finishes in about 15 minutes on 2 cores: tenants 1,3; granularities 4,10,60;
-    /// 2 requests per tenant; prompts ≤ 32, outputs ≤ 8 tokens; 5 cold-start repeats.
+    /// A subset that finishes in about 6 minutes on 2 cores: tenants 1,3; granularities 4,10,60;
+    /// 2 requests per tenant in the cold phase, 12 in the warm one; prompts ≤ 32, outputs ≤ 8
+    /// tokens; sweep 1,2,4,8 with 2 requests per client; 5 cold-start repeats.
     #[arg(long)]
     pub quick: bool,
     /// Skip the warm phase (the workload replayed once the functions it needs are started).
     #[arg(long)]
     pub no_warm: bool,
+    /// Requests per tenant of the warm phase: the same trace slice as the cold phase, longer,
+    /// so that its p50s rest on enough samples to repeat between runs (default 12 with
+    /// --quick, else 16).
+    #[arg(long)]
+    pub warm_requests: Option<usize>,
     /// Concurrencies of the closed-loop capacity sweep (run for every mode at the largest
     /// tenant count); default 1,2,4,8 with --quick, else 1,2,4,8,16,32.
     #[arg(long, value_delimiter = ',')]
@@ -173,6 +179,16 @@ pub struct BenchArgs {
     /// Results folder (default: results/bench-<unix time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// Requests per tenant of the warm phase: `--warm-requests`, else 12 with `--quick` and 16
+    /// without; at least 1.
+    pub fn warm_requests_per_tenant(&self) -> usize {
+        self.warm_requests
+            .unwrap_or(if self.quick { 12 } else { 16 })
+            .max(1)
+    }
 }
 
 pub(crate) fn mem_available() -> u64 {
@@ -209,6 +225,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         None => ALL_MODES.to_vec(),
     };
     let n_req = a.requests.unwrap_or(if quick { 2 } else { 4 });
+    let warm_req = a.warm_requests_per_tenant();
     let max_prompt = a.max_prompt.unwrap_or(if quick { 32 } else { 128 });
     let max_output = a.max_output.unwrap_or(if quick { 8 } else { 24 });
     let sweep_levels: Vec<usize> = if a.no_sweep {
@@ -300,29 +317,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         (4.min(max_prompt), max_prompt),
         (2.min(max_output), max_output),
     );
-    let mut work = Vec::new();
-    for (i, t) in tenant_names.iter().enumerate() {
-        let (trace, name) = if i % 2 == 0 {
-            (workload::CONV_TRACE, "conversation")
-        } else {
-            (workload::CODE_TRACE, "code")
-        };
-        let rows = workload::load(trace, (i / 2) * n_req, n_req, &scale)?;
-        for (j, r) in rows.into_iter().enumerate() {
-            let off = (i * 977 + j * 131) % corpus.len();
-            let ids: Vec<u32> = (0..r.context_tokens as usize)
-                .map(|k| corpus[(off + k) % corpus.len()])
-                .collect();
-            work.push(Req {
-                tenant: t.clone(),
-                index: j,
-                at_s: r.at_s,
-                ids,
-                max_tokens: r.generated_tokens,
-            });
-        }
-        let _ = name;
-    }
+    let work = trace_requests(&tenant_names, n_req, &corpus, &scale)?;
+    let warm_work = trace_requests(&tenant_names, warm_req, &corpus, &scale)?;
 
     // The plan.
     let mut specs = Vec::new();
@@ -442,7 +438,19 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             } else {
                 &[]
             };
-        match run_one(spec, &tenant_names, &work, &model, &a, &out, tail_s, sweep).await {
+        match run_one(
+            spec,
+            &tenant_names,
+            &work,
+            &warm_work,
+            &model,
+            &a,
+            &out,
+            tail_s,
+            sweep,
+        )
+        .await
+        {
             Ok(r) => {
                 let s = r.summary();
                 println!(
@@ -580,3 +588,40 @@ fn cfg_torch_dtype(model: &Path) -> Option<String> {
 const CONTROLLER_PROMPT: usize = 1000;
 /// Output tokens of the controller-memory request.
 const CONTROLLER_OUTPUT: u32 = 24;
+
+/// The workload of `per_tenant` requests for each tenant: tenant `i` replays `per_tenant`
+/// rows of the conversation (even `i`) or code (odd `i`) trace from row `(i / 2) ×
+/// per_tenant`, scaled by `scale`; its token ids are windows of `corpus`, so every mode gets
+/// the same ids.
+///
+/// Errors: a trace shorter than the rows asked for.
+fn trace_requests(
+    tenant_names: &[String],
+    per_tenant: usize,
+    corpus: &[u32],
+    scale: &Scale,
+) -> anyhow::Result<Vec<Req>> {
+    let mut work = Vec::new();
+    for (i, t) in tenant_names.iter().enumerate() {
+        let trace = if i % 2 == 0 {
+            workload::CONV_TRACE
+        } else {
+            workload::CODE_TRACE
+        };
+        let rows = workload::load(trace, (i / 2) * per_tenant, per_tenant, scale)?;
+        for (j, r) in rows.into_iter().enumerate() {
+            let off = (i * 977 + j * 131) % corpus.len();
+            let ids: Vec<u32> = (0..r.context_tokens as usize)
+                .map(|k| corpus[(off + k) % corpus.len()])
+                .collect();
+            work.push(Req {
+                tenant: t.clone(),
+                index: j,
+                at_s: r.at_s,
+                ids,
+                max_tokens: r.generated_tokens,
+            });
+        }
+    }
+    Ok(work)
+}

@@ -64,6 +64,8 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
             "1,2",
             "--sweep-requests",
             "1",
+            "--warm-requests",
+            "2",
             "--out",
         ])
         .arg(out.path())
@@ -162,6 +164,9 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
                 assert!(v > 0.0, "{mode} {phase}: {c} = {v}");
             }
             if phase == "warm" {
+                // --warm-requests 2 for each of the 2 tenants: a longer slice than the
+                // cold phase's one request per tenant.
+                assert_eq!(&r[pcol("requests")], "4", "{mode} warm\n{stdout}");
                 // Primed: the warm phase runs (at least partly) on started functions.
                 let warm: usize = r[pcol("warm_requests")].parse().unwrap();
                 assert!(
@@ -222,7 +227,13 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
     assert!(report.contains("| local-baseline |"), "{report}");
     assert!(report.contains("## Cold and warm phases"), "{report}");
     assert!(report.contains("throughput stops growing at"), "{report}");
-    for png in ["memory_over_time.png", "latency_cdf.png", "granularity.png"] {
+    for png in [
+        "memory_over_time.png",
+        "latency_cdf.png",
+        "granularity.png",
+        "capacity.png",
+        "phases.png",
+    ] {
         assert!(out.path().join(png).exists(), "{png} missing; {stdout}");
     }
 }

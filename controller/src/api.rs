@@ -24,7 +24,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::dispatch::DispatchError;
+use crate::completion::CompletionText;
 use crate::engine::{EngineHandle, Finish, SeqEvent, Submission};
 use crate::quota::QuotaGate;
 use crate::sampling::SamplingParams;
@@ -320,8 +320,7 @@ impl Api {
             return Err(err(ClientErrorCode::Unavailable, "the engine has stopped"));
         }
         let mut ids: Vec<u32> = Vec::new();
-        let mut text = String::new();
-        let mut sent_chars = 0usize;
+        let mut text = CompletionText::new(self.tokenizer.as_deref(), &stops);
         let mut queue_ms = 0.0;
         let mut ttft_ms = 0.0;
         let mut finish = None;
@@ -359,39 +358,21 @@ impl Api {
                         continue; // past a stop string, waiting for the cancel to land
                     }
                     ids.push(t);
-                    if let Some(tok) = &self.tokenizer {
-                        text = tok.decode_with(&ids, true).unwrap_or_default();
-                    }
-                    if let Some(pos) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-                        text.truncate(pos);
-                        finish = Some(FinishReason::Stop);
-                        cancel.store(true, Ordering::Relaxed);
+                    match text.push(t) {
+                        Ok(true) => {
+                            finish = Some(FinishReason::Stop);
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                        Ok(false) => {}
+                        Err(e) => warn!(token = t, error = %e, "decoding a generated token failed"),
                     }
                     if stream {
-                        // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) and any
-                        // tail that may still grow into a stop string.
-                        let stable = text.trim_end_matches('\u{FFFD}');
-                        let hold = if finish.is_some() {
-                            0
-                        } else {
-                            stops
-                                .iter()
-                                .map(|s| s.len().saturating_sub(1))
-                                .max()
-                                .unwrap_or(0)
-                        };
-                        let mut end = stable.len().saturating_sub(hold).max(sent_chars);
-                        while !stable.is_char_boundary(end) {
-                            end -= 1;
-                        }
-                        let delta = &stable[sent_chars.min(end)..end];
                         let chunk = StreamMessage::Chunk(StreamChunk {
                             id: id.to_string(),
                             index: chunk_index,
-                            text: delta.to_string(),
+                            text: text.take_stream_delta(),
                             token_ids: vec![t],
                         });
-                        sent_chars = end;
                         chunk_index += 1;
                         let body = encode_body(&chunk, ct);
                         let sent = match &probe {
@@ -443,17 +424,16 @@ impl Api {
         };
         self.quota.settle(ticket, processed as u32).await;
         if let Some(e) = failure {
-            return Err(match e {
-                DispatchError::Unavailable(m) => err(ClientErrorCode::Unavailable, m),
-                DispatchError::Internal(m) | DispatchError::PayloadTooLarge(m) => {
-                    err(ClientErrorCode::Internal, m)
-                }
-            });
+            return Err(err(e.client_code(), e.to_string()));
         }
         let total_ms = submitted.elapsed().as_secs_f64() * 1e3;
+        let (text, tail) = text.finish().unwrap_or_else(|e| {
+            warn!(error = %e, "decoding the last generated tokens failed");
+            Default::default()
+        });
         let response = GenerateResponse {
             id: id.to_string(),
-            text: text.clone(),
+            text,
             token_ids: ids.clone(),
             finish_reason: finish.unwrap_or(FinishReason::Cancelled),
             usage: Usage {
@@ -489,11 +469,11 @@ impl Api {
             return Ok(());
         }
         let body = if stream {
-            if sent_chars < text.len() {
+            if !tail.is_empty() {
                 let tail = StreamMessage::Chunk(StreamChunk {
                     id: id.to_string(),
                     index: chunk_index,
-                    text: text[sent_chars..].to_string(),
+                    text: tail,
                     token_ids: vec![],
                 });
                 let _ = self

@@ -45,9 +45,12 @@ use candle_core::{Device, Tensor};
 use faasmoe_model::qwen2_moe::ExpertBackend;
 use faasmoe_model::{InProcessBackend, RoutedBatch};
 use faasmoe_proto::activation::{ActivateReply, ActivateRequest, ActivateResult};
-use faasmoe_proto::expert::{decode_reply, encode, ExpertRequest, ExpertResult, RowRoutes};
+use faasmoe_proto::expert::{
+    decode_reply, encode, ClientErrorCode, ExpertRequest, ExpertResult, RowRoutes, WireError,
+};
 use faasmoe_proto::layout::Layout;
-use faasmoe_proto::tensor::{WireDType, WireTensor};
+use faasmoe_proto::subject::SubjectError;
+use faasmoe_proto::tensor::{TensorError, WireDType, WireTensor};
 use faasmoe_proto::{subject, ErrorCode, PROTOCOL_VERSION};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
@@ -69,32 +72,138 @@ pub const WARM_FRESH: Duration = Duration::from_secs(2);
 /// engine predicts every remaining layer, not just [`NatsDispatchSettings::prefetch_layers`].
 pub const COLD_WINDOW: Duration = Duration::from_secs(10);
 
-/// Why the routed part of a layer could not be computed.
+/// Why the routed part of a layer could not be computed. [`DispatchError::client_code`]
+/// says what the requests of the failed batch see: `unavailable` when an expert function
+/// could not be reached or started in time, `internal` for everything else (a defect of
+/// this deployment or of this code, not of the request).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DispatchError {
-    /// A function could not be reached or activated in time (maps to `unavailable`).
-    #[error("expert function unavailable: {0}")]
-    Unavailable(String),
-    /// A function answered with an error or a malformed reply (maps to `internal`).
-    #[error("expert function failed: {0}")]
-    Internal(String),
-    /// An expert message cannot fit the server's `max_payload` even one row per request
-    /// (maps to `internal`: the deployment's limit is too small for the model). Never
-    /// retried.
-    #[error("expert request too large: {0}")]
-    PayloadTooLarge(String),
+    /// The broker did not get an instance of `function` serving within the activation
+    /// timeout: every one of `attempts` activation requests timed out or met a transient
+    /// failure; `last` is the last one's.
+    #[error(
+        "activation of {function} failed after {attempts} attempt(s) in {waited_ms} ms: {last}"
+    )]
+    ActivationFailed {
+        function: String,
+        attempts: u32,
+        /// Time since the first activation request, ms.
+        waited_ms: u64,
+        last: String,
+    },
+    /// The broker refused to activate `function` with a non-transient error (an unknown
+    /// function, a layout it does not serve).
+    #[error("the broker refused to activate {function}: {source}")]
+    ActivationRefused {
+        function: String,
+        #[source]
+        source: WireError,
+    },
+    /// The broker said an instance of `function` serves, yet none answered before the
+    /// activation timeout (`waited_ms`).
+    #[error("{function}: no responders after activation, for {waited_ms} ms")]
+    NoRespondersAfterActivation { function: String, waited_ms: u64 },
+    /// Every one of `attempts` requests to `function` timed out or met a broken instance;
+    /// `last` is the last one's failure.
+    #[error("{function}: {last} after {attempts} attempts")]
+    RetriesExhausted {
+        function: String,
+        attempts: u32,
+        last: String,
+    },
+    /// `function` rejected the request itself (`bad_request`, `not_found`, …): retrying
+    /// cannot help, the controller and the function disagree.
+    #[error("{function} rejected the request: {source}")]
+    Rejected {
+        function: String,
+        #[source]
+        source: WireError,
+    },
+    /// A reply (of `function`, or of the broker for an activation) could not be decoded.
+    #[error("malformed reply from {from}: {source}")]
+    MalformedReply {
+        from: String,
+        #[source]
+        source: WireError,
+    },
+    /// `function` replied with a tensor of another shape than `[rows, hidden]` asked, or
+    /// one whose bytes do not match its shape and dtype.
+    #[error("{function} replied {detail}")]
+    WrongReply { function: String, detail: String },
+    /// An expert message to `function` cannot fit the server's `max_payload` even one row
+    /// per request (the deployment's limit is too small for the model). Never retried.
+    #[error("expert request to {function} too large: {source}")]
+    PayloadTooLarge {
+        function: String,
+        #[source]
+        source: WireError,
+    },
+    /// The batch routes to an expert that no function of the layout holds.
+    #[error("no function holds expert {expert} of layer {layer}")]
+    UnknownExpert { layer: usize, expert: usize },
+    /// The batch's hidden states are `[n, got]`, the model's hidden size is `want`.
+    #[error("hidden states have {got} columns, the model {want}")]
+    HiddenSize { got: usize, want: usize },
+    /// A NATS subject could not be built from the model id.
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    /// Packing hidden states into a wire tensor failed.
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    /// A tensor operation of the dispatcher failed.
+    #[error("tensor: {0}")]
+    Candle(#[source] Arc<candle_core::Error>),
+    /// The control plane, or the in-process experts, failed (shapes, token ids, cache).
+    #[error("model: {0}")]
+    Model(#[source] Arc<faasmoe_model::ModelError>),
 }
 
-/// Who the rows belong to and the trace they continue.
+impl DispatchError {
+    /// The client error code of a request whose batch failed with this error.
+    pub fn client_code(&self) -> ClientErrorCode {
+        match self {
+            DispatchError::ActivationFailed { .. }
+            | DispatchError::ActivationRefused { .. }
+            | DispatchError::NoRespondersAfterActivation { .. }
+            | DispatchError::RetriesExhausted { .. } => ClientErrorCode::Unavailable,
+            _ => ClientErrorCode::Internal,
+        }
+    }
+}
+
+impl From<candle_core::Error> for DispatchError {
+    fn from(e: candle_core::Error) -> Self {
+        DispatchError::Candle(Arc::new(e))
+    }
+}
+
+impl From<faasmoe_model::ModelError> for DispatchError {
+    fn from(e: faasmoe_model::ModelError) -> Self {
+        DispatchError::Model(Arc::new(e))
+    }
+}
+
+/// Who the rows belong to. The trace the expert requests continue is not here: it is the
+/// caller's current `tracing` span (the engine step's), whose W3C `traceparent` the NATS
+/// dispatcher puts in each request's headers.
 #[derive(Debug, Clone, Default)]
 pub struct DispatchContext {
-    /// Tenants whose rows are in the batch (comma separated).
+    /// Tenants whose rows are in the batch, sorted, comma separated (e.g. `"t1,t2"`); sent
+    /// as [`ExpertRequest::tenant`] for the functions' accounting and logs.
     pub tenants: String,
-    /// W3C `traceparent` of the engine step span.
-    pub traceparent: Option<String>,
 }
 
 /// Computes the routed experts of a layer: `[n, hidden]` weighted sums.
+///
+/// **First-poll contract.** The engine overlaps the shared expert with the routed experts
+/// (`engine::forward_batch`): it polls the future of [`Dispatch::routed`] once, and only if
+/// that returns `Pending` computes the shared expert before awaiting it. An implementation
+/// that computes remotely must therefore have handed every request of the batch to its
+/// transport by the end of that first poll, or the remote work waits for the shared expert:
+/// the NATS dispatcher polls all its calls together (`join_all`), and each queues its
+/// request on the client's command channel in that poll (unless the channel is full, which
+/// only delays it). One that computes in-process should finish in the first poll (return a
+/// ready future), so that the two are not computed one after the other on the same cores.
 pub trait Dispatch: Send + Sync {
     /// Returns row `i` = `Σ w · expert_e(hidden[i])` over `batch.routes[i]`.
     fn routed<'a>(
@@ -129,9 +238,7 @@ impl Dispatch for LocalDispatch {
         _ctx: &'a DispatchContext,
     ) -> BoxFuture<'a, Result<Tensor, DispatchError>> {
         let mut b = self.0.clone();
-        let r = b
-            .routed(batch)
-            .map_err(|e| DispatchError::Internal(e.to_string()));
+        let r = b.routed(batch).map_err(DispatchError::from);
         Box::pin(async move { r })
     }
 }
@@ -370,12 +477,12 @@ impl NatsDispatch {
     /// connection) are retried up to [`ACTIVATION_ATTEMPTS`] times with exponential backoff
     /// from [`ACTIVATION_BACKOFF_MIN`]; everything before `deadline`.
     ///
-    /// Errors: [`DispatchError::Unavailable`] when no instance serves in time or the broker
-    /// refuses; [`DispatchError::Internal`] for an undecodable reply.
+    /// Errors: [`DispatchError::ActivationFailed`] when no instance serves in time,
+    /// [`DispatchError::ActivationRefused`] when the broker refuses,
+    /// [`DispatchError::MalformedReply`] for an undecodable reply.
     async fn activate(&self, fidx: usize, deadline: Instant) -> Result<(), DispatchError> {
         let f = &self.settings.layout.functions[fidx];
-        let subj = subject::activate(&self.settings.model_id)
-            .map_err(|e| DispatchError::Internal(e.to_string()))?;
+        let subj = subject::activate(&self.settings.model_id)?;
         let t0 = Instant::now();
         let mut backoff = ACTIVATION_BACKOFF_MIN;
         let mut attempt = 0;
@@ -394,18 +501,22 @@ impl NatsDispatch {
             };
             let transient = match self.request(&subj, &req.encode(), None, left).await {
                 Err(e) if e.kind() == RequestErrorKind::TimedOut => {
-                    return Err(DispatchError::Unavailable(format!(
-                        "activation of {} timed out after {:?} ({attempt} attempt(s))",
-                        f.id,
-                        t0.elapsed()
-                    )))
+                    return Err(DispatchError::ActivationFailed {
+                        function: f.id.clone(),
+                        attempts: attempt,
+                        waited_ms: t0.elapsed().as_millis() as u64,
+                        last: "timed out".into(),
+                    })
                 }
                 Err(e) if e.kind() == RequestErrorKind::NoResponders => {
                     format!("nobody answers on {subj} (is the broker running?)")
                 }
                 Err(e) => e.to_string(),
                 Ok(msg) => match ActivateReply::decode(&msg.payload)
-                    .map_err(|e| DispatchError::Internal(e.to_string()))?
+                    .map_err(|source| DispatchError::MalformedReply {
+                        from: format!("the broker (activation of {})", f.id),
+                        source,
+                    })?
                     .result
                 {
                     ActivateResult::Ok {
@@ -419,19 +530,21 @@ impl NatsDispatch {
                     ActivateResult::Err(e) if e.code == ErrorCode::Unavailable => {
                         format!("{}: {}", e.code, e.message)
                     }
-                    ActivateResult::Err(e) => {
-                        return Err(DispatchError::Unavailable(format!(
-                            "activation of {}: {}: {}",
-                            f.id, e.code, e.message
-                        )))
+                    ActivateResult::Err(source) => {
+                        return Err(DispatchError::ActivationRefused {
+                            function: f.id.clone(),
+                            source,
+                        })
                     }
                 },
             };
             if attempt >= ACTIVATION_ATTEMPTS || Instant::now() + backoff >= deadline {
-                return Err(DispatchError::Unavailable(format!(
-                    "activation of {}: {transient} ({attempt} attempt(s))",
-                    f.id
-                )));
+                return Err(DispatchError::ActivationFailed {
+                    function: f.id.clone(),
+                    attempts: attempt,
+                    waited_ms: t0.elapsed().as_millis() as u64,
+                    last: transient,
+                });
             }
             warn!(function = %f.id, reason = %transient, attempt, backoff_ms = backoff.as_millis() as u64, "activation failed; retrying");
             tokio::time::sleep(backoff).await;
@@ -489,8 +602,7 @@ impl NatsDispatch {
         traceparent: Option<&str>,
     ) -> Result<Vec<f32>, DispatchError> {
         let f = &self.settings.layout.functions[fidx];
-        let subj = subject::expert(&self.settings.model_id, f.layer, f.experts[0])
-            .map_err(|e| DispatchError::Internal(e.to_string()))?;
+        let subj = subject::expert(&self.settings.model_id, f.layer, f.experts[0])?;
         let payload = encode(&req);
         let mut headers = async_nats::HeaderMap::new();
         if let Some(tp) = traceparent {
@@ -520,35 +632,38 @@ impl NatsDispatch {
                 Ok(msg) => {
                     self.bytes_received
                         .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
-                    let reply = decode_reply(&msg.payload)
-                        .map_err(|e| DispatchError::Internal(format!("{}: {e}", f.id)))?;
+                    let reply = decode_reply(&msg.payload).map_err(|source| {
+                        DispatchError::MalformedReply {
+                            from: f.id.clone(),
+                            source,
+                        }
+                    })?;
+                    let wrong = |detail: String| DispatchError::WrongReply {
+                        function: f.id.clone(),
+                        detail,
+                    };
                     match reply.result {
                         ExpertResult::Ok { output } => {
-                            let (rows, cols) = output
-                                .dims2()
-                                .map_err(|e| DispatchError::Internal(e.to_string()))?;
+                            let (rows, cols) = output.dims2().map_err(|e| wrong(e.to_string()))?;
                             if rows != req.routes.len() || cols != self.hidden_size {
-                                return Err(DispatchError::Internal(format!(
-                                    "{} replied [{rows}, {cols}] for [{}, {}]",
-                                    f.id,
+                                return Err(wrong(format!(
+                                    "[{rows}, {cols}] for [{}, {}]",
                                     req.routes.len(),
                                     self.hidden_size
                                 )));
                             }
                             self.last_ok[fidx].store(self.stamp(), Ordering::Relaxed);
-                            return output
-                                .to_f32_vec()
-                                .map_err(|e| DispatchError::Internal(e.to_string()));
+                            return output.to_f32_vec().map_err(|e| wrong(e.to_string()));
                         }
                         // Errors about the request itself are ours: retrying will not help.
                         ExpertResult::Err(e)
                             if e.code != ErrorCode::Internal
                                 && e.code != ErrorCode::Unavailable =>
                         {
-                            return Err(DispatchError::Internal(format!(
-                                "{}: {}: {}",
-                                f.id, e.code, e.message
-                            )));
+                            return Err(DispatchError::Rejected {
+                                function: f.id.clone(),
+                                source: e,
+                            });
                         }
                         ExpertResult::Err(e) => format!("{}: {}", e.code, e.message),
                     }
@@ -567,10 +682,10 @@ impl NatsDispatch {
                             // is draining without having said so yet, or resubscribing after
                             // a reconnect. Ask again after a backoff.
                             if Instant::now() + backoff >= deadline {
-                                return Err(DispatchError::Unavailable(format!(
-                                    "{}: no responders after activation, for {:?}",
-                                    f.id, self.settings.activation_timeout
-                                )));
+                                return Err(DispatchError::NoRespondersAfterActivation {
+                                    function: f.id.clone(),
+                                    waited_ms: self.settings.activation_timeout.as_millis() as u64,
+                                });
                             }
                             debug!(function = %f.id, backoff_ms = backoff.as_millis() as u64, "no responders after activation: asking again");
                             tokio::time::sleep(backoff).await;
@@ -583,7 +698,13 @@ impl NatsDispatch {
                     RequestErrorKind::MaxPayloadExceeded => {
                         // Sending it again cannot help (split_to_fit keeps this from happening
                         // unless the server's limit shrank under us).
-                        return Err(DispatchError::PayloadTooLarge(format!("{}: {e}", f.id)));
+                        return Err(DispatchError::PayloadTooLarge {
+                            function: f.id.clone(),
+                            source: WireError {
+                                code: ErrorCode::PayloadTooLarge,
+                                message: e.to_string(),
+                            },
+                        });
                     }
                     RequestErrorKind::TimedOut => "timed out".to_string(),
                     _ => e.to_string(),
@@ -591,10 +712,11 @@ impl NatsDispatch {
             };
             attempt += 1;
             if attempt > self.settings.max_retries {
-                return Err(DispatchError::Unavailable(format!(
-                    "{}: {retry_reason} after {attempt} attempts",
-                    f.id
-                )));
+                return Err(DispatchError::RetriesExhausted {
+                    function: f.id.clone(),
+                    attempts: attempt,
+                    last: retry_reason,
+                });
             }
             self.retries.fetch_add(1, Ordering::Relaxed);
             warn!(function = %f.id, reason = %retry_reason, attempt, "retrying expert request");
@@ -611,19 +733,15 @@ impl Dispatch for NatsDispatch {
         Box::pin(
             async move {
                 let h = self.hidden_size;
-                let (n, cols) = batch
-                    .hidden
-                    .dims2()
-                    .map_err(|e| DispatchError::Internal(e.to_string()))?;
+                let (n, cols) = batch.hidden.dims2()?;
                 if cols != h {
-                    return Err(DispatchError::Internal(format!("hidden {cols} != {h}")));
+                    return Err(DispatchError::HiddenSize { got: cols, want: h });
                 }
                 let data: Vec<f32> = batch
                     .hidden
                     .to_dtype(candle_core::DType::F32)
                     .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1())
-                    .map_err(|e| DispatchError::Internal(e.to_string()))?;
+                    .and_then(|t| t.to_vec1())?;
                 // function index → (row indices, routes)
                 let mut groups: std::collections::BTreeMap<usize, (Vec<usize>, Vec<RowRoutes>)> =
                     Default::default();
@@ -633,11 +751,9 @@ impl Dispatch for NatsDispatch {
                             .settings
                             .layout
                             .function_of(batch.layer as u32, e as u32)
-                            .ok_or_else(|| {
-                                DispatchError::Internal(format!(
-                                    "no function holds expert {e} of layer {}",
-                                    batch.layer
-                                ))
+                            .ok_or(DispatchError::UnknownExpert {
+                                layer: batch.layer,
+                                expert: e,
                             })?;
                         let g = groups.entry(fidx).or_default();
                         if g.0.last() != Some(&row) {
@@ -653,8 +769,7 @@ impl Dispatch for NatsDispatch {
                     }
                 }
                 // Expert requests are children of this layer's dispatch span.
-                let traceparent =
-                    faasmoe_telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());
+                let traceparent = faasmoe_telemetry::current_traceparent();
                 let traceparent = traceparent.as_deref();
                 // The server's limit, read per layer: after a reconnect it may be another server's.
                 let max_payload = self.client.max_payload();
@@ -668,8 +783,7 @@ impl Dispatch for NatsDispatch {
                         vec![rows.len() as u32, h as u32],
                         &buf,
                         self.settings.wire_dtype,
-                    )
-                    .map_err(|e| DispatchError::Internal(e.to_string()))?;
+                    )?;
                     let req = ExpertRequest {
                         version: PROTOCOL_VERSION,
                         request_id: uuid::Uuid::new_v4(),
@@ -681,11 +795,11 @@ impl Dispatch for NatsDispatch {
                         reply_dtype: self.settings.wire_dtype,
                         combine: true,
                     };
-                    let parts = req.split_to_fit(max_payload).map_err(|e| {
-                        DispatchError::PayloadTooLarge(format!(
-                            "{}: {}",
-                            self.settings.layout.functions[fidx].id, e.message
-                        ))
+                    let parts = req.split_to_fit(max_payload).map_err(|source| {
+                        DispatchError::PayloadTooLarge {
+                            function: self.settings.layout.functions[fidx].id.clone(),
+                            source,
+                        }
                     })?;
                     if parts.len() > 1 {
                         self.split_requests
@@ -713,8 +827,7 @@ impl Dispatch for NatsDispatch {
                     }
                 }
                 debug!(layer = batch.layer, rows = n, "layer dispatched");
-                Tensor::from_vec(acc, (n, h), &Device::Cpu)
-                    .map_err(|e| DispatchError::Internal(e.to_string()))
+                Ok(Tensor::from_vec(acc, (n, h), &Device::Cpu)?)
             }
             .instrument(tracing::info_span!("layer.dispatch", layer = batch.layer)),
         )

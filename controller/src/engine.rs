@@ -397,7 +397,6 @@ async fn forward(
     tenants.dedup();
     let ctx = DispatchContext {
         tenants: tenants.join(","),
-        traceparent: None,
     };
     let span = tracing::info_span!("engine.micro_batch", seqs = seqs.len());
     if let Some(tp) = seqs.iter().find_map(|s| s.sub.traceparent.as_deref()) {
@@ -449,7 +448,7 @@ async fn forward_in(
 /// [`ControlPlane::complete_moe`].
 ///
 /// Returns, per sequence, the f32 logits `[vocab]` of its last fed token. Errors: a model
-/// error (shapes, token ids, cache) as [`DispatchError::Internal`], or the dispatch's own.
+/// error (shapes, token ids, cache) as [`DispatchError::Model`], or the dispatch's own.
 /// This is what every engine step runs per micro-batch; the bench's decode section times
 /// it for local-split and faasmoe-shared alike.
 pub async fn forward_batch(
@@ -459,33 +458,30 @@ pub async fn forward_batch(
     caches: &mut [&mut KvCache],
     ctx: &DispatchContext,
 ) -> Result<Vec<Vec<f32>>, DispatchError> {
-    let internal = |e: faasmoe_model::ModelError| DispatchError::Internal(e.to_string());
-    let mut pass = cp.start(batch).map_err(internal)?;
+    let mut pass = cp.start(batch)?;
     let t0 = Instant::now();
     loop {
-        match cp.advance(&mut pass, caches).map_err(internal)? {
+        match cp.advance(&mut pass, caches)? {
             Step::Experts(b) => {
                 let mut routed = dispatch.routed(&b, ctx);
                 let out = match futures::poll!(&mut routed) {
                     std::task::Poll::Ready(out) => out?,
                     std::task::Poll::Pending => {
-                        cp.shared_expert(&mut pass).map_err(internal)?;
+                        cp.shared_expert(&mut pass)?;
                         prefetch_ahead(cp, dispatch, &pass);
                         routed.await?
                     }
                 };
-                cp.complete_moe(&mut pass, &out).map_err(internal)?;
+                cp.complete_moe(&mut pass, &out)?;
             }
             Step::Done(h) => {
-                let logits = last_logits(cp, &pass, &h).map_err(internal)?;
+                let logits = last_logits(cp, &pass, &h)?;
                 debug!(
                     seqs = batch.len(),
                     ms = t0.elapsed().as_secs_f64() * 1e3,
                     "micro-batch done"
                 );
-                return logits
-                    .to_vec2::<f32>()
-                    .map_err(|e| DispatchError::Internal(e.to_string()));
+                return Ok(logits.to_vec2::<f32>()?);
             }
         }
     }

@@ -11,6 +11,7 @@
 //! It does not spawn workers (the broker does) nor store quotas (it asks a [`quota::QuotaGate`]).
 
 pub mod api;
+pub mod completion;
 pub mod dispatch;
 pub mod engine;
 pub mod quota;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use faasmoe_controller::completion::CompletionText;
 use faasmoe_controller::tokenizer::{
     render_chat, QwenTokenizer, StreamDecoder, TokenizerError, IM_END_ID, IM_START_ID,
     QWEN_TIKTOKEN_VOCAB_SIZE,
@@ -235,6 +236,88 @@ fn stream_decoder_matches_decode() {
     assert_eq!(dec.step(split[0]).unwrap(), "");
     assert!(dec.finish().unwrap().contains('\u{FFFD}'));
     assert_eq!(dec.finish().unwrap(), "", "finish is idempotent");
+}
+
+/// Feeds `ids` to a [`CompletionText`] with `stops`, one by one, taking the stream delta
+/// after each as a streaming reply does; returns (whole text, what was streamed including
+/// the last chunk, whether a stop string matched, ids fed until it did).
+fn complete(tok: &QwenTokenizer, stops: &[&str], ids: &[u32]) -> (String, String, bool, usize) {
+    let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+    let mut c = CompletionText::new(Some(tok), &stops);
+    let mut streamed = String::new();
+    let mut fed = 0;
+    for &id in ids {
+        fed += 1;
+        let stopped = c.push(id).unwrap();
+        let d = c.take_stream_delta();
+        assert!(
+            !d.contains('\u{FFFD}'),
+            "streamed an incomplete character: {d:?}"
+        );
+        streamed.push_str(&d);
+        if stopped {
+            break;
+        }
+    }
+    let stopped = c.stopped();
+    let (text, tail) = c.finish().unwrap();
+    streamed.push_str(&tail);
+    (text, streamed, stopped, fed)
+}
+
+/// CompletionText (the reply text of `Api::generate`): without stop strings the text and
+/// the stream both equal the full decode (special tokens skipped); with one, both end right
+/// before its first occurrence — also when it spans tokens or a multi-byte character — and
+/// nothing of it is ever streamed.
+#[test]
+fn completion_text_stops_and_streams() {
+    let Some(dir) = fixtures_dir() else { return };
+    let tok = fixture_tokenizer(&dir);
+    for g in &golden(&dir) {
+        let full = tok.decode_with(&g.ids, true).unwrap();
+        let (text, streamed, stopped, _) = complete(&tok, &[], &g.ids);
+        assert_eq!(text, full, "{:?}", g.text);
+        assert_eq!(streamed, full, "{:?}", g.text);
+        assert!(!stopped);
+    }
+    let text = "The quick brown fox jumps over the lazy dog. 用一句话解释 🚀 end of the story.";
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(tok.decode_with(&ids, true).unwrap(), text);
+    for stop in [
+        "fox",
+        "over the",
+        "lazy dog.",
+        "句话",
+        "🚀 end",
+        "story",
+        "e",
+    ] {
+        let pos = text.find(stop).unwrap();
+        let (got, streamed, stopped, fed) = complete(&tok, &[stop, "never there"], &ids);
+        assert!(stopped, "{stop:?}");
+        assert_eq!(got, &text[..pos], "stop {stop:?}");
+        assert_eq!(streamed, got, "stop {stop:?}: the stream");
+        assert!(
+            fed < ids.len() || text.ends_with(stop),
+            "stop {stop:?}: ids after it fed"
+        );
+    }
+    // The earliest of several stop strings wins.
+    let (got, ..) = complete(&tok, &["lazy", "quick"], &ids);
+    assert_eq!(got, "The ");
+    // A stop string that never occurs: the whole text; empty stop strings are ignored.
+    let (got, streamed, stopped, _) = complete(&tok, &["zebra", ""], &ids);
+    assert_eq!(
+        (got.as_str(), streamed.as_str(), stopped),
+        (text, text, false)
+    );
+    // Without a tokenizer (input_ids only): no text, no stop.
+    let mut c = CompletionText::new(None, &["a".to_string()]);
+    for &id in &ids {
+        assert!(!c.push(id).unwrap());
+        assert_eq!(c.take_stream_delta(), "");
+    }
+    assert_eq!(c.finish().unwrap(), (String::new(), String::new()));
 }
 
 /// (d) render_chat produces Qwen ChatML with the generation prompt, which tokenizes with

@@ -167,13 +167,13 @@ pub async fn run(
         exit_status: None,
     };
     client
-        .publish(events.clone(), event(EventKind::Ready).encode())
+        .publish(events.clone(), event(EventKind::Subscribed).encode())
         .await?;
     if tokio::time::timeout(STEP_TIMEOUT, client.flush())
         .await
         .is_err()
     {
-        warn!("the ready event was not written in time (connection down?)");
+        warn!("the subscribed event was not written in time (connection down?)");
     }
     info!(%queue, ready_ms = started.elapsed().as_secs_f64() * 1e3, "ready");
     println!("READY {function_id} {instance_id}");
@@ -248,14 +248,13 @@ pub async fn run(
     status_task.abort();
     let _ = tokio::time::timeout(STEP_TIMEOUT, status_task).await;
     let reason = reason.unwrap_or(ExitReason::Shutdown);
-    let mut ev = event(EventKind::Stopped);
+    let mut ev = event(EventKind::Draining);
     ev.cold_start_ms = None;
-    ev.exit_status = Some(0);
     if tokio::time::timeout(STEP_TIMEOUT, client.publish(events, ev.encode()))
         .await
         .is_err()
     {
-        warn!("the stopped event was not accepted in time (connection down?)");
+        warn!("the draining event was not accepted in time (connection down?)");
     }
     // A last round trip: the server has every reply and the stopped event before the
     // connection closes (a flush only writes the socket).

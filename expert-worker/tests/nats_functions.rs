@@ -802,16 +802,16 @@ async fn events(client: &async_nats::Client) -> async_nats::Subscriber {
     sub
 }
 
-/// Waits (bounded) for a `stopped` event of `instance_id`.
-async fn wait_stopped(sub: &mut async_nats::Subscriber, instance_id: &str) -> FunctionEvent {
+/// Waits (bounded) for the `draining` event of `instance_id` (the worker's last).
+async fn wait_draining(sub: &mut async_nats::Subscriber, instance_id: &str) -> FunctionEvent {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let msg = tokio::time::timeout_at(deadline, sub.next())
             .await
-            .unwrap_or_else(|_| panic!("no `stopped` event of {instance_id}"))
+            .unwrap_or_else(|_| panic!("no `draining` event of {instance_id}"))
             .unwrap();
         let ev = FunctionEvent::decode(&msg.payload).unwrap();
-        if ev.kind == EventKind::Stopped && ev.instance_id == instance_id {
+        if ev.kind == EventKind::Draining && ev.instance_id == instance_id {
             return ev;
         }
     }
@@ -838,7 +838,7 @@ async fn idle_worker_exits_after_timeout_without_losing_requests() {
     )
     .await;
 
-    // A ready event was published before READY.
+    // A subscribed event was published before READY.
     let ready = FunctionEvent::decode(
         &tokio::time::timeout(Duration::from_secs(2), ev_sub.next())
             .await
@@ -849,7 +849,7 @@ async fn idle_worker_exits_after_timeout_without_losing_requests() {
     .unwrap();
     assert_eq!(
         (ready.kind, ready.instance_id.as_str()),
-        (EventKind::Ready, w.instance_id.as_str())
+        (EventKind::Subscribed, w.instance_id.as_str())
     );
 
     // Busy for ~1 s: every request answered correctly, and the worker does not go idle.
@@ -927,8 +927,8 @@ async fn idle_worker_exits_after_timeout_without_losing_requests() {
         exit_after <= Duration::from_millis(IDLE_MS + 3000),
         "exited only after {exit_after:?}"
     );
-    let ev = wait_stopped(&mut ev_sub, &w.instance_id).await;
-    assert_eq!(ev.exit_status, Some(0));
+    let ev = wait_draining(&mut ev_sub, &w.instance_id).await;
+    assert_eq!(ev.exit_status, None, "draining comes before the exit");
     assert_eq!(ev.function_id, w.function_id);
     assert_eq!(ev.pid, Some(w.pid));
     assert!(
@@ -1023,8 +1023,8 @@ async fn sigterm_drains_requests_in_flight_then_exits_zero() {
     let st = w.wait_exit(Duration::from_secs(10)).await;
     eprintln!("SIGTERM: all {} requests were in flight, all answered after the signal; exit {st:?} {:?} after it", got.len(), sent_at.elapsed());
     assert!(st.success(), "exit status {st:?}; log:\n{}", w.log());
-    let ev = wait_stopped(&mut ev_sub, &w.instance_id).await;
-    assert_eq!(ev.exit_status, Some(0));
+    let ev = wait_draining(&mut ev_sub, &w.instance_id).await;
+    assert_eq!(ev.kind, EventKind::Draining);
     assert!(
         w.log().contains("shutdown requested"),
         "the worker saw SIGTERM"
@@ -1073,7 +1073,7 @@ async fn sigterm_during_cold_start_still_exits_cleanly() {
         assert!(
             t0.elapsed() < Duration::from_secs(5),
             "no SIGTERM handler installed while the worker loads its experts: a SIGTERM now would kill \
-             it without draining, a stopped event or exit status 0; log:\n{}",
+             it without draining, a draining event or exit status 0; log:\n{}",
             w.log()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1103,12 +1103,22 @@ async fn sigterm_during_cold_start_still_exits_cleanly() {
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), ev_sub.next()).await {
         let ev = FunctionEvent::decode(&m.payload).unwrap();
         kinds.push(ev.kind);
-        if ev.kind == EventKind::Stopped {
-            assert_eq!(ev.exit_status, Some(0));
+        if ev.kind == EventKind::Draining {
             break;
         }
     }
-    assert_eq!(kinds.last(), Some(&EventKind::Stopped), "events: {kinds:?}");
+    assert_eq!(
+        kinds.last(),
+        Some(&EventKind::Draining),
+        "events: {kinds:?}"
+    );
+    // Only the worker's own kinds: `ready` and `stopped` are the broker's.
+    assert!(
+        kinds
+            .iter()
+            .all(|k| matches!(k, EventKind::Subscribed | EventKind::Draining)),
+        "events: {kinds:?}"
+    );
 }
 
 /// Requests that race the drain (sent continuously while the worker unsubscribes) must be

@@ -1,22 +1,40 @@
-//! Function lifecycle events, published by the broker on `faasmoe.v1.events.<model>`
-//! ([`crate::subject::events`]) for monitoring and benchmarks. JSON bodies.
+//! Function lifecycle events on `faasmoe.v1.events.<model>` ([`crate::subject::events`]),
+//! JSON bodies. Each kind has one publisher and one meaning:
+//!
+//! | kind | published by | means | `cold_start_ms` |
+//! |---|---|---|---|
+//! | `started` | broker | it spawned the process | — |
+//! | `subscribed` | worker | it loaded its experts and its subscriptions are confirmed by the server | process start → subscribed |
+//! | `ready` | broker | it saw the worker's `subscribed`: the instance serves | spawn → ready (the cold start) |
+//! | `draining` | worker | it unsubscribed and answers only what it already received, then exits | — |
+//! | `stopped` | broker | it reaped the process (idle scale to zero, crash or shutdown) | — |
+//! | `spawn_failed` | broker | the process could not be spawned or exited before `ready` | — |
+//!
+//! Monitoring and benchmarks read the broker's kinds; the broker reads the worker's.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::WireError;
 
-/// What happened to an instance (`"started"`, `"ready"`, `"stopped"`, `"spawn_failed"`).
+/// What happened to an instance (`"started"`, `"subscribed"`, `"ready"`, `"draining"`,
+/// `"stopped"`, `"spawn_failed"`); the module's table says who publishes each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
-    /// The process was spawned.
+    /// Broker: the process was spawned.
     Started,
-    /// The instance loaded its experts and subscribed (cold start complete).
+    /// Worker: it loaded its experts and the server confirmed its subscriptions.
+    Subscribed,
+    /// Broker: the instance serves (it saw the worker's `subscribed`); the cold start is
+    /// complete, `cold_start_ms` = spawn → ready.
     Ready,
-    /// The process exited (idle scale-to-zero, crash or shutdown).
+    /// Worker: it unsubscribed and is answering only the requests it already received
+    /// before it exits.
+    Draining,
+    /// Broker: the process exited and was reaped (idle scale-to-zero, crash or shutdown).
     Stopped,
-    /// The process could not be spawned or died before becoming ready.
+    /// Broker: the process could not be spawned or died before becoming ready.
     SpawnFailed,
 }
 
@@ -35,9 +53,10 @@ pub struct FunctionEvent {
     pub pid: Option<u32>,
     /// When, in milliseconds since the Unix epoch.
     pub at_unix_ms: u64,
-    /// Spawn to ready in milliseconds (on `ready`).
+    /// On `ready`: spawn → ready, ms (the broker's clock); on `subscribed`: the worker's
+    /// process start → subscribed, ms.
     pub cold_start_ms: Option<f64>,
-    /// Process exit status (on `stopped`, when it exited normally).
+    /// Process exit status (on `stopped` and `spawn_failed`, when it exited normally).
     pub exit_status: Option<i32>,
 }
 

@@ -165,8 +165,9 @@ pub struct ExpertRequest {
     pub version: u16,
     /// Echoed in the reply.
     pub request_id: Uuid,
-    /// The tenant on whose behalf rows are sent (for accounting; rows may mix tenants:
-    /// then it names the controller, e.g. `"shared"`).
+    /// The tenants whose rows are in the request, sorted and comma separated (`"t1"`,
+    /// `"t1,t3"`): a batch may mix tenants. For the function's accounting and logs only; it
+    /// grants nothing (the function trusts the controller, not this field).
     pub tenant: String,
     /// Model id (as in the subject).
     pub model: String,

@@ -390,7 +390,6 @@ fn time_points(
 ) -> anyhow::Result<()> {
     let ctx = DispatchContext {
         tenants: "faasmoe-bench".into(),
-        traceparent: None,
     };
     for rep in 0..=reps {
         for p in state.iter_mut() {

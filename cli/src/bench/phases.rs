@@ -336,7 +336,7 @@ fn warm_cpu_per_token(results: &[RunResult], mode: Mode, tenants: usize) -> Opti
 pub(super) fn report(results: &[RunResult]) -> String {
     let mut t = String::new();
     t.push_str("## Cold and warm phases\n\n");
-    t.push_str("The cold phase starts from scale to zero; the warm phase replays the same workload after a priming pass has started the functions it needs (warm requests: those during which no instance became ready). CPU-s/token counts every process of the deployment. Ratios: against `baseline` (candle-transformers, a full model per tenant), `local-baseline` (our own unsplit model per tenant, same kernels and dtype) and `local-split` (our own unsplit model, one process for every tenant).\n\n");
+    t.push_str("The cold phase starts from scale to zero; the warm phase replays a longer slice of the same traces (`--warm-requests` per tenant) after a priming pass (the cold workload, sent at once) has started the functions (warm requests: those during which no instance became ready). CPU-s/token counts every process of the deployment. Ratios: against `baseline` (candle-transformers, a full model per tenant), `local-baseline` (our own unsplit model per tenant, same kernels and dtype) and `local-split` (our own unsplit model, one process for every tenant).\n\n");
     t.push_str("| mode | tenants | experts/function | cold TTFT p50 ms | cold TPOT p50 ms | warm requests | warm TTFT p50 ms | warm TTFT p99 ms | warm TPOT p50 ms | warm TPOT p99 ms | warm tok/s | warm PSS/tenant MB | cold CPU-s/token | warm CPU-s/token | × baseline | × local-baseline | × local-split |\n");
     t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results.iter().filter(|r| r.skipped.is_none()) {

@@ -293,6 +293,122 @@ pub(super) fn all(out: &Path, results: &[RunResult], max_t: usize) -> anyhow::Re
         t!(root.present());
     }
     files.push("latency_cdf.png".to_string());
-    let _ = percentile;
+    files.extend(capacity(out, &at_max, max_t)?);
+    files.extend(phases(out, results)?);
     Ok(files)
+}
+
+/// `capacity.png`: the closed-loop sweep of every mode that ran one — output tokens/s and
+/// TPOT p50 against concurrent sequences. None when no run has a sweep.
+fn capacity(out: &Path, at_max: &[&RunResult], max_t: usize) -> anyhow::Result<Option<String>> {
+    let swept: Vec<&&RunResult> = at_max.iter().filter(|r| !r.sweep.is_empty()).collect();
+    if swept.is_empty() {
+        return Ok(None);
+    }
+    let pts = |r: &RunResult, f: &dyn Fn(&super::phases::PhaseStats) -> f64| -> Vec<(f64, f64)> {
+        r.sweep
+            .iter()
+            .filter_map(|p| p.concurrency.map(|c| (c as f64, f(&p.stats()))))
+            .collect()
+    };
+    let tok_s: Series = swept
+        .iter()
+        .map(|r| (label(r), pts(r, &|s| s.tok_s)))
+        .collect();
+    let tpot: Series = swept
+        .iter()
+        .map(|r| (label(r), pts(r, &|s| percentile(&s.tpot, 50.0))))
+        .collect();
+    let p = out.join("capacity.png");
+    let root = BitMapBackend::new(&p, (1400, 600)).into_drawing_area();
+    t!(root.fill(&WHITE));
+    let areas = root.split_evenly((1, 2));
+    line_chart(
+        &areas[0],
+        &format!("throughput vs concurrency, {max_t} tenant(s)"),
+        "concurrent sequences (log)",
+        "output tokens / s",
+        &tok_s,
+        true,
+    )?;
+    line_chart(
+        &areas[1],
+        &format!("TPOT p50 vs concurrency, {max_t} tenant(s)"),
+        "concurrent sequences (log)",
+        "TPOT p50 (ms)",
+        &tpot,
+        true,
+    )?;
+    t!(root.present());
+    Ok(Some("capacity.png".to_string()))
+}
+
+/// `phases.png`: per mode against the tenant count — CPU-seconds per output token, TTFT p50
+/// and TPOT p50; the cold phase in the top row, the warm phase below, one colour per mode in
+/// both. The sweep's extra granularities (one tenant count each) are left to
+/// `granularity.png` unless no mode ran at more than one tenant count. None when no run has a
+/// warm phase.
+fn phases(out: &Path, results: &[RunResult]) -> anyhow::Result<Option<String>> {
+    use super::phases::{cold_phase, Phase, PhaseStats};
+    let runs: Vec<&RunResult> = results
+        .iter()
+        .filter(|r| r.skipped.is_none() && r.warm.is_some())
+        .collect();
+    if runs.is_empty() {
+        return Ok(None);
+    }
+    let mut keys: Vec<String> = Vec::new();
+    for r in &runs {
+        let k = label(r);
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let counts = |k: &String| runs.iter().filter(|r| &label(r) == k).count();
+    if keys.iter().any(|k| counts(k) > 1) {
+        keys.retain(|k| counts(k) > 1);
+    }
+    let series = |phase: &dyn Fn(&RunResult) -> Phase, f: &dyn Fn(&PhaseStats) -> f64| -> Series {
+        keys.iter()
+            .map(|k| {
+                let mut p: Vec<(f64, f64)> = runs
+                    .iter()
+                    .filter(|r| &label(r) == k)
+                    .map(|r| (r.spec.tenants as f64, f(&phase(r).stats())))
+                    .collect();
+                p.sort_by(|a, b| a.0.total_cmp(&b.0));
+                (k.clone(), p)
+            })
+            .collect()
+    };
+    let cold = |r: &RunResult| cold_phase(r);
+    let warm = |r: &RunResult| r.warm.clone().unwrap_or_default();
+    type Figure<'f> = (&'f str, &'f str, &'f dyn Fn(&PhaseStats) -> f64);
+    type Row<'f> = (&'f str, &'f dyn Fn(&RunResult) -> Phase);
+    let figures: [Figure; 3] = [
+        ("CPU-seconds per output token", "CPU-s / token", &|s| {
+            s.cpu_s_per_token
+        }),
+        ("TTFT p50", "TTFT p50 (ms)", &|s| percentile(&s.ttft, 50.0)),
+        ("TPOT p50", "TPOT p50 (ms)", &|s| percentile(&s.tpot, 50.0)),
+    ];
+    let p = out.join("phases.png");
+    let root = BitMapBackend::new(&p, (2100, 1200)).into_drawing_area();
+    t!(root.fill(&WHITE));
+    let areas = root.split_evenly((2, 3));
+    let rows: [Row; 2] = [("cold", &cold), ("warm", &warm)];
+    for (row, (name, phase)) in rows.iter().enumerate() {
+        for (col, (title, ydesc, f)) in figures.iter().enumerate() {
+            line_chart(
+                &areas[row * 3 + col],
+                &format!("{title}, {name} phase"),
+                "tenants",
+                ydesc,
+                &series(*phase, *f),
+                false,
+            )?;
+        }
+    }
+    t!(root.present());
+    Ok(Some("phases.png".to_string()))
 }

@@ -205,6 +205,7 @@ pub(super) fn write_csvs(
         "mode",
         "tenants",
         "granularity",
+        "phase",
         "tenant",
         "index",
         "sent_s",
@@ -218,7 +219,21 @@ pub(super) fn write_csvs(
         "error",
     ])?;
     for r in results.iter().filter(|r| r.spec.same_as.is_none()) {
-        for q in &r.requests {
+        // Every phase's requests: cold (from scale to zero), warm, then the sweep's points.
+        let mut phases: Vec<(String, &[ReqResult])> = vec![("cold".into(), &r.requests)];
+        if let Some(w) = &r.warm {
+            phases.push(("warm".into(), &w.requests));
+        }
+        for p in &r.sweep {
+            phases.push((
+                format!("sweep-c{}", p.concurrency.unwrap_or(0)),
+                &p.requests,
+            ));
+        }
+        for (phase, q) in phases
+            .iter()
+            .flat_map(|(p, qs)| qs.iter().map(move |q| (p, q)))
+        {
             let (pt, ct, qm, tt, tot, tp) = match &q.ok {
                 Some(g) => (
                     g.usage.prompt_tokens.to_string(),
@@ -237,6 +252,7 @@ pub(super) fn write_csvs(
                     .granularity
                     .map(|g| g.to_string())
                     .unwrap_or_default(),
+                phase.clone(),
                 q.tenant.clone(),
                 q.index.to_string(),
                 f(q.sent_s, 3),
@@ -425,8 +441,8 @@ pub(super) fn report_md(
     let _ = writeln!(r, "- checkpoint (per-expert): {expert_desc}");
     let _ = writeln!(
         r,
-        "- workload: Azure LLM inference traces (Splitwise, ISCA 2024, CC-BY 4.0); tenant i replays the conversation (odd i) or code (even i) trace, {n_req} requests each; scale: prompt tokens ÷{}, clamped to {:?}; output tokens ÷{}, clamped to {:?}; inter-arrival × {}; greedy decoding; the same token ids for every mode",
-        scale.prompt_div, scale.prompt_range, scale.output_div, scale.output_range, scale.time_mul
+        "- workload: Azure LLM inference traces (Splitwise, ISCA 2024, CC-BY 4.0); tenant i replays the conversation (odd i) or code (even i) trace, {n_req} requests each in the cold phase and {} in the warm phase (the same slice, longer); scale: prompt tokens ÷{}, clamped to {:?}; output tokens ÷{}, clamped to {:?}; inter-arrival × {}; greedy decoding; the same token ids for every mode",
+        a.warm_requests_per_tenant(), scale.prompt_div, scale.prompt_range, scale.output_div, scale.output_range, scale.time_mul
     );
     let _ = writeln!(r, "- tenants {tenants:?}; faasmoe-shared granularity sweep {grans:?} at {} tenants; faasmoe-shared/-private compared at {compare_g} experts per function; idle timeout {} ms, at most {} instances per function", tenants.iter().max().unwrap_or(&0), a.idle_timeout_ms, a.max_instances);
     let _ = writeln!(r, "- bench wall time: {total_s:.0} s\n");
@@ -549,6 +565,6 @@ pub(super) fn report_md(
             );
         }
     }
-    let _ = writeln!(r, "\n## Files\n\n- runs.csv (one row per mode/setting), requests.csv, samples.csv (per role over time), experts.csv, controller.csv\n- {plot_note}\n- logs/ (every process's log)");
+    let _ = writeln!(r, "\n## Files\n\n- runs.csv (one row per mode/setting), requests.csv (every request of every phase: cold, warm, sweep-c<n>), phases.csv, samples.csv (per role over time), experts.csv, controller.csv\n- {plot_note}\n- logs/ (every process's log)");
     r
 }

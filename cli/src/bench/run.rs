@@ -213,6 +213,7 @@ pub(super) async fn run_one(
     spec: &Spec,
     all_tenants: &[String],
     work: &[Req],
+    warm_work: &[Req],
     model: &Path,
     a: &BenchArgs,
     out: &Path,
@@ -337,7 +338,12 @@ pub(super) async fn run_one(
         None
     } else {
         harness.prime(&mine).await;
-        let w = harness.replay(&mine).await;
+        let warm_mine: Vec<Req> = warm_work
+            .iter()
+            .filter(|r| tenants.contains(&r.tenant))
+            .cloned()
+            .collect();
+        let w = harness.replay(&warm_mine).await;
         let s = w.stats();
         println!(
             "    warm phase {:.1}s: {}/{} ok, {} warm, TPOT p50 {} ms, {} CPU-s/token",
