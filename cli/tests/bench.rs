@@ -44,12 +44,14 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
             "2",
             "--granularities",
             "16",
+            // Enough work that every mode's cold phase takes several 10 ms CPU clock ticks
+            // (with 1 request of 4 tokens per tenant a tiny-model run could measure 0).
             "--requests",
-            "1",
+            "2",
             "--max-prompt",
             "8",
             "--max-output",
-            "4",
+            "8",
             "--time-mul",
             "0.01",
         ])
@@ -65,7 +67,7 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
             "--sweep-requests",
             "1",
             "--warm-requests",
-            "2",
+            "3",
             "--out",
         ])
         .arg(out.path())
@@ -164,9 +166,9 @@ fn bench_runs_every_mode_on_the_tiny_fixture() {
                 assert!(v > 0.0, "{mode} {phase}: {c} = {v}");
             }
             if phase == "warm" {
-                // --warm-requests 2 for each of the 2 tenants: a longer slice than the
-                // cold phase's one request per tenant.
-                assert_eq!(&r[pcol("requests")], "4", "{mode} warm\n{stdout}");
+                // --warm-requests 3 for each of the 2 tenants: a longer slice than the
+                // cold phase's 2 requests per tenant.
+                assert_eq!(&r[pcol("requests")], "6", "{mode} warm\n{stdout}");
                 // Primed: the warm phase runs (at least partly) on started functions.
                 let warm: usize = r[pcol("warm_requests")].parse().unwrap();
                 assert!(
