@@ -149,7 +149,7 @@ impl InternalCredentials {
     pub fn write_hashes(&self, dir: &Path) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(INTERNAL_FILE);
-        crate::runtime::write_private(&path, self.hashed_block().as_bytes())?;
+        crate::server_config::write_private(&path, self.hashed_block().as_bytes())?;
         Ok(path)
     }
 }

@@ -19,19 +19,19 @@ pub mod activation;
 pub mod credentials;
 pub mod deployment;
 pub mod metrics;
-pub mod runtime;
 pub mod server;
+pub mod server_config;
 pub mod spawner;
 pub mod tenants;
 
 pub use activation::{ActivationConfig, Activator, InstanceInfo, InstanceState};
 pub use credentials::InternalCredentials;
 pub use deployment::Deployment;
-pub use runtime::{
+pub use server::{EmbeddedServer, ServerOptions};
+pub use server_config::{
     reload, render_config, RuntimeConfig, RuntimeError, RuntimeState, ServerControl, TenantAdmin,
     TENANTS_MARKER,
 };
-pub use server::{EmbeddedServer, ServerOptions};
 pub use spawner::{Instance, InstanceBackend, InstanceExit, LocalProcessBackend, SpawnError};
 pub use tenants::{
     Admission, Quota, QuotaError, QuotaKind, TenantCredentials, TenantError, TenantRecord,

@@ -156,7 +156,11 @@ impl StoreArgs {
     /// Tenant administration that reloads the server, when `--conf-dir` is a runtime dir.
     fn admin(&self, store: &TenantStore) -> anyhow::Result<Option<TenantAdmin>> {
         match &self.conf_dir {
-            Some(dir) if dir.join(faasmoe_broker::runtime::STATE_FILE).is_file() => {
+            Some(dir)
+                if dir
+                    .join(faasmoe_broker::server_config::STATE_FILE)
+                    .is_file() =>
+            {
                 let (runtime, control) = RuntimeConfig::from_state_dir(dir)?;
                 Ok(Some(TenantAdmin::new(store.clone(), runtime, control)))
             }

@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::credentials::InternalCredentials;
-use crate::runtime::{
+use crate::server_config::{
     RuntimeConfig, RuntimeError, RuntimeState, ServerControl, TenantAdmin, DEFAULT_RELOAD_TIMEOUT,
 };
 use crate::tenants::TenantStore;

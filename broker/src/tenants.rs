@@ -15,7 +15,7 @@
 //! added on create, removed on delete); [`crate::runtime`] renders them into the server's
 //! runtime configuration at the `# @faasmoe-tenants` marker and reloads the server
 //! (nats-server cannot `include` inside the `users` array), and
-//! [`crate::runtime::TenantAdmin`] does all of it on create/delete.
+//! [`crate::server_config::TenantAdmin`] does all of it on create/delete.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -648,9 +648,9 @@ fn encode(rec: &TenantRecord) -> bytes::Bytes {
 /// (`# BEGIN tenant <name>` … `# END tenant <name>`), kept in step with create/delete.
 ///
 /// nats-server (2.x) cannot `include` a file inside an array, so this file is not included
-/// by `nats.conf`: [`crate::runtime::RuntimeConfig`] inserts its entries at the marker line
+/// by `nats.conf`: [`crate::server_config::RuntimeConfig`] inserts its entries at the marker line
 /// of the account's `users: [...]` list into a rendered copy the server runs from, and
-/// [`crate::runtime::ServerControl::reload`] makes the server take them.
+/// [`crate::server_config::ServerControl::reload`] makes the server take them.
 #[derive(Debug, Clone)]
 pub struct TenantsConf {
     path: PathBuf,

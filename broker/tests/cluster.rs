@@ -72,12 +72,12 @@ async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T
 
 fn checkpoint(dir: &Path) -> PathBuf {
     let model_dir = dir.join(MODEL);
-    let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(
+    let g = faasmoe_model::random_checkpoint::preset("tiny").unwrap();
+    faasmoe_model::random_checkpoint::write_checkpoint(
         &model_dir,
         &g,
         7,
-        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        faasmoe_model::random_checkpoint::DEFAULT_MAX_SHARD_BYTES,
         |_, _| {},
     )
     .unwrap();
@@ -185,7 +185,7 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
     let model_dir = checkpoint(dir.path());
     let mut d = Deployment::new(&model_dir);
     d.model_id = Some(MODEL.into());
-    let experts = faasmoe_model::generator::preset("tiny")
+    let experts = faasmoe_model::random_checkpoint::preset("tiny")
         .unwrap()
         .num_experts as u32;
     d.granularity = experts; // whole layer per function

@@ -85,12 +85,12 @@ struct Bed {
 
 fn checkpoint(dir: &Path) -> PathBuf {
     let model_dir = dir.join(MODEL);
-    let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(
+    let g = faasmoe_model::random_checkpoint::preset("tiny").unwrap();
+    faasmoe_model::random_checkpoint::write_checkpoint(
         &model_dir,
         &g,
         7,
-        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        faasmoe_model::random_checkpoint::DEFAULT_MAX_SHARD_BYTES,
         |_, _| {},
     )
     .unwrap();

@@ -92,12 +92,12 @@ async fn generate_requests_with_no_worker_running_spawn_each_needed_function_exa
     let t_total = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let model_dir: PathBuf = dir.path().join(MODEL);
-    let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(
+    let g = faasmoe_model::random_checkpoint::preset("tiny").unwrap();
+    faasmoe_model::random_checkpoint::write_checkpoint(
         &model_dir,
         &g,
         7,
-        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        faasmoe_model::random_checkpoint::DEFAULT_MAX_SHARD_BYTES,
         |_, _| {},
     )
     .unwrap();

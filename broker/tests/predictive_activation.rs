@@ -169,12 +169,12 @@ async fn activation_ahead_of_the_pass_changes_no_result_and_starts_functions_ear
         .try_init();
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join(MODEL);
-    let g = faasmoe_model::generator::preset("tiny").unwrap();
-    faasmoe_model::generator::write_checkpoint(
+    let g = faasmoe_model::random_checkpoint::preset("tiny").unwrap();
+    faasmoe_model::random_checkpoint::write_checkpoint(
         &model_dir,
         &g,
         7,
-        faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        faasmoe_model::random_checkpoint::DEFAULT_MAX_SHARD_BYTES,
         |_, _| {},
     )
     .unwrap();

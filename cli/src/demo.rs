@@ -67,8 +67,8 @@ pub(crate) fn ensure_model(a: &DemoArgs) -> anyhow::Result<PathBuf> {
     if dir.join("config.json").exists() && dir.join("tokenizer.json").exists() {
         return Ok(dir);
     }
-    let g = faasmoe_model::generator::preset("demo").expect("demo preset");
-    let real = faasmoe_model::generator::preset("qwen1.5-moe-a2.7b").expect("preset");
+    let g = faasmoe_model::random_checkpoint::preset("demo").expect("demo preset");
+    let real = faasmoe_model::random_checkpoint::preset("qwen1.5-moe-a2.7b").expect("preset");
     println!(
         "creating the demo checkpoint: Qwen1.5-MoE-A2.7B structure ({} layers, {} experts top-{}, shared expert, vocab {}) shrunk {}× in width (hidden {} vs {}, expert {} vs {})",
         g.num_hidden_layers, g.num_experts, g.num_experts_per_tok, g.vocab_size,
@@ -80,7 +80,9 @@ pub(crate) fn ensure_model(a: &DemoArgs) -> anyhow::Result<PathBuf> {
             a.tiktoken.display()
         )
     })?;
-    faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs::new(&dir, "demo"))?;
+    faasmoe_model::random_checkpoint::init(&faasmoe_model::random_checkpoint::InitArgs::new(
+        &dir, "demo",
+    ))?;
     tok.save(dir.join("tokenizer.json"))?;
     Ok(dir)
 }

@@ -77,7 +77,7 @@ enum ModelCmd {
     /// Write a random-weight checkpoint in the exact Hugging Face hub layout.
     Init {
         #[command(flatten)]
-        args: faasmoe_model::generator::InitArgs,
+        args: faasmoe_model::random_checkpoint::InitArgs,
         /// Build tokenizer.json from Qwen's BPE ranks (`qwen.tiktoken`, see scripts/fetch-qwen-tiktoken).
         #[arg(long)]
         tiktoken: Option<PathBuf>,
@@ -312,7 +312,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Model(ModelCmd::Init { args, tiktoken }) => {
-            faasmoe_model::generator::init(&args)?;
+            faasmoe_model::random_checkpoint::init(&args)?;
             if let Some(t) = tiktoken {
                 let tok = faasmoe_controller::tokenizer::QwenTokenizer::from_tiktoken(&t)?;
                 tok.save(args.out.join("tokenizer.json"))?;

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use faasmoe_model::generator::{preset, write_checkpoint_filled, Fill};
+use faasmoe_model::random_checkpoint::{preset, write_checkpoint_filled, Fill};
 
 /// Resident memory of an expert function is proportional to the experts it holds, measured
 /// on the real Qwen1.5-MoE-A2.7B layer geometry (hidden 2048, 60 experts × 1408), one

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State as ConnectionState;
 use async_nats::{RequestError, RequestErrorKind};
 use candle_core::{Device, Tensor};
-use faasmoe_model::qwen2_moe::ExpertBackend;
+use faasmoe_model::control_plane::ExpertBackend;
 use faasmoe_model::{InProcessBackend, RoutedBatch};
 use faasmoe_proto::activation::{ActivateReply, ActivateRequest, ActivateResult};
 use faasmoe_proto::expert::{

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use faasmoe_model::qwen2_moe::last_logits;
+use faasmoe_model::control_plane::last_logits;
 use faasmoe_model::{ControlPlane, KvCache, Step};
 use faasmoe_telemetry::metrics;
 use tokio::sync::mpsc;
@@ -416,7 +416,7 @@ const PREDICT_MAX_ROWS: usize = 64;
 fn prefetch_ahead(
     cp: &ControlPlane,
     dispatch: &dyn Dispatch,
-    pass: &faasmoe_model::qwen2_moe::ForwardPass,
+    pass: &faasmoe_model::control_plane::ForwardPass,
 ) {
     let depth = dispatch.prefetch_depth();
     if depth == 0 {

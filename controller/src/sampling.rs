@@ -35,7 +35,7 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature <= 0.0 {
-            return faasmoe_model::qwen2_moe::argmax(logits);
+            return faasmoe_model::control_plane::argmax(logits);
         }
         let mut idx: Vec<usize> = (0..logits.len()).collect();
         idx.sort_unstable_by(|&a, &b| {

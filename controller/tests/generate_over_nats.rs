@@ -831,13 +831,13 @@ async fn long_prompts_at_the_a27b_geometry_give_the_local_split_ids_over_nats() 
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("a27b-l2-v1024");
     let t0 = Instant::now();
-    faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs {
+    faasmoe_model::random_checkpoint::init(&faasmoe_model::random_checkpoint::InitArgs {
         out: ckpt.clone(),
         preset: "qwen1.5-moe-a2.7b".into(),
         layers: Some(2),
         vocab_size: Some(1024),
         seed: 7,
-        max_shard_bytes: faasmoe_model::generator::DEFAULT_MAX_SHARD_BYTES,
+        max_shard_bytes: faasmoe_model::random_checkpoint::DEFAULT_MAX_SHARD_BYTES,
         zeros: false,
         tokenizer: None,
     })

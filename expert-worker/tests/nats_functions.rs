@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use faasmoe_e2e::NatsServer;
-use faasmoe_model::generator::{
+use faasmoe_model::random_checkpoint::{
     preset, write_checkpoint, write_checkpoint_filled, Fill, DEFAULT_MAX_SHARD_BYTES,
 };
 use faasmoe_model::{Checkpoint, ExpertId, ExpertSelection, ExpertSet};

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use crate::control_plane::{ExpertBackend, RoutedBatch};
 use crate::error::Result;
 use crate::experts::ExpertSet;
-use crate::qwen2_moe::{ExpertBackend, RoutedBatch};
 
 /// Computes routed experts in this process from an [`ExpertSet`].
 #[derive(Debug, Clone)]

@@ -122,7 +122,7 @@ impl Baseline {
         let mut out = Vec::with_capacity(max_new);
         let mut logits = self.forward(prompt)?;
         for _ in 0..max_new {
-            let t = crate::qwen2_moe::argmax(&logits.to_vec1::<f32>()?);
+            let t = crate::control_plane::argmax(&logits.to_vec1::<f32>()?);
             out.push(t);
             logits = self.forward(&[t])?;
         }

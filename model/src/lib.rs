@@ -22,27 +22,28 @@
 //! It does not know about NATS, tenants, tokenizers or sampling: those live in `proto`,
 //! `controller` and `expert-worker`.
 
+mod attention;
 pub mod backend;
 pub mod baseline;
 pub mod checkpoint;
 pub mod config;
+pub mod control_plane;
 pub mod error;
 pub mod experts;
 pub mod fixtures;
-pub mod generation;
-pub mod generator;
+pub mod greedy;
 pub mod kernel;
 pub mod kv_cache;
 pub mod linear;
-pub mod qwen2_moe;
+pub mod random_checkpoint;
 
 pub use backend::InProcessBackend;
 pub use checkpoint::Checkpoint;
 pub use config::{Config, GenerationConfig};
+pub use control_plane::{ControlPlane, ExpertBackend, ForwardPass, KvCache, RoutedBatch, Step};
 pub use error::{ModelError, Result};
 pub use experts::{ExpertId, ExpertSelection, ExpertSet, RowRoutes};
 pub use linear::{Embedding, Linear, Weight};
-pub use qwen2_moe::{ControlPlane, ExpertBackend, ForwardPass, KvCache, RoutedBatch, Step};
 
 /// Loads the control plane and all routed experts in-process (the local-split mode).
 pub fn load_local(

@@ -230,6 +230,30 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// `{name}.weight` `[out, inp]` from `ckpt` in its stored dtype, and `{name}.bias` `[out]`
+    /// (f32) if `bias`.
+    ///
+    /// # Errors
+    /// A missing tensor or one of another shape ([`ModelError`] from the checkpoint).
+    pub(crate) fn load(
+        ckpt: &mut crate::checkpoint::Checkpoint,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let w = ckpt.load_weight(&format!("{name}.weight"), out, inp)?;
+        let b = if bias {
+            Some(
+                ckpt.load(&format!("{name}.bias"), &[out])?
+                    .to_vec1::<f32>()?,
+            )
+        } else {
+            None
+        };
+        Linear::new(Arc::new(w), b)
+    }
+
     /// Wraps a weight (shared, e.g. with a tied embedding) and an optional bias of `rows` values.
     ///
     /// Errors: a bias whose length is not the weight's row count.

@@ -3,9 +3,9 @@
 //! on both fixture checkpoints (`../shared/fixtures`).
 
 use candle_core::DType;
+use faasmoe_model::control_plane::{argmax, last_logits};
 use faasmoe_model::fixtures::fixture;
 use faasmoe_model::kv_cache::MIN_CAPACITY;
-use faasmoe_model::qwen2_moe::{argmax, last_logits};
 use faasmoe_model::{load_local, ControlPlane, InProcessBackend, KvCache};
 
 const FIXTURES: [&str; 2] = ["qwen15-moe-tiny", "qwen2-moe-gqa-mixed"];

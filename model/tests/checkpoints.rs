@@ -7,11 +7,11 @@ use candle_core::DType;
 use faasmoe_model::baseline::Baseline;
 use faasmoe_model::experts::{ExpertId, ExpertSelection};
 use faasmoe_model::fixtures::fixture;
-use faasmoe_model::generation::greedy_batch;
-use faasmoe_model::generator::{preset, write_checkpoint, write_checkpoint_filled, Fill};
+use faasmoe_model::greedy::greedy_batch;
+use faasmoe_model::random_checkpoint::{preset, write_checkpoint, write_checkpoint_filled, Fill};
 use faasmoe_model::{load_local, Checkpoint, Config, ControlPlane, ExpertSet, ModelError};
 
-fn tiny_geometry() -> faasmoe_model::generator::Geometry {
+fn tiny_geometry() -> faasmoe_model::random_checkpoint::Geometry {
     let mut g = preset("tiny").unwrap();
     g.vocab_size = 512;
     g.num_hidden_layers = 2;

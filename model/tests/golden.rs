@@ -7,9 +7,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use faasmoe_model::baseline::Baseline;
+use faasmoe_model::control_plane::argmax;
 use faasmoe_model::fixtures::fixture;
-use faasmoe_model::generation::greedy_batch;
-use faasmoe_model::qwen2_moe::argmax;
+use faasmoe_model::greedy::greedy_batch;
 use faasmoe_model::{load_local, ExpertBackend, InProcessBackend, KvCache, RoutedBatch};
 
 const TOL: f32 = 1e-3;

@@ -102,10 +102,10 @@ pub(super) fn ensure_expert_model(a: &BenchArgs) -> anyhow::Result<PathBuf> {
         return Ok(dir);
     }
     println!("creating {}: the exact Qwen1.5-MoE-A2.7B layer geometry, 1 layer, vocab 1024, random weights", dir.display());
-    faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs {
+    faasmoe_model::random_checkpoint::init(&faasmoe_model::random_checkpoint::InitArgs {
         layers: Some(1),
         vocab_size: Some(1024),
-        ..faasmoe_model::generator::InitArgs::new(&dir, "qwen1.5-moe-a2.7b")
+        ..faasmoe_model::random_checkpoint::InitArgs::new(&dir, "qwen1.5-moe-a2.7b")
     })?;
     Ok(dir)
 }

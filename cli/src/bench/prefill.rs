@@ -72,7 +72,9 @@ fn ensure_model(a: &PrefillArgs) -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from("demo-data/qwen15-moe-demo");
     if !dir.join("config.json").exists() {
         println!("creating {} (demo geometry, random weights)", dir.display());
-        faasmoe_model::generator::init(&faasmoe_model::generator::InitArgs::new(&dir, "demo"))?;
+        faasmoe_model::random_checkpoint::init(&faasmoe_model::random_checkpoint::InitArgs::new(
+            &dir, "demo",
+        ))?;
     }
     Ok(dir)
 }

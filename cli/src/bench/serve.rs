@@ -135,7 +135,7 @@ pub async fn run(a: ServeBaselineArgs) -> anyhow::Result<()> {
                 let mut ttft = 0.0;
                 let mut finish = FinishReason::Length;
                 for i in 0..max_new {
-                    let t = faasmoe_model::qwen2_moe::argmax(&logits.to_vec1::<f32>()?);
+                    let t = faasmoe_model::control_plane::argmax(&logits.to_vec1::<f32>()?);
                     out.push(t);
                     if i == 0 {
                         ttft = received.elapsed().as_secs_f64() * 1e3;

@@ -1,8 +1,8 @@
 //! Greedy decoding over a batch of sequences with KV caches, for tests, the local-split mode
 //! and the baselines. (Sampling and scheduling live in the controller.)
 
+use crate::control_plane::{argmax, last_logits, ControlPlane, ExpertBackend, KvCache};
 use crate::error::Result;
-use crate::qwen2_moe::{argmax, last_logits, ControlPlane, ExpertBackend, KvCache};
 
 /// Greedy-decodes `max_new` tokens for every prompt together: one prefill pass over all
 /// prompts (different lengths), then one decode step per token for all sequences.
