@@ -26,6 +26,7 @@
 pub mod error;
 pub mod metrics;
 pub mod openai;
+mod relay;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -55,6 +56,7 @@ use tracing::{info, warn};
 
 use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, CompletionRequest, Endpoint};
+use crate::relay::*;
 
 /// The gateway's settings (flags, each also from the environment).
 #[derive(Debug, Clone, clap::Args)]
@@ -354,163 +356,6 @@ impl Gateway {
         Ok(Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response())
-    }
-}
-
-/// One generation's context.
-struct Generation {
-    endpoint: Endpoint,
-    id: String,
-    model: String,
-    tenant: String,
-    include_usage: bool,
-    token_ids: bool,
-    t0: Instant,
-}
-
-/// Counts a request in [`metrics::RUNNING`] while alive.
-struct Running;
-
-impl Running {
-    fn start() -> Self {
-        ::metrics::gauge!(metrics::RUNNING).increment(1.0);
-        Running
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        ::metrics::gauge!(metrics::RUNNING).decrement(1.0);
-    }
-}
-
-fn record_finished(r: &GenerateResponse, t0: Instant) {
-    metrics::finished(
-        openai::finish_reason(r.finish_reason),
-        r.usage.prompt_tokens,
-        r.usage.completion_tokens,
-        Duration::from_secs_f64(r.timings.queue_ms.max(0.0) / 1e3),
-        Duration::from_secs_f64(r.timings.ttft_ms.max(0.0) / 1e3),
-        t0.elapsed(),
-    );
-}
-
-/// A non-streaming reply: the response or a typed error.
-fn decode_reply(payload: &[u8]) -> Result<GenerateResponse, ClientError> {
-    if let Ok(e) = serde_json::from_slice::<ErrorReply>(payload) {
-        return Err(e.error);
-    }
-    serde_json::from_slice(payload).map_err(|e| ClientError {
-        code: faasmoe_proto::generate::ClientErrorCode::Internal,
-        message: format!("the controller's reply is not a response: {e}"),
-    })
-}
-
-async fn next_stream_message(
-    sub: &mut async_nats::Subscriber,
-    timeout: Duration,
-    tenant: &str,
-) -> Result<StreamMessage, ApiError> {
-    match tokio::time::timeout(timeout, sub.next()).await {
-        Err(_) => Err(ApiError::Unavailable(
-            "the controller did not answer in time".into(),
-        )),
-        Ok(None) => Err(ApiError::Unavailable("the NATS subscription ended".into())),
-        Ok(Some(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => Err(
-            ApiError::Unavailable(format!("no controller serves tenant `{tenant}`")),
-        ),
-        Ok(Some(m)) => serde_json::from_slice(&m.payload).map_err(|e| {
-            ApiError::Internal(format!("the controller's stream message is malformed: {e}"))
-        }),
-    }
-}
-
-/// The state of one event stream; dropping it (the HTTP client went away) drops the
-/// subscription, so the controller's next chunk finds no responder and cancels.
-struct StreamState {
-    sub: async_nats::Subscriber,
-    pending: Option<StreamMessage>,
-    g: Generation,
-    timeout: Duration,
-    created: u64,
-    started: bool,
-    done: bool,
-    last_chunk: Option<Instant>,
-    _running: Running,
-}
-
-impl StreamState {
-    fn data(v: &Value) -> Event {
-        Event::default().data(v.to_string())
-    }
-
-    fn chunk(
-        &self,
-        text: Option<&str>,
-        first: bool,
-        finish: Option<faasmoe_proto::generate::FinishReason>,
-        ids: Option<&[u32]>,
-    ) -> Event {
-        Self::data(&openai::chunk_body(
-            self.g.endpoint,
-            &self.g.id,
-            &self.g.model,
-            self.created,
-            text,
-            first,
-            finish,
-            ids.filter(|_| self.g.token_ids),
-            self.g.include_usage,
-        ))
-    }
-
-    fn events(&mut self, msg: Result<StreamMessage, ApiError>) -> Vec<Event> {
-        let mut out = Vec::new();
-        if !self.started && self.g.endpoint == Endpoint::Chat {
-            out.push(self.chunk(Some(""), true, None, None));
-        }
-        self.started = true;
-        match msg {
-            Ok(StreamMessage::Chunk(c)) => {
-                if !c.token_ids.is_empty() {
-                    let now = Instant::now();
-                    if let Some(last) = self.last_chunk.replace(now) {
-                        metrics::inter_token(now - last);
-                    }
-                }
-                if !c.text.is_empty() || (self.g.token_ids && !c.token_ids.is_empty()) {
-                    out.push(self.chunk(Some(&c.text), false, None, Some(&c.token_ids)));
-                }
-            }
-            Ok(StreamMessage::Done(r)) => {
-                record_finished(&r, self.g.t0);
-                let text = (self.g.endpoint == Endpoint::Completions).then_some("");
-                out.push(self.chunk(text, false, Some(r.finish_reason), None));
-                if self.g.include_usage {
-                    out.push(Self::data(&openai::usage_chunk(
-                        self.g.endpoint,
-                        &self.g.id,
-                        &self.g.model,
-                        self.created,
-                        &r,
-                    )));
-                }
-                out.push(Event::default().data("[DONE]"));
-                self.done = true;
-            }
-            Ok(StreamMessage::Error(e)) => {
-                let e = ApiError::from_client(e, 0);
-                out.push(Self::data(&json!({"error": e.body()})));
-                out.push(Event::default().data("[DONE]"));
-                self.done = true;
-            }
-            Err(e) => {
-                out.push(Self::data(&json!({"error": e.body()})));
-                out.push(Event::default().data("[DONE]"));
-                self.done = true;
-            }
-        }
-        out
     }
 }
 
