@@ -25,6 +25,12 @@ use faasmoe_proto::subject;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+mod conf;
+mod error;
+
+pub use conf::TenantsConf;
+pub use error::{QuotaError, QuotaKind, TenantError};
+
 /// The bucket name.
 pub const BUCKET: &str = "faasmoe_tenants";
 
@@ -137,100 +143,6 @@ impl TenantCredentials {
     /// The inbox prefix the tenant's clients must use (`_INBOX.tenant-<name>`).
     pub fn inbox_prefix(&self) -> String {
         subject::inbox_prefix(&self.user).expect("tenant users are validated")
-    }
-}
-
-/// The quota that refused an admission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum QuotaKind {
-    /// `max_concurrent`.
-    Concurrency,
-    /// `tokens_per_minute`.
-    TokensPerMinute,
-    /// `total_tokens`.
-    TotalTokens,
-}
-
-impl std::fmt::Display for QuotaKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Concurrency => "concurrency",
-            Self::TokensPerMinute => "tokens_per_minute",
-            Self::TotalTokens => "total_tokens",
-        })
-    }
-}
-
-/// Why an admission (or settlement) failed.
-#[derive(Debug, thiserror::Error)]
-pub enum QuotaError {
-    /// No such tenant.
-    #[error("unknown tenant `{0}`")]
-    UnknownTenant(String),
-    /// A quota is exhausted (client code `quota_exceeded`).
-    #[error("{which} quota exceeded: {message}")]
-    QuotaExceeded {
-        /// Which quota.
-        which: QuotaKind,
-        /// Details for the client.
-        message: String,
-    },
-    /// The KV store failed (client code `unavailable`).
-    #[error("tenant store: {0}")]
-    Store(String),
-}
-
-impl QuotaError {
-    /// The wire error for the client API.
-    pub fn to_wire(&self) -> faasmoe_proto::WireError {
-        use faasmoe_proto::ErrorCode;
-        let code = match self {
-            Self::UnknownTenant(_) => ErrorCode::BadRequest,
-            Self::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
-            Self::Store(_) => ErrorCode::Unavailable,
-        };
-        faasmoe_proto::WireError::new(code, self.to_string())
-    }
-}
-
-/// Why an administrative operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum TenantError {
-    /// The name is not a valid subject token.
-    #[error("invalid tenant name: {0}")]
-    InvalidName(#[from] subject::SubjectError),
-    /// `create` of a tenant that exists.
-    #[error("tenant `{0}` already exists")]
-    AlreadyExists(String),
-    /// No such tenant.
-    #[error("unknown tenant `{0}`")]
-    UnknownTenant(String),
-    /// A stored record is not valid JSON.
-    #[error("tenant `{name}`: corrupt record: {message}")]
-    Corrupt {
-        /// Tenant.
-        name: String,
-        /// Parse error.
-        message: String,
-    },
-    /// The KV store failed.
-    #[error("tenant store: {0}")]
-    Store(String),
-    /// The server did not take the new users (render or reload failed).
-    #[error("nats-server: {0}")]
-    Server(String),
-    /// Writing `tenants.conf` failed.
-    #[error("tenants.conf: {0}")]
-    Conf(#[from] std::io::Error),
-}
-
-impl From<TenantError> for QuotaError {
-    fn from(e: TenantError) -> Self {
-        match e {
-            TenantError::UnknownTenant(n) => Self::UnknownTenant(n),
-            other => Self::Store(other.to_string()),
-        }
     }
 }
 
@@ -642,100 +554,6 @@ impl TenantStore {
 
 fn encode(rec: &TenantRecord) -> bytes::Bytes {
     bytes::Bytes::from(serde_json::to_vec(rec).expect("tenant records serialise"))
-}
-
-/// A `tenants.conf` file of NATS `users` entries, one marked block per tenant
-/// (`# BEGIN tenant <name>` … `# END tenant <name>`), kept in step with create/delete.
-///
-/// nats-server (2.x) cannot `include` a file inside an array, so this file is not included
-/// by `nats.conf`: [`crate::server_config::RuntimeConfig`] inserts its entries at the marker line
-/// of the account's `users: [...]` list into a rendered copy the server runs from, and
-/// [`crate::server_config::ServerControl::reload`] makes the server take them.
-#[derive(Debug, Clone)]
-pub struct TenantsConf {
-    path: PathBuf,
-}
-
-impl TenantsConf {
-    /// `<dir>/tenants.conf`.
-    pub fn in_dir(dir: &Path) -> Self {
-        Self {
-            path: dir.join("tenants.conf"),
-        }
-    }
-
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn begin(tenant: &str) -> String {
-        format!("# BEGIN tenant {tenant}")
-    }
-    fn end(tenant: &str) -> String {
-        format!("# END tenant {tenant}")
-    }
-
-    fn read(&self) -> std::io::Result<String> {
-        match std::fs::read_to_string(&self.path) {
-            Ok(s) => Ok(s),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn without(text: &str, tenant: &str) -> String {
-        let (b, e) = (Self::begin(tenant), Self::end(tenant));
-        let mut out = String::new();
-        let mut skipping = false;
-        for line in text.lines() {
-            if line == b {
-                skipping = true;
-            } else if skipping && line == e {
-                skipping = false;
-            } else if !skipping {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
-    }
-
-    fn write(&self, text: &str) -> std::io::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = self.path.with_extension("conf.tmp");
-        std::fs::write(&tmp, text)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-        }
-        std::fs::rename(&tmp, &self.path)
-    }
-
-    /// Adds (or replaces) the tenant's entry.
-    pub fn upsert(&self, creds: &TenantCredentials) -> std::io::Result<()> {
-        let mut text = Self::without(&self.read()?, &creds.tenant);
-        text.push_str(&Self::begin(&creds.tenant));
-        text.push('\n');
-        text.push_str(&creds.nats_user_entry());
-        text.push('\n');
-        text.push_str(&Self::end(&creds.tenant));
-        text.push('\n');
-        self.write(&text)
-    }
-
-    /// Removes the tenant's entry (no error if absent).
-    pub fn remove(&self, tenant: &str) -> std::io::Result<()> {
-        let text = self.read()?;
-        let new = Self::without(&text, tenant);
-        if new != text {
-            self.write(&new)?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
