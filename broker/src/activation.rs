@@ -64,6 +64,13 @@ use tracing::{debug, info, warn};
 
 use crate::spawner::{Instance, InstanceBackend, InstanceExit};
 
+mod config;
+mod lifecycle;
+mod liveness;
+
+pub use config::ActivationConfig;
+use liveness::watch_connection;
+
 /// Longest wait to queue a lifecycle event on the broker's connection before the state
 /// change it reports is acted on anyway.
 const EVENT_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -85,17 +92,6 @@ const CONNECTION_POLL: Duration = Duration::from_millis(20);
 /// this name; its metadata carries `model`, `function_id` and `instance_id`).
 pub const WORKER_SERVICE: &str = "faasmoe-expert";
 
-/// What the broadcast ping found out about one instance.
-enum Discovery {
-    /// It answered (its service id is now in its record).
-    Found,
-    /// The server answered *no responders*: no worker at all is connected.
-    NoWorkers,
-    /// Others may have answered, it did not within the window (frozen, overloaded, or not
-    /// connected).
-    NotFound,
-}
-
 /// Waits for a start in progress, at most until `deadline` (the start itself goes on).
 async fn join_start(
     function_id: &str,
@@ -107,49 +103,6 @@ async fn join_start(
         Err(_) => unavailable(format!(
             "function `{function_id}`: an instance is still starting; retry later"
         )),
-    }
-}
-
-/// Policy of one model's activations.
-#[derive(Debug, Clone)]
-pub struct ActivationConfig {
-    /// Model id (subject token).
-    pub model_id: String,
-    /// The functions that may be activated.
-    pub layout: Layout,
-    /// Most instances alive per function (starting, ready or draining).
-    pub max_instances_per_function: u32,
-    /// Instances per function started by [`Activator::prewarm`].
-    pub min_instances: u32,
-    /// Spawn → ready limit; an instance not ready by then is killed and the activation fails
-    /// with `unavailable`.
-    pub ready_timeout: Duration,
-    /// Before answering `already_running`, the broker pings the ready instance's micro
-    /// service (`$SRV.PING.faasmoe-expert.<id>`, answered by the worker independently of
-    /// its batching; the first time, the broadcast `$SRV.PING.faasmoe-expert` finds the id).
-    /// *No responders* (or no answer to the broadcast within this long) means the instance is
-    /// not connected now; an unanswered direct ping means connected but slow. The ping does
-    /// not touch the worker's idle timer. `None`: the records alone decide.
-    pub probe_timeout: Option<Duration>,
-    /// Longest time an activation that finds the function at its instance cap (with no
-    /// instance subscribed) waits for one — a draining instance to exit so a new one can
-    /// start, or an instance to resubscribe — before replying `unavailable`. Also bounded
-    /// by the request's [`ActivateRequest::wait_ms`].
-    pub cap_wait: Duration,
-}
-
-impl ActivationConfig {
-    /// Defaults: cap 1, no pre-warming, ready timeout 60 s, probe timeout 1 s, cap wait 60 s.
-    pub fn new(model_id: impl Into<String>, layout: Layout) -> Self {
-        Self {
-            model_id: model_id.into(),
-            layout,
-            max_instances_per_function: 1,
-            min_instances: 0,
-            ready_timeout: Duration::from_secs(60),
-            probe_timeout: Some(Duration::from_secs(1)),
-            cap_wait: Duration::from_secs(60),
-        }
     }
 }
 
@@ -576,124 +529,11 @@ impl Activator {
     }
 }
 
-/// Logs the broker's NATS outages with their duration, until the activator is dropped.
-/// (async-nats reconnects on its own and resubscribes; activations asked during an outage
-/// reach the broker once both ends are back.)
-async fn watch_connection(inner: std::sync::Weak<Inner>) {
-    let mut down_since: Option<Instant> = None;
-    loop {
-        tokio::time::sleep(CONNECTION_POLL).await;
-        let Some(me) = inner.upgrade() else { return };
-        let connected = me.client.connection_state() == async_nats::connection::State::Connected;
-        drop(me);
-        match (connected, down_since) {
-            (false, None) => {
-                warn!("NATS connection lost; reconnecting");
-                down_since = Some(Instant::now());
-            }
-            (true, Some(t)) => {
-                info!(
-                    outage_ms = t.elapsed().as_secs_f64() * 1e3,
-                    "NATS connection restored"
-                );
-                down_since = None;
-            }
-            _ => {}
-        }
-    }
-}
-
 impl Inner {
     fn signal_all(&self, make: impl Fn() -> Control) {
         for l in self.state.lock().unwrap().live.values() {
             let _ = l.control.send(make());
         }
-    }
-
-    /// Whether instance `instance_id` is connected: its micro service answers a ping (see
-    /// [`ActivationConfig::probe_timeout`]). Only *no responders* counts as not connected;
-    /// silence (a frozen or overloaded instance) trusts the records.
-    async fn connected(&self, instance_id: &str) -> bool {
-        let Some(timeout) = self.cfg.probe_timeout else {
-            return true;
-        };
-        let known = self
-            .state
-            .lock()
-            .unwrap()
-            .live
-            .get(instance_id)
-            .and_then(|l| l.service_id.clone());
-        let service_id = match known {
-            Some(id) => id,
-            // Its answer to the broadcast is the ping.
-            None => {
-                return match self.discover(instance_id, timeout).await {
-                    Discovery::Found => true,
-                    Discovery::NoWorkers => false,
-                    Discovery::NotFound => {
-                        debug!(%instance_id, ?timeout, "no pong from the instance; trusting its records");
-                        true
-                    }
-                }
-            }
-        };
-        let subject = format!("$SRV.PING.{WORKER_SERVICE}.{service_id}");
-        match tokio::time::timeout(timeout, self.client.request(subject, bytes::Bytes::new())).await
-        {
-            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => false,
-            // A pong, or silence (a loaded machine): connected.
-            _ => true,
-        }
-    }
-
-    /// Broadcasts `$SRV.PING.faasmoe-expert` and records the service id of every instance
-    /// of this broker's model that answers, until `want` answers or `window` has passed.
-    async fn discover(&self, want: &str, window: Duration) -> Discovery {
-        let inbox = self.client.new_inbox();
-        let mut sub = match self.client.subscribe(inbox.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot subscribe for pong replies");
-                return Discovery::NotFound;
-            }
-        };
-        if let Err(e) = self
-            .client
-            .publish_with_reply(
-                format!("$SRV.PING.{WORKER_SERVICE}"),
-                inbox,
-                bytes::Bytes::new(),
-            )
-            .await
-        {
-            warn!(error = %e, "cannot ping the workers");
-            return Discovery::NotFound;
-        }
-        let deadline = tokio::time::Instant::now() + window;
-        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-                return Discovery::NoWorkers;
-            }
-            let Ok(pong) =
-                serde_json::from_slice::<async_nats::service::PingResponse>(&msg.payload)
-            else {
-                continue;
-            };
-            if pong.metadata.get("model") != Some(&self.cfg.model_id) {
-                continue;
-            }
-            let Some(instance) = pong.metadata.get("instance_id") else {
-                continue;
-            };
-            if let Some(l) = self.state.lock().unwrap().live.get_mut(instance) {
-                l.service_id = Some(pong.id.clone());
-            }
-            if instance == want {
-                return Discovery::Found;
-            }
-        }
-        Discovery::NotFound
     }
 
     /// Records a change for the activations waiting at the cap.
@@ -741,231 +581,5 @@ impl Inner {
         {
             warn!(error = %e, "publishing a function event failed");
         }
-    }
-
-    /// Spawns one instance, waits until it is ready, exits or times out.
-    async fn start_instance(self: Arc<Self>, spec: FunctionSpec) -> ActivateResult {
-        let result = self.clone().start_instance_inner(&spec).await;
-        self.state.lock().unwrap().pending.remove(&spec.id);
-        self.changed();
-        result
-    }
-
-    async fn start_instance_inner(self: Arc<Self>, spec: &FunctionSpec) -> ActivateResult {
-        let instance_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let spawned_at = Instant::now();
-        let mut info = InstanceInfo {
-            function_id: spec.id.clone(),
-            instance_id: instance_id.clone(),
-            pid: None,
-            state: InstanceState::Starting,
-            started_unix_ms: unix_ms(),
-            cold_start_ms: None,
-            exit: None,
-        };
-        let mut instance: Box<dyn Instance> = match self.backend.spawn(spec, &instance_id) {
-            Ok(i) => i,
-            Err(e) => {
-                warn!(function_id = %spec.id, error = %e, "spawn failed");
-                self.publish(self.event(EventKind::SpawnFailed, &info))
-                    .await;
-                return unavailable(format!("function `{}`: spawn failed: {e}", spec.id));
-            }
-        };
-        info.pid = instance.pid();
-        let ready_signal = instance.take_ready_signal();
-        let (state_tx, mut state_rx) = watch::channel(InstanceState::Starting);
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
-        {
-            let mut st = self.state.lock().unwrap();
-            st.live.insert(
-                instance_id.clone(),
-                Live {
-                    info: info.clone(),
-                    spawned_at,
-                    state_tx,
-                    control: control_tx.clone(),
-                    service_id: None,
-                },
-            );
-            let alive = st.alive(&spec.id);
-            let peak = st.peak_alive.entry(spec.id.clone()).or_default();
-            *peak = (*peak).max(alive);
-        }
-        self.changed();
-        self.spawns.fetch_add(1, Ordering::SeqCst);
-        info!(function_id = %spec.id, %instance_id, pid = ?info.pid, "instance started");
-        self.publish(self.event(EventKind::Started, &info)).await;
-        tokio::spawn(
-            self.clone()
-                .own_instance(instance_id.clone(), instance, control_rx),
-        );
-        if let Some(sig) = ready_signal {
-            let me = self.clone();
-            let id = instance_id.clone();
-            tokio::spawn(async move {
-                if sig.await.is_ok() {
-                    me.mark_ready(&id);
-                }
-            });
-        }
-        let waited = tokio::time::timeout(
-            self.cfg.ready_timeout,
-            state_rx.wait_for(|s| *s != InstanceState::Starting),
-        )
-        .await;
-        let outcome = match waited {
-            Ok(Ok(s)) => *s,
-            Ok(Err(_)) => InstanceState::Exited, // sender dropped: record removed
-            Err(_) => {
-                warn!(function_id = %spec.id, %instance_id, timeout = ?self.cfg.ready_timeout, "not ready in time: killing");
-                let _ = control_tx.send(Control::Kill);
-                return unavailable(format!(
-                    "function `{}`: instance {instance_id} not ready within {:?}",
-                    spec.id, self.cfg.ready_timeout
-                ));
-            }
-        };
-        match outcome {
-            InstanceState::Ready | InstanceState::Draining => {
-                let cold = self
-                    .state
-                    .lock()
-                    .unwrap()
-                    .live
-                    .get(&instance_id)
-                    .and_then(|l| l.info.cold_start_ms);
-                ActivateResult::Ok {
-                    instance_id,
-                    cold_start_ms: cold.unwrap_or_else(|| spawned_at.elapsed().as_secs_f64() * 1e3),
-                    already_running: false,
-                }
-            }
-            _ => {
-                let exit = self
-                    .state
-                    .lock()
-                    .unwrap()
-                    .exited
-                    .iter()
-                    .rev()
-                    .find(|i| i.instance_id == instance_id)
-                    .and_then(|i| i.exit);
-                unavailable(format!(
-                    "function `{}`: instance {instance_id} exited before it was ready ({exit:?})",
-                    spec.id
-                ))
-            }
-        }
-    }
-
-    /// Owns one instance until it exits; records the exit and publishes the event.
-    async fn own_instance(
-        self: Arc<Self>,
-        instance_id: String,
-        mut instance: Box<dyn Instance>,
-        mut control: mpsc::UnboundedReceiver<Control>,
-    ) {
-        let exit = loop {
-            let signal = tokio::select! {
-                r = instance.wait() => break r,
-                c = control.recv() => c,
-            };
-            let r = match signal {
-                Some(Control::Terminate) => instance.terminate(),
-                Some(Control::Kill) => instance.kill(),
-                None => break instance.wait().await,
-            };
-            if let Err(e) = r {
-                warn!(%instance_id, error = %e, "signalling instance failed");
-            }
-        };
-        let exit = match exit {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(%instance_id, error = %e, "waiting for instance failed");
-                InstanceExit {
-                    code: None,
-                    signal: None,
-                }
-            }
-        };
-        let record = {
-            let mut st = self.state.lock().unwrap();
-            st.live.remove(&instance_id).map(|l| {
-                let mut info = l.info;
-                let was = info.state;
-                info.state = InstanceState::Exited;
-                info.exit = Some(exit);
-                st.exited.push_back(info.clone());
-                while st.exited.len() > EXITED_HISTORY {
-                    st.exited.pop_front();
-                }
-                let _ = l.state_tx.send(InstanceState::Exited);
-                (info, was)
-            })
-        };
-        // The event is queued before waiters hear of the change: an activation that starts
-        // the function again (its `started`) comes after this `stopped` on the subject.
-        if let Some((info, was)) = &record {
-            info!(function_id = %info.function_id, %instance_id, ?exit, "instance exited");
-            let kind = if *was == InstanceState::Starting {
-                EventKind::SpawnFailed
-            } else {
-                EventKind::Stopped
-            };
-            let mut ev = self.event(kind, info);
-            ev.exit_status = exit.code;
-            // Bounded: a connection whose send queue is full must not hold up the waiters.
-            if tokio::time::timeout(EVENT_QUEUE_TIMEOUT, self.publish(ev))
-                .await
-                .is_err()
-            {
-                warn!(%instance_id, "the stopped event could not be queued in time (connection down?)");
-            }
-        }
-        self.changed();
-    }
-
-    fn mark_ready(self: &Arc<Self>, instance_id: &str) {
-        let ev = {
-            let mut st = self.state.lock().unwrap();
-            let Some(l) = st.live.get_mut(instance_id) else {
-                return;
-            };
-            if l.info.state != InstanceState::Starting {
-                return;
-            }
-            let cold = l.spawned_at.elapsed().as_secs_f64() * 1e3;
-            l.info.state = InstanceState::Ready;
-            l.info.cold_start_ms = Some(cold);
-            let _ = l.state_tx.send(InstanceState::Ready);
-            let mut ev = self.event(EventKind::Ready, &l.info);
-            ev.cold_start_ms = Some(cold);
-            ev
-        };
-        self.changed();
-        if let Some(ms) = ev.cold_start_ms {
-            metrics::histogram!(faasmoe_telemetry::metrics::COLD_START_SECONDS).record(ms / 1e3);
-        }
-        info!(function_id = %ev.function_id, %instance_id, cold_start_ms = ev.cold_start_ms, "instance ready");
-        let me = self.clone();
-        tokio::spawn(async move { me.publish(ev).await });
-    }
-
-    /// The instance said it has unsubscribed (its `draining` event): no longer ready.
-    fn mark_draining(&self, instance_id: &str) {
-        {
-            let mut st = self.state.lock().unwrap();
-            let Some(l) = st.live.get_mut(instance_id) else {
-                return;
-            };
-            if l.info.state != InstanceState::Ready {
-                return;
-            }
-            l.info.state = InstanceState::Draining;
-            let _ = l.state_tx.send(InstanceState::Draining);
-        }
-        self.changed();
     }
 }
