@@ -264,38 +264,8 @@ impl Api {
         submitted: Instant,
     ) -> Result<(), ClientError> {
         let prompt = self.prompt_ids(&req)?;
-        let room = (self.settings.max_context - prompt.len()) as u32;
-        // As vLLM: an explicit max_tokens beyond what the context leaves is refused; the
-        // default is clamped to it.
-        let max_tokens = match req.max_tokens {
-            Some(m) if m > room => {
-                return Err(ClientError::bad_request(format!(
-                    "this model's maximum context length is {} tokens; you requested {} tokens ({} in the prompt, {m} in the completion)",
-                    self.settings.max_context,
-                    prompt.len() as u64 + m as u64,
-                    prompt.len()
-                )))
-            }
-            Some(m) => m.max(1),
-            None => self.settings.default_max_tokens.min(room).max(1),
-        };
-        let g = &self.settings.generation;
-        let sampling_default = g.do_sample.unwrap_or(false);
-        let sampling = SamplingParams {
-            temperature: req.temperature.unwrap_or(if sampling_default {
-                g.temperature.unwrap_or(1.0)
-            } else {
-                0.0
-            }),
-            top_k: req
-                .top_k
-                .or(if sampling_default { g.top_k } else { None })
-                .unwrap_or(0) as usize,
-            top_p: req
-                .top_p
-                .or(if sampling_default { g.top_p } else { None })
-                .unwrap_or(1.0),
-        };
+        let max_tokens = self.max_tokens_for(&req, prompt.len())?;
+        let sampling = self.sampling_for(&req);
         let ticket = self
             .quota
             .admit(tenant, prompt.len() as u32, max_tokens)
@@ -374,16 +344,8 @@ impl Api {
                             token_ids: vec![t],
                         });
                         chunk_index += 1;
-                        let body = encode_body(&chunk, ct);
-                        let sent = match &probe {
-                            Some((p, _)) => {
-                                self.client
-                                    .publish_with_reply(reply.clone(), p.clone(), body)
-                                    .await
-                            }
-                            None => self.client.publish(reply.clone(), body).await,
-                        };
-                        if sent.is_err() {
+                        let probe = probe.as_ref().map(|(p, _)| p);
+                        if !self.send_chunk(reply, probe, &chunk, ct).await {
                             cancel.store(true, Ordering::Relaxed);
                         }
                     }
@@ -426,56 +388,25 @@ impl Api {
         if let Some(e) = failure {
             return Err(err(e.client_code(), e.to_string()));
         }
-        let total_ms = submitted.elapsed().as_secs_f64() * 1e3;
-        let (text, tail) = text.finish().unwrap_or_else(|e| {
-            warn!(error = %e, "decoding the last generated tokens failed");
-            Default::default()
-        });
-        let response = GenerateResponse {
-            id: id.to_string(),
+        let done = Completed {
+            id,
+            prompt: &prompt,
+            return_prompt: req.return_prompt_token_ids.unwrap_or(false),
+            ids,
             text,
-            token_ids: ids.clone(),
-            finish_reason: finish.unwrap_or(FinishReason::Cancelled),
-            usage: Usage {
-                prompt_tokens: prompt.len() as u32,
-                completion_tokens: ids.len() as u32,
-            },
-            timings: Timings {
-                queue_ms,
-                ttft_ms,
-                total_ms,
-            },
-            prompt_token_ids: req
-                .return_prompt_token_ids
-                .unwrap_or(false)
-                .then(|| prompt.clone()),
-        };
-        metrics::finished(
-            response.finish_reason.as_str(),
-            response.usage.prompt_tokens,
-            response.usage.completion_tokens,
-            Duration::from_secs_f64(queue_ms / 1e3),
-            Duration::from_secs_f64(ttft_ms / 1e3),
-            Duration::from_secs_f64(total_ms / 1e3),
-        );
-        info!(
-            prompt_tokens = prompt.len(),
-            completion_tokens = ids.len(),
+            finish,
+            queue_ms,
             ttft_ms,
-            total_ms,
-            "request done"
-        );
+            submitted,
+            chunk_index,
+        };
         if gone.load(Ordering::Relaxed) {
+            self.record_done(done);
             return Ok(());
         }
+        let (response, tail) = self.record_done(done);
         let body = if stream {
-            if !tail.is_empty() {
-                let tail = StreamMessage::Chunk(StreamChunk {
-                    id: id.to_string(),
-                    index: chunk_index,
-                    text: tail,
-                    token_ids: vec![],
-                });
+            if let Some(tail) = tail {
                 let _ = self
                     .client
                     .publish(reply.clone(), encode_body(&tail, ct))
@@ -487,6 +418,118 @@ impl Api {
         };
         let _ = self.client.publish(reply.clone(), body).await;
         Ok(())
+    }
+
+    /// Builds the reply of a finished generation — the response, and the stream's last text
+    /// chunk if some text was still held back — and records it (metrics, the `request
+    /// done` log line).
+    fn record_done(&self, d: Completed<'_>) -> (GenerateResponse, Option<StreamMessage>) {
+        let total_ms = d.submitted.elapsed().as_secs_f64() * 1e3;
+        let (text, tail) = d.text.finish().unwrap_or_else(|e| {
+            warn!(error = %e, "decoding the last generated tokens failed");
+            Default::default()
+        });
+        let response = GenerateResponse {
+            id: d.id.to_string(),
+            text,
+            finish_reason: d.finish.unwrap_or(FinishReason::Cancelled),
+            usage: Usage {
+                prompt_tokens: d.prompt.len() as u32,
+                completion_tokens: d.ids.len() as u32,
+            },
+            timings: Timings {
+                queue_ms: d.queue_ms,
+                ttft_ms: d.ttft_ms,
+                total_ms,
+            },
+            prompt_token_ids: d.return_prompt.then(|| d.prompt.to_vec()),
+            token_ids: d.ids,
+        };
+        metrics::finished(
+            response.finish_reason.as_str(),
+            response.usage.prompt_tokens,
+            response.usage.completion_tokens,
+            Duration::from_secs_f64(d.queue_ms / 1e3),
+            Duration::from_secs_f64(d.ttft_ms / 1e3),
+            Duration::from_secs_f64(total_ms / 1e3),
+        );
+        info!(
+            prompt_tokens = response.usage.prompt_tokens,
+            completion_tokens = response.usage.completion_tokens,
+            ttft_ms = d.ttft_ms,
+            total_ms,
+            "request done"
+        );
+        let tail = (!tail.is_empty()).then(|| {
+            StreamMessage::Chunk(StreamChunk {
+                id: d.id.to_string(),
+                index: d.chunk_index,
+                text: tail,
+                token_ids: vec![],
+            })
+        });
+        (response, tail)
+    }
+
+    /// The completion's token budget: as vLLM, an explicit `max_tokens` beyond what the
+    /// context leaves after the prompt (`prompt_len` tokens) is refused with `bad_request`;
+    /// the default (`--default-max-tokens`) is clamped to it. At least 1.
+    fn max_tokens_for(&self, req: &GenerateRequest, prompt_len: usize) -> Result<u32, ClientError> {
+        let room = (self.settings.max_context - prompt_len) as u32;
+        match req.max_tokens {
+            Some(m) if m > room => Err(ClientError::bad_request(format!(
+                "this model's maximum context length is {} tokens; you requested {} tokens ({prompt_len} in the prompt, {m} in the completion)",
+                self.settings.max_context,
+                prompt_len as u64 + m as u64,
+            ))),
+            Some(m) => Ok(m.max(1)),
+            None => Ok(self.settings.default_max_tokens.min(room).max(1)),
+        }
+    }
+
+    /// The request's sampling parameters; the ones it leaves out come from the checkpoint's
+    /// `generation_config.json` when that samples (`do_sample: true`), else greedy
+    /// (temperature 0, no top-k, top-p 1) — as transformers' `generate`.
+    fn sampling_for(&self, req: &GenerateRequest) -> SamplingParams {
+        let g = &self.settings.generation;
+        let sampling_default = g.do_sample.unwrap_or(false);
+        SamplingParams {
+            temperature: req.temperature.unwrap_or(if sampling_default {
+                g.temperature.unwrap_or(1.0)
+            } else {
+                0.0
+            }),
+            top_k: req
+                .top_k
+                .or(if sampling_default { g.top_k } else { None })
+                .unwrap_or(0) as usize,
+            top_p: req
+                .top_p
+                .or(if sampling_default { g.top_p } else { None })
+                .unwrap_or(1.0),
+        }
+    }
+
+    /// Publishes one stream message to the client's `reply` subject, naming `probe` (the
+    /// inbox [`watch_client`](Self::watch_client) watches) as its reply subject when there is
+    /// one. Returns whether the connection accepted it.
+    async fn send_chunk(
+        &self,
+        reply: &async_nats::Subject,
+        probe: Option<&async_nats::Subject>,
+        msg: &StreamMessage,
+        ct: Option<&str>,
+    ) -> bool {
+        let body = encode_body(msg, ct);
+        let sent = match probe {
+            Some(p) => {
+                self.client
+                    .publish_with_reply(reply.clone(), p.clone(), body)
+                    .await
+            }
+            None => self.client.publish(reply.clone(), body).await,
+        };
+        sent.is_ok()
     }
 
     /// Watches the probe inbox that stream chunks name as their reply subject: the server
@@ -513,6 +556,23 @@ impl Api {
         });
         Some((inbox.into(), watcher))
     }
+}
+
+/// A finished generation, handed from `Api::generate`'s token loop to the reply.
+struct Completed<'a> {
+    id: &'a str,
+    prompt: &'a [u32],
+    /// The request set `return_prompt_token_ids`.
+    return_prompt: bool,
+    ids: Vec<u32>,
+    text: CompletionText<'a>,
+    finish: Option<FinishReason>,
+    /// Since the request arrived, ms.
+    queue_ms: f64,
+    ttft_ms: f64,
+    submitted: Instant,
+    /// The index the stream's next chunk gets.
+    chunk_index: u32,
 }
 
 #[cfg(test)]
