@@ -195,47 +195,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let work = trace_requests(&tenant_names, n_req, &corpus, &scale)?;
     let warm_work = trace_requests(&tenant_names, warm_req, &corpus, &scale)?;
 
-    // The plan.
-    let mut specs = Vec::new();
-    for &t in &tenant_counts {
-        for &m in &modes {
-            let g = if m.uses_functions() {
-                Some(compare_g)
-            } else {
-                None
-            };
-            let same_as = match (m, t) {
-                (Mode::SharedBaseline, 1) if modes.contains(&Mode::Baseline) => {
-                    Some(Mode::Baseline)
-                }
-                (Mode::FaasmoePrivate, 1) if modes.contains(&Mode::FaasmoeShared) => {
-                    Some(Mode::FaasmoeShared)
-                }
-                (Mode::LocalBaseline, 1) if modes.contains(&Mode::LocalSplit) => {
-                    Some(Mode::LocalSplit)
-                }
-                _ => None,
-            };
-            specs.push(Spec {
-                mode: m,
-                tenants: t,
-                granularity: g,
-                same_as,
-            });
-        }
-    }
-    if modes.contains(&Mode::FaasmoeShared) {
-        for &g in &grans {
-            if g != compare_g {
-                specs.push(Spec {
-                    mode: Mode::FaasmoeShared,
-                    tenants: max_t,
-                    granularity: Some(g),
-                    same_as: None,
-                });
-            }
-        }
-    }
+    let specs = plan(&modes, &tenant_counts, &grans, compare_g, max_t);
     let ckpt_bytes = checkpoint_bytes(&model);
     let file_elem = match cfg_torch_dtype(&model).as_deref() {
         Some("float32") => 4.0,
@@ -343,70 +303,21 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    // Aliased runs (identical deployments at one tenant).
-    for spec in &specs {
-        if let Some(src) = spec.same_as {
-            if let Some(r) = results.iter().find(|r| {
-                r.spec.mode == src
-                    && r.spec.tenants == spec.tenants
-                    && r.spec.granularity == spec.granularity
-                    && r.spec.same_as.is_none()
-            }) {
-                let mut c = r.clone();
-                c.spec = spec.clone();
-                c.spec.granularity = r.spec.granularity;
-                results.push(c);
-            }
-        }
-    }
+    add_aliases(&specs, &mut results);
     results.sort_by_key(|r| (r.spec.tenants, r.spec.mode, r.spec.granularity));
 
-    // Per-expert memory and cold start.
-    let mut expert_rows = Vec::new();
-    let mut expert_model_desc = String::from("not measured (--no-expert-bench)");
-    let mut controller_rows = Vec::new();
-    let mut controller_desc = String::from("not measured (--no-expert-bench)");
-    if !a.no_expert_bench {
-        match ensure_expert_model(&a) {
-            Ok(em) => {
-                let ecfg = faasmoe_model::Config::from_dir(&em)?;
-                let n = ecfg.num_experts as u32;
-                let mut sets = vec![1, 10.min(n)];
-                if !quick {
-                    sets.push(n);
-                }
-                sets.dedup();
-                println!("per-expert memory and cold start ({} layer(s), hidden {}, expert intermediate {}, {} experts; sets {:?}, {repeats} repeats of 1 expert)…", ecfg.num_hidden_layers, ecfg.hidden_size, ecfg.moe_intermediate_size, n, sets);
-                expert_model_desc = format!(
-                    "{} ({} layer(s), hidden {}, expert intermediate {}, {} experts, vocab {}; {:.2} GB on disk)",
-                    em.display(), ecfg.num_hidden_layers, ecfg.hidden_size, ecfg.moe_intermediate_size, n, ecfg.vocab_size, checkpoint_bytes(&em) as f64 / 1e9
-                );
-                match expert_bench(&em, &sets, repeats, &out.join("logs").join("experts")).await {
-                    Ok(r) => expert_rows = r,
-                    Err(e) => {
-                        println!("    expert bench FAILED: {e:#}");
-                        expert_model_desc.push_str(&format!("; FAILED: {e:#}"));
-                    }
-                }
-                println!("controller memory (remote and local experts; one request of {CONTROLLER_PROMPT} + {CONTROLLER_OUTPUT} tokens)…");
-                match controller::measure(
-                    &em,
-                    CONTROLLER_PROMPT,
-                    CONTROLLER_OUTPUT,
-                    &out.join("logs").join("controller"),
-                )
-                .await
-                {
-                    Ok(r) => controller_rows = r,
-                    Err(e) => {
-                        println!("    controller memory FAILED: {e:#}");
-                        controller_desc = format!("FAILED: {e:#}");
-                    }
-                }
-            }
-            Err(e) => expert_model_desc = format!("FAILED to create the checkpoint: {e:#}"),
-        }
-    }
+    // Per-expert memory and cold start; a controller's memory.
+    let expert = if a.no_expert_bench {
+        ExpertSection::not_measured()
+    } else {
+        expert_section(&a, repeats, &out).await?
+    };
+    let ExpertSection {
+        expert_rows,
+        expert_model_desc,
+        controller_rows,
+        controller_desc,
+    } = expert;
 
     // CSVs.
     write_csvs(&out, &results, &expert_rows)?;
@@ -463,6 +374,152 @@ fn cfg_torch_dtype(model: &Path) -> Option<String> {
 const CONTROLLER_PROMPT: usize = 1000;
 /// Output tokens of the controller-memory request.
 const CONTROLLER_OUTPUT: u32 = 24;
+
+/// The runs of the mode comparison: every mode at every tenant count (the faasmoe modes at
+/// `compare_g` experts per function), one tenant's shared-baseline, faasmoe-private and
+/// local-baseline marked as the same deployment as baseline, faasmoe-shared and local-split;
+/// then faasmoe-shared at each other granularity of `grans` at `max_t` tenants.
+fn plan(
+    modes: &[Mode],
+    tenant_counts: &[usize],
+    grans: &[u32],
+    compare_g: u32,
+    max_t: usize,
+) -> Vec<Spec> {
+    let mut specs = Vec::new();
+    for &t in tenant_counts {
+        for &m in modes {
+            let g = if m.uses_functions() {
+                Some(compare_g)
+            } else {
+                None
+            };
+            let same_as = match (m, t) {
+                (Mode::SharedBaseline, 1) if modes.contains(&Mode::Baseline) => {
+                    Some(Mode::Baseline)
+                }
+                (Mode::FaasmoePrivate, 1) if modes.contains(&Mode::FaasmoeShared) => {
+                    Some(Mode::FaasmoeShared)
+                }
+                (Mode::LocalBaseline, 1) if modes.contains(&Mode::LocalSplit) => {
+                    Some(Mode::LocalSplit)
+                }
+                _ => None,
+            };
+            specs.push(Spec {
+                mode: m,
+                tenants: t,
+                granularity: g,
+                same_as,
+            });
+        }
+    }
+    if modes.contains(&Mode::FaasmoeShared) {
+        for &g in grans {
+            if g != compare_g {
+                specs.push(Spec {
+                    mode: Mode::FaasmoeShared,
+                    tenants: max_t,
+                    granularity: Some(g),
+                    same_as: None,
+                });
+            }
+        }
+    }
+    specs
+}
+
+/// Adds a copy of its source's result for every spec that is the same deployment as
+/// another (one tenant: shared-baseline ≡ baseline, …).
+fn add_aliases(specs: &[Spec], results: &mut Vec<RunResult>) {
+    for spec in specs {
+        if let Some(src) = spec.same_as {
+            if let Some(r) = results.iter().find(|r| {
+                r.spec.mode == src
+                    && r.spec.tenants == spec.tenants
+                    && r.spec.granularity == spec.granularity
+                    && r.spec.same_as.is_none()
+            }) {
+                let mut c = r.clone();
+                c.spec = spec.clone();
+                c.spec.granularity = r.spec.granularity;
+                results.push(c);
+            }
+        }
+    }
+}
+
+/// What the per-expert section measured, or why not.
+struct ExpertSection {
+    expert_rows: Vec<ExpertRow>,
+    expert_model_desc: String,
+    controller_rows: Vec<controller::ControllerRow>,
+    controller_desc: String,
+}
+
+impl ExpertSection {
+    fn not_measured() -> Self {
+        Self {
+            expert_rows: Vec::new(),
+            expert_model_desc: "not measured (--no-expert-bench)".into(),
+            controller_rows: Vec::new(),
+            controller_desc: "not measured (--no-expert-bench)".into(),
+        }
+    }
+}
+
+/// One function's cold start and RSS per expert (`repeats` spawns of 1 expert, sets of 1, 10
+/// and, without `--quick`, all experts) and a controller's memory, on the expert checkpoint
+/// (the exact A2.7B layer geometry). A failed part is reported in its description.
+///
+/// Errors: an unreadable `config.json` of the expert checkpoint.
+async fn expert_section(
+    a: &BenchArgs,
+    repeats: usize,
+    out: &Path,
+) -> anyhow::Result<ExpertSection> {
+    let mut sec = ExpertSection::not_measured();
+    match ensure_expert_model(a) {
+        Ok(em) => {
+            let ecfg = faasmoe_model::Config::from_dir(&em)?;
+            let n = ecfg.num_experts as u32;
+            let mut sets = vec![1, 10.min(n)];
+            if !a.quick {
+                sets.push(n);
+            }
+            sets.dedup();
+            println!("per-expert memory and cold start ({} layer(s), hidden {}, expert intermediate {}, {} experts; sets {:?}, {repeats} repeats of 1 expert)…", ecfg.num_hidden_layers, ecfg.hidden_size, ecfg.moe_intermediate_size, n, sets);
+            sec.expert_model_desc = format!(
+                "{} ({} layer(s), hidden {}, expert intermediate {}, {} experts, vocab {}; {:.2} GB on disk)",
+                em.display(), ecfg.num_hidden_layers, ecfg.hidden_size, ecfg.moe_intermediate_size, n, ecfg.vocab_size, checkpoint_bytes(&em) as f64 / 1e9
+            );
+            match expert_bench(&em, &sets, repeats, &out.join("logs").join("experts")).await {
+                Ok(r) => sec.expert_rows = r,
+                Err(e) => {
+                    println!("    expert bench FAILED: {e:#}");
+                    sec.expert_model_desc.push_str(&format!("; FAILED: {e:#}"));
+                }
+            }
+            println!("controller memory (remote and local experts; one request of {CONTROLLER_PROMPT} + {CONTROLLER_OUTPUT} tokens)…");
+            match controller::measure(
+                &em,
+                CONTROLLER_PROMPT,
+                CONTROLLER_OUTPUT,
+                &out.join("logs").join("controller"),
+            )
+            .await
+            {
+                Ok(r) => sec.controller_rows = r,
+                Err(e) => {
+                    println!("    controller memory FAILED: {e:#}");
+                    sec.controller_desc = format!("FAILED: {e:#}");
+                }
+            }
+        }
+        Err(e) => sec.expert_model_desc = format!("FAILED to create the checkpoint: {e:#}"),
+    }
+    Ok(sec)
+}
 
 /// The workload of `per_tenant` requests for each tenant: tenant `i` replays `per_tenant`
 /// rows of the conversation (even `i`) or code (odd `i`) trace from row `(i / 2) ×
