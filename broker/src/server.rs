@@ -36,6 +36,9 @@ pub enum ServerError {
         /// The workspace-local path that was tried.
         local: String,
     },
+    /// `$NATS_SERVER` names neither a file nor a command on `PATH`.
+    #[error("$NATS_SERVER is set to {0} but no such file or command exists; unset it or run scripts/install-nats-server")]
+    EnvNotFound(String),
     /// The configuration file does not exist.
     #[error("nats-server config {0} does not exist")]
     NoConfig(PathBuf),
@@ -140,16 +143,20 @@ pub fn default_config() -> PathBuf {
     }
 }
 
-/// The `nats-server` binary: `$NATS_SERVER`, `<workspace>/.tools/bin/nats-server`, `PATH`.
+/// The `nats-server` binary: `$NATS_SERVER` (a file, or a command on `PATH`), else
+/// `<workspace>/.tools/bin/nats-server` (where `scripts/install-nats-server` puts it), else
+/// `nats-server` on `PATH`. The one lookup of the project: the broker, the stack, the bench
+/// and the test harness (`faasmoe-e2e`) all use it.
+///
+/// Errors: [`ServerError::EnvNotFound`] when `$NATS_SERVER` is set to something that does
+/// not exist (it is not silently ignored), [`ServerError::NotFound`] when nothing is found.
 pub fn nats_server_bin() -> Result<PathBuf, ServerError> {
     if let Some(p) = std::env::var_os("NATS_SERVER").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         if p.is_file() {
             return Ok(p);
         }
-        if let Some(found) = find_on_path(&p) {
-            return Ok(found);
-        }
+        return find_on_path(&p).ok_or_else(|| ServerError::EnvNotFound(p.display().to_string()));
     }
     let local = workspace_root()
         .join(".tools")

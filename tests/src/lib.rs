@@ -24,7 +24,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,69 +44,23 @@ pub const JS_DIR_ENV: &str = "FAASMOE_JS_DIR";
 pub use faasmoe_proto::connection::dev_users;
 
 /// The workspace root (the directory holding the root `Cargo.toml`).
-pub fn workspace_root() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir
-        .parent()
-        .expect("tests/ crate has a parent directory")
-        .to_path_buf()
-}
+pub use faasmoe_broker::server::workspace_root;
 
 /// The project's NATS configuration, `<workspace>/nats.conf`.
 pub fn nats_conf() -> PathBuf {
     workspace_root().join("nats.conf")
 }
 
-/// Path of the `nats-server` binary to use:
-/// `$NATS_SERVER`, else `<workspace>/.tools/bin/nats-server`, else `nats-server` on `PATH`.
+/// Path of the `nats-server` binary to use: [`faasmoe_broker::server::nats_server_bin`]
+/// (`$NATS_SERVER`, else `<workspace>/.tools/bin/nats-server`, else `nats-server` on `PATH`).
 ///
 /// Panics, naming `scripts/install-nats-server`, when none is found.
 pub fn nats_server_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("NATS_SERVER").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        if p.is_file() {
-            return p;
-        }
-        if let Some(found) = find_on_path(p.as_os_str()) {
-            return found;
-        }
+    faasmoe_broker::server::nats_server_bin().unwrap_or_else(|e| {
         panic!(
-            "$NATS_SERVER is set to {} but no such file exists; unset it or run \
-             `scripts/install-nats-server` from the workspace root ({})",
-            p.display(),
+            "{e} (run it from the workspace root {})",
             workspace_root().display()
-        );
-    }
-    let local = workspace_root()
-        .join(".tools")
-        .join("bin")
-        .join(format!("nats-server{}", std::env::consts::EXE_SUFFIX));
-    if local.is_file() {
-        return local;
-    }
-    if let Some(found) = find_on_path(OsStr::new("nats-server")) {
-        return found;
-    }
-    panic!(
-        "nats-server not found: not in $NATS_SERVER, not at {}, not on PATH. \
-         Install it with `scripts/install-nats-server` (run from the workspace root {})",
-        local.display(),
-        workspace_root().display()
-    );
-}
-
-fn find_on_path(name: &OsStr) -> Option<PathBuf> {
-    let name = Path::new(name);
-    if name.components().count() != 1 {
-        return None; // a path, not a bare command name
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).find_map(|dir| {
-        let mut candidate = dir.join(name);
-        if !std::env::consts::EXE_SUFFIX.is_empty() {
-            candidate.set_extension(std::env::consts::EXE_EXTENSION);
-        }
-        candidate.is_file().then_some(candidate)
+        )
     })
 }
 
@@ -143,13 +97,11 @@ pub fn cargo_bin(name: &str) -> PathBuf {
     bin
 }
 
-/// A free TCP port on 127.0.0.1, found by binding port 0 and releasing it.
-/// Another process may take it before it is used: callers retry on collision.
+/// A free TCP port on 127.0.0.1, found by binding port 0 and releasing it
+/// ([`faasmoe_broker::server::free_port`]). Another process may take it before it is used:
+/// callers retry on collision.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0 to find a free port")
+    faasmoe_broker::server::free_port().expect("bind 127.0.0.1:0 to find a free port")
 }
 
 /// Makes the process that `cmd` starts receive SIGKILL when the thread that spawns it ends,
