@@ -67,9 +67,10 @@ pub struct Deployment {
     /// The `faasmoe-expert-worker` binary; default: next to the broker's own executable, else `PATH`.
     #[serde(default)]
     pub worker_bin: Option<PathBuf>,
-    /// NATS URL the workers connect to; default: the broker's own.
-    #[serde(default)]
-    pub nats_url: Option<String>,
+    /// NATS URL the workers connect to; default: the broker's own. (`nats_url` is accepted
+    /// as its old name.)
+    #[serde(default, alias = "nats_url")]
+    pub worker_nats_url: Option<String>,
     /// NATS user of the workers.
     #[serde(default)]
     pub worker_user: Option<String>,
@@ -103,7 +104,7 @@ impl Deployment {
             min_instances: 0,
             ready_timeout_ms: default_ready_timeout_ms(),
             worker_bin: None,
-            nats_url: None,
+            worker_nats_url: None,
             worker_user: None,
             worker_password: None,
         }

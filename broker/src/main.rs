@@ -390,7 +390,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         d.worker_bin = args.worker_bin.clone();
     }
     if args.worker_nats_url.is_some() {
-        d.nats_url = args.worker_nats_url.clone();
+        d.worker_nats_url = args.worker_nats_url.clone();
     }
     if d.worker_user.is_none() {
         d.worker_user = Some(args.worker_nats_user.clone());
@@ -478,7 +478,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let backend = LocalProcessBackend {
         worker_bin: d.worker_bin(),
         nats: NatsArgs {
-            url: d.nats_url.clone().unwrap_or_else(|| url.clone()),
+            url: d.worker_nats_url.clone().unwrap_or_else(|| url.clone()),
             user: d.worker_password.as_ref().and(d.worker_user.clone()),
             password: d.worker_password.clone(),
         },
