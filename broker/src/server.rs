@@ -8,7 +8,7 @@
 //!
 //! The server does not run from the given configuration file itself but from its rendered
 //! copy in a runtime directory, with the tenant users of `<runtime dir>/tenants.conf`
-//! inserted at the `# @faasmoe-tenants` marker (see [`crate::runtime`]); [`EmbeddedServer::tenant_admin`]
+//! inserted at the `# @faasmoe-tenants` marker (see [`crate::server_config`]); [`EmbeddedServer::tenant_admin`]
 //! gives the administration that adds/removes tenant users and reloads the server.
 
 use std::fs::File;
@@ -86,7 +86,7 @@ pub struct ServerOptions {
     /// rendered copy in `runtime_dir`.
     pub config: PathBuf,
     /// Runtime directory: `tenants.conf`, the rendered `nats.conf`, `server.json`
-    /// (see [`crate::runtime`]); default: a temp dir removed on drop. Give a persistent one
+    /// (see [`crate::server_config`]); default: a temp dir removed on drop. Give a persistent one
     /// to keep tenant users across restarts and to administer tenants from another process.
     pub runtime_dir: Option<PathBuf>,
     /// JetStream store directory (`$FAASMOE_JS_DIR`); default: a temp dir removed on drop.

@@ -12,7 +12,7 @@
 //! once, with the NATS `users` entry ([`TenantCredentials::nats_user_entry`]) that lets the
 //! tenant publish only to `faasmoe.v1.generate.<tenant>`. The password is NOT stored in the
 //! KV. [`TenantsConf`] keeps such entries in a `tenants.conf` file (one block per tenant,
-//! added on create, removed on delete); [`crate::runtime`] renders them into the server's
+//! added on create, removed on delete); [`crate::server_config`] renders them into the server's
 //! runtime configuration at the `# @faasmoe-tenants` marker and reloads the server
 //! (nats-server cannot `include` inside the `users` array), and
 //! [`crate::server_config::TenantAdmin`] does all of it on create/delete.

@@ -171,13 +171,18 @@ async fn eight_concurrent_activations_start_one_instance_that_scales_to_zero() {
         assert_eq!(ev.instance_id, instance_id);
         match ev.kind {
             EventKind::Started => started += 1,
-            // Only the broker publishes `stopped`, once the process is reaped, when it has left
-            // the instance table (the worker's own last event is `draining`).
+            // Only the broker publishes `stopped`, once the process is reaped (the worker's own
+            // last event is `draining`).
+            // The broker queues it just before it records the exit: give the record a moment.
             EventKind::Stopped => {
-                assert!(
-                    s.activator.instances().is_empty() && s.activator.exited().len() == 1,
-                    "stopped before the instance was reaped: {ev:?}"
-                );
+                let t0 = tokio::time::Instant::now();
+                while !(s.activator.instances().is_empty() && s.activator.exited().len() == 1) {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(2),
+                        "stopped, yet the exit is not recorded: {ev:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 broker_stopped = Some(ev)
             }
             EventKind::SpawnFailed => panic!("spawn failed: {ev:?}"),
@@ -311,7 +316,7 @@ fn signal(pid: u32, sig: libc::c_int) {
 
 /// Tells the broker, as the worker would, that `instance` has unsubscribed (its `draining`
 /// event): the broker then counts it as draining until the process exits.
-async fn announce_stopped(s: &Setup, instance: &faasmoe_broker::InstanceInfo) {
+async fn announce_draining(s: &Setup, instance: &faasmoe_broker::InstanceInfo) {
     let broker = s.server.connect_as(dev_users::BROKER).await.unwrap();
     let ev = FunctionEvent {
         kind: EventKind::Draining,
@@ -337,7 +342,7 @@ async fn announce_stopped(s: &Setup, instance: &faasmoe_broker::InstanceInfo) {
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the broker did not record the stopped event"
+            "the broker did not record the draining event"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -367,7 +372,7 @@ async fn first_instance(s: &Setup) -> faasmoe_broker::InstanceInfo {
 async fn at_the_cap_an_activation_waits_for_the_draining_instance_then_gets_a_new_one() {
     let s = setup(1, 60_000, None).await;
     let a = first_instance(&s).await;
-    announce_stopped(&s, &a).await;
+    announce_draining(&s, &a).await;
     // The draining instance exits 1 s from now.
     let pid = a.pid.expect("local process");
     let killer = tokio::spawn(async move {
@@ -406,7 +411,7 @@ async fn at_the_cap_an_activation_waits_for_the_draining_instance_then_gets_a_ne
 async fn the_wait_at_the_cap_ends_within_the_requesters_wait_ms() {
     let s = setup(1, 60_000, None).await;
     let a = first_instance(&s).await;
-    announce_stopped(&s, &a).await;
+    announce_draining(&s, &a).await;
     let c = s.server.connect_as(dev_users::CONTROLLER).await.unwrap();
     let mut req = request(&s.function_id, s.layer, 1);
     req.wait_ms = Some(1_500);

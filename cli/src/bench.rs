@@ -192,8 +192,15 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         (4.min(max_prompt), max_prompt),
         (2.min(max_output), max_output),
     );
-    let work = trace_requests(&tenant_names, n_req, &corpus, &scale)?;
-    let warm_work = trace_requests(&tenant_names, warm_req, &corpus, &scale)?;
+    // Tenant i's rows start at the same trace row in both phases, so the cold workload (the
+    // warm phase's priming pass) is the start of the warm one.
+    let stride = n_req.max(warm_req);
+    let work = trace_requests(&tenant_names, n_req, stride, &corpus, &scale)?;
+    let warm_work = if a.no_warm {
+        Vec::new()
+    } else {
+        trace_requests(&tenant_names, warm_req, stride, &corpus, &scale)?
+    };
 
     let specs = plan(&modes, &tenant_counts, &grans, compare_g, max_t);
     let ckpt_bytes = checkpoint_bytes(&model);
@@ -521,15 +528,16 @@ async fn expert_section(
     Ok(sec)
 }
 
-/// The workload of `per_tenant` requests for each tenant: tenant `i` replays `per_tenant`
-/// rows of the conversation (even `i`) or code (odd `i`) trace from row `(i / 2) ×
-/// per_tenant`, scaled by `scale`; its token ids are windows of `corpus`, so every mode gets
+/// The workload of `per_tenant` requests for each tenant: tenant `i` (from 0) replays
+/// `per_tenant` rows of the conversation (even `i`) or code (odd `i`) trace from row
+/// `(i / 2) × stride` (`stride` ≥ `per_tenant`), scaled by `scale`; its token ids are windows of `corpus`, so every mode gets
 /// the same ids.
 ///
 /// Errors: a trace shorter than the rows asked for.
 fn trace_requests(
     tenant_names: &[String],
     per_tenant: usize,
+    stride: usize,
     corpus: &[u32],
     scale: &Scale,
 ) -> anyhow::Result<Vec<Req>> {
@@ -540,7 +548,7 @@ fn trace_requests(
         } else {
             workload::CODE_TRACE
         };
-        let rows = workload::load(trace, (i / 2) * per_tenant, per_tenant, scale)?;
+        let rows = workload::load(trace, (i / 2) * stride, per_tenant, scale)?;
         for (j, r) in rows.into_iter().enumerate() {
             let off = (i * 977 + j * 131) % corpus.len();
             let ids: Vec<u32> = (0..r.context_tokens as usize)

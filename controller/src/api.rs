@@ -425,10 +425,7 @@ impl Api {
     /// done` log line).
     fn record_done(&self, d: Completed<'_>) -> (GenerateResponse, Option<StreamMessage>) {
         let total_ms = d.submitted.elapsed().as_secs_f64() * 1e3;
-        let (text, tail) = d.text.finish().unwrap_or_else(|e| {
-            warn!(error = %e, "decoding the last generated tokens failed");
-            Default::default()
-        });
+        let (text, tail) = d.text.finish();
         let response = GenerateResponse {
             id: d.id.to_string(),
             text,

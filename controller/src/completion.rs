@@ -105,18 +105,20 @@ impl<'a> CompletionText<'a> {
     /// Ends the completion: the whole text — with the bytes the decoder still held back (an
     /// incomplete character at the end decodes to U+FFFD) unless a stop string matched — and
     /// its part not yet taken by [`take_stream_delta`](Self::take_stream_delta) (a stream's
-    /// last chunk).
-    ///
-    /// # Errors
-    /// [`TokenizerError::Tokenizer`] if decoding the held-back ids fails.
-    pub fn finish(mut self) -> Result<(String, String), TokenizerError> {
+    /// last chunk). If decoding the held-back ids fails, they are left out (logged): the
+    /// text decoded so far is kept.
+    pub fn finish(mut self) -> (String, String) {
         if !self.stopped {
             if let Some(decoder) = self.decoder.as_mut() {
-                let rest = decoder.finish()?;
-                self.text.push_str(&rest);
+                match decoder.finish() {
+                    Ok(rest) => self.text.push_str(&rest),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "decoding the last generated tokens failed")
+                    }
+                }
             }
         }
         let tail = self.text.get(self.sent..).unwrap_or_default().to_string();
-        Ok((self.text, tail))
+        (self.text, tail)
     }
 }

@@ -260,7 +260,7 @@ fn complete(tok: &QwenTokenizer, stops: &[&str], ids: &[u32]) -> (String, String
         }
     }
     let stopped = c.stopped();
-    let (text, tail) = c.finish().unwrap();
+    let (text, tail) = c.finish();
     streamed.push_str(&tail);
     (text, streamed, stopped, fed)
 }
@@ -317,7 +317,7 @@ fn completion_text_stops_and_streams() {
         assert!(!c.push(id).unwrap());
         assert_eq!(c.take_stream_delta(), "");
     }
-    assert_eq!(c.finish().unwrap(), (String::new(), String::new()));
+    assert_eq!(c.finish(), (String::new(), String::new()));
 }
 
 /// (d) render_chat produces Qwen ChatML with the generation prompt, which tokenizes with

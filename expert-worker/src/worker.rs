@@ -256,7 +256,7 @@ pub async fn run(
     {
         warn!("the draining event was not accepted in time (connection down?)");
     }
-    // A last round trip: the server has every reply and the stopped event before the
+    // A last round trip: the server has every reply and the draining event before the
     // connection closes (a flush only writes the socket).
     let delivered = fence(&client, &status_subject, FENCE_TIMEOUT).await;
     if let Err(e) = &delivered {

@@ -7,7 +7,7 @@
 //! - [`checkpoint`]: safetensors loading (single or sharded, memory-mapped), tensor by tensor;
 //! - [`kv_cache`]: the per-sequence KV cache (preallocated, grown by doubling) and the
 //!   attention that reads it in place (GQA without repeated heads);
-//! - [`qwen2_moe`]: the control plane (attention with per-sequence KV caches, router, shared
+//! - [`control_plane`]: the control plane (attention with per-sequence KV caches, router, shared
 //!   expert, dense layers, LM head) that stops at each MoE layer and hands the routed part to
 //!   an [`ExpertBackend`];
 //! - [`kernel`]: the one matmul kernel, `y = x · Wᵀ` with W in its stored dtype (bf16, f16,
@@ -17,7 +17,8 @@
 //! - [`experts`]: the expert function: any subset of routed experts, SwiGLU over row batches;
 //! - [`backend`]: the in-process expert backend (all experts resident);
 //! - [`baseline`]: candle-transformers' monolithic `qwen2_moe` as the full-model reference;
-//! - [`generator`]: random-weight checkpoints in the exact hub layout.
+//! - [`greedy`]: greedy decoding over a batch (tests, local-split, baselines);
+//! - [`random_checkpoint`]: random-weight checkpoints in the exact hub layout.
 //!
 //! It does not know about NATS, tenants, tokenizers or sampling: those live in `proto`,
 //! `controller` and `expert-worker`.

@@ -6,7 +6,7 @@
 //! | `started` | broker | it spawned the process | — |
 //! | `subscribed` | worker | it loaded its experts and its subscriptions are confirmed by the server | process start → subscribed |
 //! | `ready` | broker | it saw the worker's `subscribed`: the instance serves | spawn → ready (the cold start) |
-//! | `draining` | worker | it unsubscribed and answers only what it already received, then exits | — |
+//! | `draining` | worker | it has unsubscribed and answered everything it received; it exits next | — |
 //! | `stopped` | broker | it reaped the process (idle scale to zero, crash or shutdown) | — |
 //! | `spawn_failed` | broker | the process could not be spawned or exited before `ready` | — |
 //!
@@ -29,8 +29,8 @@ pub enum EventKind {
     /// Broker: the instance serves (it saw the worker's `subscribed`); the cold start is
     /// complete, `cold_start_ms` = spawn → ready.
     Ready,
-    /// Worker: it unsubscribed and is answering only the requests it already received
-    /// before it exits.
+    /// Worker: it has unsubscribed and answered every request it received; it exits next
+    /// (the broker counts it as draining until it has reaped the process).
     Draining,
     /// Broker: the process exited and was reaped (idle scale-to-zero, crash or shutdown).
     Stopped,

@@ -155,24 +155,16 @@ impl Inner {
                 }
             }
         };
-        let record = {
-            let mut st = self.state.lock().unwrap();
-            st.live.remove(&instance_id).map(|l| {
-                let mut info = l.info;
-                let was = info.state;
-                info.state = InstanceState::Exited;
-                info.exit = Some(exit);
-                st.exited.push_back(info.clone());
-                while st.exited.len() > EXITED_HISTORY {
-                    st.exited.pop_front();
-                }
-                let _ = l.state_tx.send(InstanceState::Exited);
-                (info, was)
-            })
+        // The event is queued while the instance still counts as alive, before the state
+        // changes: an activation that starts the function again (its `started`) can only
+        // come after this `stopped` on the subject.
+        let known = {
+            let st = self.state.lock().unwrap();
+            st.live
+                .get(&instance_id)
+                .map(|l| (l.info.clone(), l.info.state))
         };
-        // The event is queued before waiters hear of the change: an activation that starts
-        // the function again (its `started`) comes after this `stopped` on the subject.
-        if let Some((info, was)) = &record {
+        if let Some((info, was)) = &known {
             info!(function_id = %info.function_id, %instance_id, ?exit, "instance exited");
             let kind = if *was == InstanceState::Starting {
                 EventKind::SpawnFailed
@@ -181,12 +173,28 @@ impl Inner {
             };
             let mut ev = self.event(kind, info);
             ev.exit_status = exit.code;
-            // Bounded: a connection whose send queue is full must not hold up the waiters.
-            if tokio::time::timeout(EVENT_QUEUE_TIMEOUT, self.publish(ev))
+            // Bounded: a connection whose send queue is full must not hold up the state
+            // change. The event is not lost then, only late (its task goes on).
+            let me = self.clone();
+            let queued = tokio::spawn(async move { me.publish(ev).await });
+            if tokio::time::timeout(EVENT_QUEUE_TIMEOUT, queued)
                 .await
                 .is_err()
             {
-                warn!(%instance_id, "the stopped event could not be queued in time (connection down?)");
+                warn!(%instance_id, "the exit event could not be queued in time (connection down?); it follows late");
+            }
+        }
+        {
+            let mut st = self.state.lock().unwrap();
+            if let Some(l) = st.live.remove(&instance_id) {
+                let mut info = l.info;
+                info.state = InstanceState::Exited;
+                info.exit = Some(exit);
+                st.exited.push_back(info);
+                while st.exited.len() > EXITED_HISTORY {
+                    st.exited.pop_front();
+                }
+                let _ = l.state_tx.send(InstanceState::Exited);
             }
         }
         self.changed();

@@ -1,5 +1,6 @@
-//! The bench's phases after the cold one (issue 12): a **warm** replay of the same workload,
-//! once the functions it needs have been started by a priming pass, and a closed-loop
+//! The bench's phases after the cold one (issue 12): a **warm** replay of a longer slice of
+//! the same traces (the cold workload is its start), once a priming pass (the cold workload
+//! sent at once) has started the functions, and a closed-loop
 //! **capacity sweep** (1, 2, 4, … concurrent sequences) that finds where each mode's
 //! throughput stops growing. Every phase is measured on its own: requests, wall time, the
 //! deployment's CPU-seconds, and the function instances that became ready during it.

@@ -206,6 +206,7 @@ pub(super) fn write_csvs(
         "tenants",
         "granularity",
         "phase",
+        "phase_start_s",
         "tenant",
         "index",
         "sent_s",
@@ -220,19 +221,21 @@ pub(super) fn write_csvs(
     ])?;
     for r in results.iter().filter(|r| r.spec.same_as.is_none()) {
         // Every phase's requests: cold (from scale to zero), warm, then the sweep's points.
-        let mut phases: Vec<(String, &[ReqResult])> = vec![("cold".into(), &r.requests)];
+        // sent_s is measured from its phase's start, phase_start_s from the cold workload's.
+        let mut phases: Vec<(String, f64, &[ReqResult])> = vec![("cold".into(), 0.0, &r.requests)];
         if let Some(w) = &r.warm {
-            phases.push(("warm".into(), &w.requests));
+            phases.push(("warm".into(), w.from_s, &w.requests));
         }
         for p in &r.sweep {
             phases.push((
                 format!("sweep-c{}", p.concurrency.unwrap_or(0)),
+                p.from_s,
                 &p.requests,
             ));
         }
-        for (phase, q) in phases
+        for ((phase, phase_start), q) in phases
             .iter()
-            .flat_map(|(p, qs)| qs.iter().map(move |q| (p, q)))
+            .flat_map(|(p, from, qs)| qs.iter().map(move |q| ((p, *from), q)))
         {
             let (pt, ct, qm, tt, tot, tp) = match &q.ok {
                 Some(g) => (
@@ -253,6 +256,7 @@ pub(super) fn write_csvs(
                     .map(|g| g.to_string())
                     .unwrap_or_default(),
                 phase.clone(),
+                f(phase_start, 3),
                 q.tenant.clone(),
                 q.index.to_string(),
                 f(q.sent_s, 3),
@@ -441,8 +445,8 @@ pub(super) fn report_md(
     let _ = writeln!(r, "- checkpoint (per-expert): {expert_desc}");
     let _ = writeln!(
         r,
-        "- workload: Azure LLM inference traces (Splitwise, ISCA 2024, CC-BY 4.0); tenant i replays the conversation (odd i) or code (even i) trace, {n_req} requests each in the cold phase and {} in the warm phase (the same slice, longer); scale: prompt tokens ÷{}, clamped to {:?}; output tokens ÷{}, clamped to {:?}; inter-arrival × {}; greedy decoding; the same token ids for every mode",
-        a.warm_requests_per_tenant(), scale.prompt_div, scale.prompt_range, scale.output_div, scale.output_range, scale.time_mul
+        "- workload: Azure LLM inference traces (Splitwise, ISCA 2024, CC-BY 4.0); tenant t1, t3, t5 … replays the conversation trace and t2, t4 … the code trace, {n_req} requests each in the cold phase; {}; scale: prompt tokens ÷{}, clamped to {:?}; output tokens ÷{}, clamped to {:?}; inter-arrival × {}; greedy decoding; the same token ids for every mode",
+        if a.no_warm { "no warm phase (--no-warm)".to_string() } else { format!("{} in the warm phase (the same trace rows, more of them: the cold workload is its start and its priming pass)", a.warm_requests_per_tenant()) }, scale.prompt_div, scale.prompt_range, scale.output_div, scale.output_range, scale.time_mul
     );
     let _ = writeln!(r, "- tenants {tenants:?}; faasmoe-shared granularity sweep {grans:?} at {} tenants; faasmoe-shared/-private compared at {compare_g} experts per function; idle timeout {} ms, at most {} instances per function", tenants.iter().max().unwrap_or(&0), a.idle_timeout_ms, a.max_instances);
     let _ = writeln!(r, "- bench wall time: {total_s:.0} s\n");
