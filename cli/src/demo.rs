@@ -52,6 +52,9 @@ struct TenantPlan {
     rows: Vec<TraceRow>,
 }
 
+/// The outcomes of the requests sent so far, by tenant.
+type Results = Arc<Mutex<BTreeMap<&'static str, Vec<Outcome>>>>;
+
 #[derive(Debug, Clone, Default)]
 struct Outcome {
     ok: Option<GenerateResponse>,
@@ -94,38 +97,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let tokenizer = QwenTokenizer::from_checkpoint_dir(&model)?;
     let scale = a.scale.with_ranges((8, 128), (4, 24));
     let n = a.requests;
-    let plans = vec![
-        TenantPlan {
-            name: "chat",
-            shape: "conversation trace",
-            quota: Quota {
-                max_concurrent: Some(8),
-                tokens_per_minute: None,
-                total_tokens: None,
-            },
-            rows: workload::load(workload::CONV_TRACE, 0, n, &scale)?,
-        },
-        TenantPlan {
-            name: "code",
-            shape: "code-completion trace",
-            quota: Quota {
-                max_concurrent: Some(8),
-                tokens_per_minute: None,
-                total_tokens: None,
-            },
-            rows: workload::load(workload::CODE_TRACE, 0, n, &scale)?,
-        },
-        TenantPlan {
-            name: "trial",
-            shape: "conversation trace, 200-token budget",
-            quota: Quota {
-                max_concurrent: Some(2),
-                tokens_per_minute: None,
-                total_tokens: Some(200),
-            },
-            rows: workload::load(workload::CONV_TRACE, 100, n, &scale)?,
-        },
-    ];
+    let plans = tenant_plans(n, &scale)?;
     println!("workload: {} tenants × {n} requests from the Azure LLM traces (Splitwise, ISCA 2024, CC-BY 4.0); scale: prompt tokens ÷{}, output tokens ÷{}, time ×{}", plans.len(), scale.prompt_div, scale.output_div, scale.time_mul);
 
     let stack_args = StackArgs {
@@ -153,120 +125,170 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         ],
         vec![stack.broker.id().unwrap_or(0) as i32],
     )));
-    let m2 = monitor.clone();
-    let sampler = tokio::spawn(async move {
-        loop {
-            m2.lock().unwrap().sample();
-            tokio::time::sleep(Duration::from_millis(1000)).await;
-        }
-    });
+    let sampler = sample_every_second(monitor.clone());
     // Cold starts from the function events.
     let cold: Arc<Mutex<BTreeMap<String, f64>>> = Default::default();
-    let mut events = internal
-        .subscribe(faasmoe_proto::subject::events(&stack.model_id)?)
+    let ev_task = record_cold_starts(&internal, &stack.model_id, cold.clone()).await?;
+
+    // Tenants with their own credentials and quotas.
+    let admin = crate::tenant_admin(&stack).await?;
+    let corpus = tokenizer.encode(workload::CORPUS)?;
+    let results: Results = Default::default();
+    let start = tokio::time::Instant::now();
+    let tasks = spawn_requests(
+        &plans,
+        &admin,
+        stack.server.url(),
+        &corpus,
+        &tokenizer,
+        &results,
+        start,
+    )
+    .await?;
+    // Progress.
+    let progress = print_progress(results.clone(), tasks.len());
+    for t in tasks {
+        t.await?;
+    }
+    progress.abort();
+    let workload_s = start.elapsed().as_secs_f64();
+    println!("workload finished in {workload_s:.1}s; waiting {:.0}s for idle functions to scale to zero…", a.idle_timeout_ms as f64 / 1e3 + 4.0);
+    let t_wait = Instant::now();
+    while t_wait.elapsed() < Duration::from_millis(a.idle_timeout_ms + 4000) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    sampler.abort();
+    ev_task.abort();
+    monitor.lock().unwrap().sample();
+
+    print_report(&plans, &results, &cold, &monitor, &admin, a.idle_timeout_ms).await;
+    stack.stop().await;
+    println!(
+        "\ndemo done in {:.0}s; logs in {}",
+        t_all.elapsed().as_secs_f64(),
+        a.log_dir.display()
+    );
+    Ok(())
+}
+
+/// The demo's three tenants: `chat` and `code` (8 concurrent requests each, no token
+/// budget) and `trial` (2 concurrent, a 200-token budget), `n` requests each from the
+/// conversation and code traces.
+fn tenant_plans(n: usize, scale: &workload::Scale) -> anyhow::Result<Vec<TenantPlan>> {
+    Ok(vec![
+        TenantPlan {
+            name: "chat",
+            shape: "conversation trace",
+            quota: Quota {
+                max_concurrent: Some(8),
+                tokens_per_minute: None,
+                total_tokens: None,
+            },
+            rows: workload::load(workload::CONV_TRACE, 0, n, scale)?,
+        },
+        TenantPlan {
+            name: "code",
+            shape: "code-completion trace",
+            quota: Quota {
+                max_concurrent: Some(8),
+                tokens_per_minute: None,
+                total_tokens: None,
+            },
+            rows: workload::load(workload::CODE_TRACE, 0, n, scale)?,
+        },
+        TenantPlan {
+            name: "trial",
+            shape: "conversation trace, 200-token budget",
+            quota: Quota {
+                max_concurrent: Some(2),
+                tokens_per_minute: None,
+                total_tokens: Some(200),
+            },
+            rows: workload::load(workload::CONV_TRACE, 100, n, scale)?,
+        },
+    ])
+}
+
+/// Subscribes to the model's function events and keeps, per instance, the longest cold
+/// start (spawn → ready, ms) its `ready` events report, in `cold`; the task runs until
+/// aborted.
+async fn record_cold_starts(
+    nats: &async_nats::Client,
+    model_id: &str,
+    cold: Arc<Mutex<BTreeMap<String, f64>>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut events = nats
+        .subscribe(faasmoe_proto::subject::events(model_id)?)
         .await?;
-    let c2 = cold.clone();
-    let ev_task = tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         while let Some(m) = events.next().await {
             if let Ok(e) = FunctionEvent::decode(&m.payload) {
                 if e.kind == EventKind::Ready {
                     if let Some(ms) = e.cold_start_ms {
-                        let mut c = c2.lock().unwrap();
+                        let mut c = cold.lock().unwrap();
                         let v = c.entry(e.instance_id).or_insert(0.0);
                         *v = v.max(ms);
                     }
                 }
             }
         }
-    });
+    }))
+}
 
-    // Tenants with their own credentials and quotas.
-    let admin = crate::tenant_admin(&stack).await?;
-    let corpus = tokenizer.encode(workload::CORPUS)?;
-    let results: Arc<Mutex<BTreeMap<&'static str, Vec<Outcome>>>> = Default::default();
-    let mut tasks = Vec::new();
-    let start = tokio::time::Instant::now();
-    for (ti, plan) in plans.iter().enumerate() {
-        let creds = admin.create(plan.name, plan.quota).await?;
-        let client = faasmoe_proto::connection::connect(
-            stack.server.url(),
-            Some(&creds.user),
-            Some(&creds.password),
-            plan.name,
-        )
-        .await?;
-        let subject = faasmoe_proto::subject::generate(plan.name)?;
-        for (i, row) in plan.rows.iter().copied().enumerate() {
-            let prompt = workload::prompt_text(
-                &corpus,
-                (ti * 97 + i * 31) % corpus.len(),
-                row.context_tokens as usize,
-                |ids| tokenizer.decode(ids).unwrap_or_default(),
-            );
-            let body = serde_json::json!({"prompt": prompt, "max_tokens": row.generated_tokens, "temperature": 0.7, "top_p": 0.9, "seed": i});
-            let (client, subject, results, name) =
-                (client.clone(), subject.clone(), results.clone(), plan.name);
-            tasks.push(tokio::spawn(async move {
-                workload::sleep_until(start, row.at_s).await;
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(CONTENT_TYPE, JSON);
-                let r = tokio::time::timeout(
-                    Duration::from_secs(600),
-                    client.send_request(
-                        subject,
-                        async_nats::Request::new()
-                            .headers(headers)
-                            .payload(body.to_string().into())
-                            .timeout(Some(Duration::from_secs(600))),
+/// Sends one generate request (JSON `body`) and waits for its reply, at most 600 s; an
+/// error reply's `error.code`, a NATS error or the timeout becomes the outcome's error.
+async fn send(client: &async_nats::Client, subject: String, body: serde_json::Value) -> Outcome {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(CONTENT_TYPE, JSON);
+    let r = tokio::time::timeout(
+        Duration::from_secs(600),
+        client.send_request(
+            subject,
+            async_nats::Request::new()
+                .headers(headers)
+                .payload(body.to_string().into())
+                .timeout(Some(Duration::from_secs(600))),
+        ),
+    )
+    .await;
+    match r {
+        Ok(Ok(m)) => match serde_json::from_slice::<GenerateResponse>(&m.payload) {
+            Ok(resp) => Outcome {
+                ok: Some(resp),
+                error: None,
+            },
+            Err(_) => {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                Outcome {
+                    ok: None,
+                    error: Some(
+                        v["error"]["code"]
+                            .as_str()
+                            .unwrap_or("invalid_reply")
+                            .to_string(),
                     ),
-                )
-                .await;
-                let outcome = match r {
-                    Ok(Ok(m)) => match serde_json::from_slice::<GenerateResponse>(&m.payload) {
-                        Ok(resp) => Outcome {
-                            ok: Some(resp),
-                            error: None,
-                        },
-                        Err(_) => {
-                            let v: serde_json::Value =
-                                serde_json::from_slice(&m.payload).unwrap_or_default();
-                            Outcome {
-                                ok: None,
-                                error: Some(
-                                    v["error"]["code"]
-                                        .as_str()
-                                        .unwrap_or("invalid_reply")
-                                        .to_string(),
-                                ),
-                            }
-                        }
-                    },
-                    Ok(Err(e)) => Outcome {
-                        ok: None,
-                        error: Some(format!("nats: {}", e.kind())),
-                    },
-                    Err(_) => Outcome {
-                        ok: None,
-                        error: Some("client_timeout".into()),
-                    },
-                };
-                results
-                    .lock()
-                    .unwrap()
-                    .entry(name)
-                    .or_default()
-                    .push(outcome);
-            }));
-        }
+                }
+            }
+        },
+        Ok(Err(e)) => Outcome {
+            ok: None,
+            error: Some(format!("nats: {}", e.kind())),
+        },
+        Err(_) => Outcome {
+            ok: None,
+            error: Some("client_timeout".into()),
+        },
     }
-    // Progress.
-    let total_requests = tasks.len();
-    let r2 = results.clone();
-    let progress = tokio::spawn(async move {
+}
+
+/// Prints, every 3 s until aborted, the requests done of `total_requests` (per tenant) and
+/// the output tokens per second so far.
+fn print_progress(results: Results, total_requests: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let t0 = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_secs(3)).await;
-            let r = r2.lock().unwrap();
+            let r = results.lock().unwrap();
             let done: usize = r.values().map(Vec::len).sum();
             let toks: u32 = r
                 .values()
@@ -282,27 +304,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
                 toks as f64 / t0.elapsed().as_secs_f64()
             );
         }
-    });
-    for t in tasks {
-        t.await?;
-    }
-    progress.abort();
-    let workload_s = start.elapsed().as_secs_f64();
-    println!("workload finished in {workload_s:.1}s; waiting {:.0}s for idle functions to scale to zero…", a.idle_timeout_ms as f64 / 1e3 + 4.0);
-    let t_wait = Instant::now();
-    while t_wait.elapsed() < Duration::from_millis(a.idle_timeout_ms + 4000) {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    sampler.abort();
-    ev_task.abort();
-    monitor.lock().unwrap().sample();
+    })
+}
 
-    // Report.
-    let results = results.lock().unwrap().clone();
+/// Prints the tenants' table: requests, tokens, TTFT and TPOT p50/p99 (ms) and errors by code.
+fn print_tenants(plans: &[TenantPlan], results: &BTreeMap<&'static str, Vec<Outcome>>) {
     println!("\n## Tenants (measured in this run)\n");
     println!("| tenant | shape | requests | ok | prompt tok | completion tok | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | errors |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for plan in &plans {
+    for plan in plans {
         let v = results.get(plan.name).cloned().unwrap_or_default();
         let oks: Vec<&GenerateResponse> = v.iter().filter_map(|o| o.ok.as_ref()).collect();
         let ttft: Vec<f64> = oks.iter().map(|r| r.timings.ttft_ms).collect();
@@ -342,6 +352,112 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             errs
         );
     }
+}
+
+/// Prints the resources over time (up to 17 of the monitor's samples) and the function
+/// instances at their peak and at the end.
+fn print_resources(m: &Monitor, idle_timeout_ms: u64) {
+    let step = (m.samples.len() / 16).max(1);
+    for (i, s) in m.samples.iter().enumerate() {
+        if i % step != 0 && i + 1 != m.samples.len() {
+            continue;
+        }
+        let g = |r: Role| s.roles.get(&r).copied().unwrap_or_default();
+        let (c, w, nats, b) = (
+            g(Role::Controller),
+            g(Role::Worker),
+            g(Role::Nats),
+            g(Role::Broker),
+        );
+        println!(
+            "| {:.0} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {:.0} | {} |",
+            s.t_s,
+            w.processes,
+            mb(c.rss_bytes),
+            c.cpu_percent,
+            mb(w.rss_bytes),
+            mb(w.pss_bytes),
+            w.cpu_percent,
+            mb(nats.rss_bytes),
+            nats.cpu_percent,
+            mb(b.rss_bytes)
+        );
+    }
+    let peak_workers = m
+        .samples
+        .iter()
+        .map(|s| s.roles.get(&Role::Worker).map(|w| w.processes).unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    let last_workers = m
+        .samples
+        .last()
+        .and_then(|s| s.roles.get(&Role::Worker))
+        .map(|w| w.processes)
+        .unwrap_or(0);
+    println!("\nfunction instances: peak {peak_workers}, at the end {last_workers} (idle timeout {} ms){}", idle_timeout_ms, if last_workers == 0 { ": scaled to zero" } else { "" });
+}
+
+/// Every request of the demo, each on its own task that waits for the request's arrival time
+/// (seconds after `start`) and records its [`Outcome`] under its tenant. Creates each
+/// tenant (credentials and quota) through `admin` and connects as it to `url`.
+async fn spawn_requests(
+    plans: &[TenantPlan],
+    admin: &faasmoe_broker::TenantAdmin,
+    url: &str,
+    corpus: &[u32],
+    tokenizer: &QwenTokenizer,
+    results: &Results,
+    start: tokio::time::Instant,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    for (ti, plan) in plans.iter().enumerate() {
+        let creds = admin.create(plan.name, plan.quota).await?;
+        let client = faasmoe_proto::connection::connect(
+            url,
+            Some(&creds.user),
+            Some(&creds.password),
+            plan.name,
+        )
+        .await?;
+        let subject = faasmoe_proto::subject::generate(plan.name)?;
+        for (i, row) in plan.rows.iter().copied().enumerate() {
+            let prompt = workload::prompt_text(
+                corpus,
+                (ti * 97 + i * 31) % corpus.len(),
+                row.context_tokens as usize,
+                |ids| tokenizer.decode(ids).unwrap_or_default(),
+            );
+            let body = serde_json::json!({"prompt": prompt, "max_tokens": row.generated_tokens, "temperature": 0.7, "top_p": 0.9, "seed": i});
+            let (client, subject, results, name) =
+                (client.clone(), subject.clone(), results.clone(), plan.name);
+            tasks.push(tokio::spawn(async move {
+                workload::sleep_until(start, row.at_s).await;
+                let outcome = send(&client, subject, body).await;
+                results
+                    .lock()
+                    .unwrap()
+                    .entry(name)
+                    .or_default()
+                    .push(outcome);
+            }));
+        }
+    }
+    Ok(tasks)
+}
+
+/// Prints the demo's report, measured in this run: the tenants' table, the cold starts
+/// (spawn → ready, ms), the resources over time and each tenant's usage in the quota store.
+async fn print_report(
+    plans: &[TenantPlan],
+    results: &Results,
+    cold: &Mutex<BTreeMap<String, f64>>,
+    monitor: &Mutex<Monitor>,
+    admin: &faasmoe_broker::TenantAdmin,
+    idle_timeout_ms: u64,
+) {
+    let results = results.lock().unwrap().clone();
+    print_tenants(plans, &results);
     let cold: Vec<f64> = cold.lock().unwrap().values().copied().collect();
     println!("\n## Functions\n");
     println!(
@@ -353,51 +469,9 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!("\n## Resources over time (from /proc; CPU in % of one core)\n");
     println!("| t s | instances | controller RSS MB | controller CPU % | workers RSS MB | workers PSS MB | workers CPU % | nats RSS MB | nats CPU % | broker RSS MB |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    // The lock is released before the awaits below.
-    {
-        let m = monitor.lock().unwrap();
-        let step = (m.samples.len() / 16).max(1);
-        for (i, s) in m.samples.iter().enumerate() {
-            if i % step != 0 && i + 1 != m.samples.len() {
-                continue;
-            }
-            let g = |r: Role| s.roles.get(&r).copied().unwrap_or_default();
-            let (c, w, nats, b) = (
-                g(Role::Controller),
-                g(Role::Worker),
-                g(Role::Nats),
-                g(Role::Broker),
-            );
-            println!(
-                "| {:.0} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {:.0} | {} |",
-                s.t_s,
-                w.processes,
-                mb(c.rss_bytes),
-                c.cpu_percent,
-                mb(w.rss_bytes),
-                mb(w.pss_bytes),
-                w.cpu_percent,
-                mb(nats.rss_bytes),
-                nats.cpu_percent,
-                mb(b.rss_bytes)
-            );
-        }
-        let peak_workers = m
-            .samples
-            .iter()
-            .map(|s| s.roles.get(&Role::Worker).map(|w| w.processes).unwrap_or(0))
-            .max()
-            .unwrap_or(0);
-        let last_workers = m
-            .samples
-            .last()
-            .and_then(|s| s.roles.get(&Role::Worker))
-            .map(|w| w.processes)
-            .unwrap_or(0);
-        println!("\nfunction instances: peak {peak_workers}, at the end {last_workers} (idle timeout {} ms){}", a.idle_timeout_ms, if last_workers == 0 { ": scaled to zero" } else { "" });
-    }
+    print_resources(&monitor.lock().unwrap(), idle_timeout_ms);
     println!("\nusage in the quota store:");
-    for plan in &plans {
+    for plan in plans {
         if let Ok(u) = admin.store().usage(plan.name).await {
             println!(
                 "  {}: {} tokens charged, {} in flight",
@@ -405,11 +479,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             );
         }
     }
-    stack.stop().await;
-    println!(
-        "\ndemo done in {:.0}s; logs in {}",
-        t_all.elapsed().as_secs_f64(),
-        a.log_dir.display()
-    );
-    Ok(())
+}
+
+/// Samples the processes of `monitor` once a second until aborted.
+fn sample_every_second(monitor: Arc<Mutex<Monitor>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            monitor.lock().unwrap().sample();
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+    })
 }

@@ -31,6 +31,16 @@ const ACTIVATION_ATTEMPTS: u32 = 5;
 const ACTIVATION_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest backoff between activation attempts.
 const ACTIVATION_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long one activation request waits for the broker's reply before asking again (the
+/// broker joins the start already in progress, so asking again starts nothing new).
+///
+/// Why: nats-server forgets a responder's pending reply permissions (`allow_responses`)
+/// when it reloads its configuration, which the broker makes it do on every tenant change;
+/// the broker's reply to an activation that was outstanding then is refused ("Permissions
+/// Violation for Publish to _INBOX.controller…") and never arrives. Seen in `faasmoe demo`:
+/// its tenants are created while the first requests' activations are out, and one request
+/// waited the whole 60 s activation timeout. Re-asking bounds that loss to this long.
+const ACTIVATION_REPLY_WAIT: Duration = Duration::from_secs(3);
 /// How often the dispatcher looks at its connection's state (async-nats exposes the state,
 /// not a stream of changes, on a client it did not configure).
 const CONNECTION_POLL: Duration = Duration::from_millis(10);

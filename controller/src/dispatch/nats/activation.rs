@@ -10,7 +10,8 @@ use faasmoe_proto::{subject, ErrorCode, PROTOCOL_VERSION};
 use tracing::{debug, info, warn};
 
 use super::{
-    NatsDispatch, ACTIVATION_ATTEMPTS, ACTIVATION_BACKOFF_MAX, ACTIVATION_BACKOFF_MIN, WARM_FRESH,
+    NatsDispatch, ACTIVATION_ATTEMPTS, ACTIVATION_BACKOFF_MAX, ACTIVATION_BACKOFF_MIN,
+    ACTIVATION_REPLY_WAIT, WARM_FRESH,
 };
 use crate::dispatch::DispatchError;
 
@@ -18,7 +19,8 @@ impl NatsDispatch {
     /// Asks the broker to activate function `fidx` and waits until an instance serves.
     /// Transient failures (`unavailable` from the broker, no broker answering, a lost
     /// connection) are retried up to [`ACTIVATION_ATTEMPTS`] times with exponential backoff
-    /// from [`ACTIVATION_BACKOFF_MIN`]; everything before `deadline`.
+    /// from [`ACTIVATION_BACKOFF_MIN`]; everything before `deadline`. A request that gets no
+    /// reply within [`ACTIVATION_REPLY_WAIT`] is sent again (not counted as an attempt).
     ///
     /// Errors: [`DispatchError::ActivationFailed`] when no instance serves in time,
     /// [`DispatchError::ActivationRefused`] when the broker refuses,
@@ -33,9 +35,13 @@ impl NatsDispatch {
         let t0 = Instant::now();
         let mut backoff = ACTIVATION_BACKOFF_MIN;
         let mut attempt = 0;
+        let mut asks = 0u32;
+        let mut again = false;
         loop {
-            attempt += 1;
-            self.activations.fetch_add(1, Ordering::Relaxed);
+            if !std::mem::take(&mut again) {
+                attempt += 1;
+                self.activations.fetch_add(1, Ordering::Relaxed);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             let req = ActivateRequest {
                 version: PROTOCOL_VERSION,
@@ -46,7 +52,16 @@ impl NatsDispatch {
                 requested_by: self.settings.controller_id.clone(),
                 wait_ms: Some(left.as_millis() as u64),
             };
-            let transient = match self.request(&subj, &req.encode(), None, left).await {
+            asks += 1;
+            let wait = left.min(ACTIVATION_REPLY_WAIT);
+            let transient = match self.request(&subj, &req.encode(), None, wait).await {
+                Err(e) if e.kind() == RequestErrorKind::TimedOut && wait < left => {
+                    // No reply yet: the start may still be running, or the reply was lost
+                    // (see ACTIVATION_REPLY_WAIT). Ask again; this is not a failed attempt.
+                    debug!(function = %f.id, asks, waited_ms = t0.elapsed().as_millis() as u64, "no activation reply yet; asking again");
+                    again = true;
+                    continue;
+                }
                 Err(e) if e.kind() == RequestErrorKind::TimedOut => {
                     return Err(DispatchError::ActivationFailed {
                         function: f.id.clone(),
@@ -71,7 +86,7 @@ impl NatsDispatch {
                         cold_start_ms,
                         already_running,
                     } => {
-                        info!(function = %f.id, %instance_id, cold_start_ms, already_running, attempt, wait_ms = t0.elapsed().as_secs_f64() * 1e3, "function activated");
+                        info!(function = %f.id, %instance_id, cold_start_ms, already_running, attempt, asks, wait_ms = t0.elapsed().as_secs_f64() * 1e3, "function activated");
                         return Ok(());
                     }
                     ActivateResult::Err(e) if e.code == ErrorCode::Unavailable => {
