@@ -5,7 +5,7 @@
 //! Build the worker first: `cargo build -p faasmoe-expert-worker`.
 
 use faasmoe_proto::connection::NatsArgs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,20 +68,6 @@ async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T
             Err(e) => panic!("{what}: still failing after {timeout:?}: {e}"),
         }
     }
-}
-
-fn checkpoint(dir: &Path) -> PathBuf {
-    let model_dir = dir.join(MODEL);
-    let g = faasmoe_model::random_checkpoint::preset("tiny").unwrap();
-    faasmoe_model::random_checkpoint::write_checkpoint(
-        &model_dir,
-        &g,
-        7,
-        faasmoe_model::random_checkpoint::DEFAULT_MAX_SHARD_BYTES,
-        |_, _| {},
-    )
-    .unwrap();
-    model_dir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +168,7 @@ async fn three_node_cluster_serves_a_request_end_to_end_with_replicated_quota_kv
     );
 
     // The broker on node B; workers it spawns connect to node C.
-    let model_dir = checkpoint(dir.path());
+    let model_dir = common::tiny_checkpoint(dir.path(), MODEL);
     let mut d = Deployment::new(&model_dir);
     d.model_id = Some(MODEL.into());
     let experts = faasmoe_model::random_checkpoint::preset("tiny")

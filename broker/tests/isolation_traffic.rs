@@ -30,20 +30,6 @@ use common::KvQuota;
 
 const MODEL: &str = "tiny";
 
-fn checkpoint(dir: &Path) -> PathBuf {
-    let model_dir = dir.join(MODEL);
-    let g = faasmoe_model::random_checkpoint::preset("tiny").unwrap();
-    faasmoe_model::random_checkpoint::write_checkpoint(
-        &model_dir,
-        &g,
-        7,
-        faasmoe_model::random_checkpoint::DEFAULT_MAX_SHARD_BYTES,
-        |_, _| {},
-    )
-    .unwrap();
-    model_dir
-}
-
 /// A connection as `user` whose client events (the server's permission violations among
 /// them) go to the returned channel. Inboxes under `_INBOX.<user>`, as every client must.
 async fn connect(
@@ -161,7 +147,7 @@ async fn no_credential_receives_another_tenants_replies_or_internal_traffic() {
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let model_dir = checkpoint(dir.path());
+    let model_dir = common::tiny_checkpoint(dir.path(), MODEL);
     let server = EmbeddedServer::start(ServerOptions {
         port: Some(free_port().unwrap()),
         monitor_port: Some(free_port().unwrap()),

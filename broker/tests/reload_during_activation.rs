@@ -11,7 +11,6 @@
 //!
 //! Build the worker first: `cargo build -p faasmoe-expert-worker`.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,20 +28,6 @@ use common::KvQuota;
 
 const MODEL: &str = "tiny";
 
-fn checkpoint(dir: &Path) -> PathBuf {
-    let model_dir = dir.join(MODEL);
-    let g = faasmoe_model::random_checkpoint::preset("tiny").unwrap();
-    faasmoe_model::random_checkpoint::write_checkpoint(
-        &model_dir,
-        &g,
-        7,
-        faasmoe_model::random_checkpoint::DEFAULT_MAX_SHARD_BYTES,
-        |_, _| {},
-    )
-    .unwrap();
-    model_dir
-}
-
 async fn connect(url: &str, user: &str, password: &str) -> async_nats::Client {
     async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
         .custom_inbox_prefix(format!("_INBOX.{user}"))
@@ -58,7 +43,7 @@ async fn a_request_whose_activation_replies_a_reload_drops_still_completes_in_se
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let model_dir = checkpoint(dir.path());
+    let model_dir = common::tiny_checkpoint(dir.path(), MODEL);
     let server = EmbeddedServer::start(ServerOptions {
         port: Some(free_port().unwrap()),
         monitor_port: Some(free_port().unwrap()),

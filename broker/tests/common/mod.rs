@@ -44,3 +44,20 @@ impl QuotaGate for KvQuota {
         })
     }
 }
+
+/// Writes the `tiny` preset checkpoint (random weights, seed 7) to `dir/<name>` and returns
+/// that directory.
+#[allow(dead_code)] // not every test that includes this module writes a checkpoint
+pub fn tiny_checkpoint(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let model_dir = dir.join(name);
+    let g = faasmoe_model::random_checkpoint::preset("tiny").unwrap();
+    faasmoe_model::random_checkpoint::write_checkpoint(
+        &model_dir,
+        &g,
+        7,
+        faasmoe_model::random_checkpoint::DEFAULT_MAX_SHARD_BYTES,
+        |_, _| {},
+    )
+    .unwrap();
+    model_dir
+}
