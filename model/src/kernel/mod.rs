@@ -28,9 +28,10 @@
 //! at most 4 × k × 4 bytes, L1/L2 resident) is multiplied with every row of the block, a
 //! micro-tile of rows at a time (8 on AVX-512), before the next panel is read, so for `m ≤ 64` each weight is read from
 //! memory once per call. Threads split the output columns `n` into contiguous ranges (each
-//! output is computed by one thread), so `m = 1` uses every core too: the caller takes the
-//! first range, and a caller outside rayon hands the others to the kernel's own
-//! `cores − 1` helper threads (see `helpers`), so the threads fill the cores exactly.
+//! output is computed by one thread), so `m = 1` uses every core too: the caller and, for a
+//! caller outside rayon, the kernel's own `cores − 1` helper threads (see `helpers`, so the
+//! threads fill the cores exactly) claim [`RANGES_PER_THREAD`] ranges per thread in order,
+//! each thread taking the next range when it finishes one.
 //!
 //! **Choosing a path.** At run time the best path the CPU supports is picked
 //! (`is_x86_feature_detected!`): AVX-512 (F, BW, VL) → AVX2 + FMA + F16C → portable. The
@@ -43,7 +44,7 @@ pub mod softmax;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
@@ -58,6 +59,19 @@ pub const ROW_BLOCK: usize = 64;
 
 /// Weight rows per panel of the portable path, and the unit of the threads' column ranges.
 pub(crate) const PANEL: usize = 4;
+
+/// Column ranges per thread of one call: the threads claim the ranges in order, each taking
+/// the next when done, so a thread that the OS runs late (another process's threads on the
+/// same cores: the controller and an expert worker computing at once in faasmoe-shared, or a
+/// noisy neighbour) does fewer ranges instead of holding up the call with a fixed half.
+///
+/// Measured on an AMD EPYC (Zen 4, 2 cores, a noisy shared host), `faasmoe bench
+/// --decode-only --decode-batches 1,8 --decode-contexts 16 --decode-reps 20`, one A2.7B layer,
+/// two binaries alternated 3 times (ms per step, this / one fixed range per thread):
+/// local-split batch 1 6.91 / 7.40, 6.93 / 7.57, 7.54 / 8.01; faasmoe-shared (granularity 60)
+/// batch 1 8.12 / 8.72, 7.38 / 8.60, 8.23 / 8.73; local-split batch 8 13.17 / 12.76,
+/// 11.33 / 14.52, 12.30 / 13.92. Which thread computes a range does not change its bits.
+pub const RANGES_PER_THREAD: usize = 4;
 
 /// Below this many weight bytes a call runs on the calling thread only: waking a second
 /// thread costs a few microseconds, about what 128 KiB take at ~30 GB/s.
@@ -395,35 +409,36 @@ impl Kernel {
             run(0, n);
             return Ok(());
         }
-        // Contiguous column ranges, whole panels each except the last.
+        // Contiguous column ranges of whole panels (the last may be partial), more ranges
+        // than threads, claimed in order by whichever thread is free (see `RANGES_PER_THREAD`).
         let panels = n.div_ceil(PANEL);
-        let bounds: Vec<usize> = (0..=threads)
-            .map(|t| (panels * t / threads * PANEL).min(n))
+        let ranges = (threads * RANGES_PER_THREAD).min(panels);
+        let bounds: Vec<usize> = (0..=ranges)
+            .map(|t| (panels * t / ranges * PANEL).min(n))
             .collect();
-        let run = &run;
-        let bounds = &bounds;
+        let next = AtomicUsize::new(0);
+        let claim = || loop {
+            let r = next.fetch_add(1, Ordering::Relaxed);
+            if r >= ranges {
+                break;
+            }
+            run(bounds[r], bounds[r + 1]);
+        };
+        let claim = &claim;
         match helpers() {
-            Some(pool) => pool.in_place_scope(|s| spawn_ranges(s, bounds, run)),
-            None => rayon::in_place_scope(|s| spawn_ranges(s, bounds, run)),
+            Some(pool) => pool.in_place_scope(|s| spawn_claimers(s, threads, claim)),
+            None => rayon::in_place_scope(|s| spawn_claimers(s, threads, claim)),
         }
         Ok(())
     }
 }
 
-/// Runs `run(bounds[t], bounds[t + 1])` for every thread's range `t`: the first on the
-/// calling thread, the others as jobs of the scope `s`.
-fn spawn_ranges<'s, F: Fn(usize, usize) + Sync>(
-    s: &rayon::Scope<'s>,
-    bounds: &'s [usize],
-    run: &'s F,
-) {
-    for t in 1..bounds.len() - 1 {
-        let (j0, j1) = (bounds[t], bounds[t + 1]);
-        if j0 < j1 {
-            s.spawn(move |_| run(j0, j1));
-        }
+/// Runs `claim` on the calling thread and as `threads − 1` jobs of the scope `s`.
+fn spawn_claimers<'s, F: Fn() + Sync>(s: &rayon::Scope<'s>, threads: usize, claim: &'s F) {
+    for _ in 1..threads {
+        s.spawn(move |_| claim());
     }
-    run(bounds[0], bounds[1]);
+    claim();
 }
 
 /// The kernel's helper threads for callers outside any rayon pool: one pool of
