@@ -1,13 +1,16 @@
-//! A server reload while activations are out: the project's `nats.conf` on an embedded
-//! nats-server, a real controller, the broker's activator spawning real expert workers, and
-//! tenants created through the broker (each one reloads the server's configuration) while a
-//! request waits for its cold functions.
+//! A server reload while activations and expert requests are out: the project's `nats.conf`
+//! on an embedded nats-server, a real controller, the broker's activator spawning real expert
+//! workers, and tenants created through the broker (each one reloads the server's
+//! configuration) while a request waits for its cold functions.
 //!
 //! nats-server forgets a responder's pending reply permissions (`allow_responses`) when it
-//! reloads, so the broker's reply to an activation outstanding at that moment is refused and
-//! never reaches the controller. Before the controller re-asked
-//! (`ACTIVATION_REPLY_WAIT` in `controller/src/dispatch/nats.rs`) such a request waited the
-//! whole activation timeout (60 s); now it completes within seconds.
+//! reloads, so a reply to an `_INBOX` that was outstanding at that moment is refused and
+//! never arrives: an activation then waited its whole timeout (60 s), later a re-ask
+//! (`ACTIVATION_REPLY_WAIT` in `controller/src/dispatch/nats.rs`, 3 s), and an expert
+//! request its request timeout (10 s). The broker and the workers now answer on
+//! `faasmoe.v1.reply.<requester>.<id>` (`faasmoe_proto::subject::reply`), an explicit
+//! permission; the test checks that the request completes and that the server refused no
+//! reply.
 //!
 //! Build the worker first: `cargo build -p faasmoe-expert-worker`.
 
@@ -136,6 +139,25 @@ async fn a_request_whose_activation_replies_a_reload_drops_still_completes_in_se
     assert!(
         took < Duration::from_secs(30),
         "the request took {took:?} with {reloads} reloads during its cold start"
+    );
+    // And no reply was refused: the broker and the workers answer on `faasmoe.v1.reply.>`, an
+    // explicit permission that a reload keeps (with `_INBOX` replies this run logged
+    // refused replies, each costing a re-ask or an expert-request timeout). Not checked: a
+    // worker's answer to the broker's status probe (`_INBOX.broker.…`) still goes by
+    // `allow_responses` and can be refused the same way; the probe is retried.
+    let log = std::fs::read_to_string(server.log_file()).unwrap_or_default();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("Publish Violation")
+                && (l.contains("\"_INBOX.controller.") || l.contains("\"faasmoe.v1.reply."))
+        })
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} replies refused during {reloads} reloads, e.g. {}",
+        refused.len(),
+        refused[0]
     );
     eprintln!("completed in {took:?} with {reloads} reloads during the cold start");
     controller.stop().await;

@@ -328,6 +328,20 @@ async fn admit(
     msg: async_nats::Message,
 ) -> Option<Pending> {
     stats.lock().unwrap().requests += 1;
+    match &msg.reply {
+        None => {
+            stats.lock().unwrap().error("no_reply_subject");
+            return None;
+        }
+        // Only where a requester listens (a controller's reply subject or an inbox): the
+        // worker may also publish events and status, which a reply set there would forge.
+        Some(r) if !(subject::is_reply(r) || subject::is_inbox(r)) => {
+            warn!(reply = %r, "expert request with a reply subject outside faasmoe.v1.reply and _INBOX: ignored");
+            stats.lock().unwrap().error("bad_reply_subject");
+            return None;
+        }
+        Some(_) => {}
+    }
     if msg.payload.len() > function.max_request_bytes {
         let e = WireError::new(
             ErrorCode::PayloadTooLarge,
@@ -349,10 +363,6 @@ async fn admit(
     };
     if let Err(e) = function.check(&req) {
         reply_error(client, stats, &msg, req.request_id, e).await;
-        return None;
-    }
-    if msg.reply.is_none() {
-        stats.lock().unwrap().error("no_reply_subject");
         return None;
     }
     Some(Pending {

@@ -6,6 +6,7 @@
 //! | `faasmoe.v1.expert.<model>.<layer>.<expert>` | expert functions (queue group per function) | [`crate::expert`] msgpack |
 //! | `faasmoe.v1.generate.<tenant>` | controllers | [`crate::generate`] JSON or msgpack |
 //! | `faasmoe.v1.activate.<model>` | the broker | [`crate::activation`] JSON |
+//! | `faasmoe.v1.reply.<requester>.<id>` | the controller: the reply to one activation or expert request | as the request's reply |
 //! | `faasmoe.v1.events.<model>` | anyone (published by the broker) | [`crate::events`] JSON |
 //! | `faasmoe.v1.admin.<verb>` | the broker | broker-defined JSON |
 //!
@@ -105,6 +106,44 @@ pub fn generate_wildcard() -> String {
 pub fn activate(model: &str) -> Result<String, SubjectError> {
     validate_token("model", model)?;
     Ok(format!("{PREFIX}.activate.{model}"))
+}
+
+/// `faasmoe.v1.reply.<requester>.<id>`: the reply subject of one request from the controller
+/// to the broker (an activation) or to an expert function (`requester` the sender's id, `id`
+/// unique per request; both made valid tokens with [`sanitize_token`]).
+///
+/// Why not an `_INBOX` reply: the broker and the workers may answer an `_INBOX` reply only
+/// through the server's response permission (`allow_responses`), which nats-server forgets
+/// when it reloads its configuration, as it does on every tenant change; a reply to a request
+/// that was outstanding then was refused ("Permissions Violation for Publish to
+/// _INBOX.controller…") and lost, and the requester waited its whole timeout (an activation
+/// 60 s, an expert request 10 s, for every sequence of the step). `faasmoe.v1.reply.>` is an
+/// explicit publish permission of the broker and the workers and a subscribe permission of
+/// the controller (`nats.conf`), which a reload keeps; no tenant or gateway may read or
+/// write it.
+pub fn reply(requester: &str, id: &str) -> String {
+    format!(
+        "{PREFIX}.reply.{}.{}",
+        sanitize_token(requester),
+        sanitize_token(id)
+    )
+}
+
+/// `faasmoe.v1.reply.>`: every [`reply`] subject (the permission pattern).
+pub fn reply_wildcard() -> String {
+    format!("{PREFIX}.reply.>")
+}
+
+/// Whether `subject` is a [`reply`] subject (exactly two valid tokens after
+/// `faasmoe.v1.reply`): the broker and the workers answer only there or in an inbox.
+pub fn is_reply(subject: &str) -> bool {
+    subject
+        .strip_prefix(PREFIX)
+        .and_then(|r| r.strip_prefix(".reply."))
+        .is_some_and(|r| {
+            let t: Vec<&str> = r.split('.').collect();
+            t.len() == 2 && t.iter().all(|t| validate_token("reply", t).is_ok())
+        })
 }
 
 /// `faasmoe.v1.events.<model>`: function lifecycle events of `model`.
@@ -296,6 +335,22 @@ mod tests {
         assert_eq!(parse_generate(&g), Some("acme".into()));
         assert_eq!(generate_wildcard(), "faasmoe.v1.generate.*");
         assert_eq!(activate("m").unwrap(), "faasmoe.v1.activate.m");
+        assert_eq!(
+            reply("Controller 1", "abc.def"),
+            "faasmoe.v1.reply.controller-1.abc-def"
+        );
+        assert_eq!(reply_wildcard(), "faasmoe.v1.reply.>");
+        assert!(is_reply(&reply("c", "1")));
+        for bad in [
+            "faasmoe.v1.reply.c",
+            "faasmoe.v1.reply.c.1.2",
+            "faasmoe.v1.reply.c.*",
+            "faasmoe.v1.reply.c.>",
+            "$KV.faasmoe_tenants.x",
+            "_INBOX.controller.x",
+        ] {
+            assert!(!is_reply(bad), "{bad}");
+        }
         assert_eq!(events("m").unwrap(), "faasmoe.v1.events.m");
         assert_eq!(events_wildcard(), "faasmoe.v1.events.*");
         assert_eq!(admin("add_tenant").unwrap(), "faasmoe.v1.admin.add_tenant");

@@ -40,6 +40,13 @@ const ACTIVATION_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Violation for Publish to _INBOX.controller…") and never arrives. Seen in `faasmoe demo`:
 /// its tenants are created while the first requests' activations are out, and one request
 /// waited the whole 60 s activation timeout. Re-asking bounds that loss to this long.
+///
+/// The broker now answers on a `faasmoe.v1.reply.<requester>.<id>` subject
+/// ([`faasmoe_proto::subject::reply`], [`NatsDispatch::reply_subject`]), an explicit
+/// publish permission that a reload keeps, so this no longer fires on reloads (measured in
+/// `faasmoe demo`: 16 refused replies and a 3 s gap before the first functions were up with
+/// `_INBOX` replies, none with these); it stays for a reply lost otherwise (a broker
+/// restarted between request and reply).
 const ACTIVATION_REPLY_WAIT: Duration = Duration::from_secs(3);
 /// How often the dispatcher looks at its connection's state (async-nats exposes the state,
 /// not a stream of changes, on a client it did not configure).
@@ -93,6 +100,9 @@ struct Link {
 /// Dispatch over NATS request/reply to the expert functions.
 pub struct NatsDispatch {
     client: async_nats::Client,
+    /// The `<requester>` token of this dispatcher's reply subjects: the controller id and a
+    /// random session id, so two controllers with one id never share reply subjects.
+    requester: String,
     settings: NatsDispatchSettings,
     hidden_size: usize,
     invocations: AtomicU64,
@@ -205,6 +215,11 @@ impl NatsDispatch {
             prefetch_hits: AtomicU64::new(0),
             cold_misses: AtomicU64::new(0),
             split_requests: AtomicU64::new(0),
+            requester: format!(
+                "{}-{}",
+                subject::sanitize_token(&settings.controller_id),
+                uuid::Uuid::new_v4().simple()
+            ),
             client,
             settings,
             hidden_size,
@@ -229,6 +244,8 @@ impl NatsDispatch {
     /// dropped). A request sent while the connection is down is queued by async-nats and
     /// written after the reconnect, so only a later reconnect resends it.
     ///
+    /// `reply` makes the reply subject of each send; `None` is a new inbox of this connection.
+    ///
     /// Errors: as async-nats' `send_request` (`TimedOut` once `timeout` has passed,
     /// `NoResponders`, …).
     async fn request(
@@ -236,6 +253,7 @@ impl NatsDispatch {
         subj: &str,
         payload: &bytes::Bytes,
         headers: Option<&async_nats::HeaderMap>,
+        reply: &(dyn Fn() -> Option<String> + Sync),
         timeout: Duration,
     ) -> Result<async_nats::Message, RequestError> {
         let _in_flight = InFlight::new(&self.in_flight);
@@ -258,6 +276,9 @@ impl NatsDispatch {
             if let Some(h) = headers {
                 request = request.headers(h.clone());
             }
+            if let Some(inbox) = reply() {
+                request = request.inbox(inbox);
+            }
             let reply = self.client.send_request(subj.to_string(), request);
             let reconnected = async {
                 if link
@@ -277,6 +298,18 @@ impl NatsDispatch {
                 }
             }
         }
+    }
+}
+
+impl NatsDispatch {
+    /// A new reply subject for one request to the broker or an expert function,
+    /// `faasmoe.v1.reply.<requester>.<random id>` (see [`subject::reply`] for why not an
+    /// `_INBOX` one); async-nats subscribes it for that request only.
+    fn reply_subject(&self) -> Option<String> {
+        Some(subject::reply(
+            &self.requester,
+            &uuid::Uuid::new_v4().simple().to_string(),
+        ))
     }
 }
 
@@ -312,6 +345,7 @@ impl NatsDispatch {
                     &subj,
                     &payload,
                     Some(&headers),
+                    &|| self.reply_subject(),
                     self.settings.request_timeout,
                 )
                 .await;
