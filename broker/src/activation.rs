@@ -269,9 +269,7 @@ impl Activator {
                         Err(e) => ActivateResult::Err(e),
                     };
                     if let Some(reply) = msg.reply {
-                        // Only where a requester listens: the broker may publish to its KV
-                        // and JetStream API subjects, which a reply set there would write.
-                        if !(subject::is_reply(&reply) || subject::is_inbox(&reply)) {
+                        if !subject::is_answerable(&reply) {
                             warn!(%reply, "activation asked to reply outside a reply subject or an inbox: ignored");
                             return;
                         }

@@ -333,9 +333,7 @@ async fn admit(
             stats.lock().unwrap().error("no_reply_subject");
             return None;
         }
-        // Only where a requester listens (a controller's reply subject or an inbox): the
-        // worker may also publish events and status, which a reply set there would forge.
-        Some(r) if !(subject::is_reply(r) || subject::is_inbox(r)) => {
+        Some(r) if !subject::is_answerable(r) => {
             warn!(reply = %r, "expert request with a reply subject outside faasmoe.v1.reply and _INBOX: ignored");
             stats.lock().unwrap().error("bad_reply_subject");
             return None;

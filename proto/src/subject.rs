@@ -129,11 +129,6 @@ pub fn reply(requester: &str, id: &str) -> String {
     )
 }
 
-/// `faasmoe.v1.reply.>`: every [`reply`] subject (the permission pattern).
-pub fn reply_wildcard() -> String {
-    format!("{PREFIX}.reply.>")
-}
-
 /// Whether `subject` is a [`reply`] subject (exactly two valid tokens after
 /// `faasmoe.v1.reply`): the broker and the workers answer only there or in an inbox.
 pub fn is_reply(subject: &str) -> bool {
@@ -144,6 +139,13 @@ pub fn is_reply(subject: &str) -> bool {
             let t: Vec<&str> = r.split('.').collect();
             t.len() == 2 && t.iter().all(|t| validate_token("reply", t).is_ok())
         })
+}
+
+/// Whether a responder may answer on `reply`: a [`reply`] subject or an inbox
+/// ([`is_inbox`]). The broker and the workers check it before replying, since they may also
+/// publish to subjects (KV, JetStream API, events) that a reply set there would write.
+pub fn is_answerable(reply: &str) -> bool {
+    is_reply(reply) || is_inbox(reply)
 }
 
 /// `faasmoe.v1.events.<model>`: function lifecycle events of `model`.
@@ -339,7 +341,6 @@ mod tests {
             reply("Controller 1", "abc.def"),
             "faasmoe.v1.reply.controller-1.abc-def"
         );
-        assert_eq!(reply_wildcard(), "faasmoe.v1.reply.>");
         assert!(is_reply(&reply("c", "1")));
         for bad in [
             "faasmoe.v1.reply.c",
@@ -350,6 +351,10 @@ mod tests {
             "_INBOX.controller.x",
         ] {
             assert!(!is_reply(bad), "{bad}");
+        }
+        assert!(is_answerable("_INBOX.controller.x") && is_answerable(&reply("c", "1")));
+        for bad in ["$KV.faasmoe_tenants.x", "faasmoe.v1.events.m", "_INBOX"] {
+            assert!(!is_answerable(bad), "{bad}");
         }
         assert_eq!(events("m").unwrap(), "faasmoe.v1.events.m");
         assert_eq!(events_wildcard(), "faasmoe.v1.events.*");

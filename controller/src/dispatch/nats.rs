@@ -238,13 +238,20 @@ impl NatsDispatch {
         this
     }
 
+    /// A new reply subject for one request to the broker or an expert function,
+    /// `faasmoe.v1.reply.<requester>.<random id>` (see [`subject::reply`] for why not an
+    /// `_INBOX` one); async-nats subscribes it for that request only.
+    fn reply_subject(&self) -> String {
+        subject::reply(&self.requester, &uuid::Uuid::new_v4().simple().to_string())
+    }
+
     /// One request on `subj`, waiting for its reply for at most `timeout`. When the
     /// connection comes back after an outage while it waits, the request is sent again at
     /// once with the time left (a new inbox token: a reply to the superseded send is
     /// dropped). A request sent while the connection is down is queued by async-nats and
     /// written after the reconnect, so only a later reconnect resends it.
     ///
-    /// `reply` makes the reply subject of each send; `None` is a new inbox of this connection.
+    /// Each send has its own reply subject ([`NatsDispatch::reply_subject`]).
     ///
     /// Errors: as async-nats' `send_request` (`TimedOut` once `timeout` has passed,
     /// `NoResponders`, …).
@@ -253,7 +260,6 @@ impl NatsDispatch {
         subj: &str,
         payload: &bytes::Bytes,
         headers: Option<&async_nats::HeaderMap>,
-        reply: &(dyn Fn() -> Option<String> + Sync),
         timeout: Duration,
     ) -> Result<async_nats::Message, RequestError> {
         let _in_flight = InFlight::new(&self.in_flight);
@@ -276,9 +282,7 @@ impl NatsDispatch {
             if let Some(h) = headers {
                 request = request.headers(h.clone());
             }
-            if let Some(inbox) = reply() {
-                request = request.inbox(inbox);
-            }
+            request = request.inbox(self.reply_subject());
             let reply = self.client.send_request(subj.to_string(), request);
             let reconnected = async {
                 if link
@@ -298,18 +302,6 @@ impl NatsDispatch {
                 }
             }
         }
-    }
-}
-
-impl NatsDispatch {
-    /// A new reply subject for one request to the broker or an expert function,
-    /// `faasmoe.v1.reply.<requester>.<random id>` (see [`subject::reply`] for why not an
-    /// `_INBOX` one); async-nats subscribes it for that request only.
-    fn reply_subject(&self) -> Option<String> {
-        Some(subject::reply(
-            &self.requester,
-            &uuid::Uuid::new_v4().simple().to_string(),
-        ))
     }
 }
 
@@ -345,7 +337,6 @@ impl NatsDispatch {
                     &subj,
                     &payload,
                     Some(&headers),
-                    &|| self.reply_subject(),
                     self.settings.request_timeout,
                 )
                 .await;

@@ -54,10 +54,7 @@ impl NatsDispatch {
             };
             asks += 1;
             let wait = left.min(ACTIVATION_REPLY_WAIT);
-            let transient = match self
-                .request(&subj, &req.encode(), None, &|| self.reply_subject(), wait)
-                .await
-            {
+            let transient = match self.request(&subj, &req.encode(), None, wait).await {
                 Err(e) if e.kind() == RequestErrorKind::TimedOut && wait < left => {
                     // No reply yet: the start may still be running, or the reply was lost
                     // (see ACTIVATION_REPLY_WAIT). Ask again; this is not a failed attempt.
