@@ -8,7 +8,7 @@
 //! never arrives: an activation then waited its whole timeout (60 s), later a re-ask
 //! (`ACTIVATION_REPLY_WAIT` in `controller/src/dispatch/nats.rs`, 3 s), and an expert
 //! request its request timeout (10 s). The broker and the workers now answer on
-//! `faasmoe.v1.reply.<requester>.<id>` (`faasmoe_proto::subject::reply`), an explicit
+//! `faasmoe.v1.reply.<requester>.…` (`faasmoe_proto::subject::reply_prefix`), an explicit
 //! permission; the test checks that the request completes and that the server refused no
 //! reply.
 //!

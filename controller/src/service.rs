@@ -94,7 +94,8 @@ pub struct ControllerSettings {
     /// Predictions never change results; a wrong one costs an activation.
     #[arg(long, default_value_t = NatsDispatchSettings::DEFAULT_PREFETCH_LAYERS)]
     pub prefetch_layers: usize,
-    /// Activations ahead of the pass in flight at once, at most.
+    /// Activations ahead of the pass in flight at once, at most; further predicted
+    /// functions wait in a queue and start as these finish.
     #[arg(long, default_value_t = NatsDispatchSettings::DEFAULT_PREFETCH_MAX_IN_FLIGHT)]
     pub prefetch_max_in_flight: usize,
     /// Serve Prometheus metrics at `http://<ADDR>/metrics` (e.g. `127.0.0.1:9101`; port 0
@@ -343,25 +344,29 @@ pub async fn run(settings: ControllerSettings, quota: Arc<dyn QuotaGate>) -> any
     );
     let dispatch: Arc<dyn Dispatch> = match local_backend {
         Some(b) => Arc::new(LocalDispatch(b)),
-        None => NatsDispatch::new(
-            client.clone(),
-            NatsDispatchSettings {
-                model_id: model_id.clone(),
-                layout: remote_layout.expect("computed above without --local-experts"),
-                request_timeout: Duration::from_millis(settings.request_timeout_ms),
-                max_retries: settings.max_retries,
-                activation_timeout: Duration::from_millis(settings.activation_timeout_ms),
-                wire_dtype: if settings.wire_dtype == "bf16" {
-                    WireDType::BF16
-                } else {
-                    WireDType::F32
+        None => {
+            NatsDispatch::connect(
+                &settings.nats,
+                "faasmoe-controller-dispatch",
+                NatsDispatchSettings {
+                    model_id: model_id.clone(),
+                    layout: remote_layout.expect("computed above without --local-experts"),
+                    request_timeout: Duration::from_millis(settings.request_timeout_ms),
+                    max_retries: settings.max_retries,
+                    activation_timeout: Duration::from_millis(settings.activation_timeout_ms),
+                    wire_dtype: if settings.wire_dtype == "bf16" {
+                        WireDType::BF16
+                    } else {
+                        WireDType::F32
+                    },
+                    controller_id,
+                    prefetch_layers: settings.prefetch_layers,
+                    prefetch_max_in_flight: settings.prefetch_max_in_flight,
                 },
-                controller_id,
-                prefetch_layers: settings.prefetch_layers,
-                prefetch_max_in_flight: settings.prefetch_max_in_flight,
-            },
-            cfg.hidden_size,
-        ),
+                cfg.hidden_size,
+            )
+            .await?
+        }
     };
     let metrics_url = match settings.metrics_listen {
         Some(addr) => {

@@ -86,6 +86,28 @@ impl NatsArgs {
         .await
     }
 
+    /// As [`NatsArgs::connect`], with the connection's inboxes (its request replies) under
+    /// `inbox_prefix` instead of the user's [`subject::inbox_prefix`]: a requester's
+    /// [`subject::reply_prefix`], which the project's `nats.conf` lets the broker and the
+    /// workers answer on explicitly (`faasmoe.v1.reply.>`).
+    ///
+    /// Errors: as [`NatsArgs::connect`].
+    pub async fn connect_with_inbox_prefix(
+        &self,
+        name: &str,
+        inbox_prefix: &str,
+    ) -> Result<async_nats::Client, ConnectionError> {
+        let options = connect_options(
+            &self.url,
+            self.user.as_deref(),
+            self.password.as_deref(),
+            name,
+            async_nats::ConnectOptions::new(),
+        )?
+        .custom_inbox_prefix(inbox_prefix);
+        open(&self.url, options).await
+    }
+
     /// As [`NatsArgs::connect`], starting from `options` (e.g. with an `event_callback`);
     /// the name and the credentials are set on top of them, as [`connect`] does.
     ///
@@ -167,6 +189,18 @@ pub async fn connect_with(
     name: &str,
     options: async_nats::ConnectOptions,
 ) -> Result<async_nats::Client, ConnectionError> {
+    open(url, connect_options(url, user, password, name, options)?).await
+}
+
+/// The options [`connect_with`] connects with: `options` plus the name, the reconnect delay,
+/// the credentials and the user's inbox prefix.
+fn connect_options(
+    url: &str,
+    user: Option<&str>,
+    password: Option<&str>,
+    name: &str,
+    options: async_nats::ConnectOptions,
+) -> Result<async_nats::ConnectOptions, ConnectionError> {
     let mut opts = options.name(name).reconnect_delay_callback(reconnect_delay);
     match (user, password) {
         (Some(u), Some(p)) => {
@@ -174,22 +208,26 @@ pub async fn connect_with(
             if let Ok(prefix) = subject::inbox_prefix(u) {
                 opts = opts.custom_inbox_prefix(prefix);
             }
+            Ok(opts)
         }
-        (None, None) => {}
-        (Some(_), None) => {
-            return Err(ConnectionError::HalfCredentials {
-                url: url.into(),
-                given: "user",
-            })
-        }
-        (None, Some(_)) => {
-            return Err(ConnectionError::HalfCredentials {
-                url: url.into(),
-                given: "password",
-            })
-        }
+        (None, None) => Ok(opts),
+        (Some(_), None) => Err(ConnectionError::HalfCredentials {
+            url: url.into(),
+            given: "user",
+        }),
+        (None, Some(_)) => Err(ConnectionError::HalfCredentials {
+            url: url.into(),
+            given: "password",
+        }),
     }
-    opts.connect(url)
+}
+
+async fn open(
+    url: &str,
+    options: async_nats::ConnectOptions,
+) -> Result<async_nats::Client, ConnectionError> {
+    options
+        .connect(url)
         .await
         .map_err(|source| ConnectionError::Connect {
             url: url.into(),

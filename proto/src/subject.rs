@@ -108,9 +108,13 @@ pub fn activate(model: &str) -> Result<String, SubjectError> {
     Ok(format!("{PREFIX}.activate.{model}"))
 }
 
-/// `faasmoe.v1.reply.<requester>.<id>`: the reply subject of one request from the controller
-/// to the broker (an activation) or to an expert function (`requester` the sender's id, `id`
-/// unique per request; both made valid tokens with [`sanitize_token`]).
+/// `faasmoe.v1.reply.<requester>`: the inbox prefix of a connection that sends requests to
+/// the broker (activations) or to expert functions (`requester` the sender's id, made a valid
+/// token with [`sanitize_token`]). The connection is opened with it as its inbox prefix
+/// (async-nats `ConnectOptions::custom_inbox_prefix`, see
+/// [`crate::connection::NatsArgs::connect_with_inbox_prefix`]), so its requests share one
+/// multiplexed reply subscription `<prefix>.<nuid>.*` and each reply comes on
+/// `<prefix>.<nuid>.<token>`: no subscribe and unsubscribe per request.
 ///
 /// Why not an `_INBOX` reply: the broker and the workers may answer an `_INBOX` reply only
 /// through the server's response permission (`allow_responses`), which nats-server forgets
@@ -121,23 +125,28 @@ pub fn activate(model: &str) -> Result<String, SubjectError> {
 /// explicit publish permission of the broker and the workers and a subscribe permission of
 /// the controller (`nats.conf`), which a reload keeps; no tenant or gateway may read or
 /// write it.
-pub fn reply(requester: &str, id: &str) -> String {
-    format!(
-        "{PREFIX}.reply.{}.{}",
-        sanitize_token(requester),
-        sanitize_token(id)
-    )
+pub fn reply_prefix(requester: &str) -> String {
+    format!("{PREFIX}.reply.{}", sanitize_token(requester))
 }
 
-/// Whether `subject` is a [`reply`] subject (exactly two valid tokens after
-/// `faasmoe.v1.reply`): the broker and the workers answer only there or in an inbox.
+/// `faasmoe.v1.reply.<requester>.<id>`: one reply subject under [`reply_prefix`]
+/// (`id` made a valid token with [`sanitize_token`]), for a request sent with an explicit
+/// reply subject rather than through the connection's multiplexed one.
+pub fn reply(requester: &str, id: &str) -> String {
+    format!("{}.{}", reply_prefix(requester), sanitize_token(id))
+}
+
+/// Whether `subject` is a reply subject under a [`reply_prefix`]: two or three valid tokens
+/// after `faasmoe.v1.reply` (`<requester>.<id>` from [`reply`], or
+/// `<requester>.<nuid>.<token>` of a multiplexed request). The broker and the workers answer
+/// only there or in an inbox.
 pub fn is_reply(subject: &str) -> bool {
     subject
         .strip_prefix(PREFIX)
         .and_then(|r| r.strip_prefix(".reply."))
         .is_some_and(|r| {
             let t: Vec<&str> = r.split('.').collect();
-            t.len() == 2 && t.iter().all(|t| validate_token("reply", t).is_ok())
+            (2..=3).contains(&t.len()) && t.iter().all(|t| validate_token("reply", t).is_ok())
         })
 }
 
@@ -341,10 +350,17 @@ mod tests {
             reply("Controller 1", "abc.def"),
             "faasmoe.v1.reply.controller-1.abc-def"
         );
+        assert_eq!(
+            reply_prefix("Controller 1"),
+            "faasmoe.v1.reply.controller-1"
+        );
         assert!(is_reply(&reply("c", "1")));
+        // A multiplexed request's reply: `<prefix>.<nuid>.<token>`.
+        assert!(is_reply("faasmoe.v1.reply.c.Hk0xQ2.5"));
         for bad in [
             "faasmoe.v1.reply.c",
-            "faasmoe.v1.reply.c.1.2",
+            "faasmoe.v1.reply.c.1.2.3",
+            "faasmoe.v1.reply.c.1.*",
             "faasmoe.v1.reply.c.*",
             "faasmoe.v1.reply.c.>",
             "$KV.faasmoe_tenants.x",

@@ -152,8 +152,14 @@ impl Functions {
         let layout = Layout::new(&moe, cfg.num_experts as u32, granularity);
         // The controller's defaults (`faasmoe controller --help`), but a longer activation
         // timeout for the cold warm-up step.
-        let dispatch = NatsDispatch::new(
-            client,
+        let nats = faasmoe_proto::connection::NatsArgs::with_user(
+            url.as_str(),
+            "controller",
+            credentials.controller.as_str(),
+        );
+        let dispatch = NatsDispatch::connect(
+            &nats,
+            "faasmoe-bench-decode-dispatch",
             NatsDispatchSettings {
                 model_id,
                 layout,
@@ -166,7 +172,8 @@ impl Functions {
                 prefetch_max_in_flight: NatsDispatchSettings::DEFAULT_PREFETCH_MAX_IN_FLIGHT,
             },
             cfg.hidden_size,
-        );
+        )
+        .await?;
         Ok(Self {
             dispatch,
             granularity: granularity.clamp(1, cfg.num_experts.max(1) as u32),

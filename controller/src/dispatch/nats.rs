@@ -41,8 +41,8 @@ const ACTIVATION_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// its tenants are created while the first requests' activations are out, and one request
 /// waited the whole 60 s activation timeout. Re-asking bounds that loss to this long.
 ///
-/// The broker now answers on a `faasmoe.v1.reply.<requester>.<id>` subject
-/// ([`faasmoe_proto::subject::reply`], [`NatsDispatch::reply_subject`]), an explicit
+/// The broker now answers on a `faasmoe.v1.reply.<requester>.…` subject (the dispatcher's
+/// connection's inbox prefix, [`faasmoe_proto::subject::reply_prefix`]), an explicit
 /// publish permission that a reload keeps, so this no longer fires on reloads (measured in
 /// `faasmoe demo`: 16 refused replies and a 3 s gap before the first functions were up with
 /// `_INBOX` replies, none with these); it stays for a reply lost otherwise (a broker
@@ -77,7 +77,8 @@ pub struct NatsDispatchSettings {
     /// MoE layers predicted ahead while the model is warm (see the module docs); 0 turns
     /// activation ahead of the pass off entirely.
     pub prefetch_layers: usize,
-    /// Background activations from predictions in flight at once, at most.
+    /// Background activations from predictions in flight at once, at most (more wait in a
+    /// queue, see [`Dispatch::prefetch`](super::Dispatch::prefetch)).
     pub prefetch_max_in_flight: usize,
 }
 
@@ -99,10 +100,10 @@ struct Link {
 
 /// Dispatch over NATS request/reply to the expert functions.
 pub struct NatsDispatch {
+    /// The dispatcher's own connection, whose inbox prefix is
+    /// [`subject::reply_prefix`]`(<controller id>-<random session id>)`: every request's
+    /// reply comes through its one multiplexed reply subscription.
     client: async_nats::Client,
-    /// The `<requester>` token of this dispatcher's reply subjects: the controller id and a
-    /// random session id, so two controllers with one id never share reply subjects.
-    requester: String,
     settings: NatsDispatchSettings,
     hidden_size: usize,
     invocations: AtomicU64,
@@ -125,7 +126,12 @@ pub struct NatsDispatch {
     prefetched: Vec<AtomicU64>,
     /// Per function: a prefetch activation is running.
     prefetching: Vec<AtomicBool>,
+    /// Background activations running (at most `prefetch_max_in_flight`); changed only
+    /// with `prefetch_queue` locked.
     prefetch_in_flight: AtomicU64,
+    /// Predicted functions waiting for an in-flight slot, in the order predicted (nearer
+    /// layers first): a finished background activation takes the next one.
+    prefetch_queue: std::sync::Mutex<std::collections::VecDeque<usize>>,
     /// 1 + ms since `epoch` of the last *no responders*; 0 never.
     last_cold: AtomicU64,
     prefetches: AtomicU64,
@@ -188,11 +194,39 @@ async fn watch_link(dispatch: std::sync::Weak<NatsDispatch>, tx: watch::Sender<L
 }
 
 impl NatsDispatch {
-    /// A dispatcher for a model of hidden size `hidden_size`. Called within a tokio runtime,
-    /// it also follows the connection (resends on reconnect, outage logs) on a task of that
-    /// runtime, which ends when the dispatcher is dropped; without one, requests are only
-    /// retried after their timeout.
-    pub fn new(
+    /// A dispatcher for a model of hidden size `hidden_size`, on a connection of its own to
+    /// the server of `nats`, named `name`, whose inbox prefix is
+    /// [`subject::reply_prefix`]`(<controller id>-<random session id>)`: the requests share
+    /// one multiplexed reply subscription (no subscribe and unsubscribe per request), on
+    /// subjects the broker and the workers answer by an explicit permission (see
+    /// [`subject::reply_prefix`] for why not `_INBOX`), and two controllers with one id never
+    /// share reply subjects. Called within a tokio runtime, it also follows the connection
+    /// (resends on reconnect, outage logs) on a task of that runtime, which ends when the
+    /// dispatcher is dropped; without one, requests are only retried after their timeout.
+    ///
+    /// Errors: [`faasmoe_proto::connection::ConnectionError`] when the server cannot be
+    /// reached or refuses the credentials.
+    pub async fn connect(
+        nats: &faasmoe_proto::connection::NatsArgs,
+        name: &str,
+        settings: NatsDispatchSettings,
+        hidden_size: usize,
+    ) -> Result<Arc<Self>, faasmoe_proto::connection::ConnectionError> {
+        let requester = format!(
+            "{}-{}",
+            subject::sanitize_token(&settings.controller_id),
+            uuid::Uuid::new_v4().simple()
+        );
+        let client = nats
+            .connect_with_inbox_prefix(name, &subject::reply_prefix(&requester))
+            .await?;
+        Ok(Self::new(client, settings, hidden_size))
+    }
+
+    /// As [`NatsDispatch::connect`], on `client`, whose inbox prefix should be a
+    /// [`subject::reply_prefix`] (replies to any other inbox go by the server's
+    /// `allow_responses`, which a configuration reload forgets).
+    fn new(
         client: async_nats::Client,
         settings: NatsDispatchSettings,
         hidden_size: usize,
@@ -210,16 +244,12 @@ impl NatsDispatch {
             prefetched: (0..functions).map(|_| AtomicU64::new(0)).collect(),
             prefetching: (0..functions).map(|_| AtomicBool::new(false)).collect(),
             prefetch_in_flight: AtomicU64::new(0),
+            prefetch_queue: Default::default(),
             last_cold: AtomicU64::new(0),
             prefetches: AtomicU64::new(0),
             prefetch_hits: AtomicU64::new(0),
             cold_misses: AtomicU64::new(0),
             split_requests: AtomicU64::new(0),
-            requester: format!(
-                "{}-{}",
-                subject::sanitize_token(&settings.controller_id),
-                uuid::Uuid::new_v4().simple()
-            ),
             client,
             settings,
             hidden_size,
@@ -238,20 +268,14 @@ impl NatsDispatch {
         this
     }
 
-    /// A new reply subject for one request to the broker or an expert function,
-    /// `faasmoe.v1.reply.<requester>.<random id>` (see [`subject::reply`] for why not an
-    /// `_INBOX` one); async-nats subscribes it for that request only.
-    fn reply_subject(&self) -> String {
-        subject::reply(&self.requester, &uuid::Uuid::new_v4().simple().to_string())
-    }
-
     /// One request on `subj`, waiting for its reply for at most `timeout`. When the
     /// connection comes back after an outage while it waits, the request is sent again at
-    /// once with the time left (a new inbox token: a reply to the superseded send is
+    /// once with the time left (a new reply token: a reply to the superseded send is
     /// dropped). A request sent while the connection is down is queued by async-nats and
     /// written after the reconnect, so only a later reconnect resends it.
     ///
-    /// Each send has its own reply subject ([`NatsDispatch::reply_subject`]).
+    /// Each send has its own reply subject under the connection's inbox prefix
+    /// ([`NatsDispatch::connect`]), through async-nats' one multiplexed reply subscription.
     ///
     /// Errors: as async-nats' `send_request` (`TimedOut` once `timeout` has passed,
     /// `NoResponders`, …).
@@ -282,7 +306,6 @@ impl NatsDispatch {
             if let Some(h) = headers {
                 request = request.headers(h.clone());
             }
-            request = request.inbox(self.reply_subject());
             let reply = self.client.send_request(subj.to_string(), request);
             let reconnected = async {
                 if link
