@@ -66,12 +66,13 @@ async fn controller_stats(client: &async_nats::Client) -> Value {
     serde_json::from_slice::<Value>(&m.payload).unwrap()["dispatch"].clone()
 }
 
-/// A fresh server and broker (nothing warm), a controller with `prefetch_layers`, the
-/// prompts one after the other, then waits for every instance to scale to zero.
+/// A fresh server and broker (nothing warm), a controller with `prefetch_layers` and at
+/// most `max_in_flight` activations ahead at once, the prompts one after the other, then
+/// waits for every instance to scale to zero.
 async fn cold_run(
     model_dir: &Path,
     logs: &Path,
-    prefetch_layers: &str,
+    (prefetch_layers, max_in_flight): (&str, &str),
     prompts: &[Vec<u32>],
 ) -> Outcome {
     let server = NatsServer::start();
@@ -111,6 +112,8 @@ async fn cold_run(
         &g,
         "--prefetch-layers",
         prefetch_layers,
+        "--prefetch-max-in-flight",
+        max_in_flight,
     ];
     let settings = ControllerSettings::from_flags(args).unwrap();
     let mut controller = ControllerTask::spawn(settings, Arc::new(Unlimited));
@@ -182,13 +185,37 @@ async fn activation_ahead_of_the_pass_changes_no_result_and_starts_functions_ear
         .map(|i| (0..(4 + 3 * i)).map(|j| 17 + 131 * i + 29 * j).collect())
         .collect();
 
-    let off = cold_run(&model_dir, &dir.path().join("logs-off"), "0", &prompts).await;
-    let on = cold_run(&model_dir, &dir.path().join("logs-on"), "2", &prompts).await;
+    let off = cold_run(
+        &model_dir,
+        &dir.path().join("logs-off"),
+        ("0", "16"),
+        &prompts,
+    )
+    .await;
+    let on = cold_run(
+        &model_dir,
+        &dir.path().join("logs-on"),
+        ("2", "16"),
+        &prompts,
+    )
+    .await;
+    // One activation ahead at a time: the other predictions wait in the queue.
+    let one = cold_run(
+        &model_dir,
+        &dir.path().join("logs-one"),
+        ("2", "1"),
+        &prompts,
+    )
+    .await;
 
     // Predictions never route: the same ids.
     assert_eq!(
         on.ids, off.ids,
         "greedy ids with activation ahead vs without"
+    );
+    assert_eq!(
+        one.ids, off.ids,
+        "greedy ids with one activation ahead at a time vs without"
     );
     let n = |s: &Value, k: &str| {
         s[k].as_u64()
@@ -203,6 +230,13 @@ async fn activation_ahead_of_the_pass_changes_no_result_and_starts_functions_ear
         n(&off.stats, "cold_misses"),
     );
     assert!(prefetches > 0, "nothing activated ahead: {}", on.stats);
+    // Queued predictions are started too (every instance also scaled to zero in
+    // `cold_run`, so none was left waiting for a slot).
+    assert!(
+        n(&one.stats, "prefetches") > 1,
+        "one at a time: {}",
+        one.stats
+    );
     assert!(hits > 0 && hits <= prefetches, "{}", on.stats);
     // Without prediction every needed function was reached cold; with it, at most as many.
     assert!(

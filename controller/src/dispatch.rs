@@ -28,7 +28,8 @@
 //! to the current residual stream ([`faasmoe_model::ControlPlane::predict_experts`]) and
 //! hands the predicted experts to [`Dispatch::prefetch`]. The NATS dispatcher activates, in
 //! the background, the predicted functions that have not answered within
-//! [`WARM_FRESH`], at most [`NatsDispatchSettings::prefetch_max_in_flight`] at once, so the
+//! [`WARM_FRESH`], at most [`NatsDispatchSettings::prefetch_max_in_flight`] at once (the
+//! others wait in a queue, in the order predicted, and start as slots free up), so the
 //! cold starts of later layers overlap the pass instead of following one another. When the
 //! model is cold (nothing answered yet, or *no responders* within [`COLD_WINDOW`]) it asks
 //! for every remaining layer at once; otherwise for

@@ -126,33 +126,63 @@ impl NatsDispatch {
     }
 
     /// Starts a background activation of function `fidx` from a prediction, unless it
-    /// answered recently, one is already running for it, or the in-flight budget is spent.
+    /// answered recently or one is already running or queued for it. While
+    /// `prefetch_max_in_flight` are running, it is queued and started as soon as one of them
+    /// ends (before, a prediction over the budget was dropped, so a cold model's functions
+    /// started in waves, one per MoE layer the pass reached).
     pub(super) fn prefetch_function(&self, fidx: usize) {
-        if self.answered_within(fidx, WARM_FRESH)
-            || self.prefetch_in_flight.load(Ordering::Relaxed)
-                >= self.settings.prefetch_max_in_flight as u64
-        {
+        if self.answered_within(fidx, WARM_FRESH) {
             return;
         }
         if self.prefetching[fidx].swap(true, Ordering::AcqRel) {
             return;
         }
-        let Some(me) = self.me.upgrade() else { return };
+        let Some(me) = self.me.upgrade() else {
+            self.prefetching[fidx].store(false, Ordering::Release);
+            return;
+        };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             self.prefetching[fidx].store(false, Ordering::Release);
             return;
         };
-        self.prefetch_in_flight.fetch_add(1, Ordering::Relaxed);
-        self.prefetches.fetch_add(1, Ordering::Relaxed);
-        self.prefetched[fidx].store(self.stamp(), Ordering::Relaxed);
-        debug!(function = %self.settings.layout.functions[fidx].id, "activating ahead of the pass");
-        rt.spawn(async move {
-            let deadline = Instant::now() + me.settings.activation_timeout;
-            if let Err(e) = me.activate(fidx, deadline).await {
-                debug!(function = %me.settings.layout.functions[fidx].id, error = %e, "activation ahead of the pass failed (the pass will ask again)");
+        {
+            let mut queue = self.prefetch_queue.lock().unwrap();
+            if self.prefetch_in_flight.load(Ordering::Relaxed)
+                >= self.settings.prefetch_max_in_flight as u64
+            {
+                queue.push_back(fidx);
+                return;
             }
-            me.prefetching[fidx].store(false, Ordering::Release);
-            me.prefetch_in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.prefetch_in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        rt.spawn(async move {
+            let mut next = Some(fidx);
+            while let Some(fidx) = next {
+                me.prefetches.fetch_add(1, Ordering::Relaxed);
+                me.prefetched[fidx].store(me.stamp(), Ordering::Relaxed);
+                debug!(function = %me.settings.layout.functions[fidx].id, "activating ahead of the pass");
+                let deadline = Instant::now() + me.settings.activation_timeout;
+                if let Err(e) = me.activate(fidx, deadline).await {
+                    debug!(function = %me.settings.layout.functions[fidx].id, error = %e, "activation ahead of the pass failed (the pass will ask again)");
+                }
+                me.prefetching[fidx].store(false, Ordering::Release);
+                next = me.next_queued_prefetch();
+            }
         });
+    }
+
+    /// The next queued prediction that is not warm by now (those that are leave the queue),
+    /// or `None`, giving up the caller's in-flight slot.
+    fn next_queued_prefetch(&self) -> Option<usize> {
+        let mut queue = self.prefetch_queue.lock().unwrap();
+        while let Some(fidx) = queue.pop_front() {
+            if self.answered_within(fidx, WARM_FRESH) {
+                self.prefetching[fidx].store(false, Ordering::Release);
+                continue;
+            }
+            return Some(fidx);
+        }
+        self.prefetch_in_flight.fetch_sub(1, Ordering::Relaxed);
+        None
     }
 }
