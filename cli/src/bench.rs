@@ -73,87 +73,122 @@ pub(crate) fn mem_available() -> u64 {
         .unwrap_or(0)
 }
 
+/// The bench's run settings: the flags given, the defaults of `--quick` or of the full run
+/// for the others.
+struct Resolved {
+    tenant_counts: Vec<usize>,
+    grans: Vec<u32>,
+    /// The granularity the modes are compared at.
+    compare_g: u32,
+    modes: Vec<Mode>,
+    /// Requests per tenant in the cold phase.
+    n_req: usize,
+    /// Requests per tenant in the warm phase.
+    warm_req: usize,
+    /// Largest prompt and output, tokens.
+    max_prompt: u32,
+    max_output: u32,
+    /// Concurrency levels of the capacity sweep (empty: no sweep).
+    sweep_levels: Vec<usize>,
+    /// Cold starts measured per expert count.
+    repeats: usize,
+    /// How long to keep sampling after the workload (scale to zero), s.
+    tail_s: f64,
+    /// Results directory.
+    out: PathBuf,
+}
+
+impl Resolved {
+    /// Errors: an unknown mode name.
+    fn from_args(a: &BenchArgs) -> anyhow::Result<Self> {
+        let quick = a.quick;
+        let tenant_counts =
+            a.tenants
+                .clone()
+                .unwrap_or_else(|| if quick { vec![1, 3] } else { vec![1, 3, 6] });
+        let grans = a.granularities.clone().unwrap_or_else(|| {
+            if quick {
+                vec![4, 10, 60]
+            } else {
+                vec![1, 2, 4, 10, 20, 60]
+            }
+        });
+        let compare_g = a.granularity.unwrap_or_else(|| {
+            if grans.contains(&20) {
+                20
+            } else {
+                *grans.iter().max().unwrap_or(&20)
+            }
+        });
+        let modes: Vec<Mode> = match &a.modes {
+            Some(m) => m.iter().map(|s| Mode::parse(s)).collect::<Result<_, _>>()?,
+            None => ALL_MODES.to_vec(),
+        };
+        let sweep_levels: Vec<usize> = if a.no_sweep {
+            vec![]
+        } else {
+            let mut v = a.sweep.clone().unwrap_or_else(|| {
+                if quick {
+                    vec![1, 2, 4, 8]
+                } else {
+                    vec![1, 2, 4, 8, 16, 32]
+                }
+            });
+            v.retain(|&c| c > 0);
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let out = a.out.clone().unwrap_or_else(|| {
+            PathBuf::from(format!(
+                "results/bench-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            ))
+        });
+        Ok(Resolved {
+            tenant_counts,
+            grans,
+            compare_g,
+            modes,
+            n_req: a.requests.unwrap_or(if quick { 2 } else { 4 }),
+            warm_req: a.warm_requests_per_tenant(),
+            max_prompt: a.max_prompt.unwrap_or(if quick { 32 } else { 128 }),
+            max_output: a.max_output.unwrap_or(if quick { 8 } else { 24 }),
+            sweep_levels,
+            repeats: a.cold_start_repeats.unwrap_or(if quick { 5 } else { 10 }),
+            tail_s: a.tail_s.unwrap_or(if quick {
+                0.0
+            } else {
+                a.idle_timeout_ms as f64 / 1e3 + 2.0
+            }),
+            out,
+        })
+    }
+}
+
 /// Runs the benchmark.
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let t_all = Instant::now();
-    let quick = a.quick;
-    let tenant_counts =
-        a.tenants
-            .clone()
-            .unwrap_or_else(|| if quick { vec![1, 3] } else { vec![1, 3, 6] });
-    let grans = a.granularities.clone().unwrap_or_else(|| {
-        if quick {
-            vec![4, 10, 60]
-        } else {
-            vec![1, 2, 4, 10, 20, 60]
-        }
-    });
-    let compare_g = a.granularity.unwrap_or_else(|| {
-        if grans.contains(&20) {
-            20
-        } else {
-            *grans.iter().max().unwrap_or(&20)
-        }
-    });
-    let modes: Vec<Mode> = match &a.modes {
-        Some(m) => m.iter().map(|s| Mode::parse(s)).collect::<Result<_, _>>()?,
-        None => ALL_MODES.to_vec(),
-    };
-    let n_req = a.requests.unwrap_or(if quick { 2 } else { 4 });
-    let warm_req = a.warm_requests_per_tenant();
-    let max_prompt = a.max_prompt.unwrap_or(if quick { 32 } else { 128 });
-    let max_output = a.max_output.unwrap_or(if quick { 8 } else { 24 });
-    let sweep_levels: Vec<usize> = if a.no_sweep {
-        vec![]
-    } else {
-        let mut v = a.sweep.clone().unwrap_or_else(|| {
-            if quick {
-                vec![1, 2, 4, 8]
-            } else {
-                vec![1, 2, 4, 8, 16, 32]
-            }
-        });
-        v.retain(|&c| c > 0);
-        v.sort_unstable();
-        v.dedup();
-        v
-    };
-    let repeats = a.cold_start_repeats.unwrap_or(if quick { 5 } else { 10 });
-    let tail_s = a.tail_s.unwrap_or(if quick {
-        0.0
-    } else {
-        a.idle_timeout_ms as f64 / 1e3 + 2.0
-    });
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from(format!(
-            "results/bench-{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        ))
-    });
+    let Resolved {
+        tenant_counts,
+        grans,
+        compare_g,
+        modes,
+        n_req,
+        warm_req,
+        max_prompt,
+        max_output,
+        sweep_levels,
+        repeats,
+        tail_s,
+        out,
+    } = Resolved::from_args(&a)?;
     std::fs::create_dir_all(&out)?;
     if a.decode_only || !a.no_decode_bench {
-        let dm = match &a.decode_model {
-            Some(m) => m.clone(),
-            None => ensure_expert_model(&a)?,
-        };
-        let settings = decode::DecodeSettings {
-            batches: a.decode_batches.clone(),
-            contexts: a.decode_contexts.clone(),
-            reps: a.decode_reps,
-            bandwidth_mib: a.bandwidth_mib,
-            shared_granularity: (!a.decode_local_only).then_some(a.decode_granularity),
-        };
-        let model = dm.clone();
-        let dir = out.clone();
-        let r = tokio::task::spawn_blocking(move || decode::run(&model, &dir, &settings)).await?;
-        match r {
-            Ok(_) => {}
-            Err(e) if !a.decode_only => println!("    decode bench FAILED: {e:#}"),
-            Err(e) => return Err(e),
-        }
+        decode_section(&a, &out).await?;
         if a.decode_only {
             return Ok(());
         }
@@ -168,6 +203,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             granularity: compare_g,
             idle_timeout_ms: a.idle_timeout_ms,
             log_dir: out.join("logs"),
+            no_warm_replay: true,
         })?,
     };
     let cfg = faasmoe_model::Config::from_dir(&model)?;
@@ -204,90 +240,99 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
 
     let specs = plan(&modes, &tenant_counts, &grans, compare_g, max_t);
     let ckpt_bytes = checkpoint_bytes(&model);
-    let file_elem = match cfg_torch_dtype(&model).as_deref() {
-        Some("float32") => 4.0,
-        _ => 2.0,
-    };
-    let est_baseline = ckpt_bytes as f64 * 4.0 / file_elem;
     println!(
         "faasmoe bench: {} runs on {} ({} layers, hidden {}, {} experts top-{}, {:.2} GB on disk); tenants {:?}; granularities {:?} (comparison at {compare_g}); {n_req} requests per tenant; results in {}",
         specs.iter().filter(|s| s.same_as.is_none()).count(), model.display(), cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, ckpt_bytes as f64 / 1e9, tenant_counts, grans, out.display()
     );
 
-    // Runs.
+    let mut results = run_specs(
+        &specs,
+        &a,
+        &model,
+        &cfg,
+        ckpt_bytes,
+        (&tenant_names, &work, &warm_work),
+        (&out, tail_s, &sweep_levels),
+        (max_t, compare_g),
+    )
+    .await;
+    add_aliases(&specs, &mut results);
+    results.sort_by_key(|r| (r.spec.tenants, r.spec.mode, r.spec.granularity));
+
+    // Per-expert memory and cold start; a controller's memory.
+    let expert = if a.no_expert_bench {
+        ExpertSection::not_measured()
+    } else {
+        expert_section(&a, repeats, &out).await?
+    };
+
+    let (table, report, plot_note) = write_outputs(
+        &a,
+        &out,
+        &model,
+        &cfg,
+        ckpt_bytes,
+        &scale,
+        (n_req, &tenant_counts, &grans, compare_g, max_t),
+        &results,
+        &expert,
+        t_all,
+    )?;
+    let phase_report = phases::report(&results);
+    let report = format!("{report}\n{phase_report}");
+    std::fs::write(out.join("report.md"), &report)?;
+    println!("\n{table}");
+    println!("\n{phase_report}");
+    println!("{plot_note}");
+    println!(
+        "bench done in {:.0}s; report: {}",
+        t_all.elapsed().as_secs_f64(),
+        out.join("report.md").display()
+    );
+    Ok(())
+}
+
+/// Runs every spec of `specs` that is not an alias of another, one after the other, with
+/// the workload (`tenant_names`, the cold phase `work`, the warm phase `warm_work`): skips
+/// those that would not fit in memory ([`memory_shortfall`]); the capacity sweep
+/// (`sweep_levels`) runs only at `max_t` tenants and, for faasmoe modes, at `compare_g`. A
+/// failed or skipped run is a result with its reason.
+#[allow(clippy::too_many_arguments)]
+async fn run_specs(
+    specs: &[Spec],
+    a: &BenchArgs,
+    model: &Path,
+    cfg: &faasmoe_model::Config,
+    ckpt_bytes: u64,
+    (tenant_names, work, warm_work): (&[String], &[Req], &[Req]),
+    (out, tail_s, sweep_levels): (&Path, f64, &[usize]),
+    (max_t, compare_g): (usize, u32),
+) -> Vec<RunResult> {
     let mut results: Vec<RunResult> = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         if spec.same_as.is_some() {
             continue;
         }
-        let procs = match spec.mode {
-            Mode::Baseline => spec.tenants,
-            Mode::SharedBaseline => 1,
-            _ => 0,
-        };
-        let avail = mem_available();
-        let mut need = procs as f64 * est_baseline;
-        // Our own full model per tenant: the checkpoint's tensors as stored, plus KV caches.
-        if spec.mode == Mode::LocalBaseline {
-            need += spec.tenants as f64 * ckpt_bytes as f64 * 1.2;
-        }
-        // faasmoe modes: every function of every MoE layer may be activated (random routing
-        // touches them all): f32 expert weights plus a worker's fixed cost (≈16 MB measured
-        // for one function of the A2.7B layer geometry; an estimate used only to skip).
-        let mut fn_procs = 0usize;
-        if let (Some(g), Ok(cfg)) = (spec.granularity, faasmoe_model::Config::from_dir(&model)) {
-            let g = (g as usize).clamp(1, cfg.num_experts.max(1));
-            let per_layer = cfg.num_experts.div_ceil(g);
-            fn_procs = cfg.moe_layers().count() * per_layer;
-            let expert_bytes =
-                3.0 * cfg.hidden_size as f64 * cfg.moe_intermediate_size as f64 * 4.0;
-            need += fn_procs as f64 * (16e6 + g as f64 * expert_bytes);
-        }
-        let empty = RunResult {
-            spec: spec.clone(),
-            skipped: None,
-            load_s: f64::NAN,
-            wall_s: f64::NAN,
-            requests: vec![],
-            samples: vec![],
-            idle: None,
-            cpu_s: f64::NAN,
-            dispatch: Dispatch::default(),
-            varz: Varz::default(),
-            cold_starts: vec![],
-            ready_at_s: vec![],
-            spawned: 0,
-            warm: None,
-            sweep: vec![],
-        };
-        if (procs > 0 || fn_procs > 0) && need > avail as f64 * 0.9 {
-            let why = if procs > 0 {
-                format!("needs ≈{:.1} GB ({procs} × f32 copy of the {:.2} GB checkpoint) but MemAvailable is {:.1} GB", need / 1e9, ckpt_bytes as f64 / 1e9, avail as f64 / 1e9)
-            } else {
-                format!("up to {fn_procs} function instances would need ≈{:.1} GB (estimate) but MemAvailable is {:.1} GB", need / 1e9, avail as f64 / 1e9)
-            };
+        if let Some(why) = memory_shortfall(spec, model, cfg, ckpt_bytes) {
             println!("[{}/{}] {}: SKIPPED: {why}", i + 1, specs.len(), spec.key());
-            results.push(RunResult {
-                skipped: Some(why),
-                ..empty
-            });
+            results.push(RunResult::not_run(spec, why));
             continue;
         }
         println!("[{}/{}] {} …", i + 1, specs.len(), spec.key());
         let sweep: &[usize] =
             if spec.tenants == max_t && spec.granularity.is_none_or(|g| g == compare_g) {
-                &sweep_levels
+                sweep_levels
             } else {
                 &[]
             };
         match run_one(
             spec,
-            &tenant_names,
-            &work,
-            &warm_work,
-            &model,
-            &a,
-            &out,
+            tenant_names,
+            work,
+            warm_work,
+            model,
+            a,
+            out,
             tail_s,
             sweep,
         )
@@ -303,71 +348,132 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             }
             Err(e) => {
                 println!("    FAILED: {e:#}");
-                results.push(RunResult {
-                    skipped: Some(format!("failed: {e:#}")),
-                    ..empty
-                });
+                results.push(RunResult::not_run(spec, format!("failed: {e:#}")));
             }
         }
     }
-    add_aliases(&specs, &mut results);
-    results.sort_by_key(|r| (r.spec.tenants, r.spec.mode, r.spec.granularity));
+    results
+}
 
-    // Per-expert memory and cold start; a controller's memory.
-    let expert = if a.no_expert_bench {
-        ExpertSection::not_measured()
-    } else {
-        expert_section(&a, repeats, &out).await?
-    };
-    let ExpertSection {
-        expert_rows,
-        expert_model_desc,
-        controller_rows,
-        controller_desc,
-    } = expert;
-
+/// Writes the CSVs, the plots and `report.md` of the runs `results` and the single-function
+/// section `expert` into `out`; returns the headline table, the report and the plots' line.
+///
+/// Errors: a CSV or the report cannot be written (a plot failure is only reported).
+#[allow(clippy::too_many_arguments)]
+fn write_outputs(
+    a: &BenchArgs,
+    out: &Path,
+    model: &Path,
+    cfg: &faasmoe_model::Config,
+    ckpt_bytes: u64,
+    scale: &Scale,
+    (n_req, tenant_counts, grans, compare_g, max_t): (usize, &[usize], &[u32], u32, usize),
+    results: &[RunResult],
+    expert: &ExpertSection,
+    t_all: Instant,
+) -> anyhow::Result<(String, String, String)> {
     // CSVs.
-    write_csvs(&out, &results, &expert_rows)?;
-    write_controller_csv(&out, &controller_rows)?;
-    phases::write_csv(&out, &results)?;
+    write_csvs(out, results, &expert.expert_rows)?;
+    write_controller_csv(out, &expert.controller_rows)?;
+    phases::write_csv(out, results)?;
     // Plots.
-    let plot_note = match plot::all(&out, &results, max_t) {
+    let plot_note = match plot::all(out, results, max_t) {
         Ok(files) => format!("plots: {}", files.join(", ")),
         Err(e) => format!("plots FAILED: {e:#}"),
     };
     // Report.
-    let table = headline(&results);
+    let table = headline(results);
     let report = report_md(
-        &a,
-        &model,
-        &cfg,
+        a,
+        model,
+        cfg,
         ckpt_bytes,
-        &scale,
+        scale,
         n_req,
-        &tenant_counts,
-        &grans,
+        tenant_counts,
+        grans,
         compare_g,
-        &results,
-        &expert_rows,
-        &expert_model_desc,
-        &controller_rows,
-        &controller_desc,
+        results,
+        &expert.expert_rows,
+        &expert.expert_model_desc,
+        &expert.controller_rows,
+        &expert.controller_desc,
         &table,
         &plot_note,
         t_all.elapsed().as_secs_f64(),
     );
-    let phase_report = phases::report(&results);
-    let report = format!("{report}\n{phase_report}");
-    std::fs::write(out.join("report.md"), &report)?;
-    println!("\n{table}");
-    println!("\n{phase_report}");
-    println!("{plot_note}");
-    println!(
-        "bench done in {:.0}s; report: {}",
-        t_all.elapsed().as_secs_f64(),
-        out.join("report.md").display()
-    );
-    Ok(())
+    Ok((table, report, plot_note))
+}
+
+/// The per-layer decode section (`bench --decode-only`, or first in a full run): results in
+/// `out`. A failure ends a `--decode-only` run and is only reported in a full one.
+async fn decode_section(a: &BenchArgs, out: &Path) -> anyhow::Result<()> {
+    let dm = match &a.decode_model {
+        Some(m) => m.clone(),
+        None => ensure_expert_model(a)?,
+    };
+    let settings = decode::DecodeSettings {
+        batches: a.decode_batches.clone(),
+        contexts: a.decode_contexts.clone(),
+        reps: a.decode_reps,
+        bandwidth_mib: a.bandwidth_mib,
+        shared_granularity: (!a.decode_local_only).then_some(a.decode_granularity),
+    };
+    let dir = out.to_path_buf();
+    match tokio::task::spawn_blocking(move || decode::run(&dm, &dir, &settings)).await? {
+        Ok(_) => Ok(()),
+        Err(e) if !a.decode_only => {
+            println!("    decode bench FAILED: {e:#}");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Why the run `spec` of `model` would not fit in memory (MemAvailable now), if it would
+/// not: an estimate of what its processes need, used only to skip.
+fn memory_shortfall(
+    spec: &Spec,
+    model: &Path,
+    cfg: &faasmoe_model::Config,
+    ckpt_bytes: u64,
+) -> Option<String> {
+    let file_elem = match cfg_torch_dtype(model).as_deref() {
+        Some("float32") => 4.0,
+        _ => 2.0,
+    };
+    // candle-transformers' baseline widens every weight to f32.
+    let est_baseline = ckpt_bytes as f64 * 4.0 / file_elem;
+    let procs = match spec.mode {
+        Mode::Baseline => spec.tenants,
+        Mode::SharedBaseline => 1,
+        _ => 0,
+    };
+    let avail = mem_available();
+    let mut need = procs as f64 * est_baseline;
+    // Our own full model per tenant: the checkpoint's tensors as stored, plus KV caches.
+    if spec.mode == Mode::LocalBaseline {
+        need += spec.tenants as f64 * ckpt_bytes as f64 * 1.2;
+    }
+    // faasmoe modes: every function of every MoE layer may be activated (random routing
+    // touches them all): f32 expert weights plus a worker's fixed cost (≈16 MB measured
+    // for one function of the A2.7B layer geometry).
+    let mut fn_procs = 0usize;
+    if let Some(g) = spec.granularity {
+        let g = (g as usize).clamp(1, cfg.num_experts.max(1));
+        let per_layer = cfg.num_experts.div_ceil(g);
+        fn_procs = cfg.moe_layers().count() * per_layer;
+        let expert_bytes = 3.0 * cfg.hidden_size as f64 * cfg.moe_intermediate_size as f64 * 4.0;
+        need += fn_procs as f64 * (16e6 + g as f64 * expert_bytes);
+    }
+    if (procs == 0 && fn_procs == 0) || need <= avail as f64 * 0.9 {
+        return None;
+    }
+    Some(if procs > 0 {
+        format!("needs ≈{:.1} GB ({procs} × f32 copy of the {:.2} GB checkpoint) but MemAvailable is {:.1} GB", need / 1e9, ckpt_bytes as f64 / 1e9, avail as f64 / 1e9)
+    } else {
+        format!("up to {fn_procs} function instances would need ≈{:.1} GB (estimate) but MemAvailable is {:.1} GB", need / 1e9, avail as f64 / 1e9)
+    })
 }
 
 fn cfg_torch_dtype(model: &Path) -> Option<String> {

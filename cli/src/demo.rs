@@ -43,6 +43,12 @@ pub struct DemoArgs {
     /// Logs of the stack.
     #[arg(long, default_value = "demo-data/logs")]
     pub log_dir: PathBuf,
+    /// Skip the warm replay: by default, once the workload is done and before the functions
+    /// scale to zero, the tenants without a token budget send the same requests again at the
+    /// same offsets, so the report compares the TTFT of each request that waited on a cold
+    /// start with its own warm TTFT.
+    #[arg(long)]
+    pub no_warm_replay: bool,
 }
 
 struct TenantPlan {
@@ -57,8 +63,21 @@ type Results = Arc<Mutex<BTreeMap<&'static str, Vec<Outcome>>>>;
 
 #[derive(Debug, Clone, Default)]
 struct Outcome {
+    /// The request's index in its tenant's plan (the same request in the warm replay).
+    index: usize,
+    /// When it was sent, s after the workload's start.
+    sent_s: f64,
     ok: Option<GenerateResponse>,
     error: Option<String>,
+}
+
+/// What the function events told about cold starts during the demo.
+#[derive(Debug, Default)]
+struct ColdStarts {
+    /// The longest cold start (spawn → ready, ms) per instance.
+    by_instance: BTreeMap<String, f64>,
+    /// When each `ready` event arrived.
+    ready_at: Vec<tokio::time::Instant>,
 }
 
 /// Ensures the demo checkpoint exists; returns its directory.
@@ -127,32 +146,45 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     )));
     let sampler = sample_every_second(monitor.clone());
     // Cold starts from the function events.
-    let cold: Arc<Mutex<BTreeMap<String, f64>>> = Default::default();
+    let cold: Arc<Mutex<ColdStarts>> = Default::default();
     let ev_task = record_cold_starts(&internal, &stack.model_id, cold.clone()).await?;
 
     // Tenants with their own credentials and quotas.
     let admin = crate::tenant_admin(&stack).await?;
+    let clients = connect_tenants(&plans, &admin, stack.server.url()).await?;
     let corpus = tokenizer.encode(workload::CORPUS)?;
-    let results: Results = Default::default();
-    let start = tokio::time::Instant::now();
-    let tasks = spawn_requests(
-        &plans,
-        &admin,
-        stack.server.url(),
-        &corpus,
-        &tokenizer,
-        &results,
-        start,
-    )
-    .await?;
-    // Progress.
-    let progress = print_progress(results.clone(), tasks.len());
-    for t in tasks {
-        t.await?;
-    }
-    progress.abort();
-    let workload_s = start.elapsed().as_secs_f64();
-    println!("workload finished in {workload_s:.1}s; waiting {:.0}s for idle functions to scale to zero…", a.idle_timeout_ms as f64 / 1e3 + 4.0);
+    let (results, start) = replay(&plans, &clients, |_| true, &corpus, &tokenizer).await?;
+    println!("workload finished in {:.1}s", start.elapsed().as_secs_f64());
+    let warm = if a.no_warm_replay {
+        None
+    } else {
+        let names: Vec<&str> = plans
+            .iter()
+            .filter(|p| p.quota.total_tokens.is_none())
+            .map(|p| p.name)
+            .collect();
+        println!(
+            "replaying the requests of {} warm, at the same offsets, to compare TTFT cold and warm…",
+            names.join(", ")
+        );
+        let w = replay(
+            &plans,
+            &clients,
+            |p| p.quota.total_tokens.is_none(),
+            &corpus,
+            &tokenizer,
+        )
+        .await?;
+        println!(
+            "warm replay finished in {:.1}s",
+            w.1.elapsed().as_secs_f64()
+        );
+        Some(w)
+    };
+    println!(
+        "waiting {:.0}s for idle functions to scale to zero…",
+        a.idle_timeout_ms as f64 / 1e3 + 4.0
+    );
     let t_wait = Instant::now();
     while t_wait.elapsed() < Duration::from_millis(a.idle_timeout_ms + 4000) {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -161,7 +193,16 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     ev_task.abort();
     monitor.lock().unwrap().sample();
 
-    print_report(&plans, &results, &cold, &monitor, &admin, a.idle_timeout_ms).await;
+    print_report(
+        &plans,
+        (&results, start),
+        warm.as_ref(),
+        &cold,
+        &monitor,
+        &admin,
+        a.idle_timeout_ms,
+    )
+    .await;
     stack.stop().await;
     println!(
         "\ndemo done in {:.0}s; logs in {}",
@@ -210,12 +251,12 @@ fn tenant_plans(n: usize, scale: &workload::Scale) -> anyhow::Result<Vec<TenantP
 }
 
 /// Subscribes to the model's function events and keeps, per instance, the longest cold
-/// start (spawn → ready, ms) its `ready` events report, in `cold`; the task runs until
-/// aborted.
+/// start (spawn → ready, ms) its `ready` events report, and when each arrived, in `cold`;
+/// the task runs until aborted.
 async fn record_cold_starts(
     nats: &async_nats::Client,
     model_id: &str,
-    cold: Arc<Mutex<BTreeMap<String, f64>>>,
+    cold: Arc<Mutex<ColdStarts>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut events = nats
         .subscribe(faasmoe_proto::subject::events(model_id)?)
@@ -224,9 +265,10 @@ async fn record_cold_starts(
         while let Some(m) = events.next().await {
             if let Ok(e) = FunctionEvent::decode(&m.payload) {
                 if e.kind == EventKind::Ready {
+                    let mut c = cold.lock().unwrap();
+                    c.ready_at.push(tokio::time::Instant::now());
                     if let Some(ms) = e.cold_start_ms {
-                        let mut c = cold.lock().unwrap();
-                        let v = c.entry(e.instance_id).or_insert(0.0);
+                        let v = c.by_instance.entry(e.instance_id).or_insert(0.0);
                         *v = v.max(ms);
                     }
                 }
@@ -255,28 +297,28 @@ async fn send(client: &async_nats::Client, subject: String, body: serde_json::Va
         Ok(Ok(m)) => match serde_json::from_slice::<GenerateResponse>(&m.payload) {
             Ok(resp) => Outcome {
                 ok: Some(resp),
-                error: None,
+                ..Outcome::default()
             },
             Err(_) => {
                 let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
                 Outcome {
-                    ok: None,
                     error: Some(
                         v["error"]["code"]
                             .as_str()
                             .unwrap_or("invalid_reply")
                             .to_string(),
                     ),
+                    ..Outcome::default()
                 }
             }
         },
         Ok(Err(e)) => Outcome {
-            ok: None,
             error: Some(format!("nats: {}", e.kind())),
+            ..Outcome::default()
         },
         Err(_) => Outcome {
-            ok: None,
             error: Some("client_timeout".into()),
+            ..Outcome::default()
         },
     }
 }
@@ -398,28 +440,49 @@ fn print_resources(m: &Monitor, idle_timeout_ms: u64) {
     println!("\nfunction instances: peak {peak_workers}, at the end {last_workers} (idle timeout {} ms){}", idle_timeout_ms, if last_workers == 0 { ": scaled to zero" } else { "" });
 }
 
-/// Every request of the demo, each on its own task that waits for the request's arrival time
-/// (seconds after `start`) and records its [`Outcome`] under its tenant. Creates each
-/// tenant (credentials and quota) through `admin` and connects as it to `url`.
-async fn spawn_requests(
+/// Creates each tenant of `plans` (credentials and quota) through `admin` and connects as it
+/// to `url`; the clients in the order of `plans`.
+async fn connect_tenants(
     plans: &[TenantPlan],
     admin: &faasmoe_broker::TenantAdmin,
     url: &str,
+) -> anyhow::Result<Vec<async_nats::Client>> {
+    let mut clients = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let creds = admin.create(plan.name, plan.quota).await?;
+        clients.push(
+            faasmoe_proto::connection::connect(
+                url,
+                Some(&creds.user),
+                Some(&creds.password),
+                plan.name,
+            )
+            .await?,
+        );
+    }
+    Ok(clients)
+}
+
+/// Every request of the tenants of `plans` that `include` selects, each on its own task that
+/// waits for the request's arrival time (seconds after `start`), sends it with the tenant's
+/// client (`clients[i]` for `plans[i]`) and records its [`Outcome`] under its tenant. The
+/// prompts and seeds depend only on the tenant and the request's index, so a replay sends
+/// the same requests.
+#[allow(clippy::too_many_arguments)]
+fn spawn_requests(
+    plans: &[TenantPlan],
+    clients: &[async_nats::Client],
+    include: impl Fn(&TenantPlan) -> bool,
     corpus: &[u32],
     tokenizer: &QwenTokenizer,
     results: &Results,
     start: tokio::time::Instant,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
-    for (ti, plan) in plans.iter().enumerate() {
-        let creds = admin.create(plan.name, plan.quota).await?;
-        let client = faasmoe_proto::connection::connect(
-            url,
-            Some(&creds.user),
-            Some(&creds.password),
-            plan.name,
-        )
-        .await?;
+    for (ti, (plan, client)) in plans.iter().zip(clients).enumerate() {
+        if !include(plan) {
+            continue;
+        }
         let subject = faasmoe_proto::subject::generate(plan.name)?;
         for (i, row) in plan.rows.iter().copied().enumerate() {
             let prompt = workload::prompt_text(
@@ -433,7 +496,12 @@ async fn spawn_requests(
                 (client.clone(), subject.clone(), results.clone(), plan.name);
             tasks.push(tokio::spawn(async move {
                 workload::sleep_until(start, row.at_s).await;
-                let outcome = send(&client, subject, body).await;
+                let sent_s = start.elapsed().as_secs_f64();
+                let outcome = Outcome {
+                    index: i,
+                    sent_s,
+                    ..send(&client, subject, body).await
+                };
                 results
                     .lock()
                     .unwrap()
@@ -446,19 +514,137 @@ async fn spawn_requests(
     Ok(tasks)
 }
 
+/// Sends the requests of `plans` that `include` selects at their offsets from now, with
+/// progress, and waits for all of them; their outcomes and the start.
+#[allow(clippy::too_many_arguments)]
+async fn replay(
+    plans: &[TenantPlan],
+    clients: &[async_nats::Client],
+    include: impl Fn(&TenantPlan) -> bool,
+    corpus: &[u32],
+    tokenizer: &QwenTokenizer,
+) -> anyhow::Result<(Results, tokio::time::Instant)> {
+    let results: Results = Default::default();
+    let start = tokio::time::Instant::now();
+    let tasks = spawn_requests(plans, clients, include, corpus, tokenizer, &results, start)?;
+    let progress = print_progress(results.clone(), tasks.len());
+    for t in tasks {
+        t.await?;
+    }
+    progress.abort();
+    Ok((results, start))
+}
+
+/// Whether a request sent `sent_s` after `start` whose first token came `ttft_ms` later
+/// waited on a cold start: a function instance became ready (a `ready` event in `ready_at`)
+/// between its arrival and its first token.
+fn waited_on_cold_start(
+    ready_at: &[tokio::time::Instant],
+    start: tokio::time::Instant,
+    sent_s: f64,
+    ttft_ms: f64,
+) -> bool {
+    let from = start + Duration::from_secs_f64(sent_s.max(0.0));
+    let to = from + Duration::from_secs_f64(ttft_ms.max(0.0) / 1e3);
+    ready_at.iter().any(|&r| r >= from && r <= to)
+}
+
+/// Prints the TTFT of the requests that waited on a cold start ([`waited_on_cold_start`]) next
+/// to the TTFT of the same requests in the warm replay, per tenant and over all, and checks
+/// the cold-start criterion of the project: cold TTFT p50 ≤ 2 × (p99 single-function cold
+/// start) + their warm TTFT p50.
+fn print_cold_and_warm(
+    plans: &[TenantPlan],
+    cold_run: (&BTreeMap<&'static str, Vec<Outcome>>, tokio::time::Instant),
+    warm_run: Option<(&BTreeMap<&'static str, Vec<Outcome>>, tokio::time::Instant)>,
+    cold: &ColdStarts,
+) {
+    println!("\n## Cold and warm TTFT\n");
+    let Some((warm, warm_start)) = warm_run else {
+        println!("(no warm replay: --no-warm-replay)");
+        return;
+    };
+    let ttft_of = |o: &Outcome| o.ok.as_ref().map(|r| (o.sent_s, r.timings.ttft_ms));
+    println!("A request waited on a cold start when a function instance became ready between its arrival and its first token. The warm replay sends the same requests (same prompts, seeds and offsets) right after the workload, before the functions scale to zero; tenants with a token budget are not replayed.\n");
+    println!("| tenant | requests | waited on a cold start | their TTFT p50 ms | the same requests warm: TTFT p50 ms | replayed requests that found a cold start |");
+    println!("|---|---|---|---|---|---|");
+    let (mut all_cold, mut all_warm) = (Vec::new(), Vec::new());
+    for plan in plans {
+        let (Some(first), Some(again)) = (cold_run.0.get(plan.name), warm.get(plan.name)) else {
+            continue;
+        };
+        let again: BTreeMap<usize, (f64, f64)> = again
+            .iter()
+            .filter_map(|o| ttft_of(o).map(|t| (o.index, t)))
+            .collect();
+        let replay_cold = again
+            .values()
+            .filter(|&&(sent, ttft)| waited_on_cold_start(&cold.ready_at, warm_start, sent, ttft))
+            .count();
+        let (mut c, mut w) = (Vec::new(), Vec::new());
+        for o in first {
+            let Some((sent, ttft)) = ttft_of(o) else {
+                continue;
+            };
+            if !waited_on_cold_start(&cold.ready_at, cold_run.1, sent, ttft) {
+                continue;
+            }
+            if let Some(&(_, warm_ttft)) = again.get(&o.index) {
+                c.push(ttft);
+                w.push(warm_ttft);
+            }
+        }
+        println!(
+            "| {} | {} | {} | {:.0} | {:.0} | {} |",
+            plan.name,
+            first.len(),
+            c.len(),
+            percentile(&c, 50.0),
+            percentile(&w, 50.0),
+            replay_cold
+        );
+        all_cold.extend(c);
+        all_warm.extend(w);
+    }
+    let starts: Vec<f64> = cold.by_instance.values().copied().collect();
+    let (c50, w50, s99) = (
+        percentile(&all_cold, 50.0),
+        percentile(&all_warm, 50.0),
+        percentile(&starts, 99.0),
+    );
+    let bound = 2.0 * s99 + w50;
+    if all_cold.is_empty() {
+        println!("\nno replayed request waited on a cold start");
+        return;
+    }
+    println!(
+        "\n{} requests waited on a cold start: TTFT p50 {c50:.0} ms; the same requests warm {w50:.0} ms; single-function cold start p99 {s99:.0} ms.\ncriterion TTFT(cold) p50 ≤ 2 × cold start p99 + TTFT(warm) p50: {c50:.0} ≤ {bound:.0} ms — {}",
+        all_cold.len(),
+        if c50 <= bound { "met" } else { "NOT met" }
+    );
+}
+
 /// Prints the demo's report, measured in this run: the tenants' table, the cold starts
 /// (spawn → ready, ms), the resources over time and each tenant's usage in the quota store.
 async fn print_report(
     plans: &[TenantPlan],
-    results: &Results,
-    cold: &Mutex<BTreeMap<String, f64>>,
+    cold_run: (&Results, tokio::time::Instant),
+    warm_run: Option<&(Results, tokio::time::Instant)>,
+    cold: &Mutex<ColdStarts>,
     monitor: &Mutex<Monitor>,
     admin: &faasmoe_broker::TenantAdmin,
     idle_timeout_ms: u64,
 ) {
-    let results = results.lock().unwrap().clone();
+    let results = cold_run.0.lock().unwrap().clone();
     print_tenants(plans, &results);
-    let cold: Vec<f64> = cold.lock().unwrap().values().copied().collect();
+    let warm = warm_run.map(|(r, start)| (r.lock().unwrap().clone(), *start));
+    print_cold_and_warm(
+        plans,
+        (&results, cold_run.1),
+        warm.as_ref().map(|(r, start)| (r, *start)),
+        &cold.lock().unwrap(),
+    );
+    let cold: Vec<f64> = cold.lock().unwrap().by_instance.values().copied().collect();
     println!("\n## Functions\n");
     println!(
         "cold starts: {} (spawn → ready p50 {:.0} ms, p99 {:.0} ms)",
