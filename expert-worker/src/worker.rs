@@ -106,7 +106,7 @@ pub async fn run(
     // their requests to the batching loop and drains them on scale-to-zero.
     let queue = subject::function_queue_group(&model, &function_id)?;
     let status_subject = subject::status(&model, &function_id)?;
-    let (tx, mut rx) = mpsc::channel::<async_nats::Message>(1024);
+    let (tx, rx) = mpsc::channel::<async_nats::Message>(1024);
     let mut subs = Vec::new();
     for id in &selection.0 {
         let subj = subject::expert(&model, id.layer as u32, id.expert as u32)?;
@@ -114,41 +114,18 @@ pub async fn run(
     }
     let mut intake = Intake::start(client.clone(), subs, tx, status_subject.clone());
 
-    // NATS micro service: $SRV.PING / INFO / STATS discover this instance.
-    let stats_for_srv = stats.clone();
-    let metadata = [
-        ("model".to_string(), model.clone()),
-        ("function_id".to_string(), function_id.clone()),
-        ("instance_id".to_string(), instance_id.clone()),
-        ("experts".to_string(), experts_named.join(",")),
-    ]
-    .into_iter()
-    .collect();
-    use async_nats::service::ServiceExt;
-    let service = client
-        .service_builder()
-        .description(format!("faasmoe expert function {function_id} of {model}"))
-        .metadata(metadata)
-        .stats_handler(move |_endpoint, _stats| {
-            serde_json::to_value(stats_for_srv.lock().unwrap().snapshot()).unwrap_or_default()
-        })
-        .start("faasmoe-expert", env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| anyhow::anyhow!("starting the micro service: {e}"))?;
-    let mut status = service
-        .endpoint_builder()
-        .name("status")
-        .add(status_subject.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("adding the status endpoint: {e}"))?;
-    let stats_for_status = stats.clone();
-    let status_task = tokio::spawn(async move {
-        while let Some(req) = status.next().await {
-            let body = serde_json::to_vec(&stats_for_status.lock().unwrap().snapshot())
-                .unwrap_or_default();
-            let _ = req.respond(Ok(body.into())).await;
-        }
-    });
+    let (service, status_task) = start_service(
+        &client,
+        &stats,
+        [
+            ("model".to_string(), model.clone()),
+            ("function_id".to_string(), function_id.clone()),
+            ("instance_id".to_string(), instance_id.clone()),
+            ("experts".to_string(), experts_named.join(",")),
+        ],
+        &status_subject,
+    )
+    .await?;
     // A round trip: the server has every subscription before anyone is told this instance is
     // ready (a flush only writes the socket).
     fence(&client, &status_subject, FENCE_TIMEOUT)
@@ -178,65 +155,16 @@ pub async fn run(
     info!(%queue, ready_ms = started.elapsed().as_secs_f64() * 1e3, "ready");
     println!("READY {function_id} {instance_id}");
 
-    // Batching loop.
-    let idle = settings.idle_timeout();
-    let max_wait = Duration::from_micros(settings.batch_max_wait_us);
-    let mut idle_deadline =
-        tokio::time::Instant::now() + idle.unwrap_or(Duration::from_secs(86400 * 365));
-    let mut reason = None;
-    tokio::pin!(shutdown);
-    loop {
-        let first = tokio::select! {
-            m = rx.recv() => match m { Some(m) => m, None => break },
-            _ = tokio::time::sleep_until(idle_deadline), if idle.is_some() && reason.is_none() => {
-                info!(idle_ms = settings.idle_timeout_ms, "idle: scaling to zero");
-                reason = Some(ExitReason::Idle);
-                intake.drain();
-                continue;
-            }
-            _ = &mut shutdown, if reason.is_none() => {
-                info!("shutdown requested: draining");
-                reason = Some(ExitReason::Shutdown);
-                intake.drain();
-                continue;
-            }
-        };
-        let mut batch = Vec::new();
-        let mut rows = 0usize;
-        if let Some(p) = admit(&client, &function, &stats, first).await {
-            rows += p.req.routes.len();
-            batch.push(p);
-        }
-        let deadline = tokio::time::Instant::now() + max_wait;
-        while rows < settings.batch_max_tokens {
-            if max_wait.is_zero() {
-                // Greedy: take what has already arrived, wait for nothing.
-                match rx.try_recv() {
-                    Ok(m) => {
-                        if let Some(p) = admit(&client, &function, &stats, m).await {
-                            rows += p.req.routes.len();
-                            batch.push(p);
-                        }
-                        continue;
-                    }
-                    Err(_) => break,
-                }
-            }
-            tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => if let Some(p) = admit(&client, &function, &stats, m).await { rows += p.req.routes.len(); batch.push(p); },
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-        if !batch.is_empty() {
-            execute(&client, &function, &stats, batch).await;
-        }
-        if let Some(idle) = idle {
-            idle_deadline = tokio::time::Instant::now() + idle;
-        }
-    }
+    let reason = serve(
+        &client,
+        &function,
+        &stats,
+        &settings,
+        rx,
+        &mut intake,
+        shutdown,
+    )
+    .await;
     // Every request delivered before the drain is answered (the intake ended, so `rx` did).
     let drain = intake.finished().await;
     // Ending the status task drops its endpoint, which unsubscribes it before the last round
@@ -247,7 +175,6 @@ pub async fn run(
     let _ = tokio::time::timeout(STEP_TIMEOUT, service.stop()).await;
     status_task.abort();
     let _ = tokio::time::timeout(STEP_TIMEOUT, status_task).await;
-    let reason = reason.unwrap_or(ExitReason::Shutdown);
     let mut ev = event(EventKind::Draining);
     ev.cold_start_ms = None;
     if tokio::time::timeout(STEP_TIMEOUT, client.publish(events, ev.encode()))
@@ -274,6 +201,123 @@ pub async fn run(
         "exiting"
     );
     Ok(reason)
+}
+
+/// Starts the instance's NATS micro service `faasmoe-expert` (`$SRV.PING` / `INFO` / `STATS`
+/// discover it; `metadata` names model, function, instance and experts) with a `status`
+/// endpoint on `status_subject` that answers the [`WorkerStats`] snapshot; returns the
+/// service and the task that answers status requests.
+///
+/// Errors: the service or its endpoint could not be started (connection down, permissions).
+async fn start_service(
+    client: &async_nats::Client,
+    stats: &Arc<Mutex<WorkerStats>>,
+    metadata: [(String, String); 4],
+    status_subject: &str,
+) -> anyhow::Result<(async_nats::service::Service, tokio::task::JoinHandle<()>)> {
+    use async_nats::service::ServiceExt;
+    let stats_for_srv = stats.clone();
+    let (model, function_id) = (metadata[0].1.clone(), metadata[1].1.clone());
+    let service = client
+        .service_builder()
+        .description(format!("faasmoe expert function {function_id} of {model}"))
+        .metadata(metadata.into_iter().collect())
+        .stats_handler(move |_endpoint, _stats| {
+            serde_json::to_value(stats_for_srv.lock().unwrap().snapshot()).unwrap_or_default()
+        })
+        .start("faasmoe-expert", env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the micro service: {e}"))?;
+    let mut status = service
+        .endpoint_builder()
+        .name("status")
+        .add(status_subject.to_string())
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the status endpoint: {e}"))?;
+    let stats_for_status = stats.clone();
+    let status_task = tokio::spawn(async move {
+        while let Some(req) = status.next().await {
+            let body = serde_json::to_vec(&stats_for_status.lock().unwrap().snapshot())
+                .unwrap_or_default();
+            let _ = req.respond(Ok(body.into())).await;
+        }
+    });
+    Ok((service, status_task))
+}
+
+/// The batching loop: takes the requests the intake forwards on `rx`, admits them into a
+/// batch of at most `batch_max_tokens` rows (waiting up to `batch_max_wait_us` for more
+/// after the first, or for nothing when that is 0) and computes each batch, until idle for
+/// the idle timeout or `shutdown` resolves (then it drains the intake and goes on until the
+/// intake has forwarded its last request). Returns why it ended.
+async fn serve(
+    client: &async_nats::Client,
+    function: &Arc<Function>,
+    stats: &Mutex<WorkerStats>,
+    settings: &Settings,
+    mut rx: mpsc::Receiver<async_nats::Message>,
+    intake: &mut Intake,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> ExitReason {
+    let idle = settings.idle_timeout();
+    let max_wait = Duration::from_micros(settings.batch_max_wait_us);
+    let mut idle_deadline =
+        tokio::time::Instant::now() + idle.unwrap_or(Duration::from_secs(86400 * 365));
+    let mut reason = None;
+    tokio::pin!(shutdown);
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => break },
+            _ = tokio::time::sleep_until(idle_deadline), if idle.is_some() && reason.is_none() => {
+                info!(idle_ms = settings.idle_timeout_ms, "idle: scaling to zero");
+                reason = Some(ExitReason::Idle);
+                intake.drain();
+                continue;
+            }
+            _ = &mut shutdown, if reason.is_none() => {
+                info!("shutdown requested: draining");
+                reason = Some(ExitReason::Shutdown);
+                intake.drain();
+                continue;
+            }
+        };
+        let mut batch = Vec::new();
+        let mut rows = 0usize;
+        if let Some(p) = admit(client, function, stats, first).await {
+            rows += p.req.routes.len();
+            batch.push(p);
+        }
+        let deadline = tokio::time::Instant::now() + max_wait;
+        while rows < settings.batch_max_tokens {
+            if max_wait.is_zero() {
+                // Greedy: take what has already arrived, wait for nothing.
+                match rx.try_recv() {
+                    Ok(m) => {
+                        if let Some(p) = admit(client, function, stats, m).await {
+                            rows += p.req.routes.len();
+                            batch.push(p);
+                        }
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+            }
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => if let Some(p) = admit(client, function, stats, m).await { rows += p.req.routes.len(); batch.push(p); },
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !batch.is_empty() {
+            execute(client, function, stats, batch).await;
+        }
+        if let Some(idle) = idle {
+            idle_deadline = tokio::time::Instant::now() + idle;
+        }
+    }
+    reason.unwrap_or(ExitReason::Shutdown)
 }
 
 /// Publishes `body` to `subject`, bounded by [`STEP_TIMEOUT`] (the client only waits when

@@ -79,11 +79,23 @@ pub(super) fn write_controller_csv(
     Ok(())
 }
 
+/// The run CSVs in `out`: `runs.csv`, `requests.csv`, `samples.csv` and `experts.csv`.
+///
+/// Errors: a file that cannot be written.
 pub(super) fn write_csvs(
     out: &Path,
     results: &[RunResult],
     experts: &[ExpertRow],
 ) -> anyhow::Result<()> {
+    write_runs_csv(out, results)?;
+    write_requests_csv(out, results)?;
+    write_samples_csv(out, results)?;
+    write_experts_csv(out, experts)?;
+    Ok(())
+}
+
+/// `runs.csv` in `out`: one row per run: what it served, its memory and CPU, dispatch and NATS traffic, cold starts, and its ratios to the baselines of the same tenant count.
+fn write_runs_csv(out: &Path, results: &[RunResult]) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_path(out.join("runs.csv"))?;
     w.write_record([
         "mode",
@@ -200,6 +212,11 @@ pub(super) fn write_csvs(
         ])?;
     }
     w.flush()?;
+    Ok(())
+}
+
+/// `requests.csv` in `out`: one row per request of every phase of every run (cold, warm, the sweep's points), with its timings.
+fn write_requests_csv(out: &Path, results: &[RunResult]) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_path(out.join("requests.csv"))?;
     w.write_record([
         "mode",
@@ -272,6 +289,11 @@ pub(super) fn write_csvs(
         }
     }
     w.flush()?;
+    Ok(())
+}
+
+/// `samples.csv` in `out`: the /proc samples of every run, per role and in total.
+fn write_samples_csv(out: &Path, results: &[RunResult]) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_path(out.join("samples.csv"))?;
     w.write_record([
         "mode",
@@ -308,6 +330,11 @@ pub(super) fn write_csvs(
         }
     }
     w.flush()?;
+    Ok(())
+}
+
+/// `experts.csv` in `out`: the single-function cold starts and memory, per expert count and repeat.
+fn write_experts_csv(out: &Path, experts: &[ExpertRow]) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_path(out.join("experts.csv"))?;
     w.write_record(["experts", "repeat", "spawn_to_ready_ms", "rss_mb", "pss_mb"])?;
     for e in experts {

@@ -139,6 +139,27 @@ pub(super) fn tpot_ms(r: &GenerateResponse) -> Option<f64> {
 }
 
 impl RunResult {
+    /// The result of `spec` when it did not run (`why`: skipped for memory, or failed).
+    pub(super) fn not_run(spec: &Spec, why: String) -> Self {
+        RunResult {
+            spec: spec.clone(),
+            skipped: Some(why),
+            load_s: f64::NAN,
+            wall_s: f64::NAN,
+            requests: vec![],
+            samples: vec![],
+            idle: None,
+            cpu_s: f64::NAN,
+            dispatch: Dispatch::default(),
+            varz: Varz::default(),
+            cold_starts: vec![],
+            ready_at_s: vec![],
+            spawned: 0,
+            warm: None,
+            sweep: vec![],
+        }
+    }
+
     pub(super) fn summary(&self) -> Summary {
         let oks: Vec<&GenerateResponse> =
             self.requests.iter().filter_map(|r| r.ok.as_ref()).collect();
