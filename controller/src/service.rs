@@ -92,11 +92,11 @@ pub struct ControllerSettings {
     /// MoE layers to the current hidden states and start the functions they predict that
     /// are not warm (every remaining layer while the model is cold). 0 turns it off.
     /// Predictions never change results; a wrong one costs an activation.
-    #[arg(long, default_value_t = NatsDispatchSettings::DEFAULT_PREFETCH_LAYERS)]
+    #[arg(long, env = "FAASMOE_PREFETCH_LAYERS", default_value_t = NatsDispatchSettings::DEFAULT_PREFETCH_LAYERS)]
     pub prefetch_layers: usize,
     /// Activations ahead of the pass in flight at once, at most; further predicted
     /// functions wait in a queue and start as these finish.
-    #[arg(long, default_value_t = NatsDispatchSettings::DEFAULT_PREFETCH_MAX_IN_FLIGHT)]
+    #[arg(long, env = "FAASMOE_PREFETCH_MAX_IN_FLIGHT", default_value_t = NatsDispatchSettings::DEFAULT_PREFETCH_MAX_IN_FLIGHT)]
     pub prefetch_max_in_flight: usize,
     /// Serve Prometheus metrics at `http://<ADDR>/metrics` (e.g. `127.0.0.1:9101`; port 0
     /// picks a free one, logged and reported in `controller_stats`): TTFT, inter-token,
