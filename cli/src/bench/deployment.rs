@@ -315,6 +315,19 @@ pub(super) struct Varz {
     pub(super) out_bytes: u64,
 }
 
+impl Varz {
+    /// The counts from `before` to `self` (zero where a counter went back, e.g. after a
+    /// server restart).
+    pub(super) fn since(&self, before: &Varz) -> Varz {
+        Varz {
+            in_msgs: self.in_msgs.saturating_sub(before.in_msgs),
+            out_msgs: self.out_msgs.saturating_sub(before.out_msgs),
+            in_bytes: self.in_bytes.saturating_sub(before.in_bytes),
+            out_bytes: self.out_bytes.saturating_sub(before.out_bytes),
+        }
+    }
+}
+
 pub(super) async fn varz(port: u16) -> anyhow::Result<Varz> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     s.write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")

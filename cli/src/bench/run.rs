@@ -254,31 +254,7 @@ pub(super) async fn run_one(
     let idle = sampler.lock().unwrap().samples.last().map(|s| s.total());
 
     // Function events: cold starts.
-    let cold: Arc<Mutex<BTreeMap<String, f64>>> = Default::default();
-    let ready_at: Arc<Mutex<Vec<tokio::time::Instant>>> = Default::default();
-    let spawned = Arc::new(Mutex::new(0usize));
-    let mut events = client
-        .subscribe(faasmoe_proto::subject::events(&dep.model_id)?)
-        .await?;
-    let (c2, s2, r2) = (cold.clone(), spawned.clone(), ready_at.clone());
-    let ev_task = tokio::spawn(async move {
-        while let Some(m) = events.next().await {
-            if let Ok(e) = FunctionEvent::decode(&m.payload) {
-                match e.kind {
-                    EventKind::Started => *s2.lock().unwrap() += 1,
-                    EventKind::Ready => {
-                        r2.lock().unwrap().push(tokio::time::Instant::now());
-                        if let Some(ms) = e.cold_start_ms {
-                            let mut c = c2.lock().unwrap();
-                            let v = c.entry(e.instance_id).or_insert(0.0);
-                            *v = v.max(ms);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-    });
+    let (events, ev_task) = FunctionEvents::watch(&client, &dep.model_id).await?;
     client.flush().await?;
     let controllers = match spec.mode {
         Mode::FaasmoeShared | Mode::LocalSplit => 1,
@@ -306,38 +282,7 @@ pub(super) async fn run_one(
     let t_start = sampler.lock().unwrap().start.elapsed().as_secs_f64();
     // A sample at the start and one at the end: the window always has samples.
     sampler.lock().unwrap().sample();
-    let results: Arc<Mutex<Vec<ReqResult>>> = Default::default();
-    let mut tasks = Vec::new();
-    for r in work.iter().filter(|r| tenants.contains(&r.tenant)) {
-        let (client, results, r) = (
-            dep.tenant_clients[&r.tenant].clone(),
-            results.clone(),
-            r.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            workload::sleep_until(start, r.at_s).await;
-            let out = phases::send(&client, &r.tenant, r.index, &r.ids, r.max_tokens, start).await;
-            results.lock().unwrap().push(out);
-        }));
-    }
-    let total = tasks.len();
-    let r2 = results.clone();
-    let key = spec.key();
-    let progress = tokio::spawn(async move {
-        let t0 = Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            let done = r2.lock().unwrap().len();
-            println!(
-                "    [{key} {:4.0}s] {done}/{total} requests done",
-                t0.elapsed().as_secs_f64()
-            );
-        }
-    });
-    for t in tasks {
-        t.await?;
-    }
-    progress.abort();
+    let requests = send_cold_phase(&dep.tenant_clients, work, tenants, start, &spec.key()).await?;
     sampler.lock().unwrap().sample();
     let wall_s = start.elapsed().as_secs_f64();
     let cpu_s = sampler.lock().unwrap().cpu_seconds() - cpu0;
@@ -352,50 +297,19 @@ pub(super) async fn run_one(
         clients: &dep.tenant_clients,
         cpu_seconds: Box::new(|| sampler.lock().unwrap().cpu_seconds()),
         sample: Box::new(|| sampler.lock().unwrap().sample()),
-        ready_at: ready_at.clone(),
+        ready_at: events.ready_at.clone(),
         origin: start,
     };
     let warm = if a.no_warm || mine.is_empty() {
         None
     } else {
-        harness.prime(&mine).await;
-        let warm_mine: Vec<Req> = warm_work
-            .iter()
-            .filter(|r| tenants.contains(&r.tenant))
-            .cloned()
-            .collect();
-        let w = harness.replay(&warm_mine).await;
-        let s = w.stats();
-        println!(
-            "    warm phase {:.1}s: {}/{} ok, {} warm, TPOT p50 {} ms, {} CPU-s/token",
-            w.wall_s,
-            s.ok,
-            w.requests.len(),
-            s.warm,
-            f(percentile(&s.tpot, 50.0), 1),
-            f(s.cpu_s_per_token, 3)
-        );
-        Some(w)
+        Some(warm_phase(&harness, &mine, warm_work, tenants).await)
     };
-    let mut sweep_points = Vec::new();
-    if !sweep.is_empty() && !mine.is_empty() {
-        let per_client = a.sweep_requests.unwrap_or(if a.quick { 2 } else { 4 });
-        let max_tokens = mine.iter().map(|r| r.max_tokens).max().unwrap_or(8).max(2);
-        for &c in sweep {
-            let p = harness.closed_loop(&mine, c, per_client, max_tokens).await;
-            let s = p.stats();
-            println!(
-                "    sweep c={c}: {:.1}s, {}/{} ok, {} tok/s, TPOT p50/p99 {}/{} ms",
-                p.wall_s,
-                s.ok,
-                p.requests.len(),
-                f(s.tok_s, 2),
-                f(percentile(&s.tpot, 50.0), 1),
-                f(percentile(&s.tpot, 99.0), 1)
-            );
-            sweep_points.push(p);
-        }
-    }
+    let sweep_points = if mine.is_empty() {
+        Vec::new()
+    } else {
+        sweep_phase(&harness, &mine, sweep, a).await
+    };
     drop(harness);
     if tail_s > 0.0 && spec.mode.uses_functions() {
         tokio::time::sleep(Duration::from_secs_f64(tail_s)).await;
@@ -407,9 +321,9 @@ pub(super) async fn run_one(
     for s in &mut samples {
         s.t_s -= t_start;
     }
-    let requests = std::mem::take(&mut *results.lock().unwrap());
-    let cold_starts: Vec<f64> = cold.lock().unwrap().values().copied().collect();
-    let ready_at_s: Vec<f64> = ready_at
+    let cold_starts: Vec<f64> = events.cold.lock().unwrap().values().copied().collect();
+    let ready_at_s: Vec<f64> = events
+        .ready_at
         .lock()
         .unwrap()
         .iter()
@@ -421,7 +335,7 @@ pub(super) async fn run_one(
             }
         })
         .collect();
-    let spawned = *spawned.lock().unwrap();
+    let spawned = *events.spawned.lock().unwrap();
     drop(client);
     dep.stop().await;
     Ok(RunResult {
@@ -439,16 +353,157 @@ pub(super) async fn run_one(
             bytes: d1.bytes.saturating_sub(d0.bytes),
             activations: d1.activations.saturating_sub(d0.activations),
         },
-        varz: Varz {
-            in_msgs: v1.in_msgs.saturating_sub(v0.in_msgs),
-            out_msgs: v1.out_msgs.saturating_sub(v0.out_msgs),
-            in_bytes: v1.in_bytes.saturating_sub(v0.in_bytes),
-            out_bytes: v1.out_bytes.saturating_sub(v0.out_bytes),
-        },
+        varz: v1.since(&v0),
         cold_starts,
         ready_at_s,
         spawned,
         warm,
         sweep: sweep_points,
     })
+}
+
+/// What the function events of one run told: per instance the longest cold start
+/// (spawn → ready, ms), when each `ready` event arrived, and how many instances started.
+#[derive(Default)]
+struct FunctionEvents {
+    cold: Arc<Mutex<BTreeMap<String, f64>>>,
+    ready_at: Arc<Mutex<Vec<tokio::time::Instant>>>,
+    spawned: Arc<Mutex<usize>>,
+}
+
+impl FunctionEvents {
+    /// Subscribes to `model_id`'s function events and records them until the returned task
+    /// is aborted.
+    ///
+    /// Errors: the subscription failed.
+    async fn watch(
+        client: &async_nats::Client,
+        model_id: &str,
+    ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
+        let this = Self::default();
+        let mut events = client
+            .subscribe(faasmoe_proto::subject::events(model_id)?)
+            .await?;
+        let (c2, s2, r2) = (
+            this.cold.clone(),
+            this.spawned.clone(),
+            this.ready_at.clone(),
+        );
+        let task = tokio::spawn(async move {
+            while let Some(m) = events.next().await {
+                if let Ok(e) = FunctionEvent::decode(&m.payload) {
+                    match e.kind {
+                        EventKind::Started => *s2.lock().unwrap() += 1,
+                        EventKind::Ready => {
+                            r2.lock().unwrap().push(tokio::time::Instant::now());
+                            if let Some(ms) = e.cold_start_ms {
+                                let mut c = c2.lock().unwrap();
+                                let v = c.entry(e.instance_id).or_insert(0.0);
+                                *v = v.max(ms);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        });
+        Ok((this, task))
+    }
+}
+
+/// The cold phase: every request of `work` for `tenants`, each sent at its offset from
+/// `start` with its tenant's client, with progress every 10 s; their results.
+async fn send_cold_phase(
+    clients: &BTreeMap<String, async_nats::Client>,
+    work: &[Req],
+    tenants: &[String],
+    start: tokio::time::Instant,
+    key: &str,
+) -> anyhow::Result<Vec<ReqResult>> {
+    let results: Arc<Mutex<Vec<ReqResult>>> = Default::default();
+    let mut tasks = Vec::new();
+    for r in work.iter().filter(|r| tenants.contains(&r.tenant)) {
+        let (client, results, r) = (clients[&r.tenant].clone(), results.clone(), r.clone());
+        tasks.push(tokio::spawn(async move {
+            workload::sleep_until(start, r.at_s).await;
+            let out = phases::send(&client, &r.tenant, r.index, &r.ids, r.max_tokens, start).await;
+            results.lock().unwrap().push(out);
+        }));
+    }
+    let total = tasks.len();
+    let r2 = results.clone();
+    let key = key.to_string();
+    let progress = tokio::spawn(async move {
+        let t0 = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let done = r2.lock().unwrap().len();
+            println!(
+                "    [{key} {:4.0}s] {done}/{total} requests done",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    });
+    for t in tasks {
+        t.await?;
+    }
+    progress.abort();
+    let requests = std::mem::take(&mut *results.lock().unwrap());
+    Ok(requests)
+}
+
+/// The warm phase: a priming pass over `mine` (the cold workload of these tenants), then
+/// the warm workload of `tenants` replayed; printed and returned.
+async fn warm_phase(
+    harness: &phases::Harness<'_>,
+    mine: &[Req],
+    warm_work: &[Req],
+    tenants: &[String],
+) -> phases::Phase {
+    harness.prime(mine).await;
+    let warm_mine: Vec<Req> = warm_work
+        .iter()
+        .filter(|r| tenants.contains(&r.tenant))
+        .cloned()
+        .collect();
+    let w = harness.replay(&warm_mine).await;
+    let s = w.stats();
+    println!(
+        "    warm phase {:.1}s: {}/{} ok, {} warm, TPOT p50 {} ms, {} CPU-s/token",
+        w.wall_s,
+        s.ok,
+        w.requests.len(),
+        s.warm,
+        f(percentile(&s.tpot, 50.0), 1),
+        f(s.cpu_s_per_token, 3)
+    );
+    w
+}
+
+/// The capacity sweep: a closed loop at each concurrency of `sweep` over the prompts of
+/// `mine`; each point printed, all returned in order.
+async fn sweep_phase(
+    harness: &phases::Harness<'_>,
+    mine: &[Req],
+    sweep: &[usize],
+    a: &BenchArgs,
+) -> Vec<phases::Phase> {
+    let per_client = a.sweep_requests.unwrap_or(if a.quick { 2 } else { 4 });
+    let max_tokens = mine.iter().map(|r| r.max_tokens).max().unwrap_or(8).max(2);
+    let mut points = Vec::new();
+    for &c in sweep {
+        let p = harness.closed_loop(mine, c, per_client, max_tokens).await;
+        let s = p.stats();
+        println!(
+            "    sweep c={c}: {:.1}s, {}/{} ok, {} tok/s, TPOT p50/p99 {}/{} ms",
+            p.wall_s,
+            s.ok,
+            p.requests.len(),
+            f(s.tok_s, 2),
+            f(percentile(&s.tpot, 50.0), 1),
+            f(percentile(&s.tpot, 99.0), 1)
+        );
+        points.push(p);
+    }
+    points
 }
