@@ -289,14 +289,6 @@ impl Api {
             self.quota.settle(ticket, 0).await;
             return Err(err(ClientErrorCode::Unavailable, "the engine has stopped"));
         }
-        let mut ids: Vec<u32> = Vec::new();
-        let mut text = CompletionText::new(self.tokenizer.as_deref(), &stops);
-        let mut queue_ms = 0.0;
-        let mut ttft_ms = 0.0;
-        let mut finish = None;
-        let mut failure = None;
-        let mut chunk_index = 0u32;
-        let mut last_token: Option<Instant> = None;
         let gone = Arc::new(AtomicBool::new(false));
         let probe = if stream {
             self.watch_client(&cancel, &gone).await
@@ -313,59 +305,27 @@ impl Api {
                 cancel.store(true, Ordering::Relaxed);
             })
         });
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                SeqEvent::Admitted => queue_ms = submitted.elapsed().as_secs_f64() * 1e3,
-                SeqEvent::Token(t) => {
-                    let now = Instant::now();
-                    if ids.is_empty() {
-                        ttft_ms = submitted.elapsed().as_secs_f64() * 1e3;
-                    }
-                    if let Some(prev) = last_token.replace(now) {
-                        metrics::inter_token(now - prev);
-                    }
-                    if finish.is_some() {
-                        continue; // past a stop string, waiting for the cancel to land
-                    }
-                    ids.push(t);
-                    match text.push(t) {
-                        Ok(true) => {
-                            finish = Some(FinishReason::Stop);
-                            cancel.store(true, Ordering::Relaxed);
-                        }
-                        Ok(false) => {}
-                        Err(e) => warn!(token = t, error = %e, "decoding a generated token failed"),
-                    }
-                    if stream {
-                        let chunk = StreamMessage::Chunk(StreamChunk {
-                            id: id.to_string(),
-                            index: chunk_index,
-                            text: text.take_stream_delta(),
-                            token_ids: vec![t],
-                        });
-                        chunk_index += 1;
-                        let probe = probe.as_ref().map(|(p, _)| p);
-                        if !self.send_chunk(reply, probe, &chunk, ct).await {
-                            cancel.store(true, Ordering::Relaxed);
-                        }
-                    }
-                }
-                SeqEvent::Finished(f) => {
-                    if finish.is_none() {
-                        finish = Some(match f {
-                            Finish::Eos => FinishReason::Stop,
-                            Finish::Length => FinishReason::Length,
-                            Finish::Cancelled => FinishReason::Cancelled,
-                        });
-                    }
-                    break;
-                }
-                SeqEvent::Failed(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
+        let out = self
+            .collect(
+                &mut rx,
+                Collecting {
+                    id,
+                    text: CompletionText::new(self.tokenizer.as_deref(), &stops),
+                    cancel: &cancel,
+                    submitted,
+                    stream: stream.then(|| (reply, probe.as_ref().map(|(p, _)| p), ct)),
+                },
+            )
+            .await;
+        let Collected {
+            ids,
+            text,
+            queue_ms,
+            ttft_ms,
+            finish,
+            failure,
+            chunk_index,
+        } = out;
         if let Some((_, watcher)) = probe {
             watcher.abort();
         }
@@ -418,6 +378,80 @@ impl Api {
         };
         let _ = self.client.publish(reply.clone(), body).await;
         Ok(())
+    }
+
+    /// Reads a generation's engine events until it finishes or fails: the tokens, their
+    /// text (up to a stop string, which ends the sequence by setting `cancel`), the queue
+    /// time and TTFT (ms since `submitted`), and for a streamed request one chunk per token
+    /// sent as it comes (a client that is gone cancels the sequence).
+    async fn collect<'t>(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<SeqEvent>,
+        c: Collecting<'_, 't>,
+    ) -> Collected<'t> {
+        let mut out = Collected {
+            ids: Vec::new(),
+            text: c.text,
+            queue_ms: 0.0,
+            ttft_ms: 0.0,
+            finish: None,
+            failure: None,
+            chunk_index: 0,
+        };
+        let mut last_token: Option<Instant> = None;
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                SeqEvent::Admitted => out.queue_ms = c.submitted.elapsed().as_secs_f64() * 1e3,
+                SeqEvent::Token(t) => {
+                    let now = Instant::now();
+                    if out.ids.is_empty() {
+                        out.ttft_ms = c.submitted.elapsed().as_secs_f64() * 1e3;
+                    }
+                    if let Some(prev) = last_token.replace(now) {
+                        metrics::inter_token(now - prev);
+                    }
+                    if out.finish.is_some() {
+                        continue; // past a stop string, waiting for the cancel to land
+                    }
+                    out.ids.push(t);
+                    match out.text.push(t) {
+                        Ok(true) => {
+                            out.finish = Some(FinishReason::Stop);
+                            c.cancel.store(true, Ordering::Relaxed);
+                        }
+                        Ok(false) => {}
+                        Err(e) => warn!(token = t, error = %e, "decoding a generated token failed"),
+                    }
+                    if let Some((reply, probe, ct)) = c.stream {
+                        let chunk = StreamMessage::Chunk(StreamChunk {
+                            id: c.id.to_string(),
+                            index: out.chunk_index,
+                            text: out.text.take_stream_delta(),
+                            token_ids: vec![t],
+                        });
+                        out.chunk_index += 1;
+                        if !self.send_chunk(reply, probe, &chunk, ct).await {
+                            c.cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                SeqEvent::Finished(f) => {
+                    if out.finish.is_none() {
+                        out.finish = Some(match f {
+                            Finish::Eos => FinishReason::Stop,
+                            Finish::Length => FinishReason::Length,
+                            Finish::Cancelled => FinishReason::Cancelled,
+                        });
+                    }
+                    break;
+                }
+                SeqEvent::Failed(e) => {
+                    out.failure = Some(e);
+                    break;
+                }
+            }
+        }
+        out
     }
 
     /// Builds the reply of a finished generation — the response, and the stream's last text
@@ -553,6 +587,37 @@ impl Api {
         });
         Some((inbox.into(), watcher))
     }
+}
+
+/// What [`Api::collect`] reads a generation's events with.
+struct Collecting<'a, 't> {
+    id: &'a str,
+    /// The completion's text so far (empty), with the request's stop strings.
+    text: CompletionText<'t>,
+    /// Set to end the sequence (a stop string, a client gone).
+    cancel: &'a AtomicBool,
+    /// When the request arrived.
+    submitted: Instant,
+    /// For a streamed request: its reply subject, the probe inbox chunks name as theirs,
+    /// and the content type.
+    stream: Option<(
+        &'a async_nats::Subject,
+        Option<&'a async_nats::Subject>,
+        Option<&'a str>,
+    )>,
+}
+
+/// What [`Api::collect`] read.
+struct Collected<'t> {
+    ids: Vec<u32>,
+    text: CompletionText<'t>,
+    /// Since the request arrived, ms.
+    queue_ms: f64,
+    ttft_ms: f64,
+    finish: Option<FinishReason>,
+    failure: Option<crate::dispatch::DispatchError>,
+    /// The index the stream's next chunk gets.
+    chunk_index: u32,
 }
 
 /// A finished generation, handed from `Api::generate`'s token loop to the reply.
