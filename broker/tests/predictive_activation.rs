@@ -230,10 +230,10 @@ async fn activation_ahead_of_the_pass_changes_no_result_and_starts_functions_ear
         n(&off.stats, "cold_misses"),
     );
     assert!(prefetches > 0, "nothing activated ahead: {}", on.stats);
-    // Queued predictions are started too (every instance also scaled to zero in
-    // `cold_run`, so none was left waiting for a slot).
+    // With one slot, predictions waited in the queue and were then started (more than
+    // the one slot's worth); every instance also scaled to zero in `cold_run`.
     assert!(
-        n(&one.stats, "prefetches") > 1,
+        n(&one.stats, "prefetch_queued") > 0 && n(&one.stats, "prefetches") > 1,
         "one at a time: {}",
         one.stats
     );

@@ -60,6 +60,10 @@ pub struct DispatchStats {
     pub reconnects: u64,
     /// Activations started ahead of the pass from predicted routes.
     pub prefetches: u64,
+    /// Predictions that found every in-flight slot of activation ahead taken and waited in
+    /// its queue (each is then started, or dropped if warm or stale by its turn).
+    #[serde(default)]
+    pub prefetch_queued: u64,
     /// Prefetched functions that a real route then called (precision = hits ÷ prefetches).
     pub prefetch_hits: u64,
     /// Function calls that found no instance (*no responders* on their first send) and so

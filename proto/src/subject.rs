@@ -6,7 +6,7 @@
 //! | `faasmoe.v1.expert.<model>.<layer>.<expert>` | expert functions (queue group per function) | [`crate::expert`] msgpack |
 //! | `faasmoe.v1.generate.<tenant>` | controllers | [`crate::generate`] JSON or msgpack |
 //! | `faasmoe.v1.activate.<model>` | the broker | [`crate::activation`] JSON |
-//! | `faasmoe.v1.reply.<requester>.<id>` | the controller: the reply to one activation or expert request | as the request's reply |
+//! | `faasmoe.v1.reply.<requester>.<nuid>.<token>` | the controller's dispatcher (its connection's inbox prefix, [`reply_prefix`]): the reply to one activation or expert request | as the request's reply |
 //! | `faasmoe.v1.events.<model>` | anyone (published by the broker) | [`crate::events`] JSON |
 //! | `faasmoe.v1.admin.<verb>` | the broker | broker-defined JSON |
 //!

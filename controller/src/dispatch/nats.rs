@@ -131,7 +131,9 @@ pub struct NatsDispatch {
     prefetch_in_flight: AtomicU64,
     /// Predicted functions waiting for an in-flight slot, in the order predicted (nearer
     /// layers first): a finished background activation takes the next one.
-    prefetch_queue: std::sync::Mutex<std::collections::VecDeque<usize>>,
+    prefetch_queue: std::sync::Mutex<std::collections::VecDeque<(usize, Instant)>>,
+    /// Predictions that waited in `prefetch_queue`.
+    prefetch_queued: AtomicU64,
     /// 1 + ms since `epoch` of the last *no responders*; 0 never.
     last_cold: AtomicU64,
     prefetches: AtomicU64,
@@ -245,6 +247,7 @@ impl NatsDispatch {
             prefetching: (0..functions).map(|_| AtomicBool::new(false)).collect(),
             prefetch_in_flight: AtomicU64::new(0),
             prefetch_queue: Default::default(),
+            prefetch_queued: AtomicU64::new(0),
             last_cold: AtomicU64::new(0),
             prefetches: AtomicU64::new(0),
             prefetch_hits: AtomicU64::new(0),
@@ -377,6 +380,19 @@ impl NatsDispatch {
                         function: f.id.clone(),
                         detail,
                     };
+                    // A reply must name the request it answers (a uuid that only the
+                    // function's instances saw): reply tokens of the multiplexed reply
+                    // subscription are predictable, so this is what keeps another publisher
+                    // on `faasmoe.v1.reply.>` from passing off an output as this one. An
+                    // error about a request the worker could not decode names no request.
+                    let unnamed_error =
+                        reply.request_id.is_nil() && matches!(reply.result, ExpertResult::Err(_));
+                    if reply.request_id != req.request_id && !unnamed_error {
+                        return Err(wrong(format!(
+                            "a reply to request {} for request {}",
+                            reply.request_id, req.request_id
+                        )));
+                    }
                     match reply.result {
                         ExpertResult::Ok { output } => {
                             let (rows, cols) = output.dims2().map_err(|e| wrong(e.to_string()))?;
@@ -578,6 +594,7 @@ impl Dispatch for NatsDispatch {
             resends: self.resends.load(Ordering::Relaxed),
             reconnects: self.link.borrow().reconnects,
             prefetches: self.prefetches.load(Ordering::Relaxed),
+            prefetch_queued: self.prefetch_queued.load(Ordering::Relaxed),
             prefetch_hits: self.prefetch_hits.load(Ordering::Relaxed),
             cold_misses: self.cold_misses.load(Ordering::Relaxed),
             split_requests: self.split_requests.load(Ordering::Relaxed),

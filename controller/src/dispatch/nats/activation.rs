@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     NatsDispatch, ACTIVATION_ATTEMPTS, ACTIVATION_BACKOFF_MAX, ACTIVATION_BACKOFF_MIN,
-    ACTIVATION_REPLY_WAIT, WARM_FRESH,
+    ACTIVATION_REPLY_WAIT, COLD_WINDOW, WARM_FRESH,
 };
 use crate::dispatch::DispatchError;
 
@@ -129,9 +129,10 @@ impl NatsDispatch {
     /// answered recently or one is already running or queued for it. While
     /// `prefetch_max_in_flight` are running, it is queued and started as soon as one of them
     /// ends (before, a prediction over the budget was dropped, so a cold model's functions
-    /// started in waves, one per MoE layer the pass reached).
+    /// started in waves, one per MoE layer the pass reached); a queued prediction older than
+    /// [`COLD_WINDOW`] by its turn is dropped. A budget of 0 turns activation ahead off.
     pub(super) fn prefetch_function(&self, fidx: usize) {
-        if self.answered_within(fidx, WARM_FRESH) {
+        if self.settings.prefetch_max_in_flight == 0 || self.answered_within(fidx, WARM_FRESH) {
             return;
         }
         if self.prefetching[fidx].swap(true, Ordering::AcqRel) {
@@ -150,7 +151,8 @@ impl NatsDispatch {
             if self.prefetch_in_flight.load(Ordering::Relaxed)
                 >= self.settings.prefetch_max_in_flight as u64
             {
-                queue.push_back(fidx);
+                queue.push_back((fidx, Instant::now()));
+                self.prefetch_queued.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             self.prefetch_in_flight.fetch_add(1, Ordering::Relaxed);
@@ -171,12 +173,12 @@ impl NatsDispatch {
         });
     }
 
-    /// The next queued prediction that is not warm by now (those that are leave the queue),
-    /// or `None`, giving up the caller's in-flight slot.
+    /// The next queued prediction that is neither warm nor older than [`COLD_WINDOW`] by now
+    /// (those that are leave the queue), or `None`, giving up the caller's in-flight slot.
     fn next_queued_prefetch(&self) -> Option<usize> {
         let mut queue = self.prefetch_queue.lock().unwrap();
-        while let Some(fidx) = queue.pop_front() {
-            if self.answered_within(fidx, WARM_FRESH) {
+        while let Some((fidx, queued_at)) = queue.pop_front() {
+            if self.answered_within(fidx, WARM_FRESH) || queued_at.elapsed() > COLD_WINDOW {
                 self.prefetching[fidx].store(false, Ordering::Release);
                 continue;
             }
