@@ -54,7 +54,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use faasmoe_broker::{EmbeddedServer, ServerOptions};
 use faasmoe_controller::tokenizer::QwenTokenizer;
-use faasmoe_proto::events::{EventKind, FunctionEvent};
 use faasmoe_proto::generate::GenerateResponse;
 use futures::StreamExt;
 use procfs::Current as _;

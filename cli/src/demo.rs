@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use faasmoe_broker::Quota;
 use faasmoe_controller::tokenizer::QwenTokenizer;
-use faasmoe_proto::events::{EventKind, FunctionEvent};
 use faasmoe_proto::generate::{GenerateResponse, CONTENT_TYPE, JSON};
-use futures::StreamExt;
 
+use crate::function_events::{ready_between, FunctionEvents};
 use crate::monitor::{mb, percentile, Monitor, Role};
 use crate::stack::{Stack, StackArgs};
 use crate::workload::{self, ScaleArgs, TraceRow};
@@ -69,15 +68,6 @@ struct Outcome {
     sent_s: f64,
     ok: Option<GenerateResponse>,
     error: Option<String>,
-}
-
-/// What the function events told about cold starts during the demo.
-#[derive(Debug, Default)]
-struct ColdStarts {
-    /// The longest cold start (spawn → ready, ms) per instance.
-    by_instance: BTreeMap<String, f64>,
-    /// When each `ready` event arrived.
-    ready_at: Vec<tokio::time::Instant>,
 }
 
 /// Ensures the demo checkpoint exists; returns its directory.
@@ -146,8 +136,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     )));
     let sampler = sample_every_second(monitor.clone());
     // Cold starts from the function events.
-    let cold: Arc<Mutex<ColdStarts>> = Default::default();
-    let ev_task = record_cold_starts(&internal, &stack.model_id, cold.clone()).await?;
+    let (cold, ev_task) = FunctionEvents::watch(&internal, &stack.model_id).await?;
 
     // Tenants with their own credentials and quotas.
     let admin = crate::tenant_admin(&stack).await?;
@@ -248,33 +237,6 @@ fn tenant_plans(n: usize, scale: &workload::Scale) -> anyhow::Result<Vec<TenantP
             rows: workload::load(workload::CONV_TRACE, 100, n, scale)?,
         },
     ])
-}
-
-/// Subscribes to the model's function events and keeps, per instance, the longest cold
-/// start (spawn → ready, ms) its `ready` events report, and when each arrived, in `cold`;
-/// the task runs until aborted.
-async fn record_cold_starts(
-    nats: &async_nats::Client,
-    model_id: &str,
-    cold: Arc<Mutex<ColdStarts>>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let mut events = nats
-        .subscribe(faasmoe_proto::subject::events(model_id)?)
-        .await?;
-    Ok(tokio::spawn(async move {
-        while let Some(m) = events.next().await {
-            if let Ok(e) = FunctionEvent::decode(&m.payload) {
-                if e.kind == EventKind::Ready {
-                    let mut c = cold.lock().unwrap();
-                    c.ready_at.push(tokio::time::Instant::now());
-                    if let Some(ms) = e.cold_start_ms {
-                        let v = c.by_instance.entry(e.instance_id).or_insert(0.0);
-                        *v = v.max(ms);
-                    }
-                }
-            }
-        }
-    }))
 }
 
 /// Sends one generate request (JSON `body`) and waits for its reply, at most 600 s; an
@@ -535,21 +497,7 @@ async fn replay(
     Ok((results, start))
 }
 
-/// Whether a request sent `sent_s` after `start` whose first token came `ttft_ms` later
-/// waited on a cold start: a function instance became ready (a `ready` event in `ready_at`)
-/// between its arrival and its first token.
-fn waited_on_cold_start(
-    ready_at: &[tokio::time::Instant],
-    start: tokio::time::Instant,
-    sent_s: f64,
-    ttft_ms: f64,
-) -> bool {
-    let from = start + Duration::from_secs_f64(sent_s.max(0.0));
-    let to = from + Duration::from_secs_f64(ttft_ms.max(0.0) / 1e3);
-    ready_at.iter().any(|&r| r >= from && r <= to)
-}
-
-/// Prints the TTFT of the requests that waited on a cold start ([`waited_on_cold_start`]) next
+/// Prints the TTFT of the requests that waited on a cold start (a function instance became ready between its arrival and its first token, [`ready_between`]) next
 /// to the TTFT of the same requests in the warm replay, per tenant and over all, and checks
 /// the cold-start criterion of the project: cold TTFT p50 ≤ 2 × (p99 single-function cold
 /// start) + their warm TTFT p50.
@@ -557,7 +505,7 @@ fn print_cold_and_warm(
     plans: &[TenantPlan],
     cold_run: (&BTreeMap<&'static str, Vec<Outcome>>, tokio::time::Instant),
     warm_run: Option<(&BTreeMap<&'static str, Vec<Outcome>>, tokio::time::Instant)>,
-    cold: &ColdStarts,
+    cold: &FunctionEvents,
 ) {
     println!("\n## Cold and warm TTFT\n");
     let Some((warm, warm_start)) = warm_run else {
@@ -569,6 +517,7 @@ fn print_cold_and_warm(
     println!("| tenant | requests | waited on a cold start | their TTFT p50 ms | the same requests warm: TTFT p50 ms | replayed requests that found a cold start |");
     println!("|---|---|---|---|---|---|");
     let (mut all_cold, mut all_warm) = (Vec::new(), Vec::new());
+    let ready_cold = cold.ready_since(cold_run.1);
     for plan in plans {
         let (Some(first), Some(again)) = (cold_run.0.get(plan.name), warm.get(plan.name)) else {
             continue;
@@ -577,16 +526,17 @@ fn print_cold_and_warm(
             .iter()
             .filter_map(|o| ttft_of(o).map(|t| (o.index, t)))
             .collect();
+        let ready_warm = cold.ready_since(warm_start);
         let replay_cold = again
             .values()
-            .filter(|&&(sent, ttft)| waited_on_cold_start(&cold.ready_at, warm_start, sent, ttft))
+            .filter(|&&(sent, ttft)| ready_between(&ready_warm, sent, sent + ttft / 1e3))
             .count();
         let (mut c, mut w) = (Vec::new(), Vec::new());
         for o in first {
             let Some((sent, ttft)) = ttft_of(o) else {
                 continue;
             };
-            if !waited_on_cold_start(&cold.ready_at, cold_run.1, sent, ttft) {
+            if !ready_between(&ready_cold, sent, sent + ttft / 1e3) {
                 continue;
             }
             if let Some(&(_, warm_ttft)) = again.get(&o.index) {
@@ -606,7 +556,7 @@ fn print_cold_and_warm(
         all_cold.extend(c);
         all_warm.extend(w);
     }
-    let starts: Vec<f64> = cold.by_instance.values().copied().collect();
+    let starts = cold.cold_starts();
     let (c50, w50, s99) = (
         percentile(&all_cold, 50.0),
         percentile(&all_warm, 50.0),
@@ -630,7 +580,7 @@ async fn print_report(
     plans: &[TenantPlan],
     cold_run: (&Results, tokio::time::Instant),
     warm_run: Option<&(Results, tokio::time::Instant)>,
-    cold: &Mutex<ColdStarts>,
+    cold: &FunctionEvents,
     monitor: &Mutex<Monitor>,
     admin: &faasmoe_broker::TenantAdmin,
     idle_timeout_ms: u64,
@@ -642,9 +592,9 @@ async fn print_report(
         plans,
         (&results, cold_run.1),
         warm.as_ref().map(|(r, start)| (r, *start)),
-        &cold.lock().unwrap(),
+        cold,
     );
-    let cold: Vec<f64> = cold.lock().unwrap().by_instance.values().copied().collect();
+    let cold = cold.cold_starts();
     println!("\n## Functions\n");
     println!(
         "cold starts: {} (spawn → ready p50 {:.0} ms, p99 {:.0} ms)",

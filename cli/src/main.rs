@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod function_events;
 mod monitor;
 mod quota;
 mod stack;

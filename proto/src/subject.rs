@@ -129,15 +129,8 @@ pub fn reply_prefix(requester: &str) -> String {
     format!("{PREFIX}.reply.{}", sanitize_token(requester))
 }
 
-/// `faasmoe.v1.reply.<requester>.<id>`: one reply subject under [`reply_prefix`]
-/// (`id` made a valid token with [`sanitize_token`]), for a request sent with an explicit
-/// reply subject rather than through the connection's multiplexed one.
-pub fn reply(requester: &str, id: &str) -> String {
-    format!("{}.{}", reply_prefix(requester), sanitize_token(id))
-}
-
 /// Whether `subject` is a reply subject under a [`reply_prefix`]: two or three valid tokens
-/// after `faasmoe.v1.reply` (`<requester>.<id>` from [`reply`], or
+/// after `faasmoe.v1.reply` (`<requester>.<id>`, or
 /// `<requester>.<nuid>.<token>` of a multiplexed request). The broker and the workers answer
 /// only there or in an inbox.
 pub fn is_reply(subject: &str) -> bool {
@@ -150,7 +143,7 @@ pub fn is_reply(subject: &str) -> bool {
         })
 }
 
-/// Whether a responder may answer on `reply`: a [`reply`] subject or an inbox
+/// Whether a responder may answer on `reply`: a reply subject ([`is_reply`]) or an inbox
 /// ([`is_inbox`]). The broker and the workers check it before replying, since they may also
 /// publish to subjects (KV, JetStream API, events) that a reply set there would write.
 pub fn is_answerable(reply: &str) -> bool {
@@ -347,14 +340,10 @@ mod tests {
         assert_eq!(generate_wildcard(), "faasmoe.v1.generate.*");
         assert_eq!(activate("m").unwrap(), "faasmoe.v1.activate.m");
         assert_eq!(
-            reply("Controller 1", "abc.def"),
-            "faasmoe.v1.reply.controller-1.abc-def"
-        );
-        assert_eq!(
             reply_prefix("Controller 1"),
             "faasmoe.v1.reply.controller-1"
         );
-        assert!(is_reply(&reply("c", "1")));
+        assert!(is_reply("faasmoe.v1.reply.c.1"));
         // A multiplexed request's reply: `<prefix>.<nuid>.<token>`.
         assert!(is_reply("faasmoe.v1.reply.c.Hk0xQ2.5"));
         for bad in [
@@ -368,7 +357,7 @@ mod tests {
         ] {
             assert!(!is_reply(bad), "{bad}");
         }
-        assert!(is_answerable("_INBOX.controller.x") && is_answerable(&reply("c", "1")));
+        assert!(is_answerable("_INBOX.controller.x") && is_answerable("faasmoe.v1.reply.c.1"));
         for bad in ["$KV.faasmoe_tenants.x", "faasmoe.v1.events.m", "_INBOX"] {
             assert!(!is_answerable(bad), "{bad}");
         }

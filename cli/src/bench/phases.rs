@@ -73,10 +73,11 @@ impl Phase {
                 .iter()
                 .filter(|q| q.ok.is_some())
                 .filter(|q| {
-                    !self
-                        .ready_at_s
-                        .iter()
-                        .any(|&t| t >= q.sent_s && t <= q.sent_s + q.e2e_ms / 1e3)
+                    !crate::function_events::ready_between(
+                        &self.ready_at_s,
+                        q.sent_s,
+                        q.sent_s + q.e2e_ms / 1e3,
+                    )
                 })
                 .count(),
             cpu_s_per_token: if completion > 0 {

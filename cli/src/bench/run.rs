@@ -2,6 +2,7 @@
 //! [`run_one`], which starts a deployment, replays the workload and samples it.
 
 use super::*;
+use crate::function_events::{ready_between, FunctionEvents};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) enum Mode {
@@ -190,12 +191,7 @@ impl RunResult {
             tpot_warm: self
                 .requests
                 .iter()
-                .filter(|q| {
-                    !self
-                        .ready_at_s
-                        .iter()
-                        .any(|&t| t >= q.sent_s && t <= q.sent_s + q.e2e_ms / 1e3)
-                })
+                .filter(|q| !ready_between(&self.ready_at_s, q.sent_s, q.sent_s + q.e2e_ms / 1e3))
                 .filter_map(|q| q.ok.as_ref().and_then(tpot_ms))
                 .collect(),
             pss_mean: tot.iter().map(|t| t.pss as f64).sum::<f64>() / n,
@@ -321,20 +317,8 @@ pub(super) async fn run_one(
     for s in &mut samples {
         s.t_s -= t_start;
     }
-    let cold_starts: Vec<f64> = events.cold.lock().unwrap().values().copied().collect();
-    let ready_at_s: Vec<f64> = events
-        .ready_at
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|&t| {
-            if t >= start {
-                (t - start).as_secs_f64()
-            } else {
-                -(start - t).as_secs_f64()
-            }
-        })
-        .collect();
+    let cold_starts = events.cold_starts();
+    let ready_at_s = events.ready_since(start);
     let spawned = *events.spawned.lock().unwrap();
     drop(client);
     dep.stop().await;
@@ -360,55 +344,6 @@ pub(super) async fn run_one(
         warm,
         sweep: sweep_points,
     })
-}
-
-/// What the function events of one run told: per instance the longest cold start
-/// (spawn → ready, ms), when each `ready` event arrived, and how many instances started.
-#[derive(Default)]
-struct FunctionEvents {
-    cold: Arc<Mutex<BTreeMap<String, f64>>>,
-    ready_at: Arc<Mutex<Vec<tokio::time::Instant>>>,
-    spawned: Arc<Mutex<usize>>,
-}
-
-impl FunctionEvents {
-    /// Subscribes to `model_id`'s function events and records them until the returned task
-    /// is aborted.
-    ///
-    /// Errors: the subscription failed.
-    async fn watch(
-        client: &async_nats::Client,
-        model_id: &str,
-    ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
-        let this = Self::default();
-        let mut events = client
-            .subscribe(faasmoe_proto::subject::events(model_id)?)
-            .await?;
-        let (c2, s2, r2) = (
-            this.cold.clone(),
-            this.spawned.clone(),
-            this.ready_at.clone(),
-        );
-        let task = tokio::spawn(async move {
-            while let Some(m) = events.next().await {
-                if let Ok(e) = FunctionEvent::decode(&m.payload) {
-                    match e.kind {
-                        EventKind::Started => *s2.lock().unwrap() += 1,
-                        EventKind::Ready => {
-                            r2.lock().unwrap().push(tokio::time::Instant::now());
-                            if let Some(ms) = e.cold_start_ms {
-                                let mut c = c2.lock().unwrap();
-                                let v = c.entry(e.instance_id).or_insert(0.0);
-                                *v = v.max(ms);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        });
-        Ok((this, task))
-    }
 }
 
 /// The cold phase: every request of `work` for `tenants`, each sent at its offset from

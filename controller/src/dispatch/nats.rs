@@ -98,6 +98,16 @@ struct Link {
     connected: bool,
 }
 
+/// Activation ahead of the pass: how many run, and which predictions wait for one to end.
+#[derive(Debug, Default)]
+struct PrefetchSlots {
+    /// Background activations running (at most `prefetch_max_in_flight`).
+    in_flight: usize,
+    /// Predicted functions waiting for a slot, with when they were queued, in the order
+    /// predicted (nearer layers first): a finished background activation takes the next.
+    queue: std::collections::VecDeque<(usize, Instant)>,
+}
+
 /// Dispatch over NATS request/reply to the expert functions.
 pub struct NatsDispatch {
     /// The dispatcher's own connection, whose inbox prefix is
@@ -126,13 +136,9 @@ pub struct NatsDispatch {
     prefetched: Vec<AtomicU64>,
     /// Per function: a prefetch activation is running.
     prefetching: Vec<AtomicBool>,
-    /// Background activations running (at most `prefetch_max_in_flight`); changed only
-    /// with `prefetch_queue` locked.
-    prefetch_in_flight: AtomicU64,
-    /// Predicted functions waiting for an in-flight slot, in the order predicted (nearer
-    /// layers first): a finished background activation takes the next one.
-    prefetch_queue: std::sync::Mutex<std::collections::VecDeque<(usize, Instant)>>,
-    /// Predictions that waited in `prefetch_queue`.
+    /// Background activations running and the predictions waiting for a slot.
+    prefetch_slots: std::sync::Mutex<PrefetchSlots>,
+    /// Predictions that waited in the queue of `prefetch_slots`.
     prefetch_queued: AtomicU64,
     /// 1 + ms since `epoch` of the last *no responders*; 0 never.
     last_cold: AtomicU64,
@@ -245,8 +251,7 @@ impl NatsDispatch {
             last_ok: (0..functions).map(|_| AtomicU64::new(0)).collect(),
             prefetched: (0..functions).map(|_| AtomicU64::new(0)).collect(),
             prefetching: (0..functions).map(|_| AtomicBool::new(false)).collect(),
-            prefetch_in_flight: AtomicU64::new(0),
-            prefetch_queue: Default::default(),
+            prefetch_slots: Default::default(),
             prefetch_queued: AtomicU64::new(0),
             last_cold: AtomicU64::new(0),
             prefetches: AtomicU64::new(0),

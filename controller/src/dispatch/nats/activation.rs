@@ -147,15 +147,13 @@ impl NatsDispatch {
             return;
         };
         {
-            let mut queue = self.prefetch_queue.lock().unwrap();
-            if self.prefetch_in_flight.load(Ordering::Relaxed)
-                >= self.settings.prefetch_max_in_flight as u64
-            {
-                queue.push_back((fidx, Instant::now()));
+            let mut slots = self.prefetch_slots.lock().unwrap();
+            if slots.in_flight >= self.settings.prefetch_max_in_flight {
+                slots.queue.push_back((fidx, Instant::now()));
                 self.prefetch_queued.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            self.prefetch_in_flight.fetch_add(1, Ordering::Relaxed);
+            slots.in_flight += 1;
         }
         rt.spawn(async move {
             let mut next = Some(fidx);
@@ -176,15 +174,15 @@ impl NatsDispatch {
     /// The next queued prediction that is neither warm nor older than [`COLD_WINDOW`] by now
     /// (those that are leave the queue), or `None`, giving up the caller's in-flight slot.
     fn next_queued_prefetch(&self) -> Option<usize> {
-        let mut queue = self.prefetch_queue.lock().unwrap();
-        while let Some((fidx, queued_at)) = queue.pop_front() {
+        let mut slots = self.prefetch_slots.lock().unwrap();
+        while let Some((fidx, queued_at)) = slots.queue.pop_front() {
             if self.answered_within(fidx, WARM_FRESH) || queued_at.elapsed() > COLD_WINDOW {
                 self.prefetching[fidx].store(false, Ordering::Release);
                 continue;
             }
             return Some(fidx);
         }
-        self.prefetch_in_flight.fetch_sub(1, Ordering::Relaxed);
+        slots.in_flight -= 1;
         None
     }
 }
